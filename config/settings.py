@@ -1,0 +1,172 @@
+"""Labpool's settings: one typed object, from `LABPOOL_*` environment variables and an
+optional TOML file (`LABPOOL_CONFIG`, or `labpool.toml` in the working directory).
+
+Precedence: environment variable > TOML file > default. The defaults give the single-server
+mode (SQLite and an embedded Redis in the data folder, the `local` backend, plain http on
+127.0.0.1:8080). A public URL with https means production: then the database URL, the Redis
+URL and the secret key must be given, and a missing one stops the start with a message that
+names the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("./var")
+    public_url: str = "http://127.0.0.1:8080"
+    database_url: str = ""  # default: SQLite in the data folder
+    redis_url: str = ""  # default: an embedded Redis in the data folder
+    secret_key: str = ""  # default (plain http only): generated once into the data folder
+    backend: str = "local"
+    # How many proxies in front of the tool set X-Forwarded-* (werkzeug's ProxyFix).
+    proxy_count: int = 0
+    # Clock skew allowed on the id_token's iat/exp (Moodle's tokens live 60 s).
+    jwt_leeway_s: int = 10
+    # How long the platform's JWKS is cached before it is fetched again.
+    platform_jwks_ttl_s: int = 3600
+    # How long a retired tool key is still published after a rotation.
+    key_grace_s: int = 7 * 24 * 3600
+    # Machines that are not ready after this long are marked as failed.
+    machine_start_timeout_s: int = 120
+    web_workers: int = 2
+    queue_name: str = "labpool"
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_production(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    @property
+    def listen_host(self) -> str:
+        return urlsplit(self.public_url).hostname or "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        parts = urlsplit(self.public_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    def url(self, path: str) -> str:
+        """An absolute public URL for a path of the tool."""
+        return self.public_url.rstrip("/") + path
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.data_dir / "redis.sock"
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or f"unix://{self.embedded_redis_socket.resolve()}"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Settings) if f.name != "extra"}
+_PARSERS = {
+    "data_dir": Path,
+    "proxy_count": int,
+    "jwt_leeway_s": int,
+    "platform_jwks_ttl_s": int,
+    "key_grace_s": int,
+    "machine_start_timeout_s": int,
+    "web_workers": int,
+}
+
+
+def env_name(field_name: str) -> str:
+    return "LABPOOL_" + field_name.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment and the optional TOML file.
+
+    Raises SettingsError naming the variable when a value is malformed or a production
+    setting is missing.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    config_path = environ.get("LABPOOL_CONFIG")
+    if config_path or Path("labpool.toml").exists():
+        path = Path(config_path or "labpool.toml")
+        try:
+            with path.open("rb") as fh:
+                file_values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"LABPOOL_CONFIG: cannot read {path}: {exc}") from exc
+        unknown = set(file_values) - set(_FIELDS)
+        if unknown:
+            raise SettingsError(f"{path}: unknown settings {sorted(unknown)}")
+        values.update(file_values)
+
+    for name in _FIELDS:
+        if env_name(name) in environ:
+            values[name] = environ[env_name(name)]
+
+    for name, raw in list(values.items()):
+        parser = _PARSERS.get(name)
+        if parser is not None:
+            try:
+                values[name] = parser(raw)
+            except (TypeError, ValueError) as exc:
+                raise SettingsError(f"{env_name(name)}: not a valid value: {raw!r}") from exc
+
+    settings = Settings(**values)
+    return _complete(settings)
+
+
+def _complete(settings: Settings) -> Settings:
+    parts = urlsplit(settings.public_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(
+            f"LABPOOL_PUBLIC_URL: must be an http(s) URL, got {settings.public_url!r}"
+        )
+    if settings.backend not in ("local", "openstack"):
+        raise SettingsError(f"LABPOOL_BACKEND: 'local' or 'openstack', got {settings.backend!r}")
+
+    if settings.is_production:
+        for name in ("database_url", "redis_url", "secret_key"):
+            if not getattr(settings, name):
+                raise SettingsError(
+                    f"{env_name(name)} is required when LABPOOL_PUBLIC_URL is https "
+                    "(production); set it in the environment or the TOML file"
+                )
+        return settings
+
+    data_dir = settings.data_dir
+    changes: dict[str, Any] = {}
+    if not settings.database_url:
+        changes["database_url"] = f"sqlite:///{(data_dir / 'labpool.db').resolve()}"
+    if not settings.secret_key:
+        changes["secret_key"] = _local_secret_key(data_dir)
+    return dataclasses.replace(settings, **changes)
+
+
+def _local_secret_key(data_dir: Path) -> str:
+    """The single-server secret: generated once, kept in the data folder (mode 0600)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "secret_key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()

@@ -1,0 +1,1 @@
+"""The tool's own signing keys: generate, rotate, publish as JWKS."""

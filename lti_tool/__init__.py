@@ -1,0 +1,1 @@
+"""The web edge: LTI endpoints, pages for students, teachers and admins, and the CLI."""

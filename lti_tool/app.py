@@ -1,0 +1,81 @@
+"""The Flask application factory (after Flask's tutorial app: no module-level app)."""
+
+from __future__ import annotations
+
+import logging
+
+import requests
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from config.logging import configure_logging
+from config.runtime import Runtime, runtime_for
+from config.settings import Settings, load_settings
+from lti_tool.errors import WebError
+from lti_tool.lti import PlatformKeys
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    configure_logging(settings)
+    app = Flask(__name__)
+    secure = settings.is_production
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_NAME="labpool_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        # Moodle may frame the tool: in production the session must be a third-party cookie.
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_SAMESITE="None" if secure else "Lax",
+        SESSION_COOKIE_PARTITIONED=secure,
+        PERMANENT_SESSION_LIFETIME=8 * 3600,
+        MAX_CONTENT_LENGTH=256 * 1024,
+    )
+    if settings.proxy_count:
+        n = settings.proxy_count
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
+
+    rt = runtime_for(settings)
+    http = requests.Session()
+    http.headers["User-Agent"] = "Labpool LTI tool"
+    app.extensions["labpool"] = rt
+    app.extensions["labpool.platform_keys"] = PlatformKeys(
+        rt.redis, http, settings.platform_jwks_ttl_s
+    )
+
+    from lti_tool import lti_routes, machine_routes, teacher_routes
+
+    app.register_blueprint(lti_routes.bp)
+    app.register_blueprint(machine_routes.bp)
+    app.register_blueprint(teacher_routes.bp)
+
+    @app.errorhandler(WebError)
+    def _web_error(exc: WebError):  # type: ignore[no-untyped-def]
+        log.info("%s %s refused (%s): %s", request.method, request.path, exc.status, exc.message)
+        if request.accept_mimetypes.best == "application/json":
+            return jsonify(error=exc.message), exc.status
+        return render_template("error.html", title=exc.title, message=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
+        return (
+            render_template("error.html", title=exc.name, message=exc.description),
+            exc.code or 500,
+        )
+
+    @app.get("/")
+    def home():  # type: ignore[no-untyped-def]
+        return render_template("home.html", settings=settings)
+
+    @app.get("/healthz")
+    def healthz():  # type: ignore[no-untyped-def]
+        return {"ok": True}
+
+    return app
+
+
+def runtime_of(app: Flask) -> Runtime:
+    return app.extensions["labpool"]

@@ -1,0 +1,40 @@
+"""Who is asking: the signed Flask session set by an accepted launch, checked on the server
+for every route that shows or changes something."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+from flask import request, session
+
+from lti_tool.errors import Forbidden, NotSignedIn
+
+
+def sign_in(user_id: int) -> None:
+    session.clear()
+    session.permanent = True
+    session["uid"] = user_id
+    session["csrf"] = secrets.token_urlsafe(24)
+
+
+def current_user_id() -> int:
+    uid = session.get("uid")
+    if not isinstance(uid, int):
+        raise NotSignedIn(
+            "Your session has expired or was never started. Open the activity again from your "
+            "course page."
+        )
+    return uid
+
+
+def csrf_token() -> str:
+    return session.get("csrf", "")
+
+
+def check_csrf() -> None:
+    """Forms that change something carry the session's CSRF token (cookies may be
+    SameSite=None inside Moodle's iframe, so the cookie alone proves nothing)."""
+    sent = request.form.get("csrf", "")
+    if not sent or not hmac.compare_digest(sent, csrf_token()):
+        raise Forbidden("This form is out of date; reload the page and try again.")

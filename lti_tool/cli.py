@@ -1,0 +1,189 @@
+"""The `labpool` command: run the service, register platforms, rotate keys, migrate."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import click
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from config.db import transaction
+from config.runtime import Runtime, runtime_for
+from config.settings import Settings, SettingsError, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def prepare(settings: Settings) -> Runtime:
+    """Make the data folder, apply migrations and make sure the tool has its keys."""
+    from jwks.keys import ensure_keys
+    from migrations import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    rt = runtime_for(settings)
+    with transaction(rt.sessions) as session:
+        ensure_keys(session, settings.secret_key)
+    return rt
+
+
+def moodle_values(settings: Settings) -> list[tuple[str, str]]:
+    return [
+        ("Tool URL", settings.url("/lti/launch")),
+        ("LTI version", "LTI 1.3"),
+        ("Public key type", "Keyset URL"),
+        ("Public keyset", settings.url("/lti/jwks.json")),
+        ("Initiate login URL", settings.url("/lti/login")),
+        ("Redirection URI(s)", settings.url("/lti/launch")),
+    ]
+
+
+@click.group()
+def main() -> None:
+    """Labpool: a machine with a browser IDE for every student, from inside Moodle."""
+
+
+@main.command()
+def run() -> None:
+    """Start Labpool: web app (gunicorn), RQ worker, and an embedded Redis if needed."""
+    from lti_tool.runner import serve
+
+    sys.exit(serve(_settings(), demo=False))
+
+
+@main.command()
+def demo() -> None:
+    """Like `run`, plus a small practice platform with "launch as student/teacher" links."""
+    from lti_tool.runner import serve
+
+    sys.exit(serve(_settings(), demo=True))
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
+def worker(burst: bool) -> None:
+    """Run an RQ worker for provisioning jobs."""
+    import redis
+    from rq import Worker
+
+    # Machines point at users and courses: every table must be in the metadata before a
+    # work horse forks.
+    import lti_tool.models  # noqa: F401
+
+    settings = _settings()
+    # Blocking dequeues need a connection without the web's short socket timeout.
+    conn = redis.Redis.from_url(settings.effective_redis_url)
+    Worker([settings.queue_name], connection=conn).work(burst=burst)
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations."""
+    prepare(_settings())
+    click.echo("database is up to date")
+
+
+@main.group()
+def keys() -> None:
+    """The tool's signing keys."""
+
+
+@keys.command("rotate")
+@click.option("--grace-hours", type=float, default=None, help="How long the old key stays published.")
+def keys_rotate(grace_hours: float | None) -> None:
+    """Make the next key active, create a new next key, retire the old active key."""
+    from jwks.keys import rotate_keys
+
+    settings = _settings()
+    rt = prepare(settings)
+    grace = timedelta(hours=grace_hours) if grace_hours is not None else timedelta(
+        seconds=settings.key_grace_s
+    )
+    with transaction(rt.sessions) as session:
+        key = rotate_keys(session, settings.secret_key, grace)
+        click.echo(f"active key is now {key.kid}; the old one stays published for {grace}")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    from jwks.models import ToolKey
+
+    rt = prepare(_settings())
+    with rt.sessions() as session:
+        for key in session.scalars(select(ToolKey).order_by(ToolKey.id)):
+            expires = f" (published until {key.expires_at:%Y-%m-%d %H:%M})" if key.expires_at else ""
+            click.echo(f"{key.kid}  {key.state.value}{expires}")
+
+
+@main.group()
+def platform() -> None:
+    """Registered LTI platforms."""
+
+
+@platform.command("add")
+@click.option("--issuer", required=True)
+@click.option("--client-id", required=True)
+@click.option("--deployment-id", "deployment_ids", required=True, multiple=True)
+@click.option("--auth-url", required=True)
+@click.option("--token-url", required=True)
+@click.option("--jwks-url", required=True)
+@click.option("--name", default="")
+def platform_add(
+    issuer: str, client_id: str, deployment_ids: tuple[str, ...], auth_url: str,
+    token_url: str, jwks_url: str, name: str,
+) -> None:
+    """Register a platform (Moodle shows these values after the tool is added)."""
+    from lti_tool.registrations import RegistrationError, register_platform
+
+    settings = _settings()
+    rt = prepare(settings)
+    try:
+        with transaction(rt.sessions) as session:
+            register_platform(
+                session, settings, issuer=issuer, client_id=client_id,
+                deployment_ids=deployment_ids, auth_url=auth_url, token_url=token_url,
+                jwks_url=jwks_url, name=name,
+            )
+    except RegistrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except IntegrityError as exc:
+        raise click.ClickException("that registration conflicts with an existing one") from exc
+    click.echo(f"registered {issuer} (client {client_id}, deployments {', '.join(deployment_ids)})")
+
+
+@platform.command("list")
+def platform_list() -> None:
+    from lti_tool.models import Platform
+
+    rt = prepare(_settings())
+    with rt.sessions() as session:
+        platforms = session.scalars(select(Platform).order_by(Platform.id)).all()
+        if not platforms:
+            click.echo("no platforms registered; see `labpool platform add --help`")
+        for p in platforms:
+            deployments = ", ".join(d.deployment_id for d in p.deployments)
+            click.echo(f"{p.issuer}  client {p.client_id}  deployments [{deployments}]")
+            click.echo(f"    auth {p.auth_url}\n    token {p.token_url}\n    jwks {p.jwks_url}")
+
+
+@main.command("moodle-values")
+def moodle_values_cmd() -> None:
+    """Print what an admin pastes into Moodle's "Configure a tool manually" form."""
+    for label, value in moodle_values(_settings()):
+        click.echo(f"{label + ':':22} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""LTI 1.3 endpoints: OIDC login initiation, launch, and the tool's JWKS.
+
+Login: 1EdTech Security Framework §5.1.1 (third-party initiated login),
+http://www.imsglobal.org/spec/security/v1p0/#step-1-third-party-initiated-login
+Launch: §5.1.3 and LTI Core 1.3 §5.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+from pylti1p3.contrib.flask import FlaskRequest
+from pylti1p3.exception import LtiException, OIDCException
+
+from config.db import transaction
+from jwks.keys import published_jwks
+from lti_tool.auth import sign_in
+from lti_tool.errors import LaunchRejected
+from lti_tool.launches import record_launch
+from lti_tool.lti import (
+    DatabaseToolConf,
+    LabpoolMessageLaunch,
+    LabpoolOIDCLogin,
+    RedisLaunchDataStorage,
+)
+from provisioning.queue import START_JOB, enqueue
+
+log = logging.getLogger(__name__)
+bp = Blueprint("lti", __name__)
+
+# Garbage in an id_token (wrong types where pylti1p3 expects strings or dicts) surfaces as
+# these; they are the sender's fault, never a reason for a 500.
+BAD_INPUT = (LtiException, OIDCException, ValueError, TypeError, KeyError, AttributeError)
+
+
+def _rt():  # type: ignore[no-untyped-def]
+    return current_app.extensions["labpool"]
+
+
+def _tool_conf() -> DatabaseToolConf:
+    rt = _rt()
+    return DatabaseToolConf(rt.sessions, allow_http_issuers=not rt.settings.is_production)
+
+
+@bp.route("/lti/login", methods=["GET", "POST"])
+def login():  # type: ignore[no-untyped-def]
+    rt = _rt()
+    launch_url = rt.settings.url("/lti/launch")
+    target = request.values.get("target_link_uri", "")
+    if not target.startswith(rt.settings.public_url):
+        raise LaunchRejected(
+            "The login request's target_link_uri is not this tool "
+            f"(expected a URL under {rt.settings.public_url})."
+        )
+    oidc = LabpoolOIDCLogin(
+        FlaskRequest(), _tool_conf(), launch_data_storage=RedisLaunchDataStorage(rt.redis)
+    )
+    # Only a framed login can lose its cookies to third-party cookie blocking; a top-level
+    # window goes straight on.
+    if request.headers.get("Sec-Fetch-Dest") == "iframe":
+        oidc.enable_check_cookies()
+    try:
+        return oidc.redirect(launch_url)
+    except BAD_INPUT as exc:
+        raise LaunchRejected(f"The login request was refused: {exc}") from None
+
+
+@bp.post("/lti/launch")
+def launch():  # type: ignore[no-untyped-def]
+    rt = _rt()
+    tool_conf = _tool_conf()
+    try:
+        message = LabpoolMessageLaunch(
+            FlaskRequest(),
+            tool_conf,
+            launch_data_storage=RedisLaunchDataStorage(rt.redis),
+            platform_keys=current_app.extensions["labpool.platform_keys"],
+            leeway_s=rt.settings.jwt_leeway_s,
+        )
+        claims = message.get_launch_data()
+        deep_link = message.is_deep_link_launch()
+        resource_link = message.is_resource_launch()
+        platform = tool_conf.platform(claims["iss"], message.get_client_id())
+    except BAD_INPUT as exc:
+        raise LaunchRejected(_reason(exc)) from None
+
+    if deep_link:
+        return render_template(
+            "error.html",
+            title="Choosing content is not available yet",
+            message="Labpool does not support deep linking yet. Add the activity with "
+            "“Add an activity → Labpool” and no content selection.",
+        ), 501
+    if not resource_link or platform is None:
+        raise LaunchRejected("Only resource link launches are supported.")
+
+    with transaction(rt.sessions) as session:
+        outcome = record_launch(session, platform.id, claims)
+    sign_in(outcome.user_id)
+    if outcome.staff:
+        return redirect(url_for("teacher.class_page", activity_id=outcome.activity_id), 303)
+    assert outcome.machine is not None
+    if outcome.needs_start:
+        enqueue(rt.redis, rt.settings.queue_name, START_JOB, outcome.machine.id)
+    return redirect(url_for("machines.status_page", machine_id=outcome.machine.id), 303)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, (LtiException, OIDCException)) and str(exc):
+        return str(exc)
+    return f"The launch message is malformed ({type(exc).__name__})."
+
+
+@bp.get("/lti/jwks.json")
+def jwks():  # type: ignore[no-untyped-def]
+    with _rt().sessions() as session:
+        body = published_jwks(session)
+    response = jsonify(body)
+    response.cache_control.max_age = 300
+    response.cache_control.public = True
+    return response
+

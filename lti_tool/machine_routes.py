@@ -1,0 +1,109 @@
+"""A student's machine: the status page that follows it live, its state as JSON, and the
+hand-over to the IDE once it is ready.
+
+The page polls `/machines/<id>/state` every second rather than holding a server-sent-events
+stream: a launch burst of a whole class must not pin one web worker per waiting student, and
+short polls pass every proxy and iframe unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import Blueprint, current_app, jsonify, redirect, render_template, url_for
+from sqlalchemy.orm import Session
+
+from config.db import utcnow
+from lti_tool.auth import current_user_id
+from lti_tool.errors import Forbidden
+from provisioning.models import Machine, MachineState
+from provisioning.queue import START_JOB, enqueue
+
+bp = Blueprint("machines", __name__)
+
+MESSAGES = {
+    MachineState.requested: "Waiting for a free slot to start your machine…",
+    MachineState.starting: "Starting your machine…",
+    MachineState.ready: "Your machine is ready.",
+    MachineState.assigned: "Your machine is ready. Opening it…",
+    MachineState.stopping: "Your machine is being stopped. Your files are kept; open the "
+    "activity again from your course to get a machine back.",
+    MachineState.stopped: "Your machine was stopped. Your files are kept; open the activity "
+    "again from your course to get a machine back.",
+    MachineState.error: "Your machine could not be started.",
+}
+NUDGE_AFTER = timedelta(seconds=10)
+
+
+def _rt():  # type: ignore[no-untyped-def]
+    return current_app.extensions["labpool"]
+
+
+def _own_machine(session: Session, machine_id: int) -> Machine:
+    machine = session.get(Machine, machine_id)
+    if machine is None or machine.owner_id != current_user_id():
+        raise Forbidden("This is not your machine.")
+    return machine
+
+
+def _nudge_if_stale(machine: Machine) -> None:
+    """A `requested` machine nobody picked up (lost job, Redis restarted): enqueue again.
+    A short Redis guard keeps a page of pollers from enqueueing it many times."""
+    rt = _rt()
+    if machine.state is not MachineState.requested:
+        return
+    if utcnow() - machine.state_changed_at < NUDGE_AFTER:
+        return
+    if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(NUDGE_AFTER.seconds)):
+        enqueue(rt.redis, rt.settings.queue_name, START_JOB, machine.id)
+
+
+def state_of(machine: Machine) -> dict:
+    ready = machine.state is MachineState.assigned
+    body = {
+        "id": machine.id,
+        "state": machine.state.value,
+        "message": MESSAGES[machine.state],
+        "ready": ready,
+        "since": machine.state_changed_at.isoformat(),
+    }
+    if ready:
+        body["open_url"] = url_for("machines.open_ide", machine_id=machine.id)
+    if machine.state is MachineState.error and machine.error:
+        body["error"] = machine.error
+    return body
+
+
+@bp.get("/machines/<int:machine_id>")
+def status_page(machine_id: int):  # type: ignore[no-untyped-def]
+    with _rt().sessions() as session:
+        machine = _own_machine(session, machine_id)
+        return render_template("status.html", machine=machine, state=state_of(machine))
+
+
+@bp.get("/machines/<int:machine_id>/state")
+def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
+    with _rt().sessions() as session:
+        machine = _own_machine(session, machine_id)
+        _nudge_if_stale(machine)
+        response = jsonify(state_of(machine))
+    response.cache_control.no_store = True
+    return response
+
+
+@bp.get("/machines/<int:machine_id>/open")
+def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
+    """Send the owner to their IDE. Single-server mode without a proxy: straight to the
+    JupyterLab process, whose token logs the browser in once (the authenticating proxy
+    replaces this hand-over)."""
+    rt = _rt()
+    with rt.sessions() as session, session.begin():
+        machine = _own_machine(session, machine_id)
+        if machine.state is not MachineState.assigned or not machine.address:
+            return redirect(url_for("machines.status_page", machine_id=machine_id), 303)
+        machine.last_activity_at = utcnow()
+        target = f"http://{machine.address}{machine.ide_path}lab?token={machine.ide_token}"
+    response = redirect(target, 303)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.cache_control.no_store = True
+    return response

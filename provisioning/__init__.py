@@ -1,0 +1,1 @@
+"""Machines for students: the state machine, claiming, RQ jobs and the backends."""

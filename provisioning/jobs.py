@@ -1,0 +1,151 @@
+"""RQ jobs that drive machines through their states, idempotently.
+
+Each job reads the machine's row, does only what its state still asks for, and writes what it
+did before it does the next slow thing: running a start twice, or after a worker died halfway,
+finds the process or server the first attempt left and carries on from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import select
+
+from config.db import transaction
+from config.runtime import Runtime, current_runtime
+from provisioning.backends import Backend, MachineSpec, Started, backend_for
+from provisioning.errors import ProvisioningError
+from provisioning.models import Environment, Machine, MachineState
+
+log = logging.getLogger(__name__)
+HEALTH_INTERVAL_S = 0.2
+
+
+def spec_of(machine: Machine, environment: Environment) -> MachineSpec:
+    return MachineSpec(
+        id=machine.id,
+        ide_kind=environment.ide_kind.value,
+        owner_id=machine.owner_id,
+        course_id=machine.course_id,
+        ref=dict(machine.backend_ref or {}),
+        address=machine.address,
+        ide_token=machine.ide_token,
+    )
+
+
+def _fail(rt: Runtime, machine_id: int, message: str) -> None:
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is not None and machine.state in (MachineState.requested, MachineState.starting):
+            machine.move_to(MachineState.error, error=message)
+    log.warning("machine %s failed: %s", machine_id, message)
+
+
+def start_machine(machine_id: int) -> str:
+    """requested → starting → (ready | assigned), or error with a message a person can read."""
+    rt = current_runtime()
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is None:
+            return "gone"
+        if machine.state is MachineState.requested:
+            machine.move_to(MachineState.starting)
+        elif machine.state is not MachineState.starting:
+            return f"nothing to do: {machine.state.value}"
+        environment = session.get_one(Environment, machine.environment_id)
+        spec = spec_of(machine, environment)
+        started_at = machine.state_changed_at
+
+    try:
+        backend = backend_for(machine.backend, rt.settings)
+        if spec.ref and backend.poll(spec):
+            log.info("machine %s: resuming a start that was interrupted", machine_id)
+        else:
+            spec = _start_and_record(rt, backend, spec)
+            if spec is None:
+                return "stopped while starting"
+    except ProvisioningError as exc:
+        _fail(rt, machine_id, str(exc))
+        return "error"
+
+    deadline = started_at.timestamp() + rt.settings.machine_start_timeout_s
+    while time.time() < deadline:
+        if backend.health(spec):
+            return _mark_up(rt, machine_id)
+        if not backend.poll(spec):
+            _fail(rt, machine_id, "the IDE exited while starting")
+            return "error"
+        time.sleep(HEALTH_INTERVAL_S)
+    backend.stop(spec)
+    _fail(
+        rt, machine_id,
+        f"the IDE did not answer within {rt.settings.machine_start_timeout_s} s",
+    )
+    return "error"
+
+
+def _start_and_record(rt: Runtime, backend: Backend, spec: MachineSpec) -> MachineSpec | None:
+    """Start the machine and write where it is before anything else can go wrong."""
+    started: Started = backend.start(spec)
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, spec.id, with_for_update=True)
+        keep = machine is not None and machine.state is MachineState.starting
+        if keep:
+            machine.backend_ref = started.ref
+            machine.address = started.address
+            machine.ide_token = started.ide_token
+    recorded = MachineSpec(
+        id=spec.id, ide_kind=spec.ide_kind, owner_id=spec.owner_id, course_id=spec.course_id,
+        ref=started.ref, address=started.address, ide_token=started.ide_token,
+    )
+    if not keep:
+        backend.stop(recorded)
+        return None
+    return recorded
+
+
+def _mark_up(rt: Runtime, machine_id: int) -> str:
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is None or machine.state is not MachineState.starting:
+            return "changed meanwhile"
+        machine.move_to(MachineState.assigned if machine.owner_id else MachineState.ready)
+        return machine.state.value
+
+
+def stop_machine(machine_id: int) -> str:
+    """Any live state → stopping → stopped; the student's files stay."""
+    return _stop(current_runtime(), machine_id)
+
+
+def _stop(rt: Runtime, machine_id: int) -> str:
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, machine_id, with_for_update=True)
+        if machine is None or machine.state is MachineState.stopped:
+            return "nothing to do"
+        if machine.state is not MachineState.stopping:
+            machine.move_to(MachineState.stopping)
+        environment = session.get_one(Environment, machine.environment_id)
+        spec = spec_of(machine, environment)
+        backend_name = machine.backend
+    backend_for(backend_name, rt.settings).stop(spec)
+    with transaction(rt.sessions) as session:
+        machine = session.get_one(Machine, machine_id, with_for_update=True)
+        machine.move_to(MachineState.stopped)
+        machine.address = None
+        machine.ide_token = None
+    return "stopped"
+
+
+def stop_all_machines(rt: Runtime, backend_name: str = "local") -> int:
+    """Stop every machine of a backend now, in this process (used when `labpool run` exits)."""
+    with rt.sessions() as session:
+        ids = session.scalars(
+            select(Machine.id).where(
+                Machine.backend == backend_name, Machine.state != MachineState.stopped
+            )
+        ).all()
+    for machine_id in ids:
+        _stop(rt, machine_id)
+    return len(ids)

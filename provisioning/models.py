@@ -1,0 +1,129 @@
+"""Environments and machines, with the machine's explicit state machine.
+
+    requested → starting → ready → assigned → stopping → stopped
+        (and `error` from any of them)
+
+`ready` means the IDE answered its health check, not merely that a process or server exists.
+A machine with an owner skips the wait in `ready` and becomes `assigned` at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from config.db import Base, UTCDateTime, utcnow
+
+
+class MachineState(str, enum.Enum):
+    requested = "requested"
+    starting = "starting"
+    ready = "ready"
+    assigned = "assigned"
+    stopping = "stopping"
+    stopped = "stopped"
+    error = "error"
+
+
+S = MachineState
+ALLOWED: dict[MachineState, frozenset[MachineState]] = {
+    S.requested: frozenset({S.starting, S.stopping, S.stopped, S.error}),
+    S.starting: frozenset({S.ready, S.assigned, S.stopping, S.error}),
+    S.ready: frozenset({S.assigned, S.stopping, S.error}),
+    S.assigned: frozenset({S.stopping, S.error}),
+    S.stopping: frozenset({S.stopped, S.error}),
+    S.stopped: frozenset(),
+    S.error: frozenset({S.stopping, S.stopped}),
+}
+
+# A student holds at most one machine in these states per (environment, course).
+LIVE_STATES = (S.requested, S.starting, S.ready, S.assigned)
+
+
+class IllegalTransition(Exception):
+    def __init__(self, machine_id: int, old: MachineState, new: MachineState):
+        super().__init__(f"machine {machine_id}: {old.value} → {new.value} is not allowed")
+
+
+class IdeKind(str, enum.Enum):
+    jupyterlab = "jupyterlab"
+    code_server = "code-server"
+    terminal = "terminal"
+
+
+class Environment(Base):
+    """What a machine runs: the IDE and, for the cloud, the image and flavor behind it."""
+
+    __tablename__ = "environments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    ide_kind: Mapped[IdeKind] = mapped_column(
+        Enum(IdeKind, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e]),
+        default=IdeKind.jupyterlab,
+    )
+    backend: Mapped[str] = mapped_column(String(32), default="local")
+    idle_timeout_s: Mapped[int] = mapped_column(Integer, default=3600)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Machine(Base):
+    __tablename__ = "machines"
+    __table_args__ = (
+        # The database, not the code, guarantees that a student never holds two live
+        # machines for one environment in one course.
+        Index(
+            "uq_machines_live_owner",
+            "environment_id",
+            "course_id",
+            "owner_id",
+            unique=True,
+            postgresql_where=text(
+                "owner_id IS NOT NULL AND state IN ('requested','starting','ready','assigned')"
+            ),
+            sqlite_where=text(
+                "owner_id IS NOT NULL AND state IN ('requested','starting','ready','assigned')"
+            ),
+        ),
+        Index("ix_machines_env_state", "environment_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id"))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    course_id: Mapped[int | None] = mapped_column(ForeignKey("courses.id", ondelete="SET NULL"))
+    state: Mapped[MachineState] = mapped_column(
+        Enum(MachineState, native_enum=False, length=16), default=MachineState.requested
+    )
+    backend: Mapped[str] = mapped_column(String(32))
+    # What the backend needs to find its machine again (pid, port, server id, …).
+    backend_ref: Mapped[dict | None] = mapped_column(JSON)
+    address: Mapped[str | None] = mapped_column(String(255))  # host:port of the IDE
+    ide_token: Mapped[str | None] = mapped_column(String(128))  # never logged or shown
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def move_to(self, new: MachineState, *, error: str | None = None) -> None:
+        """Change state, refusing transitions the state machine does not allow."""
+        if new is not self.state and new not in ALLOWED[self.state]:
+            raise IllegalTransition(self.id, self.state, new)
+        now = utcnow()
+        self.state = new
+        self.state_changed_at = now
+        if new is MachineState.assigned and self.assigned_at is None:
+            self.assigned_at = now
+        if error is not None:
+            self.error = error
+
+    @property
+    def ide_path(self) -> str:
+        return f"/ide/{self.id}/"
+
+    def __repr__(self) -> str:  # no token here: reprs end up in logs
+        return f"<Machine {self.id} {self.state.value} owner={self.owner_id}>"

@@ -1,0 +1,162 @@
+"""Shared fixtures: a real tool (our Flask app on a loopback HTTP server) backed by
+PostgreSQL and Redis when `LABPOOL_TEST_DATABASE_URL` / `LABPOOL_TEST_REDIS_URL` are set
+(`.ci/run` sets them), else SQLite and an embedded Redis; a fake Moodle registered with it;
+and a real RQ worker that tests run in burst mode when they want machines started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+
+from config.db import transaction
+from config.redis import EmbeddedRedis
+from config.runtime import Runtime
+from config.settings import Settings, load_settings
+from tests.fakeplatform import FakePlatform, ServedApp
+
+TABLES_CLEARED_BETWEEN_TESTS = ("launches", "machines", "activities", "enrolments", "courses", "users")
+
+
+class _LateApp:
+    """The WSGI app is created after the server has its port (the app needs its URL)."""
+
+    app: Any = None
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def tool_server() -> Iterator[ServedApp]:
+    holder = _LateApp()
+    server = ServedApp(holder)
+    server.holder = holder  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp) -> Iterator[Settings]:
+    data_dir = tmp_path_factory.mktemp("labpool-data")
+    db_url = os.environ.get("LABPOOL_TEST_DATABASE_URL")
+    redis_url = os.environ.get("LABPOOL_TEST_REDIS_URL")
+    embedded = None
+    if db_url:
+        _reset_postgres(db_url)
+    else:
+        db_url = f"sqlite:///{data_dir / 'labpool.db'}"
+    if not redis_url:
+        embedded = EmbeddedRedis(data_dir / "redis.sock").start()
+        redis_url = embedded.url
+    env = {
+        "LABPOOL_DATA_DIR": str(data_dir),
+        "LABPOOL_DATABASE_URL": db_url,
+        "LABPOOL_REDIS_URL": redis_url,
+        "LABPOOL_PUBLIC_URL": tool_server.url,
+        "LABPOOL_QUEUE_NAME": f"labpool-test-{os.getpid()}",
+        "LABPOOL_MACHINE_START_TIMEOUT_S": "90",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the RQ worker and in-process jobs read their settings from here
+    yield load_settings()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if embedded:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def rt(settings: Settings) -> Runtime:
+    from lti_tool.cli import prepare
+
+    return prepare(settings)
+
+
+@pytest.fixture(scope="session")
+def tool(rt: Runtime, tool_server: ServedApp) -> ServedApp:
+    from lti_tool.app import create_app
+
+    tool_server.holder.app = create_app(rt.settings)  # type: ignore[attr-defined]
+    return tool_server.start()
+
+
+@pytest.fixture(scope="session")
+def platform(tool: ServedApp, rt: Runtime) -> Iterator[FakePlatform]:
+    from lti_tool.registrations import register_platform
+
+    with FakePlatform(tool_url=tool.url) as fake:
+        args = fake.platform_add_args()
+        with transaction(rt.sessions) as session:
+            register_platform(
+                session, rt.settings,
+                issuer=args["issuer"], client_id=args["client_id"],
+                deployment_ids=[args["deployment_id"]], auth_url=args["auth_url"],
+                token_url=args["token_url"], jwks_url=args["jwks_url"],
+            )
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts with no users, courses or machines, and an empty queue; machines a
+    test started are stopped after it."""
+    yield
+    if "rt" not in request.fixturenames:
+        return
+    rt: Runtime = request.getfixturevalue("rt")
+    from provisioning.jobs import stop_all_machines
+
+    rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")
+    stop_all_machines(rt)
+    with transaction(rt.sessions) as session:
+        for table in TABLES_CLEARED_BETWEEN_TESTS:
+            session.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def browser() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def run_worker_burst(settings: Settings, timeout: float = 120) -> str:
+    """Run a real RQ worker (`labpool worker --burst`) until the queue is empty."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lti_tool.cli", "worker", "--burst"],
+        env=dict(os.environ),
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def count_rows(rt: Runtime) -> dict[str, int]:
+    with rt.sessions() as session:
+        return {
+            table: session.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in TABLES_CLEARED_BETWEEN_TESTS
+        }
+
+
+ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,1188 @@
+"""A fake LTI 1.3 platform — a test double of Moodle 4.3 — for Labpool's tests.
+
+``FakePlatform`` runs a real HTTP server on loopback that mimics Moodle 4.3's ``mod/lti``
+endpoints:
+
+* ``GET /mod/lti/certs.php`` — the platform's public keyset (JWKS), like Moodle's certs.php;
+* ``GET|POST /mod/lti/auth.php`` — the OIDC authorization endpoint. Its checks follow Moodle's
+  ``mod/lti/auth.php`` (scope, response_type, client_id, registered redirect_uri, response_mode,
+  prompt, the single-use ``lti_message_hint``, ``login_hint`` = the launching user) and it
+  answers, like Moodle, an HTML page with an auto-submitting ``ltiAuthForm`` that POSTs
+  ``id_token`` and ``state`` to the tool's ``redirect_uri``. Unlike Moodle, every refusal is a
+  400 with a JSON reason (Moodle posts some errors back to the tool), so tests fail loudly;
+* ``/mod/lti/token.php`` — a placeholder answering 501 for now.
+
+The messages are not invented. Claims start from the id_tokens captured from a real Moodle 4.3
+in ``/work/shared/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,
+``launch_deep_linking.json``; the login form from ``login_initiation.json``; see the README.md
+there) and are re-signed with the fake's own RSA key after substituting ``iss``, ``aud`` (a plain
+string, as Moodle sends it), ``deployment_id``, ``sub``, ``nonce``, ``iat``, ``exp = iat + 60``
+and ``target_link_uri``. Background on Moodle's behaviour: ``/work/shared/MOODLE.md``.
+
+``FakePlatform.launch()`` drives the whole exchange the way a browser would, with one
+``requests.Session``: POST the login initiation form to ``<tool>/lti/login`` → follow the tool's
+302 to the fake's auth.php over HTTP (so its validation runs, and the tool's ``nonce`` ends up in
+the id_token) → POST the auto-submitted form to the tool's launch URL. Keyword hooks produce the
+certification cases (missing claims, wrong/missing ``kid``, ``alg`` confusion, unsigned tokens,
+foreign keys, wrong state, missing state cookie, nonce replay, key rotation).
+
+Example::
+
+    with ServedApp(create_app()) as tool, FakePlatform(tool_url=tool.url) as platform, \
+            requests.Session() as browser:
+        register_in_tool(**platform.platform_add_args())   # the tool's own registration step
+        result = platform.launch(browser, tool.url, platform.learner())
+        assert result.launch_response.status_code == 200
+        assert platform.replay(browser, tool.url, result).status_code >= 400  # nonce replay
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import hashlib
+import hmac
+import html
+import json
+import os
+import secrets
+import string
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import requests
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+__all__ = [
+    "AGS",
+    "BASIC_OUTCOME",
+    "CONTEXT",
+    "CUSTOM",
+    "DEPLOYMENT_ID",
+    "DL_SETTINGS",
+    "FIXTURES_DIR",
+    "ID_TOKEN_LIFETIME",
+    "MESSAGE_TYPE",
+    "NRPS",
+    "RESOURCE_LINK",
+    "ROLES",
+    "ROLE_INSTITUTION_ADMIN",
+    "ROLE_INSTRUCTOR",
+    "ROLE_LEARNER",
+    "ROLE_SYSTEM_ADMIN",
+    "TARGET_LINK_URI",
+    "VERSION",
+    "FakePlatform",
+    "FakePlatformError",
+    "LaunchResult",
+    "ServedApp",
+    "SigningKey",
+    "encode_jwt",
+    "foreign_private_key",
+    "load_fixture",
+    "parse_auto_submit_form",
+    "without_email",
+    "without_name",
+    "without_personal_data",
+]
+
+# --------------------------------------------------------------------------- claim names
+
+_LTI = "https://purl.imsglobal.org/spec/lti/claim/"
+MESSAGE_TYPE = _LTI + "message_type"
+VERSION = _LTI + "version"
+DEPLOYMENT_ID = _LTI + "deployment_id"
+TARGET_LINK_URI = _LTI + "target_link_uri"
+ROLES = _LTI + "roles"
+CONTEXT = _LTI + "context"
+RESOURCE_LINK = _LTI + "resource_link"
+CUSTOM = _LTI + "custom"
+LAUNCH_PRESENTATION = _LTI + "launch_presentation"
+AGS = "https://purl.imsglobal.org/spec/lti-ags/claim/endpoint"
+NRPS = "https://purl.imsglobal.org/spec/lti-nrps/claim/namesroleservice"
+BASIC_OUTCOME = "https://purl.imsglobal.org/spec/lti-bo/claim/basicoutcome"
+DL_SETTINGS = "https://purl.imsglobal.org/spec/lti-dl/claim/deep_linking_settings"
+
+ROLE_LEARNER = "http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"
+ROLE_INSTRUCTOR = "http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"
+ROLE_SYSTEM_ADMIN = "http://purl.imsglobal.org/vocab/lis/v2/system/person#Administrator"
+ROLE_INSTITUTION_ADMIN = "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator"
+
+#: Moodle signs id_tokens with ``exp = iat + 60`` (mod/lti/locallib.php, lti_sign_jwt).
+ID_TOKEN_LIFETIME = 60
+
+_NAME_CLAIMS = ("name", "given_name", "family_name", "middle_name")
+#: Top-level claim names accepted verbatim as keyword overrides (anything else must be a full
+#: claim URI, or go through ``extra=``), so a typo such as ``contextid=`` fails loudly.
+_PLAIN_CLAIMS = frozenset(
+    {
+        "iss",
+        "aud",
+        "sub",
+        "azp",
+        "nonce",
+        "iat",
+        "exp",
+        "nbf",
+        "jti",
+        "email",
+        "locale",
+        "picture",
+        "middle_name",
+        *_NAME_CLAIMS,
+    }
+)
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _find_fixtures_dir() -> Path:
+    candidates = [
+        os.environ.get("LABPOOL_MOODLE_FIXTURES", ""),
+        str(Path(__file__).resolve().parent / "fixtures" / "moodle-4.3"),
+        "/work/shared/fixtures/moodle-4.3",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "launch_learner.json").is_file():
+            return Path(candidate)
+    return Path(candidates[-1])
+
+
+#: Where the captured Moodle 4.3 messages live ($LABPOOL_MOODLE_FIXTURES,
+#: tests/fixtures/moodle-4.3 or /work/shared/fixtures/moodle-4.3, first one found).
+FIXTURES_DIR = _find_fixtures_dir()
+
+
+@functools.cache
+def _load_fixture_cached(name: str) -> str:
+    path = FIXTURES_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Moodle fixture {path} not found; set LABPOOL_MOODLE_FIXTURES to the folder "
+            "holding the captured Moodle 4.3 messages"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    """A fresh copy of a captured Moodle 4.3 message, e.g. ``load_fixture("launch_learner.json")``."""
+    return json.loads(_load_fixture_cached(name))
+
+
+# --------------------------------------------------------------------------- keys and JWTs
+
+_KEY_LOCK = threading.Lock()
+_KEY_CACHE: dict[tuple[str, int], rsa.RSAPrivateKey] = {}
+
+
+def _cached_rsa_key(namespace: str, index: int) -> rsa.RSAPrivateKey:
+    """2048-bit RSA keys, generated once per process per (namespace, index)."""
+    with _KEY_LOCK:
+        key = _KEY_CACHE.get((namespace, index))
+        if key is None:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            _KEY_CACHE[(namespace, index)] = key
+        return key
+
+
+def foreign_private_key() -> rsa.RSAPrivateKey:
+    """An RSA key that no FakePlatform publishes: use it as ``sign_with=`` for bad signatures."""
+    return _cached_rsa_key("foreign", 0)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_uint(value: int) -> str:
+    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One of the platform's RSA keys and its ``kid``."""
+
+    kid: str
+    private_key: rsa.RSAPrivateKey
+
+    @classmethod
+    def cached(cls, namespace: str, index: int) -> SigningKey:
+        key = _cached_rsa_key(namespace, index)
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        # Moodle's kids are 20 hex characters (fixtures: "6b7a862b702a73098958").
+        return cls(kid=hashlib.sha256(der).hexdigest()[:20], private_key=key)
+
+    @property
+    def public_pem(self) -> bytes:
+        """The public key as SubjectPublicKeyInfo PEM (``-----BEGIN PUBLIC KEY-----``)."""
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def public_jwk(self) -> dict[str, str]:
+        numbers = self.private_key.public_key().public_numbers()
+        return {
+            "kty": "RSA",
+            "alg": "RS256",
+            "use": "sig",
+            "kid": self.kid,
+            "n": _b64url_uint(numbers.n),
+            "e": _b64url_uint(numbers.e),
+        }
+
+
+_RSA_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "RS256": hashes.SHA256,
+    "RS384": hashes.SHA384,
+    "RS512": hashes.SHA512,
+}
+_HMAC_HASHES: dict[str, Callable[..., Any]] = {
+    "HS256": hashlib.sha256,
+    "HS384": hashlib.sha384,
+    "HS512": hashlib.sha512,
+}
+
+SignKey = rsa.RSAPrivateKey | bytes | None
+
+
+def encode_jwt(
+    claims: Mapping[str, Any], *, alg: str, key: SignKey, header: Mapping[str, Any]
+) -> str:
+    """Build a compact JWS by hand, so that tests control every byte.
+
+    ``alg`` selects how to sign (``RS256/384/512`` with an RSA private key, ``HS256/384/512``
+    with ``key`` as the HMAC secret, ``none`` for an empty signature); ``header`` is written
+    exactly as given, so it may even disagree with ``alg``. pyjwt is not used because it refuses
+    to build the attack tokens (HMAC with a PEM public key as secret).
+    """
+    signing_input = f"{_b64url(_json_bytes(dict(header)))}.{_b64url(_json_bytes(dict(claims)))}"
+    data = signing_input.encode("ascii")
+    if alg.lower() == "none":
+        signature = b""
+    elif alg in _RSA_HASHES:
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TypeError(f"{alg} needs an RSA private key, got {type(key).__name__}")
+        signature = key.sign(data, padding.PKCS1v15(), _RSA_HASHES[alg]())
+    elif alg in _HMAC_HASHES:
+        if not isinstance(key, (bytes, bytearray)):
+            raise TypeError(f"{alg} needs bytes as HMAC secret, got {type(key).__name__}")
+        signature = hmac.new(bytes(key), data, _HMAC_HASHES[alg]).digest()
+    else:
+        raise ValueError(f"unsupported alg {alg!r}")
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+
+class _QuietRequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler without one log line per request (errors are still logged)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class ServedApp:
+    """Serve any WSGI app on ``127.0.0.1:<free port>`` from a daemon thread.
+
+    Usable for the tool under test too: ``with ServedApp(create_app()) as tool: tool.url``.
+    """
+
+    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server: BaseWSGIServer = make_server(
+            host, port, app, threaded=True, request_handler=_QuietRequestHandler
+        )
+        self.host = host
+        self.port: int = self._server.server_port
+        self.url = f"http://{host}:{self.port}"
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"ServedApp:{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _FormParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.forms: list[tuple[dict[str, str], dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self.forms.append((attributes, {}))
+        elif tag == "input" and self.forms and attributes.get("name"):
+            self.forms[-1][1][attributes["name"]] = attributes.get("value", "")
+
+
+def parse_auto_submit_form(page: str) -> tuple[str, str, dict[str, str]]:
+    """``(action, method, fields)`` of the first form of an auto-submit page like auth.php's."""
+    parser = _FormParser()
+    parser.feed(page)
+    parser.close()
+    if not parser.forms:
+        raise FakePlatformError(f"no <form> in the page: {page[:300]!r}")
+    attributes, fields = parser.forms[0]
+    return attributes.get("action", ""), attributes.get("method", "get").lower(), fields
+
+
+# --------------------------------------------------------------------------- errors and results
+
+
+class FakePlatformError(AssertionError):
+    """The launch flow could not be completed; ``.response`` is the offending HTTP answer."""
+
+    def __init__(self, message: str, response: requests.Response | None = None) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+@dataclass
+class LaunchResult:
+    """What happened during one ``FakePlatform.launch``."""
+
+    login_response: requests.Response  #: the tool's answer to the login initiation (a 302)
+    auth_request: dict[str, str]  #: the OIDC query the tool sent to auth.php
+    auth_response: requests.Response  #: auth.php's auto-submit page
+    launch_response: requests.Response  #: the tool's answer to the id_token POST
+    launch_url: str  #: where the id_token was POSTed (the form's action = redirect_uri)
+    id_token: str  #: the id_token as POSTed
+    state: str  #: the state as POSTed
+    claims: dict[str, Any]  #: the payload that was signed (after mutate/drop)
+    header: dict[str, Any]  #: the JOSE header that was written
+    login_form: dict[str, str] = field(default_factory=dict)  #: the login initiation form
+
+    @property
+    def nonce(self) -> str | None:
+        """The nonce the tool asked for in its OIDC request."""
+        return self.auth_request.get("nonce")
+
+
+DropPath = str | Sequence[str]
+
+
+@dataclass
+class _PendingLaunch:
+    """A launch waiting for the tool's OIDC request (Moodle keeps it in $SESSION)."""
+
+    launch_id: str
+    login_hint: str
+    claims: dict[str, Any]
+    tool_launch_url: str
+    header: Mapping[str, Any] | None
+    mutate: Callable[[dict[str, Any]], Any] | None
+    drop: tuple[DropPath, ...]
+    sign_with: SignKey
+    alg: str
+    raw_id_token: str | None
+    # Filled in by auth.php:
+    final_claims: dict[str, Any] = field(default_factory=dict)
+    final_header: dict[str, Any] = field(default_factory=dict)
+    id_token: str = ""
+    error: BaseException | None = None
+
+
+def _drop_path(claims: dict[str, Any], path: DropPath) -> None:
+    keys = [path] if isinstance(path, str) else list(path)
+    target: Any = claims
+    for key in keys[:-1]:
+        target = target[key]
+    if not isinstance(target, dict) or keys[-1] not in target:
+        raise KeyError(f"drop={path!r}: no such claim in the id_token")
+    del target[keys[-1]]
+
+
+def _replace_in_strings(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_replace_in_strings(item, old, new) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_in_strings(item, old, new) for key, item in value.items()}
+    return value
+
+
+def _moodle_client_id() -> str:
+    """Moodle's client ids are ``random_string(15)``: 15 letters and digits."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(15))
+
+
+# --------------------------------------------------------------------------- claim helpers
+
+
+def without_name(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy without ``name``/``given_name``/``family_name``/``middle_name`` (not shared)."""
+    return {key: value for key, value in claims.items() if key not in _NAME_CLAIMS}
+
+
+def without_email(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy without ``email`` (Moodle sends it only if the admin shares it)."""
+    return {key: value for key, value in claims.items() if key != "email"}
+
+
+def without_personal_data(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with neither name nor email."""
+    return without_email(without_name(claims))
+
+
+# --------------------------------------------------------------------------- the platform
+
+
+class FakePlatform:
+    """A Moodle 4.3 look-alike LTI 1.3 platform on ``http://127.0.0.1:<port>``.
+
+    The server socket is bound at construction (``.url`` is known at once); ``start()`` (or
+    ``with``) serves it. Keys come from a per-process cache: platforms sharing a
+    ``key_namespace`` share keys (and kids); give a platform its own namespace when a test
+    needs two platforms with different keys.
+    """
+
+    LOGIN_PATH = "/lti/login"
+    LAUNCH_PATH = "/lti/launch"
+
+    def __init__(
+        self,
+        *,
+        client_id: str | None = None,
+        deployment_id: str = "1",
+        tool_url: str | None = None,
+        redirect_uris: Iterable[str] | None = None,
+        key_namespace: str = "platform",
+    ) -> None:
+        self.client_id: str = client_id or _moodle_client_id()
+        self.deployment_id: str = deployment_id
+        self._lock = threading.RLock()
+        self._key_namespace = key_namespace
+        self._keys: list[SigningKey] = [SigningKey.cached(key_namespace, 0)]
+        self._signing_key: SigningKey = self._keys[0]
+        self._published: list[str] = [self._signing_key.kid]
+        self._pending: dict[str, _PendingLaunch] = {}
+        self._cmid = 1
+        #: Number of GETs of certs.php so far (reset it freely).
+        self.jwks_fetches: int = 0
+        #: ``(method, path)`` of every request the platform served, for debugging.
+        self.requests_seen: list[tuple[str, str]] = []
+        #: The redirection URIs registered for the tool (auth.php's whitelist).
+        self.registered_redirect_uris: list[str] = list(redirect_uris or [])
+        self.tool_url: str | None = None
+
+        self._server = ServedApp(self._wsgi_app)
+        self.url: str = self._server.url  #: the issuer, e.g. ``http://127.0.0.1:PORT``
+        self.issuer: str = self.url
+        self.auth_url: str = self.url + "/mod/lti/auth.php"
+        self.token_url: str = self.url + "/mod/lti/token.php"
+        self.jwks_url: str = self.url + "/mod/lti/certs.php"
+        if tool_url is not None:
+            self.register_tool(tool_url, redirect_uris)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<FakePlatform {self.url} client_id={self.client_id!r} kid={self.kid!r}>"
+
+    # ----------------------------------------------------------------- registration
+
+    def register_tool(self, tool_url: str, redirect_uris: Iterable[str] | None = None) -> None:
+        """Record the tool (its base URL) and its redirection URIs (default: its launch URL)."""
+        self.tool_url = tool_url.rstrip("/")
+        self.registered_redirect_uris = (
+            list(redirect_uris) if redirect_uris else [self.tool_url + self.LAUNCH_PATH]
+        )
+
+    @property
+    def tool_launch_url(self) -> str | None:
+        return None if self.tool_url is None else self.tool_url + self.LAUNCH_PATH
+
+    def platform_add_args(self) -> dict[str, str]:
+        """What the tool's registration of this platform needs (what Moodle shows the admin)."""
+        return {
+            "issuer": self.url,
+            "client_id": self.client_id,
+            "deployment_id": self.deployment_id,
+            "auth_url": self.auth_url,
+            "token_url": self.token_url,
+            "jwks_url": self.jwks_url,
+        }
+
+    # ----------------------------------------------------------------- keys
+
+    @property
+    def kid(self) -> str:
+        """The kid of the current signing key."""
+        return self._signing_key.kid
+
+    @property
+    def private_key(self) -> rsa.RSAPrivateKey:
+        return self._signing_key.private_key
+
+    @property
+    def public_key_pem(self) -> bytes:
+        return self._signing_key.public_pem
+
+    @property
+    def keys(self) -> list[SigningKey]:
+        """Every key this platform ever had, oldest first."""
+        with self._lock:
+            return list(self._keys)
+
+    @property
+    def published_kids(self) -> list[str]:
+        with self._lock:
+            return list(self._published)
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The keyset certs.php serves right now."""
+        with self._lock:
+            return {"keys": [k.public_jwk() for k in self._keys if k.kid in self._published]}
+
+    def rotate_key(self, *, publish: bool = True, retire_old: bool = False) -> str:
+        """Switch to a new signing key with a new kid and return that kid.
+
+        ``publish=False`` keeps the new key out of the JWKS (until ``publish_keys``);
+        ``retire_old=True`` removes the previous keys from it.
+        """
+        with self._lock:
+            new_key = SigningKey.cached(self._key_namespace, len(self._keys))
+            self._keys.append(new_key)
+            self._signing_key = new_key
+            if retire_old:
+                self._published = []
+            if publish:
+                self._published.append(new_key.kid)
+            return new_key.kid
+
+    def publish_keys(self, kids: Iterable[str] | None = None) -> None:
+        """Publish exactly ``kids`` in the JWKS; ``None`` publishes every key, ``[]`` none."""
+        with self._lock:
+            known = [k.kid for k in self._keys]
+            if kids is None:
+                self._published = known
+                return
+            wanted = list(kids)
+            unknown = [kid for kid in wanted if kid not in known]
+            if unknown:
+                raise ValueError(f"unknown kid(s) {unknown}; known: {known}")
+            self._published = [kid for kid in known if kid in wanted]
+
+    def sign(
+        self,
+        claims: Mapping[str, Any],
+        *,
+        alg: str = "RS256",
+        header: Mapping[str, Any] | None = None,
+        sign_with: SignKey = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Sign ``claims`` as this platform (or as an attacker); returns ``(token, header)``.
+
+        The header is ``{"typ": "JWT", "alg": alg, "kid": <current kid>}`` updated with
+        ``header`` (a ``None`` value removes the entry, e.g. ``{"kid": None}``).
+        ``alg="HS256"`` signs with HMAC keyed by the current public key's PEM (alg confusion;
+        ``sign_with`` may give another RSA key or raw bytes as secret); ``alg="none"`` leaves the
+        signature empty; ``sign_with`` replaces the RSA signing key (the kid stays the
+        platform's, as a forger would do).
+        """
+        jose: dict[str, Any] = {"typ": "JWT", "alg": alg, "kid": self.kid}
+        for name, value in (header or {}).items():
+            if value is None:
+                jose.pop(name, None)
+            else:
+                jose[name] = value
+        key: SignKey
+        if alg.lower() == "none":
+            key = None
+        elif alg in _HMAC_HASHES:
+            if isinstance(sign_with, rsa.RSAPrivateKey):
+                key = SigningKey("", sign_with).public_pem
+            else:
+                key = sign_with if sign_with is not None else self.public_key_pem
+        else:
+            if isinstance(sign_with, (bytes, bytearray)):
+                loaded = serialization.load_pem_private_key(bytes(sign_with), password=None)
+                if not isinstance(loaded, rsa.RSAPrivateKey):
+                    raise TypeError("sign_with PEM is not an RSA private key")
+                key = loaded
+            else:
+                key = sign_with if sign_with is not None else self.private_key
+        return encode_jwt(claims, alg=alg, key=key, header=jose), jose
+
+    # ----------------------------------------------------------------- claims
+
+    def learner(self, sub: str = "4", **overrides: Any) -> dict[str, Any]:
+        """A student's LtiResourceLinkRequest (from ``launch_learner.json``)."""
+        return self._claims_from_fixture("launch_learner.json", sub, overrides)
+
+    def instructor(self, sub: str = "3", **overrides: Any) -> dict[str, Any]:
+        """A teacher's LtiResourceLinkRequest (from ``launch_instructor.json``)."""
+        return self._claims_from_fixture("launch_instructor.json", sub, overrides)
+
+    def deep_linking(self, sub: str = "3", **overrides: Any) -> dict[str, Any]:
+        """A teacher's LtiDeepLinkingRequest (from ``launch_deep_linking.json``).
+
+        Extra override: ``dl_settings={...}`` merged into the deep linking settings claim.
+        """
+        return self._claims_from_fixture("launch_deep_linking.json", sub, overrides)
+
+    def _claims_from_fixture(
+        self, fixture_name: str, sub: str, overrides: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Moodle's captured claims re-targeted at this platform, then ``overrides`` applied.
+
+        Shortcuts (``None`` drops the claim): ``context_id``, ``context_label``,
+        ``context_title``, ``context`` (a dict, or None for a launch without context),
+        ``resource_link_id``, ``resource_link_title``, ``roles`` (list or one string),
+        ``name`` (also sets given/family name; None drops all names), ``given_name``,
+        ``family_name``, ``email``, ``custom``, ``message_type``, ``version``,
+        ``deployment_id`` (the claim only), ``lineitem_id`` (None: no line item), ``ags=False``,
+        ``nrps=False``, ``dl_settings``, ``extra={claim: value}``. Plain claims (``aud``,
+        ``azp``, ``nonce``, ``iat``, ``exp``…) and full claim URIs are set verbatim; an ``iat``
+        alone moves ``exp`` to ``iat + 60``. ``nonce`` is left out so the driver fills in the
+        tool's; ``target_link_uri`` is the tool's launch URL (None until a tool is known: the
+        driver fills it in).
+        """
+        fixture = load_fixture(fixture_name)["claims"]
+        claims: dict[str, Any] = _replace_in_strings(fixture, fixture["iss"], self.url)
+        overrides = dict(overrides)
+        now = int(time.time())
+        claims["iss"] = self.url
+        claims["aud"] = self.client_id
+        claims["sub"] = str(sub)
+        claims["iat"] = now
+        claims["exp"] = now + ID_TOKEN_LIFETIME
+        claims.pop("nonce", None)
+        claims[DEPLOYMENT_ID] = self.deployment_id
+        claims[TARGET_LINK_URI] = self.tool_launch_url
+
+        def take(name: str) -> tuple[bool, Any]:
+            return (name in overrides), overrides.pop(name, None)
+
+        # Personal data: shared only if the Moodle admin allows it.
+        given, value = take("name")
+        if given:
+            if value is None:
+                claims = without_name(claims)
+            else:
+                first, _, rest = str(value).partition(" ")
+                claims.update(name=value, given_name=first, family_name=rest)
+        for name in ("given_name", "family_name", "email"):
+            given, value = take(name)
+            if given:
+                if value is None:
+                    claims.pop(name, None)
+                else:
+                    claims[name] = value
+
+        given, value = take("roles")
+        if given:
+            if value is None:
+                claims.pop(ROLES, None)
+            else:
+                claims[ROLES] = [value] if isinstance(value, str) else list(value)
+
+        # Course (context) and activity (resource link).
+        given, value = take("context")
+        if given:
+            if value is None:
+                claims.pop(CONTEXT, None)
+            else:
+                claims[CONTEXT] = dict(value)
+        for short, key in (
+            ("context_id", "id"),
+            ("context_label", "label"),
+            ("context_title", "title"),
+        ):
+            given, value = take(short)
+            if given:
+                context = claims.setdefault(CONTEXT, {"type": ["CourseSection"]})
+                if value is None:
+                    context.pop(key, None)
+                else:
+                    context[key] = str(value)
+        if RESOURCE_LINK in claims:
+            for short, key in (("resource_link_id", "id"), ("resource_link_title", "title")):
+                given, value = take(short)
+                if given:
+                    if value is None:
+                        claims[RESOURCE_LINK].pop(key, None)
+                    else:
+                        claims[RESOURCE_LINK][key] = str(value)
+        else:
+            for short in ("resource_link_id", "resource_link_title"):
+                if short in overrides:
+                    raise TypeError(f"{short}= makes no sense for {fixture_name}")
+
+        given, value = take("custom")
+        if given:
+            if value is None:
+                claims.pop(CUSTOM, None)
+            else:
+                claims[CUSTOM] = dict(value)
+
+        # Service endpoints follow the course, the tool type (= deployment) and the activity.
+        lineitem_given, lineitem_id = take("lineitem_id")
+        self._moodle_service_urls(claims, fixture, lineitem_given, lineitem_id)
+        _, ags = take("ags")
+        if ags is False:
+            claims.pop(AGS, None)
+        _, nrps = take("nrps")
+        if nrps is False:
+            claims.pop(NRPS, None)
+        given, value = take("dl_settings")
+        if given:
+            if DL_SETTINGS not in claims:
+                raise TypeError(f"dl_settings= makes no sense for {fixture_name}")
+            claims[DL_SETTINGS].update(value or {})
+
+        for short, key in (
+            ("message_type", MESSAGE_TYPE),
+            ("version", VERSION),
+            ("deployment_id", DEPLOYMENT_ID),
+        ):
+            given, value = take(short)
+            if given:
+                if value is None:
+                    claims.pop(key, None)
+                else:
+                    claims[key] = value
+
+        _, extra = take("extra")
+        verbatim = dict(extra or {})
+        for name in list(overrides):
+            if name in _PLAIN_CLAIMS or "://" in name:
+                verbatim[name] = overrides.pop(name)
+        if overrides:
+            raise TypeError(f"unknown claim override(s): {sorted(overrides)}")
+        if "iat" in verbatim and "exp" not in verbatim and verbatim["iat"] is not None:
+            verbatim["exp"] = verbatim["iat"] + ID_TOKEN_LIFETIME
+        for name, value in verbatim.items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        return claims
+
+    def _moodle_service_urls(
+        self,
+        claims: dict[str, Any],
+        fixture: Mapping[str, Any],
+        lineitem_given: bool,
+        lineitem_id: Any,
+    ) -> None:
+        """Rebuild the URLs Moodle derives from course id, type id and activity instance."""
+        services = f"{self.url}/mod/lti/services.php"
+        type_id = self.deployment_id  # Moodle's deployment id is the tool type id
+        course = str(claims.get(CONTEXT, {}).get("id") or fixture[CONTEXT]["id"])
+        memberships = f"{services}/CourseSection/{course}/bindings/{type_id}/memberships"
+        if NRPS in claims:
+            claims[NRPS]["context_memberships_url"] = memberships
+        custom = claims.get(CUSTOM)
+        if isinstance(custom, dict):
+            if "context_memberships_url" in custom:
+                custom["context_memberships_url"] = memberships
+            if "context_title" in custom and claims.get(CONTEXT, {}).get("title"):
+                custom["context_title"] = claims[CONTEXT]["title"]
+        if AGS in claims:
+            ags = claims[AGS]
+            ags["lineitems"] = f"{services}/{course}/lineitems?type_id={type_id}"
+            if lineitem_given and lineitem_id is None:
+                ags.pop("lineitem", None)
+            elif lineitem_given or "lineitem" in ags:
+                if not lineitem_given:
+                    lineitem_id = ags["lineitem"].split("/lineitems/")[1].split("/")[0]
+                ags["lineitem"] = (
+                    f"{services}/{course}/lineitems/{lineitem_id}/lineitem?type_id={type_id}"
+                )
+        elif lineitem_given:
+            raise TypeError("lineitem_id= needs the AGS claim")
+        if DL_SETTINGS in claims:
+            sesskey = "".join(
+                secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
+            )
+            claims[DL_SETTINGS]["deep_link_return_url"] = (
+                f"{self.url}/mod/lti/contentitem_return.php?"
+                + urlencode({"course": course, "id": type_id, "sesskey": sesskey})
+            )
+        presentation = claims.get(LAUNCH_PRESENTATION)
+        if isinstance(presentation, dict) and "return_url" in presentation:
+            instance = str(claims.get(RESOURCE_LINK, {}).get("id", "1"))
+            sesskey = "".join(
+                secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
+            )
+            presentation["return_url"] = f"{self.url}/mod/lti/return.php?" + urlencode(
+                {
+                    "course": course,
+                    "launch_container": 4,
+                    "instanceid": instance,
+                    "sesskey": sesskey,
+                }
+            )
+
+    # ----------------------------------------------------------------- the launch driver
+
+    def login_form(
+        self, claims: Mapping[str, Any], *, login_hint: str, lti_message_hint: str
+    ) -> dict[str, str]:
+        """The login initiation form, with the fields of ``login_initiation.json``."""
+        values = {
+            "iss": self.url,
+            "login_hint": login_hint,
+            "target_link_uri": claims.get(TARGET_LINK_URI) or self.tool_launch_url or "",
+            "lti_message_hint": lti_message_hint,
+            "client_id": self.client_id,
+            "lti_deployment_id": self.deployment_id,
+        }
+        shape = load_fixture("login_initiation.json")["form"]
+        missing = set(shape) - set(values)
+        if missing:
+            raise RuntimeError(
+                f"login_initiation.json has fields the fake does not fill: {missing}"
+            )
+        return {name: str(values[name]) for name in shape}
+
+    def initiate_login(
+        self,
+        session: requests.Session,
+        tool_url: str,
+        form: Mapping[str, str],
+        *,
+        method: str = "POST",
+    ) -> requests.Response:
+        """Send a login initiation to ``<tool>/lti/login`` without following redirects."""
+        url = tool_url.rstrip("/") + self.LOGIN_PATH
+        if method.upper() == "GET":
+            return session.get(url, params=dict(form), allow_redirects=False)
+        return session.post(url, data=dict(form), allow_redirects=False)
+
+    def _auth_location(self, response: requests.Response) -> str:
+        """The tool's redirect to auth.php, or a clear failure."""
+        if response.is_redirect and response.headers.get("Location"):
+            location = urljoin(response.url, response.headers["Location"])
+            if location.split("?", 1)[0] != self.auth_url:
+                raise FakePlatformError(
+                    f"the tool's login initiation redirected to {location}, not to the "
+                    f"platform's auth URL {self.auth_url}",
+                    response,
+                )
+            return location
+        body = response.text
+        if response.status_code == 200 and "html" in response.headers.get("Content-Type", ""):
+            if "lti1p3_new_window" in body or "checkCookiesAllowed" in body:
+                what = "pylti1p3's cookie check page (OIDCLogin.enable_check_cookies())"
+            elif "location" in body.lower() and "<script" in body.lower():
+                what = "a page that redirects with JavaScript (e.g. redirect(js_redirect=True))"
+            else:
+                what = "an HTML page"
+            raise FakePlatformError(
+                f"the tool answered the login initiation with 200 and {what} instead of a 302 "
+                f"redirect to {self.auth_url}; the fake platform runs no JavaScript. Answer "
+                "with a plain redirect in tests (disable the cookie check / JS redirect).",
+                response,
+            )
+        raise FakePlatformError(
+            f"the tool's login initiation failed: HTTP {response.status_code} "
+            f"{response.headers.get('Content-Type', '')}: {body[:500]}",
+            response,
+        )
+
+    def launch(
+        self,
+        session: requests.Session,
+        tool_url: str,
+        claims: Mapping[str, Any],
+        *,
+        header: Mapping[str, Any] | None = None,
+        mutate: Callable[[dict[str, Any]], Any] | None = None,
+        drop: Iterable[DropPath] = (),
+        sign_with: SignKey = None,
+        alg: str = "RS256",
+        raw_id_token: str | None = None,
+        state_override: str | None = None,
+        without_state_cookie: bool = False,
+        follow: bool = False,
+        login_hint: str | None = None,
+        login_method: str = "POST",
+    ) -> LaunchResult:
+        """Perform a full LTI 1.3 launch of ``claims`` against the tool at ``tool_url``.
+
+        1. POST (or GET, ``login_method``) the login initiation to ``<tool_url>/lti/login``;
+        2. take the tool's 302 and call this platform's auth.php with it, over HTTP;
+        3. auth.php validates the request, fills in the tool's ``nonce`` (unless ``claims``
+           has one) and ``target_link_uri``, applies ``mutate(claims)`` (may edit in place or
+           return a new dict) and ``drop`` (claim names, or tuples for nested keys such as
+           ``(RESOURCE_LINK, "id")``), signs (see ``sign``) and answers its auto-submit form;
+        4. POST that form's ``id_token`` and ``state`` (or ``raw_id_token``/``state_override``)
+           to its action, after clearing all cookies if ``without_state_cookie``.
+
+        ``login_hint`` defaults to ``claims["sub"]``; another value makes auth.php answer
+        ``access_denied`` (the hint is not the launching user), as Moodle does. If no tool was registered yet, the tool at
+        ``tool_url`` is (redirect URI ``<tool_url>/lti/launch``). Raises ``FakePlatformError``
+        when the tool's login or auth.php refuses; the launch response is returned whatever it
+        is, for the test to judge.
+        """
+        if not self._server.running:
+            raise FakePlatformError("the FakePlatform is not started (use start() or `with`)")
+        base = tool_url.rstrip("/")
+        if self.tool_url is None:
+            self.tool_url = base
+            if not self.registered_redirect_uris:
+                self.registered_redirect_uris = [base + self.LAUNCH_PATH]
+        claims = copy.deepcopy(dict(claims))
+        if claims.get(TARGET_LINK_URI) is None:
+            claims[TARGET_LINK_URI] = base + self.LAUNCH_PATH
+        # Moodle's login_hint is the launching user's id, and auth.php insists it still is.
+        user = str(claims.get("sub", "")) if claims.get("sub") is not None else None
+        hint = str(login_hint) if login_hint is not None else (user or "")
+
+        with self._lock:
+            cmid = self._cmid = self._cmid + 1
+        resource_link = claims.get(RESOURCE_LINK)
+        instance = resource_link.get("id", "0") if isinstance(resource_link, dict) else "0"
+        launch_id = f"ltilaunch{instance}_{secrets.randbelow(10**10)}"
+        message_hint = json.dumps({"cmid": cmid, "launchid": launch_id}, separators=(",", ":"))
+        pending = _PendingLaunch(
+            launch_id=launch_id,
+            login_hint=user if user is not None else hint,
+            claims=claims,
+            tool_launch_url=base + self.LAUNCH_PATH,
+            header=header,
+            mutate=mutate,
+            drop=tuple(drop),
+            sign_with=sign_with,
+            alg=alg,
+            raw_id_token=raw_id_token,
+        )
+        with self._lock:
+            self._pending[launch_id] = pending
+        try:
+            form = self.login_form(claims, login_hint=hint, lti_message_hint=message_hint)
+            login_response = self.initiate_login(session, base, form, method=login_method)
+            location = self._auth_location(login_response)
+            auth_response = session.get(location, allow_redirects=False)
+        finally:
+            with self._lock:
+                self._pending.pop(launch_id, None)
+        if pending.error is not None:
+            raise pending.error
+        auth_request = {
+            name: values[0]
+            for name, values in parse_qs(urlsplit(location).query, keep_blank_values=True).items()
+        }
+        if auth_response.status_code != 200:
+            raise FakePlatformError(
+                f"the platform's auth endpoint refused the tool's OIDC request: HTTP "
+                f"{auth_response.status_code} {auth_response.text[:500]}",
+                auth_response,
+            )
+        action, _, fields = parse_auto_submit_form(auth_response.text)
+        launch_url = urljoin(auth_response.url, action)
+        state = fields.get("state", "") if state_override is None else state_override
+        id_token = fields.get("id_token", "")
+        if without_state_cookie:
+            session.cookies.clear()
+        launch_response = session.post(
+            launch_url, data={"id_token": id_token, "state": state}, allow_redirects=follow
+        )
+        return LaunchResult(
+            login_response=login_response,
+            auth_request=auth_request,
+            auth_response=auth_response,
+            launch_response=launch_response,
+            launch_url=launch_url,
+            id_token=id_token,
+            state=state,
+            claims=pending.final_claims,
+            header=pending.final_header,
+            login_form=form,
+        )
+
+    def replay(
+        self,
+        session: requests.Session,
+        tool_url: str,
+        result: LaunchResult,
+        *,
+        follow: bool = False,
+    ) -> requests.Response:
+        """POST the same ``id_token`` and ``state`` again (a nonce replay)."""
+        url = result.launch_url or tool_url.rstrip("/") + self.LAUNCH_PATH
+        return session.post(
+            url, data={"id_token": result.id_token, "state": result.state}, allow_redirects=follow
+        )
+
+    # ----------------------------------------------------------------- HTTP endpoints
+
+    def _wsgi_app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        request = Request(environ)
+        with self._lock:
+            self.requests_seen.append((request.method, request.path))
+        routes: dict[str, Callable[[Request], Response]] = {
+            "/mod/lti/certs.php": self._certs_endpoint,
+            "/mod/lti/auth.php": self._auth_endpoint,
+            "/mod/lti/token.php": self._token_endpoint,
+        }
+        handler = routes.get(request.path)
+        response = handler(request) if handler else _json_response({"error": "not_found"}, 404)
+        return response(environ, start_response)
+
+    def _certs_endpoint(self, request: Request) -> Response:
+        if request.method != "GET":
+            return _json_response({"error": "method_not_allowed"}, 405)
+        with self._lock:
+            self.jwks_fetches += 1
+            keyset = self.jwks()
+        return _json_response(keyset, 200)
+
+    def _token_endpoint(self, request: Request) -> Response:
+        return _json_response(
+            {"error": "unsupported", "error_description": "FakePlatform has no token.php yet"}, 501
+        )
+
+    def _auth_endpoint(self, request: Request) -> Response:
+        """Moodle's mod/lti/auth.php: check the OIDC request, answer the auto-submit form."""
+        params = request.values
+        required = (
+            "scope",
+            "response_type",
+            "client_id",
+            "redirect_uri",
+            "login_hint",
+            "nonce",
+            "state",
+            "lti_message_hint",
+        )
+        missing = [name for name in required if not params.get(name)]
+        if missing:
+            return _auth_error("invalid_request", f"missing parameter(s): {', '.join(missing)}")
+        if params["scope"] != "openid":
+            return _auth_error("invalid_scope", f"scope must be 'openid', got {params['scope']!r}")
+        if params["response_type"] != "id_token":
+            return _auth_error(
+                "unsupported_response_type",
+                f"response_type must be 'id_token', got {params['response_type']!r}",
+            )
+        if params["client_id"] != self.client_id:
+            return _auth_error("unauthorized_client", f"unknown client_id {params['client_id']!r}")
+        redirect_uri = params["redirect_uri"]
+        if redirect_uri not in self.registered_redirect_uris:
+            return _auth_error(
+                "invalid_request",
+                f"redirect_uri {redirect_uri!r} is not a registered redirection URI "
+                f"{self.registered_redirect_uris}",
+            )
+        if params.get("response_mode") != "form_post":
+            return _auth_error("invalid_request", "Invalid response_mode (must be form_post)")
+        if params.get("prompt") and params["prompt"] != "none":
+            return _auth_error("invalid_request", "Invalid prompt")
+        try:
+            launch_id = str(json.loads(params["lti_message_hint"])["launchid"])
+        except (ValueError, TypeError, KeyError):
+            return _auth_error("invalid_request", "lti_message_hint is not the one Moodle sent")
+        with self._lock:
+            pending = self._pending.pop(launch_id, None)  # single-use, as in Moodle
+        if pending is None:
+            return _auth_error("invalid_request", "unknown or already used lti_message_hint")
+        if params["login_hint"] != pending.login_hint:
+            return _auth_error("access_denied", "login_hint is not the user of this launch")
+
+        try:
+            id_token = self._build_id_token(pending, nonce=params["nonce"])
+        except Exception as error:  # noqa: BLE001 - re-raised by the driver in the test's thread
+            pending.error = error
+            return _json_response({"error": "server_error", "error_description": repr(error)}, 500)
+        page = (
+            f'<form action="{html.escape(redirect_uri)}" name="ltiAuthForm" id="ltiAuthForm" '
+            'method="post" enctype="application/x-www-form-urlencoded">\n'
+            f'  <input type="hidden" name="id_token" value="{html.escape(id_token)}"/>\n'
+            f'  <input type="hidden" name="state" value="{html.escape(params["state"])}"/>\n'
+            "</form>\n"
+            '<script type="text/javascript">\n//<![CDATA[\n'
+            "document.ltiAuthForm.submit();\n//]]>\n</script>\n"
+        )
+        return Response(page, 200, mimetype="text/html")
+
+    def _build_id_token(self, pending: _PendingLaunch, *, nonce: str) -> str:
+        claims = copy.deepcopy(pending.claims)
+        if claims.get("nonce") is None:
+            claims["nonce"] = nonce
+        if claims.get(TARGET_LINK_URI) is None:
+            claims[TARGET_LINK_URI] = pending.tool_launch_url
+        if pending.mutate is not None:
+            returned = pending.mutate(claims)
+            if returned is not None:
+                claims = dict(returned)
+        for path in pending.drop:
+            _drop_path(claims, path)
+        token, jose = self.sign(
+            claims, alg=pending.alg, header=pending.header, sign_with=pending.sign_with
+        )
+        pending.final_claims = claims
+        pending.final_header = jose
+        pending.id_token = token if pending.raw_id_token is None else pending.raw_id_token
+        return pending.id_token
+
+
+def _json_response(body: Any, status: int) -> Response:
+    return Response(json.dumps(body), status, mimetype="application/json")
+
+
+def _auth_error(error: str, description: str) -> Response:
+    return _json_response({"error": error, "error_description": description}, 400)

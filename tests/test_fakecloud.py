@@ -1,0 +1,399 @@
+"""The fake cloud (tests/fakecloud) driven through the real openstacksdk.
+
+These tests pin the contract in shared/OPENSTACK.md ("The fake cloud (tests)"): the requests
+openstacksdk 4.22 really makes and the answers and exceptions it turns them into.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keystoneauth1.exceptions
+import openstack
+import openstack.connection
+import pytest
+import requests
+from openstack import exceptions as os_exc
+
+from tests.fakecloud import NO_VALID_HOST, FakeCloud
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# openstacksdk warns about its own deprecations on nearly every call; that is not ours.
+pytestmark = [
+    pytest.mark.filterwarnings(f"ignore::openstack.warnings.{name}")
+    for name in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning", "RemovedInSDK60Warning")
+]
+BOOT = 0.2
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+    with FakeCloud(boot_time=BOOT, max_instances=50) as fake:
+        path = fake.write_clouds_yaml(tmp_path)
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
+        for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
+            monkeypatch.delenv(name)
+        yield fake
+
+
+@pytest.fixture
+def conn(cloud: FakeCloud) -> Iterator[openstack.connection.Connection]:
+    connection = openstack.connect(cloud="fake")
+    yield connection
+    connection.close()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def create(conn: openstack.connection.Connection, name: str, tags: list[str] | None = None,
+           **extra: Any) -> Any:
+    return conn.compute.create_server(
+        name=name, image_id="img-1", flavor_id="m1.small",
+        networks=[{"uuid": "0d1c2b3a-4f5e-4d6c-8b7a-695847362514"}],
+        user_data=b64("#cloud-config\n{}\n"), tags=tags or ["labpool", "pool-1"], **extra)
+
+
+def wait_active(conn: openstack.connection.Connection, server: Any) -> Any:
+    return conn.compute.wait_for_server(server, status="ACTIVE", interval=0.05, wait=5)
+
+
+# -- create, boot, read ---------------------------------------------------------------
+def test_create_builds_then_active_with_address(cloud: FakeCloud, conn: Any) -> None:
+    created = create(conn, "lab-1", metadata={"machine": "42"}, key_name="ops")
+    assert created.id and created.admin_password
+
+    first = conn.compute.get_server(created.id)
+    assert first.status == "BUILD"
+    assert first.addresses == {}
+    assert first.tags == ["labpool", "pool-1"]
+    assert first.metadata == {"machine": "42"}
+
+    server = wait_active(conn, created)
+    (address,) = server.addresses["private"]
+    assert address["addr"].startswith("10.0.") and address["version"] == 4
+    assert address["OS-EXT-IPS:type"] == "fixed"
+    assert server.key_name == "ops" and server.image.id == "img-1"
+    assert server.flavor.original_name == "m1.small" and server.flavor.vcpus == 1
+
+    (seen,) = cloud.servers()
+    assert base64.b64decode(seen["user_data"]).startswith(b"#cloud-config")
+    # Connection setup as OPENSTACK.md says: identity discovery, token, compute discovery.
+    assert [(r.method, r.path) for r in cloud.request_log[:4]] == [
+        ("GET", "/identity/v3"), ("POST", "/identity/v3/auth/tokens"),
+        ("GET", "/compute/v2.1"), ("POST", "/compute/v2.1/servers")]
+
+
+def test_user_data_must_be_base64(conn: Any) -> None:
+    with pytest.raises(os_exc.BadRequestException, match="base64"):
+        conn.compute.create_server(name="x", image_id="i", flavor_id="f", networks="none",
+                                   user_data="#!/bin/sh\necho not encoded\n")
+
+
+def test_unknown_image_or_flavor_is_400(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flavors = {"m1.small": {"vcpus": 2, "ram": 4096, "disk": 20}}
+    with FakeCloud(images={"img-1"}, flavors=flavors) as fake:
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
+        conn = openstack.connect(cloud="fake")
+        with pytest.raises(os_exc.BadRequestException, match="Image nope could not be found"):
+            conn.compute.create_server(name="x", image_id="nope", flavor_id="m1.small",
+                                       networks="none")
+        with pytest.raises(os_exc.BadRequestException, match="Flavor m9 could not be found"):
+            conn.compute.create_server(name="x", image_id="img-1", flavor_id="m9",
+                                       networks="none")
+        ok = conn.compute.create_server(name="x", image_id="img-1", flavor_id="m1.small",
+                                        networks="none")
+        assert conn.compute.get_server(ok.id).flavor.ram == 4096
+
+
+# -- listing --------------------------------------------------------------------------
+def test_list_filters_by_tags_and_follows_pages(cloud: FakeCloud, conn: Any) -> None:
+    wanted = {create(conn, f"p1-{i}").id for i in range(25)}
+    create(conn, "p2", tags=["labpool", "pool-2"])
+    create(conn, "bare", tags=["labpool"])
+    route = ("GET", "/compute/v2.1/servers/detail")
+
+    # Nova caps a page at [api] max_limit; the sdk follows servers_links: 10 + 10 + 5.
+    cloud.config.max_limit = 10
+    cloud.reset_counters()
+    got = list(conn.compute.servers(details=True, tags="labpool,pool-1"))
+    assert {s.id for s in got} == wanted and len(got) == 25
+    assert cloud.counts[route] == 3
+    assert cloud.request_log[0].query == {"tags": "labpool,pool-1"}
+    assert cloud.request_log[1].query["marker"] == got[9].id
+
+    # With an explicit limit the sdk asks once more after the short last page
+    # (openstack/resource.py _get_next_link: "no link and limit given" -> try again).
+    cloud.config.max_limit = 1000
+    cloud.reset_counters()
+    got = list(conn.compute.servers(details=True, tags="labpool,pool-1", limit=10))
+    assert {s.id for s in got} == wanted
+    assert cloud.counts[route] == 4
+    assert cloud.request_log[-1].query["limit"] == "10"
+
+    assert {s.name for s in conn.compute.servers(tags="labpool")} >= {"p2", "bare", "p1-0"}
+    assert [s.name for s in conn.compute.servers(details=False, tags="pool-2")] == ["p2"]
+
+
+def test_list_status_and_changes_since(cloud: FakeCloud, conn: Any) -> None:
+    cloud.set_boot_time(0)
+    old = create(conn, "old")
+    wait_active(conn, old)
+    time.sleep(0.05)
+    since = datetime.now(UTC).isoformat()  # e.g. 2026-01-01T12:00:00.123456+00:00
+    cloud.set_boot_time(30)
+    building = create(conn, "building")
+    assert [s.id for s in conn.compute.servers(status="BUILD")] == [building.id]
+    assert [s.id for s in conn.compute.servers(status="ACTIVE")] == [old.id]
+
+    conn.compute.delete_server(old)
+    changed = {s.id: s.status for s in conn.compute.servers(changes_since=since)}
+    assert changed == {building.id: "BUILD", old.id: "DELETED"}
+    assert [s.id for s in conn.compute.servers()] == [building.id]  # deleted ones are gone
+
+
+# -- quota and limits -----------------------------------------------------------------
+def test_quota_403_and_delete_frees_it(cloud: FakeCloud, conn: Any) -> None:
+    cloud.set_quota(2)
+    first, _ = create(conn, "a"), create(conn, "b")
+    with pytest.raises(os_exc.ForbiddenException) as err:
+        create(conn, "c")
+    assert "Quota exceeded for instances: Requested 1, but already used 2 of 2 instances" in str(
+        err.value)
+    assert err.value.status_code == 403
+
+    limits = conn.compute.get_limits().absolute
+    assert (limits.instances, limits.instances_used) == (2, 2)
+    assert limits.total_cores_used == 2 and limits.total_ram_used == 4096
+
+    conn.compute.delete_server(first)
+    assert conn.compute.get_limits().absolute.instances_used == 1
+    create(conn, "c")  # fits again
+    assert len(cloud.servers()) == 2
+
+
+def test_quota_holds_under_concurrent_creates(cloud: FakeCloud) -> None:
+    cloud.set_quota(5)
+    outcomes: list[str] = []
+
+    def worker(i: int) -> None:
+        conn = openstack.connect(cloud="fake")
+        try:
+            create(conn, f"t{i}")
+            outcomes.append("ok")
+        except os_exc.ForbiddenException:
+            outcomes.append("quota")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(outcomes) == ["ok"] * 5 + ["quota"] * 3
+    assert len(cloud.servers()) == 5
+
+
+# -- injected failures ----------------------------------------------------------------
+def test_injected_409_then_success(cloud: FakeCloud, conn: Any) -> None:
+    server = create(conn, "busy")
+    cloud.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
+    with pytest.raises(os_exc.ConflictException, match="task_state deleting"):
+        conn.compute.delete_server(server)
+    assert conn.compute.get_server(server.id).status in ("BUILD", "ACTIVE")
+    conn.compute.delete_server(server)
+    with pytest.raises(os_exc.NotFoundException):
+        conn.compute.get_server(server.id)
+
+
+def test_injected_503_is_plain_http_exception(cloud: FakeCloud, conn: Any) -> None:
+    cloud.fail_next("POST", "/compute/v2.1/servers", 503, count=2)
+    for _ in range(2):
+        with pytest.raises(os_exc.HttpException) as err:
+            create(conn, "x")
+        assert err.value.status_code == 503
+        assert not isinstance(err.value, (os_exc.ConflictException, os_exc.NotFoundException))
+    assert cloud.servers() == []  # an injected answer does nothing else
+    create(conn, "x")
+    assert len(cloud.servers()) == 1
+
+
+def test_error_next_create_shows_fault(cloud: FakeCloud, conn: Any) -> None:
+    cloud.error_next_create()
+    doomed = create(conn, "doomed")
+    assert conn.compute.get_server(doomed.id).status == "BUILD"
+    with pytest.raises(os_exc.ResourceFailure):
+        wait_active(conn, doomed)
+    server = conn.compute.get_server(doomed.id)
+    assert server.status == "ERROR"
+    assert server.fault["message"] == NO_VALID_HOST and server.fault["code"] == 500
+    assert server.addresses == {}
+    assert conn.compute.get_limits().absolute.instances_used == 1  # ERROR still counts
+
+
+def test_error_server_on_active_server(cloud: FakeCloud, conn: Any) -> None:
+    server = wait_active(conn, create(conn, "ok"))
+    assert "fault" not in cloud.server(server.id)  # only in ERROR
+    cloud.error_server(server.id, "Host compute-3 went away")
+    (seen,) = list(conn.compute.servers(tags="pool-1"))
+    assert seen.status == "ERROR" and seen.fault["message"] == "Host compute-3 went away"
+
+
+def test_vanished_server_is_not_found(cloud: FakeCloud, conn: Any) -> None:
+    server = create(conn, "ghost")
+    cloud.vanish_server(server.id)
+    with pytest.raises(os_exc.NotFoundException, match="could not be found"):
+        conn.compute.get_server(server.id)
+    assert list(conn.compute.servers(tags="pool-1")) == []
+    assert conn.compute.get_limits().absolute.instances_used == 0
+
+
+@pytest.mark.parametrize("mode", ["502", "reset"])
+def test_lost_create_response_leaves_server(cloud: FakeCloud, conn: Any, mode: str) -> None:
+    cloud.lose_next_create_response(mode)
+    expected = (os_exc.HttpException if mode == "502"
+                else keystoneauth1.exceptions.ConnectFailure)
+    with pytest.raises(expected):
+        create(conn, "lost", tags=["labpool", "pool-9", "machine-7"])
+    assert cloud.count("POST", "/compute/v2.1/servers") == 1  # no silent retry
+    (found,) = list(conn.compute.servers(details=True, tags="labpool,machine-7"))
+    assert found.name == "lost"
+    create(conn, "next")  # only the next create is lost
+    assert len(cloud.servers()) == 2
+
+
+def test_delete_delay_shows_deleted_then_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeCloud(delete_time=0.3) as fake:
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
+        conn = openstack.connect(cloud="fake")
+        server = create(conn, "slow")
+        conn.compute.delete_server(server)
+        assert conn.compute.get_server(server.id).status == "DELETED"
+        assert fake.count("GET", "/compute/v2.1/limits") == 0
+        assert conn.compute.get_limits().absolute.instances_used == 1  # not freed yet
+        # The sdk's wait_for_delete already returns on status DELETED; wait for the 404.
+        deadline = time.monotonic() + 5
+        with pytest.raises(os_exc.NotFoundException):
+            while time.monotonic() < deadline:
+                conn.compute.get_server(server.id)
+                time.sleep(0.05)
+        assert conn.compute.get_limits().absolute.instances_used == 0
+        with pytest.raises(os_exc.NotFoundException):
+            conn.compute.delete_server(server, ignore_missing=False)
+
+
+# -- auth -----------------------------------------------------------------------------
+def test_application_credential_cloud(cloud: FakeCloud) -> None:
+    conn = openstack.connect(cloud="fake-appcred")
+    server = create(conn, "via-appcred")
+    assert conn.compute.get_server(server.id).name == "via-appcred"
+
+
+def test_wrong_credentials_and_missing_token_are_401(cloud: FakeCloud) -> None:
+    cloud.config.password = "changed"
+    with pytest.raises(keystoneauth1.exceptions.Unauthorized):
+        list(openstack.connect(cloud="fake").compute.servers())
+    answer = requests.get(f"{cloud.url}/compute/v2.1/servers/detail", timeout=5)
+    assert answer.status_code == 401
+    answer = requests.get(f"{cloud.url}/compute/v2.1/servers", timeout=5,
+                          headers={"X-Auth-Token": "made-up"})
+    assert answer.status_code == 401
+
+
+def test_expired_token_reauthenticates(cloud: FakeCloud, conn: Any) -> None:
+    list(conn.compute.servers())
+    cloud.expire_tokens()
+    cloud.reset_counters()
+    list(conn.compute.servers())
+    assert [(r.method, r.path) for r in cloud.request_log] == [
+        ("GET", "/compute/v2.1/servers/detail"), ("POST", "/identity/v3/auth/tokens"),
+        ("GET", "/compute/v2.1/servers/detail")]
+
+
+def test_microversion_negotiation(cloud: FakeCloud, conn: Any) -> None:
+    token = conn.session.get_token()
+    body = {"server": {"name": "x", "imageRef": "i", "flavorRef": "f", "networks": "none",
+                       "tags": ["a"]}}
+    url = f"{cloud.url}/compute/v2.1/servers"
+    old = requests.post(url, json=body, timeout=5, headers={
+        "X-Auth-Token": token, "OpenStack-API-Version": "compute 2.51"})
+    assert old.status_code == 400 and "'tags' was unexpected" in old.text
+    future = requests.get(url, timeout=5, headers={
+        "X-Auth-Token": token, "OpenStack-API-Version": "compute 2.200"})
+    assert future.status_code == 406
+    latest = requests.post(url, json=body, timeout=5, headers={
+        "X-Auth-Token": token, "OpenStack-API-Version": "compute latest"})
+    assert latest.status_code == 202
+    assert latest.headers["OpenStack-API-Version"] == "compute 2.96"
+
+
+def test_latency_is_added(cloud: FakeCloud, conn: Any) -> None:
+    conn.compute.get_limits()  # the first use also runs discovery and auth
+    cloud.set_latency(0.2)
+    started = time.monotonic()
+    conn.compute.get_limits()
+    assert 0.2 <= time.monotonic() - started < 2
+
+
+# -- volumes --------------------------------------------------------------------------
+def test_volume_create_attach_detach(cloud: FakeCloud, conn: Any) -> None:
+    server = create(conn, "with-disk")
+    volume = conn.block_storage.create_volume(size=10, name="home-42", metadata={"user": "42"})
+    assert volume.status == "creating"
+    volume = conn.block_storage.wait_for_status(volume, "available", interval=0.05, wait=5)
+    assert (volume.size, volume.metadata) == (10, {"user": "42"})
+
+    with pytest.raises(os_exc.ConflictException, match="vm_state building"):
+        conn.compute.create_volume_attachment(server.id, volume=volume.id)
+    wait_active(conn, server)
+    attachment = conn.compute.create_volume_attachment(server.id, volume=volume.id)
+    assert attachment.device == "/dev/vdb" and attachment.volume_id == volume.id
+    volume = conn.block_storage.get_volume(volume)
+    assert volume.status == "in-use" and volume.attachments[0]["server_id"] == server.id
+    assert [v.id for v in conn.compute.get_server(server.id).attached_volumes] == [volume.id]
+    with pytest.raises(os_exc.BadRequestException):
+        conn.block_storage.delete_volume(volume)  # still attached
+
+    conn.compute.delete_volume_attachment(server.id, volume.id)
+    assert conn.block_storage.get_volume(volume).status == "available"
+    conn.block_storage.delete_volume(volume)
+    with pytest.raises(os_exc.NotFoundException):
+        conn.block_storage.get_volume(volume.id)
+
+
+def test_deleting_server_frees_its_volumes(cloud: FakeCloud, conn: Any) -> None:
+    server = wait_active(conn, create(conn, "vm"))
+    volume = conn.block_storage.create_volume(size=1)
+    conn.compute.create_volume_attachment(server, volume=volume)
+    conn.compute.delete_server(server)
+    assert conn.block_storage.get_volume(volume).status == "available"
+
+
+# -- standalone -----------------------------------------------------------------------
+def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clouds = tmp_path / "clouds.yaml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakecloud", "--port", "0", "--boot-time", "0",
+         "--quota", "3", "--clouds-yaml", str(clouds)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "listening on http://127.0.0.1:" in proc.stdout.readline()
+        assert "wrote" in proc.stdout.readline()
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+        conn = openstack.connect(cloud="fake")
+        assert conn.compute.get_limits().absolute.instances == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
