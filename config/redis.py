@@ -61,7 +61,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self._answers():
             return self  # one is already running for this data folder

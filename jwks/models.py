@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from config.db import Base, UTCDateTime, utcnow
 
 
-class KeyState(str, enum.Enum):
+class KeyState(enum.StrEnum):
     next = "next"  # published, not yet used to sign: platforms learn it before it is needed
     active = "active"  # signs everything the tool sends
     retired = "retired"  # published until `expires_at`, then gone

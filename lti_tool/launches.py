@@ -8,8 +8,9 @@ Claims used (LTI Core 1.3 §5.3–5.4): `sub`, `roles`, `context`, `resource_lin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session

@@ -20,6 +20,7 @@ from typing import Any
 import jwt
 import redis
 import requests
+from flask import make_response
 from jwcrypto.jwk import JWK
 from pylti1p3.contrib.flask import FlaskMessageLaunch, FlaskOIDCLogin, FlaskRequest
 from pylti1p3.cookies_allowed_check import CookiesAllowedCheckPage
@@ -28,7 +29,6 @@ from pylti1p3.exception import LtiException, LtiKeyException, LtiMessageValidati
 from pylti1p3.launch_data_storage.base import LaunchDataStorage
 from pylti1p3.registration import Registration
 from pylti1p3.tool_config import ToolConfAbstract
-from flask import make_response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -206,7 +206,7 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
         self._platform_keys = platform_keys
         self._leeway = leeway_s
 
-    def validate(self) -> "LabpoolMessageLaunch":
+    def validate(self) -> LabpoolMessageLaunch:
         if self._restored:
             raise LtiMessageValidationException("A restored launch can't be validated.")
         self._validated = True
@@ -230,7 +230,7 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
         azp = self._get_jwt_body().get("azp")
         return azp if isinstance(azp, str) else super().get_client_id()
 
-    def validate_header(self) -> "LabpoolMessageLaunch":
+    def validate_header(self) -> LabpoolMessageLaunch:
         header = self._jwt.get("header", {})
         if header.get("alg") != "RS256":
             raise LtiMessageValidationException(
@@ -240,7 +240,7 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
             raise LtiMessageValidationException("The id_token header has no kid")
         return self
 
-    def validate_jwt_signature(self) -> "LabpoolMessageLaunch":
+    def validate_jwt_signature(self) -> LabpoolMessageLaunch:
         assert self._registration is not None
         client_id = self._registration.get_client_id()
         pem = self._platform_keys.public_key_pem(
@@ -270,7 +270,7 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
         self._jwt["body"] = claims  # the verified claims, not the pre-decoded ones
         return self
 
-    def validate_nonce(self) -> "LabpoolMessageLaunch":
+    def validate_nonce(self) -> LabpoolMessageLaunch:
         nonce = self._get_jwt_body().get("nonce")
         if not nonce or not isinstance(nonce, str):
             raise LtiMessageValidationException('The "nonce" claim is missing')

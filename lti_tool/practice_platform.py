@@ -27,6 +27,7 @@ NRPS and AGS claims — here pointing at this platform's own URLs. Those service
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -128,10 +129,8 @@ def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey:
                 f.write(pem)
                 f.flush()
                 os.fsync(f.fileno())
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
-            except FileExistsError:
-                pass
         finally:
             tmp.unlink(missing_ok=True)
     try:

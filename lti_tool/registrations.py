@@ -3,7 +3,7 @@ the tool)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from sqlalchemy import select

@@ -66,9 +66,9 @@ def serve(settings: Settings, demo: bool) -> int:
 
     practice = None
     if demo:
+        from config.db import transaction
         from lti_tool.practice_platform import PracticePlatform
         from lti_tool.registrations import register_platform
-        from config.db import transaction
 
         practice = PracticePlatform(
             settings.data_dir, settings.public_url, port=settings.listen_port + 1

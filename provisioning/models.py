@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from config.db import Base, UTCDateTime, utcnow
 
 
-class MachineState(str, enum.Enum):
+class MachineState(enum.StrEnum):
     requested = "requested"
     starting = "starting"
     ready = "ready"
@@ -48,7 +48,7 @@ class IllegalTransition(Exception):
         super().__init__(f"machine {machine_id}: {old.value} → {new.value} is not allowed")
 
 
-class IdeKind(str, enum.Enum):
+class IdeKind(enum.StrEnum):
     jupyterlab = "jupyterlab"
     code_server = "code-server"
     terminal = "terminal"

@@ -10,6 +10,7 @@ mistaken for the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -135,15 +136,11 @@ class LocalBackend(Backend):
     def stop(self, machine: MachineSpec) -> None:
         process = self._process(machine)
         if process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             _, alive = psutil.wait_procs([process], timeout=10)
             for survivor in alive:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(survivor.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         runtime = self.data_dir / "machines" / str(machine.id) / "runtime"
         shutil.rmtree(runtime, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Settings from the environment and TOML, the errors that name the variable, and the
+admin's CLI: registering platforms and the values for Moodle's form."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from config.settings import SettingsError, load_settings
+from lti_tool.cli import main
+
+
+def test_defaults_give_the_single_server_mode(tmp_path):
+    settings = load_settings({"LABPOOL_DATA_DIR": str(tmp_path)})
+    assert settings.public_url == "http://127.0.0.1:8080"
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'labpool.db'}"
+    assert settings.uses_embedded_redis
+    assert settings.backend == "local"
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 8080)
+    # The generated secret is kept, private, and the same on the next start.
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+    assert load_settings({"LABPOOL_DATA_DIR": str(tmp_path)}).secret_key == settings.secret_key
+
+
+@pytest.mark.parametrize("missing", ["LABPOOL_DATABASE_URL", "LABPOOL_REDIS_URL", "LABPOOL_SECRET_KEY"])
+def test_production_names_each_missing_setting(missing, tmp_path):
+    env = {
+        "LABPOOL_DATA_DIR": str(tmp_path),
+        "LABPOOL_PUBLIC_URL": "https://labpool.example.edu",
+        "LABPOOL_DATABASE_URL": "postgresql+psycopg://labpool@db/labpool",
+        "LABPOOL_REDIS_URL": "redis://cache:6379/0",
+        "LABPOOL_SECRET_KEY": "x" * 40,
+    }
+    del env[missing]
+    with pytest.raises(SettingsError, match=missing):
+        load_settings(env)
+
+
+def test_malformed_values_name_the_variable(tmp_path):
+    with pytest.raises(SettingsError, match="LABPOOL_WEB_WORKERS"):
+        load_settings({"LABPOOL_DATA_DIR": str(tmp_path), "LABPOOL_WEB_WORKERS": "many"})
+    with pytest.raises(SettingsError, match="LABPOOL_PUBLIC_URL"):
+        load_settings({"LABPOOL_DATA_DIR": str(tmp_path), "LABPOOL_PUBLIC_URL": "ftp://x"})
+    with pytest.raises(SettingsError, match="LABPOOL_BACKEND"):
+        load_settings({"LABPOOL_DATA_DIR": str(tmp_path), "LABPOOL_BACKEND": "kubernetes"})
+
+
+def test_toml_file_is_read_and_the_environment_wins(tmp_path):
+    path = tmp_path / "labpool.toml"
+    path.write_text('web_workers = 7\npublic_url = "http://127.0.0.1:9000"\n')
+    env = {"LABPOOL_CONFIG": str(path), "LABPOOL_DATA_DIR": str(tmp_path), "LABPOOL_WEB_WORKERS": "3"}
+    settings = load_settings(env)
+    assert settings.web_workers == 3
+    assert settings.listen_port == 9000
+    path.write_text("colour = 'blue'\n")
+    with pytest.raises(SettingsError, match="colour"):
+        load_settings(env)
+
+
+def test_platform_add_and_list(rt):
+    runner = CliRunner()
+    args = [
+        "platform", "add", "--issuer", "http://moodle.test:8081", "--client-id", "abc",
+        "--deployment-id", "1", "--deployment-id", "2",
+        "--auth-url", "http://moodle.test:8081/mod/lti/auth.php",
+        "--token-url", "http://moodle.test:8081/mod/lti/token.php",
+        "--jwks-url", "http://moodle.test:8081/mod/lti/certs.php",
+    ]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    # The same issuer may register the tool again under another client id.
+    result = runner.invoke(main, [a if a != "abc" else "def" for a in args])
+    assert result.exit_code == 0, result.output
+    listing = runner.invoke(main, ["platform", "list"]).output
+    assert "client abc  deployments [1, 2]" in listing
+    assert "client def" in listing
+
+
+def test_platform_add_refuses_bad_urls(rt):
+    result = CliRunner().invoke(main, [
+        "platform", "add", "--issuer", "moodle.test", "--client-id", "abc",
+        "--deployment-id", "1", "--auth-url", "x", "--token-url", "x", "--jwks-url", "x",
+    ])
+    assert result.exit_code != 0
+    assert "issuer must be an http(s) URL" in result.output
+
+
+def test_moodle_values_are_the_tool_urls(rt):
+    output = CliRunner().invoke(main, ["moodle-values"]).output
+    base = rt.settings.public_url
+    assert f"Initiate login URL:    {base}/lti/login" in output
+    assert f"Public keyset:         {base}/lti/jwks.json" in output
+    assert f"Redirection URI(s):    {base}/lti/launch" in output
