@@ -47,12 +47,16 @@ def _own_machine(session: Session, machine_id: int) -> Machine:
 
 
 def _nudge_if_stale(machine: Machine) -> None:
-    """A `requested` machine nobody picked up (lost job, Redis restarted): enqueue again.
-    A short Redis guard keeps a page of pollers from enqueueing it many times."""
+    """A `requested` machine nobody picked up (lost job, Redis restarted), or a start whose
+    worker died: enqueue the start again; the job resumes it or reports the failure. A short
+    Redis guard keeps a page of pollers from enqueueing it many times."""
     rt = _rt()
-    if machine.state is not MachineState.requested:
-        return
-    if utcnow() - machine.state_changed_at < NUDGE_AFTER:
+    age = utcnow() - machine.state_changed_at
+    stale = (machine.state is MachineState.requested and age > NUDGE_AFTER) or (
+        machine.state is MachineState.starting
+        and age > timedelta(seconds=rt.settings.machine_start_timeout_s) + NUDGE_AFTER
+    )
+    if not stale:
         return
     if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(NUDGE_AFTER.seconds)):
         enqueue(rt.redis, rt.settings.queue_name, START_JOB, machine.id)

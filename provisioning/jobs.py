@@ -57,8 +57,14 @@ def start_machine(machine_id: int) -> str:
         spec = spec_of(machine, environment)
         started_at = machine.state_changed_at
 
+    deadline = started_at.timestamp() + rt.settings.machine_start_timeout_s
     try:
         backend = backend_for(machine.backend, rt.settings)
+        if time.time() >= deadline:
+            # A start that was cut off (worker killed) and found again too late.
+            backend.stop(spec)
+            _fail(rt, machine_id, f"the IDE did not answer within {rt.settings.machine_start_timeout_s} s")
+            return "error"
         if spec.ref and backend.poll(spec):
             log.info("machine %s: resuming a start that was interrupted", machine_id)
         else:
@@ -69,7 +75,6 @@ def start_machine(machine_id: int) -> str:
         _fail(rt, machine_id, str(exc))
         return "error"
 
-    deadline = started_at.timestamp() + rt.settings.machine_start_timeout_s
     while time.time() < deadline:
         if backend.health(spec):
             return _mark_up(rt, machine_id)

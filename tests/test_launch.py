@@ -100,3 +100,41 @@ def test_instructor_launch_shows_the_class_page(tool, platform, rt, browser):
 
     # A student cannot see the class page.
     assert student.get(class_url).status_code == 403
+
+
+def test_platform_registered_with_the_cli_can_launch(tool, rt, browser):
+    """An admin's `labpool platform add` is all a new platform needs."""
+    from click.testing import CliRunner
+
+    from lti_tool.cli import main
+    from tests.fakeplatform import FakePlatform
+
+    with FakePlatform(tool_url=tool.url, key_namespace="second-moodle") as moodle:
+        args = moodle.platform_add_args()
+        result = CliRunner().invoke(main, [
+            "platform", "add", "--issuer", args["issuer"], "--client-id", args["client_id"],
+            "--deployment-id", args["deployment_id"], "--auth-url", args["auth_url"],
+            "--token-url", args["token_url"], "--jwks-url", args["jwks_url"],
+        ])
+        assert result.exit_code == 0, result.output
+        launched = moodle.launch(browser, tool.url, moodle.learner(sub="42"))
+    machine_id = machine_id_of(launched.launch_response)
+    with rt.sessions() as session:
+        assert session.get(Machine, machine_id).state is MachineState.requested
+
+
+def test_a_start_lost_with_its_worker_is_picked_up_again(tool, platform, rt, browser):
+    """The queue loses the job (Redis flushed, worker gone): polling the status finds the
+    machine again and a worker starts it."""
+    from datetime import timedelta
+
+    from config.db import transaction
+
+    machine_id = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")  # the job is gone
+    with transaction(rt.sessions) as session:
+        machine = session.get(Machine, machine_id)
+        machine.state_changed_at -= timedelta(seconds=30)
+    assert browser.get(f"{tool.url}/machines/{machine_id}/state").json()["state"] == "requested"
+    run_worker_burst(rt.settings)
+    assert wait_for_state(browser, tool, machine_id, "assigned")["ready"] is True
