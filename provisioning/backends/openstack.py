@@ -1,0 +1,404 @@
+"""The `openstack` backend: each machine is a Nova server booted from a golden image, whose
+cloud-init user-data starts the IDE on the private network (no floating IP).
+
+It talks to the cloud through openstacksdk's proxy layer (`conn.compute.*`: one request per
+call; the cloud layer adds lookups and floating IPs), with one `Connection` per process
+(RQ forks its work horses: a connection made before a fork is never reused after it).
+
+A server carries its machine: name `labpool-m<id>`, tags `labpool`, `pool-<pool id>`,
+`machine-<id>` (Nova filters lists by tags, never by metadata: microversion 2.26 to filter,
+2.52 to tag at create) and metadata `labpool_machine`. So every call is idempotent: a start
+lists the machine's servers before it creates one, and the reconciler sees a whole pool in
+one paged list (`list_pool_servers`).
+
+Nova's answers mapped to our errors (see shared/OPENSTACK.md): 403 at create is a quota
+(`QuotaExceeded`), 409 a task-state conflict (`CloudConflict`, retry later), 5xx, 429,
+timeouts and refused connections `CloudUnavailable` (retry with backoff); "no valid host"
+comes later, as the server in ERROR with a fault, which `refresh` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import keystoneauth1.exceptions as ks_exc
+import openstack
+import openstack.connection
+import requests
+from openstack import exceptions as os_exc
+
+from provisioning import cloud_init
+from provisioning.backends.base import Backend, MachineSpec, Started
+from provisioning.errors import BackendUnavailable, ProvisioningError
+
+log = logging.getLogger(__name__)
+
+ACTIVE, BUILD, ERROR, GONE = "ACTIVE", "BUILD", "ERROR", "gone"
+_DEAD = frozenset({"ERROR", "DELETED", "SOFT_DELETED"})
+_MACHINE_TAG = re.compile(r"machine-([0-9]{1,18})")
+TOKEN_DIGEST_KEY = "labpool_ide_token_sha256"
+
+
+class QuotaExceeded(ProvisioningError):
+    """The project's quota has no room for one more server (Nova's 403 at create)."""
+
+
+class CloudConflict(ProvisioningError):
+    """The cloud refused because the server is busy with another task (409): retry later."""
+
+
+class CloudUnavailable(ProvisioningError):
+    """The cloud did not answer, or answered 5xx/429: retry with backoff."""
+
+
+@dataclass(frozen=True)
+class CloudSpec:
+    """What every machine of an environment boots from, and where."""
+
+    image_id: str
+    flavor_id: str
+    network_id: str
+    security_groups: list[str] = field(default_factory=list)
+    key_name: str | None = None  # for an admin's SSH access, through the image's default user
+    ide_port: int = 8888
+    # Nova keys a server's addresses by network *name*; when unset, the first fixed address
+    # of any network is used (our servers have one NIC, on network_id).
+    network_name: str | None = None
+
+
+class ServerStatus(NamedTuple):
+    """What the cloud says about one machine's server now."""
+
+    state: str  # ACTIVE, BUILD, ERROR, gone (or another Nova status, e.g. SHUTOFF)
+    address: str | None  # host:port of the IDE, once the server has a fixed address
+    fault: str | None  # Nova's fault message, e.g. "No valid host was found. …"
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server of a pool as the reconciler sees it."""
+
+    server_id: str
+    machine_id: int | None  # from the `machine-<id>` tag; None if the tag is missing
+    status: str
+    address: str | None
+    fault: str | None
+    created: datetime | None
+
+
+# -- one Connection per process ---------------------------------------------------------
+_connections: dict[tuple[str, int], openstack.connection.Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def connection_for(cloud: str, api_timeout: float | None = None) -> openstack.connection.Connection:
+    """This process's connection to `cloud` (clouds.yaml or OS_CLIENT_CONFIG_FILE).
+
+    Creating one costs nothing; its first call adds three requests (identity discovery,
+    token, compute discovery), which is why it is kept. The first caller's `api_timeout`
+    (seconds per request; None: clouds.yaml's) holds for the connection's life.
+    """
+    key = (cloud, os.getpid())
+    with _connections_lock:
+        conn = _connections.get(key)
+        if conn is None:
+            conn = openstack.connect(cloud=cloud, api_timeout=api_timeout)
+            _connections[key] = conn
+        return conn
+
+
+def forget_connections() -> None:
+    """Close this process's connections (tests, or after clouds.yaml changed)."""
+    pid = os.getpid()
+    with _connections_lock:
+        for (_, owner), conn in list(_connections.items()):
+            if owner == pid:  # a parent's connection is the parent's to close
+                conn.close()
+        _connections.clear()
+
+
+def token_digest(token: str) -> str:
+    """A fingerprint of an IDE token, kept in the server's metadata so that a retried start
+    can tell whether the server it finds was booted with the token it knows. A SHA-256 of
+    256 random bits reveals nothing of the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# -- the backend ------------------------------------------------------------------------
+class OpenStackBackend(Backend):
+    name = "openstack"
+
+    def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0):
+        """`cloud` names an entry of clouds.yaml; `api_timeout` bounds every request, so a
+        hung cloud costs a worker seconds, not forever (None: clouds.yaml's `api_timeout`)."""
+        self.cloud = cloud
+        self.cloud_spec = cloud_spec
+        self.api_timeout = api_timeout
+
+    @property
+    def _compute(self) -> Any:
+        with self._errors("connect to the cloud"):
+            return connection_for(self.cloud, self.api_timeout).compute
+
+    # -- the Backend interface ------------------------------------------------------------
+    def start(self, machine: MachineSpec) -> Started:
+        """Boot the machine's server, or adopt the one an earlier attempt left.
+
+        Adopted only if it is alive and was booted with `machine.ide_token` (so a caller that
+        writes the token before calling makes retries free); any other server of the machine
+        is useless (nobody knows its token, or it failed) and is deleted before a new one is
+        created. Does not wait: the address comes with `refresh`, once the server has one.
+        """
+        if machine.ide_kind not in cloud_init.IDE_KINDS:
+            raise BackendUnavailable(f"the openstack backend cannot run {machine.ide_kind!r} machines")
+        pool_id = _pool_id(machine)
+        token = machine.ide_token or secrets.token_urlsafe(32)
+        adopted = None
+        for server in self._servers_of_machine(machine.id):
+            if adopted is None and _usable(server, token):
+                adopted = server
+            elif server.status not in ("DELETED", "SOFT_DELETED"):
+                log.warning("machine %s: deleting unusable server %s (%s%s)", machine.id,
+                            server.id, server.status, f": {_fault(server)}" if _fault(server) else "")
+                self._delete(server.id)
+        if adopted is not None:
+            log.info("machine %s: adopting server %s from an earlier start", machine.id, adopted.id)
+            server_id, address = adopted.id, self._address(adopted) or ""
+        else:
+            server_id, address = self._create(machine, pool_id, token), ""
+        return Started(ref={"server_id": server_id, "pool_id": pool_id},
+                       address=address, ide_token=token)
+
+    def poll(self, machine: MachineSpec) -> bool:
+        """Is the server there, booting or running (not ERROR, not deleted)?"""
+        server = self._find(machine)
+        return server is not None and server.status not in _DEAD
+
+    def health(self, machine: MachineSpec) -> bool:
+        """Does the IDE answer, with its token, at its base URL (no redirects followed)?"""
+        if not machine.address:
+            return False
+        if machine.ide_kind == "code-server":
+            # No base URL and no token of its own (the proxy strips the prefix).
+            url, headers = f"http://{machine.address}/healthz", {}
+        elif machine.ide_token:
+            url = f"http://{machine.address}{machine.base_url}api/status"
+            headers = {"Authorization": f"token {machine.ide_token}"}
+        else:
+            return False
+        try:
+            resp = requests.get(url, headers=headers, timeout=2, allow_redirects=False)
+        except requests.RequestException:
+            return False
+        return resp.status_code == 200
+
+    def stop(self, machine: MachineSpec) -> None:
+        """Delete the machine's server; one that is already gone is fine. Without a server
+        id (a start that never recorded one), every server tagged with the machine goes."""
+        server_id = _server_id(machine)
+        if server_id:
+            self._delete(server_id)
+            return
+        for server in self._servers_of_machine(machine.id):
+            self._delete(server.id)
+
+    # -- extras for the jobs and the reconciler ---------------------------------------------
+    def refresh(self, machine: MachineSpec) -> ServerStatus:
+        """The server's state (ACTIVE, BUILD, ERROR or gone), its IDE address and its fault."""
+        server = self._find(machine)
+        if server is None or server.status in ("DELETED", "SOFT_DELETED"):
+            return ServerStatus(GONE, None, None)
+        return ServerStatus(str(server.status), self._address(server), _fault(server))
+
+    def list_pool_servers(self, pool_id: int) -> list[ServerView]:
+        """Every server of a pool, in one paged list (Nova's page size, `servers_links`)."""
+        with self._errors("list the pool's servers"):
+            servers = list(self._compute.servers(details=True, tags=f"labpool,pool-{pool_id}"))
+        return [
+            ServerView(server_id=server.id, machine_id=_machine_id(server),
+                       status=str(server.status), address=self._address(server),
+                       fault=_fault(server), created=_created(server))
+            for server in servers
+        ]
+
+    def quota_headroom(self) -> int | None:
+        """How many more servers the project's quota allows; None when it is unlimited."""
+        with self._errors("read the cloud's quota"):
+            absolute = self._compute.get_limits().absolute
+        limit, used = absolute.instances, absolute.instances_used
+        if not isinstance(limit, int) or limit < 0:
+            return None
+        return max(0, limit - int(used or 0))
+
+    # -- cloud calls -------------------------------------------------------------------------
+    def _create(self, machine: MachineSpec, pool_id: int, token: str) -> str:
+        spec = self.cloud_spec
+        extra: dict[str, Any] = {}
+        if spec.key_name:
+            extra["key_name"] = spec.key_name
+        if spec.security_groups:
+            extra["security_groups"] = [{"name": name} for name in spec.security_groups]
+        with self._errors("create the machine's server", creating=True):
+            server = self._compute.create_server(
+                name=f"labpool-m{machine.id}",
+                image_id=spec.image_id,
+                flavor_id=spec.flavor_id,
+                networks=[{"uuid": spec.network_id}],
+                user_data=cloud_init.user_data(machine.id, machine.ide_kind, token, spec.ide_port),
+                tags=["labpool", f"pool-{pool_id}", f"machine-{machine.id}"],
+                metadata={"labpool_machine": str(machine.id), TOKEN_DIGEST_KEY: token_digest(token)},
+                **extra,
+            )
+        log.info("machine %s: created server %s", machine.id, server.id)
+        return str(server.id)
+
+    def _servers_of_machine(self, machine_id: int) -> list[Any]:
+        with self._errors("look for the machine's server"):
+            return list(self._compute.servers(details=True, tags=f"labpool,machine-{machine_id}"))
+
+    def _find(self, machine: MachineSpec) -> Any | None:
+        server_id = _server_id(machine)
+        if not server_id:
+            found = self._servers_of_machine(machine.id)  # newest first
+            return next((s for s in found if s.status not in _DEAD), found[0] if found else None)
+        with self._errors("look at the machine's server"):
+            try:
+                return self._compute.get_server(server_id)
+            except os_exc.NotFoundException:
+                return None
+
+    def _delete(self, server_id: str) -> None:
+        with self._errors("delete the machine's server"):
+            self._compute.delete_server(server_id, ignore_missing=True)
+
+    def _address(self, server: Any) -> str | None:
+        """host:port of the IDE: the first fixed address on the machine's network."""
+        addresses = server.addresses if isinstance(server.addresses, dict) else {}
+        wanted = self.cloud_spec.network_name
+        for network, entries in addresses.items():
+            if (wanted and network != wanted) or not isinstance(entries, list):
+                continue
+            for entry in sorted((e for e in entries if isinstance(e, dict)),
+                                key=lambda e: e.get("version") != 4):  # IPv4 first
+                addr = entry.get("addr")
+                if not isinstance(addr, str) or entry.get("OS-EXT-IPS:type", "fixed") != "fixed":
+                    continue
+                host = f"[{addr}]" if ":" in addr else addr
+                return f"{host}:{self.cloud_spec.ide_port}"
+        return None
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, *, creating: bool = False) -> Iterator[None]:
+        """Turn what openstacksdk and keystoneauth raise into our errors, with messages a
+        teacher can read. Only the cloud's own message goes in (str(exc) carries URLs)."""
+        try:
+            yield
+        except ProvisioningError:
+            raise
+        except os_exc.HttpException as exc:
+            raise _http_error(exc.status_code, _detail(exc.details), action, creating,
+                              self.cloud) from exc
+        except ks_exc.HttpError as exc:  # from the identity service, while authenticating
+            raise _http_error(exc.http_status, "", action, False, self.cloud) from exc
+        except ks_exc.ConnectTimeout as exc:
+            raise CloudUnavailable(
+                f"The cloud did not answer in time when Labpool tried to {action}; "
+                "it will try again.") from exc
+        except ks_exc.SSLError as exc:
+            raise BackendUnavailable(
+                f"The cloud's TLS certificate was not accepted when Labpool tried to {action}; "
+                f"an administrator must check cloud {self.cloud!r}.") from exc
+        except ks_exc.ConnectionError as exc:
+            raise CloudUnavailable(
+                f"The cloud could not be reached when Labpool tried to {action}; "
+                "it will try again.") from exc
+        except (os_exc.ConfigException, ks_exc.AuthPluginException) as exc:
+            raise BackendUnavailable(
+                f"Cloud {self.cloud!r} is not configured properly (clouds.yaml or "
+                f"OS_CLIENT_CONFIG_FILE on the workers: {type(exc).__name__}).") from exc
+        except (os_exc.SDKException, ks_exc.ClientException) as exc:
+            raise CloudUnavailable(
+                f"The cloud's answer could not be used when Labpool tried to {action} "
+                f"({type(exc).__name__}); it will try again.") from exc
+
+
+def _http_error(status: int | None, detail: str, action: str, creating: bool,
+                cloud: str) -> ProvisioningError:
+    said = f": {detail}" if detail else f" (HTTP {status})"
+    if status == 401:
+        return BackendUnavailable(
+            f"The cloud refused Labpool's credentials; an administrator must check cloud "
+            f"{cloud!r} in clouds.yaml.")
+    if status == 403 and creating and "quota" in detail.lower():
+        return QuotaExceeded(f"The cloud's quota is used up{said}")
+    if status == 403:
+        return BackendUnavailable(f"The cloud does not allow Labpool to {action}{said}")
+    if status == 409:
+        return CloudConflict(f"The cloud is busy with this server and refused to {action} "
+                             f"for now{said}")
+    if status == 400:
+        return BackendUnavailable(
+            f"The cloud refused to {action}{said}. An administrator should check the image, "
+            "flavor, network and security groups of this environment.")
+    if status is None or status >= 500 or status == 429:
+        return CloudUnavailable(f"The cloud failed when Labpool tried to {action}{said}; "
+                                "it will try again.")
+    return ProvisioningError(f"The cloud refused to {action}{said}")
+
+
+def _detail(details: Any) -> str:
+    """The cloud's message, on one line and short."""
+    text = " ".join(str(details or "").split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- reading machine specs and cloud answers --------------------------------------------
+def _pool_id(machine: MachineSpec) -> int:
+    # MachineSpec has no pool yet: until it has, the pool id comes in the ref.
+    value = machine.ref.get("pool_id", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"machine {machine.id}: pool id must be a non-negative integer")
+    return value
+
+
+def _server_id(machine: MachineSpec) -> str | None:
+    value = machine.ref.get("server_id")
+    return value if isinstance(value, str) and value else None
+
+
+def _usable(server: Any, token: str) -> bool:
+    metadata = server.metadata if isinstance(server.metadata, dict) else {}
+    return (server.status not in _DEAD
+            and secrets.compare_digest(str(metadata.get(TOKEN_DIGEST_KEY, "")), token_digest(token)))
+
+
+def _machine_id(server: Any) -> int | None:
+    for tag in server.tags or []:
+        match = _MACHINE_TAG.fullmatch(str(tag))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _fault(server: Any) -> str | None:
+    fault = server.fault
+    if isinstance(fault, dict) and fault.get("message"):
+        return _detail(fault["message"])
+    return None
+
+
+def _created(server: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(server.created_at))
+    except ValueError:
+        return None

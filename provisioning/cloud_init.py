@@ -1,0 +1,117 @@
+"""The cloud-init user-data that turns a golden image into one student's machine.
+
+A `#cloud-config` document (https://cloudinit.readthedocs.io/en/latest/reference/modules.html:
+users, write_files, runcmd) that adds an unprivileged `student` user and a systemd unit
+running the chosen IDE on the private network, at the machine's base URL `/ide/<id>/`.
+
+Anyone on the machine can read its user-data (from the metadata service), so it carries
+nothing of the tool: no database or cloud credentials, no `LABPOOL_*` or `OS_*` values.
+The IDE token it does carry only opens this machine's IDE, which the student owns anyway;
+the proxy adds it to each request, so the browser never sees it.
+
+Volumes (the student's persistent files) are not mounted yet.
+The golden image provides `jupyter` (with JupyterLab) and `code-server` on systemd's PATH
+(/usr/local/bin or /usr/bin; a bare name in ExecStart needs systemd 239 or later).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import yaml
+
+IDE_KINDS = ("jupyterlab", "code-server", "terminal")
+UNIT_NAME = "labpool-ide.service"
+ENV_FILE = "/etc/labpool/ide.env"
+# secrets.token_urlsafe's alphabet: nothing that could break out of the env file or the YAML.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def ide_command(machine_id: int, ide_kind: str, port: int) -> str:
+    """The IDE's command line; the token reaches Jupyter as $JUPYTER_TOKEN, never in argv."""
+    base_url = f"/ide/{machine_id}/"
+    if ide_kind == "jupyterlab":
+        # IdentityProvider.token defaults to $JUPYTER_TOKEN (argv would be visible to `ps`).
+        return (f"jupyter lab --ip=0.0.0.0 --port={port} --no-browser"
+                f" --ServerApp.base_url={base_url}")
+    if ide_kind == "terminal":
+        return (f"jupyter server --ip=0.0.0.0 --port={port} --no-browser"
+                f" --ServerApp.base_url={base_url} --ServerApp.terminals_enabled=True")
+    if ide_kind == "code-server":
+        # code-server has no base URL option: the proxy strips /ide/<id>/ before passing the
+        # request on. `--auth none` because the proxy authenticates, and the security group
+        # admits this port from the proxy's address alone.
+        return f"code-server --bind-addr 0.0.0.0:{port} --auth none"
+    raise ValueError(f"unknown IDE kind {ide_kind!r}; expected one of {IDE_KINDS}")
+
+
+def _unit(machine_id: int, ide_kind: str, port: int) -> str:
+    uses_token = ide_kind != "code-server"
+    lines = [
+        "[Unit]",
+        f"Description=Labpool IDE ({ide_kind}) of machine {machine_id}",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "User=student",
+        "Group=student",
+        "WorkingDirectory=/home/student",
+        # systemd reads the file as root before dropping to `student`: it can stay 0600.
+        *([f"EnvironmentFile={ENV_FILE}"] if uses_token else []),
+        f"ExecStart={ide_command(machine_id, ide_kind, port)}",
+        "Restart=always",  # a student who shuts the IDE down from its menu gets it back
+        "RestartSec=2",
+        "NoNewPrivileges=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the unit file) as literal blocks, so the document reads as written."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888) -> str:
+    """The `#cloud-config` document itself (plain text)."""
+    if isinstance(machine_id, bool) or not isinstance(machine_id, int) or machine_id <= 0:
+        raise ValueError(f"machine id must be a positive integer, not {machine_id!r}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, not {port!r}")
+    if not _TOKEN.fullmatch(ide_token):
+        raise ValueError("the IDE token must be 16-128 URL-safe characters")
+    files = []
+    if ide_kind != "code-server":
+        files.append({"path": ENV_FILE, "owner": "root:root", "permissions": "0600",
+                      "content": f"JUPYTER_TOKEN={ide_token}\n"})
+    files.append({"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
+                  "permissions": "0644", "content": _unit(machine_id, ide_kind, port)})
+    document = {
+        # `default` keeps the image's admin user (reached with the key pair, if any);
+        # `student` runs the IDE, with no password and no sudo.
+        "users": ["default", {"name": "student", "gecos": "Labpool student",
+                              "shell": "/bin/bash", "lock_passwd": True}],
+        "write_files": files,
+        # runcmd runs in the final stage, after the `student` user exists.
+        "runcmd": ["systemctl daemon-reload", f"systemctl enable --now {UNIT_NAME}"],
+    }
+    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return f"#cloud-config\n# Labpool machine {machine_id}: {ide_kind} on port {port}\n{body}"
+
+
+def user_data(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888) -> str:
+    """The user-data for Nova's `POST /servers`: the cloud-config, base64-encoded (Nova takes
+    user_data only as base64, at most 64 KiB)."""
+    text = cloud_config(machine_id, ide_kind, ide_token, port)
+    return base64.b64encode(text.encode()).decode("ascii")

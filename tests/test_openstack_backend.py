@@ -1,0 +1,373 @@
+"""The `openstack` backend and its cloud-init user-data, against the fake cloud
+(tests/fakecloud) through the real openstacksdk."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import openstack
+import pytest
+import yaml
+
+from provisioning.backends.base import MachineSpec
+from provisioning.backends.openstack import (
+    TOKEN_DIGEST_KEY,
+    CloudConflict,
+    CloudSpec,
+    CloudUnavailable,
+    OpenStackBackend,
+    QuotaExceeded,
+    connection_for,
+    forget_connections,
+    token_digest,
+)
+from provisioning.cloud_init import cloud_config, user_data
+from provisioning.errors import BackendUnavailable
+from tests.fakecloud import NO_VALID_HOST, FakeCloud
+
+pytestmark = [
+    pytest.mark.filterwarnings(f"ignore::openstack.warnings.{name}")
+    for name in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning", "RemovedInSDK60Warning")
+]
+BOOT = 0.2
+POOL = 7
+TOKEN = "k3y-for-machine-42_" + "x" * 24
+DETAIL = ("GET", "/compute/v2.1/servers/detail")
+CREATE = ("POST", "/compute/v2.1/servers")
+# Nothing of the tool or the cloud account may reach a machine's user-data.
+FORBIDDEN = ("LABPOOL_", "OS_", "password", "labpool-secret", "appcred-secret", "/identity")
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+    with FakeCloud(boot_time=BOOT, max_instances=10) as cloud:
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(cloud.write_clouds_yaml(tmp_path)))
+        for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
+            monkeypatch.delenv(name)
+        yield cloud
+
+
+@pytest.fixture
+def backend(fake: FakeCloud) -> Iterator[OpenStackBackend]:
+    spec = CloudSpec(image_id="img-1", flavor_id="m1.small", network_id=fake.config.network_id,
+                     security_groups=["labpool-ide"], key_name="ops")
+    yield OpenStackBackend("fake", spec)
+    forget_connections()  # the next test's fake cloud listens on another port
+
+
+def machine(machine_id: int = 42, pool_id: int = POOL, **changes: Any) -> MachineSpec:
+    values: dict[str, Any] = dict(id=machine_id, ide_kind="jupyterlab", owner_id=None,
+                                  course_id=None, ref={"pool_id": pool_id})
+    values.update(changes)
+    return MachineSpec(**values)
+
+
+def started_spec(spec: MachineSpec, backend: OpenStackBackend) -> MachineSpec:
+    started = backend.start(spec)
+    return machine(spec.id, ide_kind=spec.ide_kind, ref=started.ref, ide_token=started.ide_token)
+
+
+def wait_for_state(backend: OpenStackBackend, spec: MachineSpec, state: str) -> Any:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = backend.refresh(spec)
+        if status.state == state:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"machine {spec.id} never reached {state}: {status}")
+
+
+def decoded(user_data_b64: str) -> str:
+    return base64.b64decode(user_data_b64, validate=True).decode()
+
+
+# -- cloud-init ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["jupyterlab", "code-server", "terminal"])
+def test_user_data_is_a_small_cloud_config_that_starts_the_ide(kind: str) -> None:
+    text = decoded(user_data(42, kind, TOKEN, port=8888))
+    assert text.startswith("#cloud-config\n") and text == cloud_config(42, kind, TOKEN)
+    assert len(text) < 2000
+    document = yaml.safe_load(text)
+    assert set(document) == {"users", "write_files", "runcmd"}  # no mounts, no packages
+    assert document["users"][1] == {"name": "student", "gecos": "Labpool student",
+                                    "shell": "/bin/bash", "lock_passwd": True}
+    assert "sudo" not in document["users"][1]
+    files = {f["path"]: f for f in document["write_files"]}
+    unit = files["/etc/systemd/system/labpool-ide.service"]["content"]
+    assert "User=student" in unit.splitlines()
+    assert document["runcmd"][-1] == "systemctl enable --now labpool-ide.service"
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert TOKEN not in exec_start  # argv is visible to `ps`
+    if kind == "code-server":
+        assert exec_start == "ExecStart=code-server --bind-addr 0.0.0.0:8888 --auth none"
+        assert TOKEN not in text and "/etc/labpool/ide.env" not in files
+    else:
+        assert "--ip=0.0.0.0 --port=8888 --no-browser --ServerApp.base_url=/ide/42/" in exec_start
+        assert exec_start.startswith("ExecStart=jupyter lab" if kind == "jupyterlab"
+                                     else "ExecStart=jupyter server")
+        env = files["/etc/labpool/ide.env"]
+        assert env["content"] == f"JUPYTER_TOKEN={TOKEN}\n" and env["permissions"] == "0600"
+        assert "EnvironmentFile=/etc/labpool/ide.env" in unit
+    for word in FORBIDDEN:
+        assert word.lower() not in text.lower()
+
+
+def test_user_data_refuses_what_could_break_the_document() -> None:
+    with pytest.raises(ValueError, match="unknown IDE kind"):
+        user_data(1, "emacs", TOKEN)
+    with pytest.raises(ValueError, match="token"):
+        user_data(1, "jupyterlab", "abc\nLABPOOL_SECRET_KEY=x" + "y" * 20)
+    with pytest.raises(ValueError, match="machine id"):
+        user_data(0, "jupyterlab", TOKEN)
+
+
+# -- start and refresh ----------------------------------------------------------------------
+def test_start_creates_one_tagged_server_that_boots_the_ide(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    started = backend.start(machine(42))
+    assert started.address == ""  # known once the server has booted: see refresh
+    assert len(started.ide_token) >= 40
+    (server,) = fake.servers()
+    assert started.ref == {"server_id": server["id"], "pool_id": POOL}
+    assert server["name"] == "labpool-m42"
+    assert server["tags"] == ["labpool", f"pool-{POOL}", "machine-42"]
+    assert server["metadata"] == {"labpool_machine": "42",
+                                  TOKEN_DIGEST_KEY: token_digest(started.ide_token)}
+    assert server["networks"] == [{"uuid": fake.config.network_id}]
+    assert server["key_name"] == "ops"
+    assert server["security_groups"] == [{"name": "labpool-ide"}]
+    text = decoded(server["user_data"])
+    assert text.startswith("#cloud-config")
+    assert f"JUPYTER_TOKEN={started.ide_token}" in text
+    for word in (*FORBIDDEN, fake.url):
+        assert word.lower() not in text.lower()
+    # It looked before it created, and asked for no floating IP: two compute calls.
+    assert fake.count(*DETAIL) == 1 and fake.count(*CREATE) == 1
+    assert not any("floating" in r.path or "network" in r.path for r in fake.request_log)
+
+
+def test_refresh_reports_build_then_active_with_the_ide_address(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    spec = started_spec(machine(42), backend)
+    assert backend.refresh(spec) == ("BUILD", None, None)
+    assert backend.poll(spec)
+    state, address, fault = wait_for_state(backend, spec, "ACTIVE")
+    host, port = address.rsplit(":", 1)
+    assert host.startswith("10.0.") and port == "8888" and fault is None
+    assert backend.poll(spec)
+
+
+def test_a_connection_is_made_once_per_process(fake: FakeCloud, backend: OpenStackBackend) -> None:
+    other = OpenStackBackend("fake", backend.cloud_spec)
+    backend.quota_headroom()
+    other.quota_headroom()
+    assert connection_for("fake") is connection_for("fake")
+    assert fake.count("POST", "/identity/v3/auth/tokens") == 1
+
+
+@pytest.mark.parametrize("mode", ["502", "reset"])
+def test_a_retried_start_after_a_lost_answer_adopts_the_server(
+        fake: FakeCloud, backend: OpenStackBackend, mode: str) -> None:
+    spec = machine(42, ide_token=TOKEN)  # the job wrote the token before calling the cloud
+    fake.lose_next_create_response(mode)
+    with pytest.raises(CloudUnavailable, match="will try again"):
+        backend.start(spec)
+    (lost,) = fake.servers()
+
+    again = backend.start(spec)
+    assert again.ref["server_id"] == lost["id"] and again.ide_token == TOKEN
+    assert [s["id"] for s in fake.servers()] == [lost["id"]]
+    assert fake.count(*CREATE) == 1
+
+
+def test_a_retry_that_does_not_know_the_token_replaces_the_server(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.lose_next_create_response()
+    with pytest.raises(CloudUnavailable):
+        backend.start(machine(42))
+    (lost,) = fake.servers()
+
+    again = backend.start(machine(42))  # a new token: nobody could open the first server's IDE
+    (server,) = fake.servers()
+    assert server["id"] == again.ref["server_id"] != lost["id"]
+    assert server["metadata"][TOKEN_DIGEST_KEY] == token_digest(again.ide_token)
+
+
+def test_a_retry_replaces_a_server_that_failed(fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.error_next_create()
+    first = started_spec(machine(42, ide_token=TOKEN), backend)
+    wait_for_state(backend, first, "ERROR")
+    again = backend.start(machine(42, ide_token=TOKEN))
+    assert [s["id"] for s in fake.servers()] == [again.ref["server_id"]]
+    assert again.ref["server_id"] != first.ref["server_id"]
+
+
+# -- failures -------------------------------------------------------------------------------
+def test_a_server_in_error_reports_the_clouds_fault(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.error_next_create()
+    spec = started_spec(machine(42), backend)
+    assert backend.poll(spec)  # still BUILD
+    assert wait_for_state(backend, spec, "ERROR") == ("ERROR", None, NO_VALID_HOST)
+    assert not backend.poll(spec)
+    (view,) = backend.list_pool_servers(POOL)
+    assert (view.status, view.fault, view.machine_id) == ("ERROR", NO_VALID_HOST, 42)
+
+
+def test_a_vanished_server_is_gone(fake: FakeCloud, backend: OpenStackBackend) -> None:
+    spec = started_spec(machine(42), backend)
+    assert backend.poll(spec)
+    fake.vanish_server(spec.ref["server_id"])
+    assert not backend.poll(spec)
+    assert backend.refresh(spec) == ("gone", None, None)
+
+
+def test_quota_exceeded_reads_well_and_names_no_secret(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.set_quota(1)
+    backend.start(machine(1))
+    with pytest.raises(QuotaExceeded) as err:
+        backend.start(machine(2))
+    message = str(err.value)
+    assert message == ("The cloud's quota is used up: Quota exceeded for instances: "
+                       "Requested 1, but already used 1 of 1 instances")
+    assert len(fake.servers()) == 1
+
+
+def test_a_conflict_is_cloud_conflict(fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.fail_next("POST", "/compute/v2.1/servers", 409, message="task_state is not None")
+    with pytest.raises(CloudConflict, match="refused to create the machine's server for now: "
+                                            "task_state is not None"):
+        backend.start(machine(42))
+    spec = started_spec(machine(42), backend)
+    fake.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
+    with pytest.raises(CloudConflict, match="task_state deleting"):
+        backend.stop(spec)
+
+
+def test_server_errors_and_timeouts_are_cloud_unavailable(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.fail_next("POST", "/compute/v2.1/servers", 503)
+    with pytest.raises(CloudUnavailable, match="failed when Labpool tried to create"):
+        backend.start(machine(42))
+    fake.fail_next("GET", "/compute/v2.1/servers/detail", 500)
+    with pytest.raises(CloudUnavailable):
+        backend.list_pool_servers(POOL)
+    assert fake.servers() == []
+
+    forget_connections()
+    impatient = OpenStackBackend("fake", backend.cloud_spec, api_timeout=0.3)
+    impatient.quota_headroom()  # connects while the cloud is quick
+    fake.set_latency(0.6)
+    with pytest.raises(CloudUnavailable, match="did not answer in time"):
+        impatient.quota_headroom()
+    fake.set_latency(0)
+
+    fake.stop()
+    with pytest.raises(CloudUnavailable, match="could not be reached"):
+        impatient.list_pool_servers(POOL)
+
+
+def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.config.password = "rotated-elsewhere"
+    with pytest.raises(BackendUnavailable, match="refused Labpool's credentials") as err:
+        backend.start(machine(42))
+    assert "secret" not in str(err.value) and "rotated" not in str(err.value)
+    with pytest.raises(BackendUnavailable, match="'nope' is not configured"):
+        OpenStackBackend("nope", backend.cloud_spec).quota_headroom()
+    with pytest.raises(BackendUnavailable, match="cannot run 'emacs' machines"):
+        backend.start(machine(42, ide_kind="emacs"))
+
+
+# -- the pool as a whole ----------------------------------------------------------------------
+def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    for machine_id in range(1, 8):
+        backend.start(machine(machine_id))
+    backend.start(machine(100, pool_id=POOL + 1))
+    untagged = openstack.connect(cloud="fake").compute.create_server(
+        name="by-hand", image_id="img-1", flavor_id="m1.small", networks="none",
+        tags=["labpool", f"pool-{POOL}"])
+    fake.config.max_limit = 3
+    fake.reset_counters()
+
+    views = backend.list_pool_servers(POOL)
+    assert sorted((v.machine_id or 0) for v in views) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert next(v for v in views if v.machine_id is None).server_id == untagged.id
+    assert all(v.status == "BUILD" and v.created is not None for v in views)
+    assert fake.count(*DETAIL) == 3  # 8 servers, 3 a page: no request per server
+    assert sum(fake.counts.values()) == 3
+
+    time.sleep(BOOT + 0.05)
+    views = backend.list_pool_servers(POOL)
+    assert all(v.status == "ACTIVE" for v in views)
+    assert all(v.address and v.address.endswith(":8888") for v in views if v.machine_id)
+
+
+def test_quota_headroom_follows_usage(fake: FakeCloud, backend: OpenStackBackend) -> None:
+    fake.set_quota(5)
+    assert backend.quota_headroom() == 5
+    backend.start(machine(1))
+    backend.start(machine(2))
+    assert backend.quota_headroom() == 3
+    fake.set_quota(-1)
+    assert backend.quota_headroom() is None
+
+
+def test_stop_deletes_the_server_and_a_second_stop_is_fine(
+        fake: FakeCloud, backend: OpenStackBackend) -> None:
+    spec = started_spec(machine(42), backend)
+    backend.stop(spec)
+    assert fake.servers() == []
+    backend.stop(spec)
+    assert not backend.poll(spec)
+
+    backend.start(machine(43))  # its server id never got recorded
+    backend.stop(machine(43))
+    assert fake.servers() == []
+
+
+# -- health -----------------------------------------------------------------------------------
+@pytest.fixture
+def ide_stub() -> Iterator[str]:
+    """A tiny IDE: answers the machine's status URL with the right token only."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = (self.path == "/ide/42/api/status"
+                  and self.headers.get("Authorization") == f"token {TOKEN}")
+            ok = ok or self.path == "/healthz"  # code-server's
+            self.send_response(200 if ok else 403)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_asks_the_ide_with_its_token(backend: OpenStackBackend, ide_stub: str) -> None:
+    assert backend.health(machine(42, address=ide_stub, ide_token=TOKEN))
+    assert not backend.health(machine(42, address=ide_stub, ide_token="wrong-" + TOKEN))
+    assert not backend.health(machine(43, address=ide_stub, ide_token=TOKEN))
+    assert not backend.health(machine(42, address="", ide_token=TOKEN))
+    assert backend.health(machine(42, ide_kind="code-server", address=ide_stub))
+
+
+def test_health_is_false_while_the_machine_does_not_answer(backend: OpenStackBackend) -> None:
+    with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
+        address = f"127.0.0.1:{closed.server_address[1]}"
+    assert not backend.health(machine(42, address=address, ide_token=TOKEN))
