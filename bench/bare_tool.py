@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 from flask import Flask, redirect
@@ -84,9 +85,9 @@ def create_app(conf: Mapping[str, str] | None = None) -> Flask:
     @app.post("/lti/launch")
     def launch():  # type: ignore[no-untyped-def]
         storage = RedisJsonStorage(conn)
-        message = FlaskMessageLaunch(FlaskRequest(), tool_conf, launch_data_storage=storage)
-        message.set_public_key_caching(storage, cache_lifetime=7200)
         try:
+            message = FlaskMessageLaunch(FlaskRequest(), tool_conf, launch_data_storage=storage)
+            message.set_public_key_caching(storage, cache_lifetime=7200)
             message.get_launch_data()
         except (LtiException, OIDCException) as exc:
             return f"launch refused: {exc}", 400
