@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, create_engine, event, func
+from sqlalchemy import DateTime, MetaData, bindparam, create_engine, event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -110,12 +110,22 @@ def upsert(
     """Insert or update one row identified by the unique columns `keys`; returns its id.
 
     One statement (INSERT … ON CONFLICT DO UPDATE … RETURNING id) on both dialects. Columns
-    in `keep_if_null` keep their stored value when the new one is NULL.
+    in `keep_if_null` keep their stored value when the new one is NULL. The statement is
+    built once per shape and reused with bound parameters (it sits on the launch path).
     """
-    table = model.__table__
-    dialect = session.get_bind().dialect.name
+    stmt = _upsert_statement(
+        model.__table__, session.get_bind().dialect.name, tuple(keys), tuple(values), keep_if_null
+    )
+    return session.execute(stmt, {**keys, **values}).scalar_one()
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(
+    table: Any, dialect: str, keys: tuple[str, ...], values: tuple[str, ...],
+    keep_if_null: tuple[str, ...],
+) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table).values(**keys, **values)
+    stmt = insert(table).values({name: bindparam(name) for name in keys + values})
     update: dict[str, Any] = {
         name: func.coalesce(stmt.excluded[name], table.c[name])
         if name in keep_if_null
@@ -123,7 +133,6 @@ def upsert(
         for name in values
     }
     if not update:  # nothing to change: touch a key column so RETURNING still answers
-        first = next(iter(keys))
-        update = {first: stmt.excluded[first]}
+        update = {keys[0]: stmt.excluded[keys[0]]}
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update)
-    return session.execute(stmt.returning(table.c.id)).scalar_one()
+    return stmt.returning(table.c.id)

@@ -13,7 +13,7 @@ from config.logging import configure_logging
 from config.runtime import Runtime, runtime_for
 from config.settings import Settings, load_settings
 from lti_tool.errors import WebError
-from lti_tool.lti import PlatformKeys
+from lti_tool.lti import PlatformKeys, RegistrationCache
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     http = requests.Session()
     http.headers["User-Agent"] = "Labpool LTI tool"
     app.extensions["labpool"] = rt
+    app.extensions["labpool.registrations"] = RegistrationCache(ttl_s=30)
     app.extensions["labpool.platform_keys"] = PlatformKeys(
         rt.redis, http, settings.platform_jwks_ttl_s
     )

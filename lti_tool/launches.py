@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from config.db import upsert, utcnow
@@ -112,12 +112,12 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
 
 
 def environment_of(session: Session, activity_id: int) -> Environment:
-    env = session.scalars(
-        select(Environment)
-        .join(Activity, Activity.environment_id == Environment.id)
-        .where(Activity.id == activity_id)
-    ).first()
-    return env or default_environment(session)
+    """The activity's environment, or the default one (one query)."""
+    chosen = select(Activity.environment_id).where(Activity.id == activity_id).scalar_subquery()
+    default = select(Environment.id).where(Environment.name == "default").scalar_subquery()
+    return session.scalars(
+        select(Environment).where(Environment.id == func.coalesce(chosen, default))
+    ).one()
 
 
 def enrolment_roles(session: Session, user_id: int, course_id: int) -> list[str] | None:

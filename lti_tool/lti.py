@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -67,15 +69,56 @@ class RedisLaunchDataStorage(LaunchDataStorage[Any]):
         return self._redis.delete(self._key(key)) == 1
 
 
+@dataclass(frozen=True)
+class KnownPlatform:
+    """A registration as the launch path needs it (a plain value, safe to cache)."""
+
+    id: int
+    issuer: str
+    client_id: str
+    auth_url: str
+    token_url: str
+    jwks_url: str
+    deployment_ids: frozenset[str]
+
+
+class RegistrationCache:
+    """Registrations found in the database, kept per process for a short while: every login
+    and launch needs one, and they change only when an admin registers a platform. Misses are
+    never cached, so a platform registered a moment ago works at once; a removed deployment
+    stops working within `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 30.0):
+        self._ttl = ttl_s
+        self._pems: dict[tuple[str, str], bytes] = {}
+        self._entries: dict[tuple[str, str | None], tuple[float, KnownPlatform]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str | None]) -> KnownPlatform | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str | None], platform: KnownPlatform) -> None:
+        with self._lock:
+            self._entries[key] = (time.monotonic() + self._ttl, platform)
+
+
 class DatabaseToolConf(ToolConfAbstract[FlaskRequest]):
     """Registrations from the database. One issuer may have several client ids, so
     `check_iss_has_one_client` is always False and lookups go by (issuer, client id)."""
 
-    def __init__(self, sessions: sessionmaker[Session], allow_http_issuers: bool):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        allow_http_issuers: bool,
+        cache: RegistrationCache | None = None,
+    ):
         super().__init__()
         self._sessions = sessions
         self._allow_http = allow_http_issuers
-        self._found: dict[tuple[str, str | None], Platform | None] = {}
+        self._cache = cache or RegistrationCache(ttl_s=0)
 
     def check_iss_has_one_client(self, iss: str) -> bool:
         return False
@@ -83,26 +126,35 @@ class DatabaseToolConf(ToolConfAbstract[FlaskRequest]):
     def check_iss_has_many_clients(self, iss: str) -> bool:
         return True
 
-    def platform(self, iss: str, client_id: str | None) -> Platform | None:
-        """The registered platform, looked up once per request."""
+    def platform(self, iss: str, client_id: str | None) -> KnownPlatform | None:
+        """The registered platform for (issuer, client id), or None."""
         if not isinstance(iss, str) or not (client_id is None or isinstance(client_id, str)):
             return None
-        if (iss, client_id) in self._found:
-            return self._found[(iss, client_id)]
         if not iss.startswith("https://") and not (self._allow_http and iss.startswith("http://")):
             raise LtiException(
                 f"Issuer {iss!r} is not https; plain http platforms are accepted only while "
                 "the tool itself runs on plain http (single-server trials)."
             )
+        key = (iss, client_id)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         query = select(Platform).options(selectinload(Platform.deployments))
         query = query.where(Platform.issuer == iss)
         if client_id:
             query = query.where(Platform.client_id == client_id)
         with self._sessions() as session:
             rows = session.scalars(query.limit(2)).all()
-        # Without a client id the issuer must be unambiguous.
-        found = rows[0] if len(rows) == 1 else None
-        self._found[(iss, client_id)] = found
+            # Without a client id the issuer must be unambiguous.
+            if len(rows) != 1:
+                return None
+            row = rows[0]
+            found = KnownPlatform(
+                id=row.id, issuer=row.issuer, client_id=row.client_id, auth_url=row.auth_url,
+                token_url=row.token_url, jwks_url=row.jwks_url,
+                deployment_ids=frozenset(d.deployment_id for d in row.deployments),
+            )
+        self._cache.put(key, found)
         return found
 
     def find_registration_by_issuer(self, iss: str, *args: Any, **kwargs: Any) -> Registration:
@@ -132,7 +184,7 @@ class DatabaseToolConf(ToolConfAbstract[FlaskRequest]):
         platform = self.platform(iss, client_id)
         if platform is None:
             return None
-        if deployment_id not in {d.deployment_id for d in platform.deployments}:
+        if deployment_id not in platform.deployment_ids:
             return None
         return LtiDeployment().set_deployment_id(deployment_id)
 
@@ -146,6 +198,7 @@ class PlatformKeys:
         self._redis = conn
         self._http = http
         self._ttl = ttl_s
+        self._pems: dict[tuple[str, str], bytes] = {}
 
     def _cache_key(self, url: str) -> str:
         return JWKS_PREFIX + hashlib.sha256(url.encode()).hexdigest()
@@ -163,6 +216,15 @@ class PlatformKeys:
         return keyset
 
     def public_key_pem(self, url: str, kid: str) -> bytes:
+        # Converting a JWK to PEM costs more than the signature check; a key's PEM never
+        # changes, so each process converts it once.
+        pem = self._pems.get((url, kid))
+        if pem is None:
+            pem = self._load_pem(url, kid)
+            self._pems[(url, kid)] = pem
+        return pem
+
+    def _load_pem(self, url: str, kid: str) -> bytes:
         cached = self._redis.get(self._cache_key(url))
         keyset = json.loads(cached) if cached else self._fetch(url)
         key = _rs256_key(keyset, kid)
@@ -219,7 +281,6 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
             self.validate_deployment()
             self.validate_message()
             self.validate_nonce()
-            self.save_launch_data()
         except Exception:
             self._validated = False
             raise
@@ -268,6 +329,11 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
         if azp is not None and azp != client_id:
             raise LtiMessageValidationException("Invalid id_token: azp is not this tool")
         self._jwt["body"] = claims  # the verified claims, not the pre-decoded ones
+        return self
+
+    def save_launch_data(self) -> LabpoolMessageLaunch:
+        """Not kept: pylti1p3 would store the whole id_token (names, emails) in Redis for a
+        day, and nothing here reads it back; the database records what matters."""
         return self
 
     def validate_nonce(self) -> LabpoolMessageLaunch:

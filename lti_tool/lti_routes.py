@@ -31,6 +31,7 @@ bp = Blueprint("lti", __name__)
 
 # Garbage in an id_token (wrong types where pylti1p3 expects strings or dicts) surfaces as
 # these; they are the sender's fault, never a reason for a 500.
+LOGIN_LIFETIME_S = 600
 BAD_INPUT = (LtiException, OIDCException, ValueError, TypeError, KeyError, AttributeError)
 
 
@@ -40,7 +41,11 @@ def _rt():  # type: ignore[no-untyped-def]
 
 def _tool_conf() -> DatabaseToolConf:
     rt = _rt()
-    return DatabaseToolConf(rt.sessions, allow_http_issuers=not rt.settings.is_production)
+    return DatabaseToolConf(
+        rt.sessions,
+        allow_http_issuers=not rt.settings.is_production,
+        cache=current_app.extensions["labpool.registrations"],
+    )
 
 
 @bp.route("/lti/login", methods=["GET", "POST"])
@@ -53,9 +58,10 @@ def login():  # type: ignore[no-untyped-def]
             "The login request's target_link_uri is not this tool "
             f"(expected a URL under {rt.settings.public_url})."
         )
-    oidc = LabpoolOIDCLogin(
-        FlaskRequest(), _tool_conf(), launch_data_storage=RedisLaunchDataStorage(rt.redis)
-    )
+    oidc = LabpoolOIDCLogin(FlaskRequest(), _tool_conf())
+    oidc.set_launch_data_storage(RedisLaunchDataStorage(rt.redis))
+    # A login's state and nonce are worth keeping only as long as the login can complete.
+    oidc.set_launch_data_lifetime(LOGIN_LIFETIME_S)
     # Only a framed login can lose its cookies to third-party cookie blocking; a top-level
     # window goes straight on.
     if request.headers.get("Sec-Fetch-Dest") == "iframe":

@@ -214,3 +214,16 @@ def test_context_claim_shapes(platform):
     """Guard for the fixtures' shape the tests above rely on."""
     claims = platform.learner()
     assert claims[CONTEXT]["id"] and claims[RESOURCE_LINK]["id"]
+
+
+def test_login_state_expires_with_the_login_and_no_launch_data_is_kept(tool, platform, rt, browser):
+    """pylti1p3 would keep the whole id_token (name, email) in Redis for a day."""
+    form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
+    assert browser.post(f"{tool.url}/lti/login", data=form, allow_redirects=False).status_code == 302
+    keys = rt.redis.keys("labpool:lti:*")
+    assert keys and all(0 < rt.redis.ttl(k) <= 600 for k in keys)
+
+    result = platform.launch(browser, tool.url, platform.learner(sub="9", email="ada@example.com"))
+    assert result.launch_response.status_code == 303
+    for key in rt.redis.keys("labpool:lti:*"):
+        assert b"ada@example.com" not in (rt.redis.get(key) or b"")
