@@ -44,6 +44,18 @@ class Settings:
     key_grace_s: int = 7 * 24 * 3600
     # Machines that are not ready after this long are marked as failed.
     machine_start_timeout_s: int = 120
+    # The openstack backend: the clouds.yaml entry (or OS_CLIENT_CONFIG_FILE's) to use.
+    openstack_cloud: str = "openstack"
+    openstack_api_timeout_s: int = 30
+    # A cloud machine whose IDE has not answered by then is replaced.
+    cloud_start_timeout_s: int = 900
+    # Servers being created at once, per cloud; and how long a server the database does not
+    # know may live before the reconciler deletes it.
+    max_concurrent_creates: int = 20
+    orphan_grace_s: int = 300
+    reconcile_interval_s: int = 15
+    # Machines failing in a row before a pool backs off creating more.
+    max_consecutive_failures: int = 5
     web_workers: int = 2
     queue_name: str = "labpool"
     log_level: str = "INFO"
@@ -88,6 +100,12 @@ _PARSERS = {
     "key_grace_s": int,
     "machine_start_timeout_s": int,
     "web_workers": int,
+    "openstack_api_timeout_s": int,
+    "cloud_start_timeout_s": int,
+    "max_concurrent_creates": int,
+    "orphan_grace_s": int,
+    "reconcile_interval_s": int,
+    "max_consecutive_failures": int,
 }
 
 

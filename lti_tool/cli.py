@@ -83,6 +83,100 @@ def worker(burst: bool) -> None:
     Worker([settings.queue_name], connection=conn).work(burst=burst)
 
 
+@main.command()
+def cron() -> None:
+    """Run the periodic trigger: a reconciler pass per cloud pool every
+    LABPOOL_RECONCILE_INTERVAL_S seconds (RQ's own cron scheduler)."""
+    import redis
+    from rq.cron import CronScheduler
+
+    from provisioning.jobs import reconcile_all
+
+    settings = _settings()
+    conn = redis.Redis.from_url(settings.effective_redis_url)
+    scheduler = CronScheduler(connection=conn)
+    scheduler.register(reconcile_all, settings.queue_name, interval=settings.reconcile_interval_s)
+    scheduler.start()
+
+
+@main.group()
+def env() -> None:
+    """Environments: what machines run (IDE, image, flavor, network) and their pools."""
+
+
+@env.command("add")
+@click.argument("name")
+@click.option("--backend", type=click.Choice(["local", "openstack"]), default="local")
+@click.option("--ide", "ide_kind", type=click.Choice(["jupyterlab", "code-server", "terminal"]),
+              default="jupyterlab")
+@click.option("--image", "image_id", help="Golden image id (openstack).")
+@click.option("--flavor", "flavor_id", help="Flavor id (openstack).")
+@click.option("--network", "network_id", help="Private network id (openstack).")
+@click.option("--network-name", help="Its name, as Nova lists addresses (optional).")
+@click.option("--security-group", "security_groups", multiple=True)
+@click.option("--key-name", help="SSH key pair for admins (optional).")
+@click.option("--volume-size", "volume_size_gb", type=int, default=10, show_default=True)
+@click.option("--warm-target", type=int, default=0, show_default=True)
+@click.option("--max-size", type=int, default=50, show_default=True)
+def env_add(name: str, **options: object) -> None:
+    """Define an environment (a cloud one gets its pool)."""
+    from provisioning.environments import EnvironmentRejected, add_environment
+
+    rt = prepare(_settings())
+    options["security_groups"] = list(options["security_groups"])  # type: ignore[call-overload]
+    try:
+        with transaction(rt.sessions) as session:
+            environment = add_environment(session, name=name, **options)  # type: ignore[arg-type]
+            click.echo(f"environment {environment.name} ({environment.backend}) added")
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@env.command("list")
+def env_list() -> None:
+    from provisioning.models import Environment, Pool
+
+    rt = prepare(_settings())
+    with rt.sessions() as session:
+        for environment, pool in session.execute(
+            select(Environment, Pool).outerjoin(Pool, Pool.environment_id == Environment.id)
+            .order_by(Environment.id)
+        ):
+            line = f"{environment.name}: {environment.ide_kind.value} on {environment.backend}"
+            if environment.backend == "openstack":
+                line += f" (image {environment.image_id}, flavor {environment.flavor_id})"
+            if pool is not None:
+                line += f"; pool warm {pool.warm_target} max {pool.max_size}"
+                line += " PAUSED" if pool.paused else ""
+                for note in (pool.quota_note, pool.hold_note):
+                    line += f"\n    {note}" if note else ""
+            click.echo(line)
+
+
+@main.command("pool")
+@click.argument("environment")
+@click.option("--warm-target", type=int)
+@click.option("--max-size", type=int)
+@click.option("--pause/--resume", "paused", default=None)
+def pool_set(environment: str, warm_target: int | None, max_size: int | None,
+             paused: bool | None) -> None:
+    """Change a cloud environment's pool (takes effect at the next pass)."""
+    from provisioning.environments import EnvironmentRejected, set_pool
+    from provisioning.triggers import reconcile_soon
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            pool = set_pool(session, environment, warm_target=warm_target, max_size=max_size,
+                            paused=paused)
+            pool_id = pool.id
+            click.echo(f"pool of {environment}: warm {pool.warm_target}, max {pool.max_size}"
+                       + (", paused" if pool.paused else ""))
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+    reconcile_soon(rt, pool_id)
+
+
 @main.group()
 def db() -> None:
     """Database schema."""

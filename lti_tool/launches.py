@@ -42,7 +42,7 @@ class LaunchOutcome:
     activity_id: int
     staff: bool
     machine: Machine | None
-    needs_start: bool
+    how: str | None  # reused | claimed | requested (learners only)
 
 
 def _text(value: Any, limit: int = 255) -> str | None:
@@ -107,7 +107,7 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         activity_id=activity_id,
         staff=staff,
         machine=choice.machine if choice else None,
-        needs_start=bool(choice and choice.needs_start),
+        how=choice.how if choice else None,
     )
 
 

@@ -24,7 +24,7 @@ from lti_tool.lti import (
     LabpoolOIDCLogin,
     RedisLaunchDataStorage,
 )
-from provisioning.queue import START_JOB, enqueue
+from provisioning.triggers import machine_wanted
 
 log = logging.getLogger(__name__)
 bp = Blueprint("lti", __name__)
@@ -106,9 +106,8 @@ def launch():  # type: ignore[no-untyped-def]
     sign_in(outcome.user_id)
     if outcome.staff:
         return redirect(url_for("teacher.class_page", activity_id=outcome.activity_id), 303)
-    assert outcome.machine is not None
-    if outcome.needs_start:
-        enqueue(rt.redis, rt.settings.queue_name, START_JOB, outcome.machine.id)
+    assert outcome.machine is not None and outcome.how is not None
+    machine_wanted(rt, outcome.machine, outcome.how)
     return redirect(url_for("machines.status_page", machine_id=outcome.machine.id), 303)
 
 

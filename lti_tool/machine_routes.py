@@ -17,7 +17,7 @@ from config.db import utcnow
 from lti_tool.auth import current_user_id
 from lti_tool.errors import Forbidden
 from provisioning.models import Machine, MachineState
-from provisioning.queue import START_JOB, enqueue
+from provisioning.triggers import nudge
 
 bp = Blueprint("machines", __name__)
 
@@ -59,7 +59,7 @@ def _nudge_if_stale(machine: Machine) -> None:
     if not stale:
         return
     if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(NUDGE_AFTER.seconds)):
-        enqueue(rt.redis, rt.settings.queue_name, START_JOB, machine.id)
+        nudge(rt, machine)
 
 
 def state_of(machine: Machine) -> dict:

@@ -1,7 +1,8 @@
 """`labpool run` and `labpool demo`: the single-server mode in one command.
 
 Starts, in order: the embedded Redis (when no LABPOOL_REDIS_URL is given), the migrations and
-keys, the web app under gunicorn, one RQ worker, and for the demo a practice platform. Prints
+keys, the web app under gunicorn, one RQ worker, the periodic reconciler trigger (`labpool
+cron`), and for the demo a practice platform. Prints
 the URLs and the values for Moodle, then waits. Ctrl-C (or SIGTERM) stops everything it
 started, the machines included; a child that dies on its own stops the rest too.
 """
@@ -95,6 +96,7 @@ def serve(settings: Settings, demo: bool) -> int:
         "worker": subprocess.Popen(
             [sys.executable, "-m", "lti_tool.cli", "worker"], env=env
         ),
+        "cron": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env),
     }
 
     click.echo("")

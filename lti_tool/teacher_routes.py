@@ -14,7 +14,7 @@ from lti_tool.launches import enrolment_roles, environment_of, is_staff
 from lti_tool.models import Activity, Course, User
 from provisioning.claims import machine_for_learner
 from provisioning.models import Machine
-from provisioning.queue import START_JOB, enqueue
+from provisioning.triggers import machine_wanted
 
 bp = Blueprint("teacher", __name__)
 
@@ -87,6 +87,5 @@ def my_machine(activity_id: int):  # type: ignore[no-untyped-def]
         activity = _taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
         choice = machine_for_learner(session, environment, activity.course_id, current_user_id())
-    if choice.needs_start:
-        enqueue(rt.redis, rt.settings.queue_name, START_JOB, choice.machine.id)
+    machine_wanted(rt, choice.machine, choice.how)
     return redirect(url_for("machines.status_page", machine_id=choice.machine.id), 303)

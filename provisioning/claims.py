@@ -27,10 +27,6 @@ class MachineChoice:
     machine: Machine
     how: str  # "reused" | "claimed" | "requested"
 
-    @property
-    def needs_start(self) -> bool:
-        return self.how == "requested"
-
 
 def live_machine_of(
     session: Session, environment_id: int, course_id: int, owner_id: int

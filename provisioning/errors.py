@@ -12,3 +12,15 @@ class BackendUnavailable(ProvisioningError):
 
 class MachineStartFailed(ProvisioningError):
     """The machine was started but its IDE never answered."""
+
+
+class QuotaExceeded(ProvisioningError):
+    """The project's quota has no room for one more server (Nova's 403 at create)."""
+
+
+class CloudConflict(ProvisioningError):
+    """The cloud refused because the server is busy with another task (409): retry later."""
+
+
+class CloudUnavailable(ProvisioningError):
+    """The cloud did not answer, or answered 5xx/429: retry with backoff."""

@@ -134,7 +134,7 @@ def _stop(rt: Runtime, machine_id: int) -> str:
         environment = session.get_one(Environment, machine.environment_id)
         spec = spec_of(machine, environment)
         backend_name = machine.backend
-    backend_for(backend_name, rt.settings).stop(spec)
+    backend_for(backend_name, rt.settings, environment).stop(spec)
     with transaction(rt.sessions) as session:
         machine = session.get_one(Machine, machine_id, with_for_update=True)
         machine.move_to(MachineState.stopped)
@@ -154,3 +154,38 @@ def stop_all_machines(rt: Runtime, backend_name: str = "local") -> int:
     for machine_id in ids:
         _stop(rt, machine_id)
     return len(ids)
+
+
+RECONCILE_LOCK = "labpool:reconcile-lock:{}"
+
+
+def reconcile_pool_job(pool_id: int) -> str:
+    """One reconciler pass over a pool, unless another pass holds the pool's lock."""
+    from provisioning.reconciler import reconcile_pool
+    from provisioning.triggers import QUEUED_KEY
+
+    rt = current_runtime()
+    rt.redis.delete(QUEUED_KEY.format(pool_id))  # a change from now on queues a new pass
+    lock = rt.redis.lock(RECONCILE_LOCK.format(pool_id), timeout=600, blocking=False)
+    if not lock.acquire():
+        return "another pass is running"
+    try:
+        return str(reconcile_pool(rt, pool_id))
+    finally:
+        lock.release()
+
+
+def reconcile_all() -> int:
+    """The periodic trigger (run by `labpool cron`): a pass for every cloud pool."""
+    from provisioning.models import Pool
+    from provisioning.triggers import reconcile_soon
+
+    rt = current_runtime()
+    with rt.sessions() as session:
+        pool_ids = session.scalars(
+            select(Pool.id).join(Environment, Environment.id == Pool.environment_id)
+            .where(Environment.backend == "openstack")
+        ).all()
+    for pool_id in pool_ids:
+        reconcile_soon(rt, pool_id)
+    return len(pool_ids)

@@ -68,6 +68,33 @@ class Environment(Base):
     backend: Mapped[str] = mapped_column(String(32), default="local")
     idle_timeout_s: Mapped[int] = mapped_column(Integer, default=3600)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The cloud side (openstack backend only): golden image, size, private network.
+    image_id: Mapped[str | None] = mapped_column(String(64))
+    flavor_id: Mapped[str | None] = mapped_column(String(64))
+    network_id: Mapped[str | None] = mapped_column(String(64))
+    network_name: Mapped[str | None] = mapped_column(String(255))
+    security_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    key_name: Mapped[str | None] = mapped_column(String(255))
+    volume_size_gb: Mapped[int] = mapped_column(Integer, default=10)
+    ide_port: Mapped[int] = mapped_column(Integer, default=8888)
+
+
+class Pool(Base):
+    """The machines of one environment: how many to keep warm, how many at most, and why
+    creation is held when it is (quota, a failing cloud, machines that keep failing)."""
+
+    __tablename__ = "pools"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id"), unique=True)
+    warm_target: Mapped[int] = mapped_column(Integer, default=0)
+    max_size: Mapped[int] = mapped_column(Integer, default=50)
+    paused: Mapped[bool] = mapped_column(default=False)  # an admin's or teacher's pause
+    quota_note: Mapped[str | None] = mapped_column(Text)  # set while quota holds creation
+    hold_note: Mapped[str | None] = mapped_column(Text)  # set while a backoff holds creation
+    backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_pass_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Machine(Base):

@@ -39,7 +39,13 @@ from openstack import exceptions as os_exc
 
 from provisioning import cloud_init
 from provisioning.backends.base import Backend, MachineSpec, Started
-from provisioning.errors import BackendUnavailable, ProvisioningError
+from provisioning.errors import (
+    BackendUnavailable,
+    CloudConflict,
+    CloudUnavailable,
+    ProvisioningError,
+    QuotaExceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +53,6 @@ ACTIVE, BUILD, ERROR, GONE = "ACTIVE", "BUILD", "ERROR", "gone"
 _DEAD = frozenset({"ERROR", "DELETED", "SOFT_DELETED"})
 _MACHINE_TAG = re.compile(r"machine-([0-9]{1,18})")
 TOKEN_DIGEST_KEY = "labpool_ide_token_sha256"
-
-
-class QuotaExceeded(ProvisioningError):
-    """The project's quota has no room for one more server (Nova's 403 at create)."""
-
-
-class CloudConflict(ProvisioningError):
-    """The cloud refused because the server is busy with another task (409): retry later."""
-
-
-class CloudUnavailable(ProvisioningError):
-    """The cloud did not answer, or answered 5xx/429: retry with backoff."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +172,15 @@ class OpenStackBackend(Backend):
             server_id, address = self._create(machine, pool_id, token), ""
         return Started(ref={"server_id": server_id, "pool_id": pool_id},
                        address=address, ide_token=token)
+
+    def create(self, machine: MachineSpec) -> str:
+        """Boot a server for a machine the caller knows has none (the reconciler, which has
+        just listed the pool); returns the server id. `machine.ide_token` must be set."""
+        if machine.ide_kind not in cloud_init.IDE_KINDS:
+            raise BackendUnavailable(f"the openstack backend cannot run {machine.ide_kind!r} machines")
+        if not machine.ide_token:
+            raise ValueError("create() needs the machine's IDE token")
+        return self._create(machine, _pool_id(machine), machine.ide_token)
 
     def poll(self, machine: MachineSpec) -> bool:
         """Is the server there, booting or running (not ERROR, not deleted)?"""

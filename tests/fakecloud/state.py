@@ -21,6 +21,10 @@ from typing import Any, NamedTuple
 
 NETWORK = ipaddress.ip_network("10.0.0.0/16")
 FIRST_HOST = int(NETWORK.network_address) + 2  # .1 is the router
+# With an IDE (``ide="stub"`` or ``"jupyterlab"``) fixed IPs are loopback addresses the fake
+# can really listen on: Linux routes all of 127.0.0.0/8 to ``lo`` without any setup.
+IDE_NETWORK = ipaddress.ip_network("127.1.0.0/16")
+IDE_MODES = ("none", "stub", "jupyterlab")
 
 
 class ApiError(Exception):
@@ -122,6 +126,14 @@ class Config:
     max_microversion: str = "2.96"
     volume_max_microversion: str = "3.71"
     clock: Callable[[], float] = time.time
+    ide: str = "none"  # what answers on an ACTIVE server: IDE_MODES (see ide.py)
+    ide_port: int = 8888  # where it listens, on the server's fixed IP
+
+    def __post_init__(self) -> None:
+        if self.ide not in IDE_MODES:
+            raise ValueError(f"ide must be one of {IDE_MODES}, not {self.ide!r}")
+        if not 1 <= self.ide_port <= 65535:
+            raise ValueError(f"ide_port must be 1-65535, not {self.ide_port!r}")
 
 
 DEFAULT_FLAVOR = {"vcpus": 1, "ram": 2048, "disk": 20, "ephemeral": 0, "swap": 0}
@@ -226,6 +238,12 @@ class CloudState:
         self.request_log: list[LoggedRequest] = []
         self.counts: Counter[tuple[str, str]] = Counter()
         self._seq = itertools.count(1)
+        # Set by the IDE manager: may this fixed IP be handed out (and is it now claimed)?
+        self.address_filter: Callable[[int], bool] | None = None
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return NETWORK if self.config.ide == "none" else IDE_NETWORK
 
     def now(self) -> float:
         return self.config.clock()
@@ -258,9 +276,11 @@ class CloudState:
         return sorted(self.servers.values(), key=lambda s: (s.created, s.seq), reverse=True)
 
     def free_address(self) -> int:
+        network = self.network
         used = {s.address for s in self.servers.values()}
-        for candidate in range(FIRST_HOST, int(NETWORK.broadcast_address)):
-            if candidate not in used:
+        for candidate in range(int(network.network_address) + 2, int(network.broadcast_address)):
+            if candidate not in used and (self.address_filter is None
+                                          or self.address_filter(candidate)):
                 return candidate
         raise nova_error(500, "No more fixed IP addresses available on network")
 
