@@ -7,9 +7,11 @@ finds the process or server the first attempt left and carries on from there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
+from redis.exceptions import LockError
 from sqlalchemy import select
 
 from config.db import transaction
@@ -172,7 +174,9 @@ def reconcile_pool_job(pool_id: int) -> str:
     try:
         return str(reconcile_pool(rt, pool_id))
     finally:
-        lock.release()
+        # The lock may have expired (a very slow pass) or Redis restarted: nothing to undo.
+        with contextlib.suppress(LockError):
+            lock.release()
 
 
 def reconcile_all() -> int:

@@ -127,10 +127,14 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
     from provisioning.jobs import stop_all_machines
 
     rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")
+    for key in rt.redis.scan_iter("labpool:reconcile-*"):
+        rt.redis.delete(key)
     stop_all_machines(rt)
     with transaction(rt.sessions) as session:
         for table in TABLES_CLEARED_BETWEEN_TESTS:
             session.execute(text(f"DELETE FROM {table}"))
+        session.execute(text("DELETE FROM pools"))
+        session.execute(text("DELETE FROM environments WHERE name <> 'default'"))
 
 
 @pytest.fixture

@@ -7,13 +7,18 @@ openstacksdk 4.22 really makes and the answers and exceptions it turns them into
 from __future__ import annotations
 
 import base64
+import ipaddress
+import logging
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,9 @@ import pytest
 import requests
 from openstack import exceptions as os_exc
 
+from provisioning import cloud_init
 from tests.fakecloud import NO_VALID_HOST, FakeCloud
+from tests.fakecloud.ide import token_from_user_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,14 +44,19 @@ pytestmark = [
 BOOT = 0.2
 
 
+def use_cloud(fake: FakeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCloud:
+    """Point openstacksdk (``cloud="fake"``) at ``fake`` and at nothing else."""
+    path = fake.write_clouds_yaml(tmp_path)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
+    for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
+        monkeypatch.delenv(name)
+    return fake
+
+
 @pytest.fixture
 def cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
     with FakeCloud(boot_time=BOOT, max_instances=50) as fake:
-        path = fake.write_clouds_yaml(tmp_path)
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
-        for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
-            monkeypatch.delenv(name)
-        yield fake
+        yield use_cloud(fake, tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -397,3 +409,279 @@ def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
+
+
+# -- IDEs on the servers ----------------------------------------------------------------
+def ide_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("fakecloud-ide")]
+
+
+@pytest.fixture
+def ide_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+    with FakeCloud(boot_time=BOOT, max_instances=60, ide="stub") as fake:
+        yield use_cloud(fake, tmp_path, monkeypatch)
+    assert ide_threads() == []  # stop() ends the stub loop and the ticker
+
+
+@pytest.fixture
+def ide_conn(ide_cloud: FakeCloud) -> Iterator[openstack.connection.Connection]:
+    connection = openstack.connect(cloud="fake")
+    yield connection
+    connection.close()
+
+
+def create_machine(conn: openstack.connection.Connection, machine_id: int, token: str,
+                   **extra: Any) -> Any:
+    """A server as the openstack backend creates it: cloud-init user-data and tags."""
+    return conn.compute.create_server(
+        name=f"labpool-{machine_id}", image_id="img-1", flavor_id="m1.small",
+        networks=[{"uuid": "0d1c2b3a-4f5e-4d6c-8b7a-695847362514"}],
+        user_data=cloud_init.user_data(machine_id=machine_id, ide_kind="jupyterlab",
+                                       ide_token=token),
+        tags=["labpool", "pool-1", f"machine-{machine_id}"], **extra)
+
+
+def ide_address(server: Any, port: int = 8888) -> str:
+    """As the openstack backend reads it: the first fixed IP, ":", the IDE port."""
+    fixed = [a for addrs in server.addresses.values() for a in addrs
+             if a.get("OS-EXT-IPS:type") == "fixed"]
+    return f"{fixed[0]['addr']}:{port}"
+
+
+def ide_get(address: str, path: str, token: str | None = None,
+            timeout: float = 2) -> requests.Response:
+    headers = {"Authorization": f"token {token}"} if token else {}
+    return requests.get(f"http://{address}{path}", headers=headers, timeout=timeout,
+                        allow_redirects=False)
+
+
+def answers(address: str, machine_id: int, token: str) -> bool:
+    """Does the machine's IDE answer its health check? (Not: refused, or another fake cloud
+    running in parallel got the address since and answers 403/404.)"""
+    try:
+        return ide_get(address, f"/ide/{machine_id}/api/status", token, timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_token_from_user_data() -> None:
+    token = secrets.token_urlsafe(32)
+    assert token_from_user_data(cloud_init.user_data(7, "jupyterlab", token)) == token
+    assert token_from_user_data(cloud_init.user_data(7, "terminal", token, port=9000)) == token
+    assert token_from_user_data(cloud_init.user_data(7, "code-server", token)) is None
+    encoded = base64.b64encode(f"export JUPYTER_TOKEN='{token}'\n".encode()).decode()
+    assert token_from_user_data(b64(
+        "#cloud-config\nwrite_files:\n- path: /etc/other\n  content: JUPYTER_TOKEN=nope\n"
+        f"- path: /etc/labpool/ide.env\n  encoding: b64\n  content: {encoded}\n")) == token
+    for junk in (None, "", "%%% not base64", b64("#!/bin/sh\necho hi\n"), b64("- a\n- b\n"),
+                 b64("write_files: [{path: /etc/labpool/ide.env, content: 'OTHER=1'}]"),
+                 b64("#cloud-config\nwrite_files: {oops: 1}\n"), b64(": : :\n\t[")):
+        assert token_from_user_data(junk) is None
+
+
+def test_stub_ide_answers_once_active_and_only_with_its_token(ide_cloud: FakeCloud,
+                                                              ide_conn: Any) -> None:
+    token = secrets.token_urlsafe(32)
+    created = create_machine(ide_conn, 7, token)
+    address = ide_cloud.ide_address(created.id)
+    assert address.startswith("127.1.") and address.endswith(":8888")
+    assert not ide_cloud.ide_running(created.id)
+    assert not answers(address, 7, token)  # BUILD: nothing listens yet
+
+    server = wait_active(ide_conn, created)
+    assert ide_address(server) == address
+    # Seen ACTIVE through the API means the IDE already listens (no sleep needed).
+    assert ide_cloud.ide_running(server.id)
+    answer = ide_get(address, "/ide/7/api/status", token)
+    assert answer.status_code == 200
+    status = answer.json()
+    assert set(status) == {"started", "last_activity", "connections", "kernels"}
+    assert status["connections"] == status["kernels"] == 0
+    assert datetime.fromisoformat(status["started"].replace("Z", "+00:00")).tzinfo is not None
+
+    assert ide_get(address, "/ide/7/api/status").status_code == 403
+    assert ide_get(address, "/ide/7/api/status", "wrong-" + token).status_code == 403
+    assert requests.get(f"http://{address}/ide/7/api/status?token={token}",
+                        timeout=2).status_code == 200
+    page = ide_get(address, "/ide/7/lab/tree/x.ipynb", token)
+    assert (page.status_code, page.text) == (200, "stub IDE")
+    assert ide_get(address, "/ide/7/lab").status_code == 403
+    assert ide_get(address, "/ide/8/api/status", token).status_code == 404
+    with requests.Session() as session:  # keep-alive: several requests on one connection
+        for _ in range(3):
+            answer = session.get(f"http://{address}/ide/7/api/status", timeout=2,
+                                 headers={"Authorization": f"token {token}"})
+            assert answer.status_code == 200
+
+
+def test_stub_ide_comes_up_without_api_calls(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+    token = secrets.token_urlsafe(32)
+    server = create_machine(ide_conn, 3, token)
+    address = ide_cloud.ide_address(server.id)
+    ide_cloud.reset_counters()
+    deadline = time.monotonic() + BOOT + 2
+    while not ide_cloud.ide_running(server.id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ide_get(address, "/ide/3/api/status", token).status_code == 200
+    assert ide_cloud.request_log == []  # the ticker did it
+
+
+def test_stub_ide_stops_on_delete_vanish_and_error(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+    tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3)}
+    servers = {mid: wait_active(ide_conn, create_machine(ide_conn, mid, tokens[mid])) for mid in tokens}
+    addresses = {mid: ide_address(s) for mid, s in servers.items()}
+    assert len(set(addresses.values())) == 3
+    for mid, address in addresses.items():
+        assert ide_get(address, f"/ide/{mid}/api/status", tokens[mid]).status_code == 200
+
+    ide_conn.compute.delete_server(servers[1])
+    assert not ide_cloud.ide_running(servers[1].id)
+    assert not answers(addresses[1], 1, tokens[1])
+    ide_cloud.vanish_server(servers[2].id)
+    assert not answers(addresses[2], 2, tokens[2])
+    ide_cloud.error_server(servers[3].id, "Host compute-3 went away")
+    assert not ide_cloud.ide_running(servers[3].id)
+    assert not answers(addresses[3], 3, tokens[3])
+    assert ide_conn.compute.get_server(servers[3].id).status == "ERROR"
+
+    # Freed addresses are handed out again (unless a parallel fake cloud took them since).
+    token = secrets.token_urlsafe(32)
+    reborn = wait_active(ide_conn, create_machine(ide_conn, 4, token))
+    assert ide_address(reborn) != addresses[3]  # still held: ERROR servers keep their IPs
+    assert ide_get(ide_address(reborn), "/ide/4/api/status", token).status_code == 200
+
+
+def test_stub_ide_hang(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+    token = secrets.token_urlsafe(32)
+    server = wait_active(ide_conn, create_machine(ide_conn, 5, token))
+    address = ide_address(server)
+    assert ide_get(address, "/ide/5/api/status", token).status_code == 200
+
+    ide_cloud.ide_hang(server.id)
+    with pytest.raises(requests.ReadTimeout):  # connected, but no answer
+        ide_get(address, "/ide/5/api/status", token, timeout=0.3)
+    assert ide_cloud.ide_running(server.id)
+    assert ide_conn.compute.get_server(server.id).status == "ACTIVE"
+    ide_cloud.ide_hang(server.id, False)
+    assert ide_get(address, "/ide/5/api/status", token).status_code == 200
+
+    # Hung before it boots: ACTIVE, but the IDE never answers.
+    doomed = create_machine(ide_conn, 6, token)
+    ide_cloud.ide_hang(doomed.id)
+    doomed = wait_active(ide_conn, doomed)
+    with pytest.raises(requests.ReadTimeout):
+        ide_get(ide_address(doomed), "/ide/6/api/status", token, timeout=0.3)
+    ide_conn.compute.delete_server(doomed)  # a hung stub goes down like any other
+    assert not answers(ide_address(doomed), 6, token)
+
+
+def test_server_without_token_gets_no_ide(ide_cloud: FakeCloud, ide_conn: Any,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tests.fakecloud.ide")
+    server = wait_active(ide_conn, create(ide_conn, "bare", tags=["labpool", "machine-9"]))
+    assert not ide_cloud.ide_running(server.id)
+    assert "JUPYTER_TOKEN" in (ide_cloud.ide_skipped(server.id) or "")
+    assert not answers(ide_address(server), 9, "whatever")
+    assert any(server.id in r.getMessage() and "no IDE" in r.getMessage() for r in caplog.records)
+    untagged = wait_active(ide_conn, ide_conn.compute.create_server(
+        name="untagged", image_id="img-1", flavor_id="m1.small", networks="none",
+        user_data=cloud_init.user_data(9, "jupyterlab", secrets.token_urlsafe(32))))
+    assert "machine-<id>" in (ide_cloud.ide_skipped(untagged.id) or "")
+
+
+def test_fifty_stub_ides_at_once(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+    tokens = {mid: secrets.token_urlsafe(32) for mid in range(100, 150)}
+    for mid, token in tokens.items():
+        create_machine(ide_conn, mid, token)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        servers = list(ide_conn.compute.servers(tags="labpool,pool-1"))
+        if len(servers) == 50 and all(s.status == "ACTIVE" for s in servers):
+            break
+        time.sleep(0.05)
+    by_machine = {int(next(t for t in s.tags if t.startswith("machine-"))[8:]): s for s in servers}
+    assert set(by_machine) == set(tokens)
+
+    def check(mid: int) -> int:
+        return ide_get(ide_address(by_machine[mid]), f"/ide/{mid}/api/status",
+                       tokens[mid]).status_code
+
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        assert list(pool.map(check, tokens)) == [200] * 50
+    assert sorted(ide_threads()) == ["fakecloud-ide-stubs", "fakecloud-ide-ticker"]
+
+    ide_cloud.stop()  # every stub goes, with the threads (the fixture checks those)
+    assert not any(answers(ide_address(s), mid, tokens[mid]) for mid, s in by_machine.items())
+
+
+def test_ide_addresses_skip_busy_ports_and_other_clouds(ide_cloud: FakeCloud,
+                                                       ide_conn: Any) -> None:
+    first = ide_cloud.ide_address(create_machine(ide_conn, 1, secrets.token_urlsafe(32)).id)
+    ip = ipaddress.ip_address(first.split(":")[0])
+    squatters = []
+    try:
+        for n in range(1, 4):  # something else listens on the next IPs' port 8888
+            squatter = socket.socket()
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                squatter.bind((str(ip + n), 8888))
+            except OSError:  # a parallel fake cloud's IDE: busy as well
+                squatter.close()
+                continue
+            squatter.listen()
+            squatters.append(squatter)
+        busy = {f"{s.getsockname()[0]}:8888" for s in squatters}
+        with FakeCloud(ide="stub") as other:  # another cloud, alive at the same time
+            with other.state.lock:
+                theirs = f"{ipaddress.ip_address(other.state.free_address())}:8888"
+            second = ide_cloud.ide_address(create_machine(ide_conn, 2, secrets.token_urlsafe(32)).id)
+        assert len({first, second, theirs}) == 3
+        assert not {first, second, theirs} & busy
+    finally:
+        for squatter in squatters:
+            squatter.close()
+
+
+def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = secrets.token_urlsafe(32)
+    with FakeCloud(ide="jupyterlab") as fake:
+        use_cloud(fake, tmp_path, monkeypatch)
+        conn = openstack.connect(cloud="fake")
+        server = wait_active(conn, create_machine(conn, 12, token))
+        address = ide_address(server)
+        assert fake.ide_running(server.id)
+        deadline, answer = time.monotonic() + 30, None
+        while time.monotonic() < deadline and not (answer is not None and answer.ok):
+            try:
+                answer = ide_get(address, "/ide/12/api/status", token, timeout=1)
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        workdir = fake.ide_workdir(server.id)
+        assert workdir is not None
+        log = (workdir / "jupyterlab.log").read_text(errors="replace")
+        assert answer is not None and answer.status_code == 200, log
+        assert {"started", "last_activity", "connections", "kernels"} <= set(answer.json())
+        assert ide_get(address, "/ide/12/api/status").status_code == 403
+        assert ide_get(address, "/ide/12/api/status", "wrong-" + token).status_code == 403
+
+        fake.ide_hang(server.id)  # SIGSTOP: the kernel still accepts, nobody answers
+        with pytest.raises(requests.ReadTimeout):
+            ide_get(address, "/ide/12/api/status", token, timeout=0.5)
+        fake.ide_hang(server.id, False)
+        assert ide_get(address, "/ide/12/api/status", token).status_code == 200
+
+        fake.ide_hang(server.id)
+        groups = fake.ide_pids()
+        assert len(groups) == 1
+        conn.compute.delete_server(server)  # even a stopped JupyterLab goes, with its group
+        assert not fake.ide_running(server.id)
+        deadline = time.monotonic() + 10
+        while fake.ide_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.ide_pids() == []
+        for pgid in groups:
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pgid, 0)
+        assert not answers(address, 12, token)
+        assert not workdir.exists()
+    assert ide_threads() == []

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=-1, help="max cores (-1 unlimited)")
     parser.add_argument("--ram", type=int, default=-1, help="max RAM MiB (-1 unlimited)")
     parser.add_argument("--network-name", default="private")
+    parser.add_argument("--ide", choices=("none", "stub", "jupyterlab"), default="none",
+                        help="what answers on an ACTIVE server's (loopback) fixed IP")
+    parser.add_argument("--ide-port", type=int, default=8888)
     parser.add_argument("--clouds-yaml", help="write a clouds.yaml here")
     parser.add_argument("--cloud-name", default="fake")
     parser.add_argument("--verbose", action="store_true", help="log every request")
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     cloud = FakeCloud(args.host, args.port, quiet=not args.verbose, boot_time=args.boot_time,
                       delete_time=args.delete_time, volume_time=args.volume_time,
                       latency=args.latency, max_instances=args.quota, max_cores=args.cores,
-                      max_ram=args.ram, network_name=args.network_name)
+                      max_ram=args.ram, network_name=args.network_name, ide=args.ide,
+                      ide_port=args.ide_port)
     cloud.start()
     print(f"fakecloud listening on {cloud.url} (auth_url {cloud.auth_url})", flush=True)
     if args.clouds_yaml:

@@ -8,12 +8,22 @@
 
 The HTTP server is werkzeug's threaded ``make_server`` in a daemon thread. All state lives
 in ``CloudState`` behind one lock, so the methods below are safe to call while requests run.
+
+With ``ide="stub"`` or ``ide="jupyterlab"`` servers get loopback fixed IPs (127.1.0.0/16) and
+an IDE listening on ``(IP, ide_port)`` while ``ACTIVE`` (see ``ide.py``):
+
+    with FakeCloud(ide="stub", boot_time=0.2) as cloud:
+        ...  # create a server with cloud_init.user_data(...) and a machine-7 tag
+        requests.get(f"http://{cloud.ide_address(sid)}/ide/7/api/status",
+                     headers={"Authorization": f"token {token}"})   # 200 once ACTIVE
+        cloud.ide_hang(sid)                                           # now it never answers
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -22,6 +32,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from .app import FakeCloudApp
 from .compute import parse_microversion, server_view
+from .ide import IdeManager
 from .state import CloudState, Config, FailRule, LoggedRequest
 from .volume import volume_view
 
@@ -41,7 +52,9 @@ class FakeCloud:
     Keyword arguments set ``state.Config`` fields, e.g. ``boot_time``, ``delete_time``,
     ``volume_time``, ``latency``, ``max_instances``, ``max_cores``, ``max_ram``,
     ``network_name``, ``images`` (set of ids), ``flavors`` ({id: {vcpus, ram, disk}}),
-    ``max_limit``, ``username``/``password``/``project_name``, ``app_credential_*``.
+    ``max_limit``, ``username``/``password``/``project_name``, ``app_credential_*``,
+    ``ide`` (``"none"``, ``"stub"`` or ``"jupyterlab"``: what answers on an ACTIVE server's
+    fixed IP, see ``ide.py``) and ``ide_port`` (8888).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = True,
@@ -53,6 +66,7 @@ class FakeCloud:
         self._quiet = quiet
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._ide: IdeManager | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> Self:
@@ -60,15 +74,27 @@ class FakeCloud:
         if self._server is not None:
             return self
         handler = _QuietHandler if self._quiet else WSGIRequestHandler
-        self._server = make_server(self.host, self._port, FakeCloudApp(self.state),
-                                   threaded=True, request_handler=handler)
+        app: Callable[..., Iterable[bytes]] = FakeCloudApp(self.state)
+        if self.config.ide != "none":
+            self._ide = IdeManager(self.state, self.config.ide, self.config.ide_port)
+            self._ide.start()
+            app = _reconciling(app, self._ide)
+        try:
+            self._server = make_server(self.host, self._port, app, threaded=True,
+                                       request_handler=handler)
+        except BaseException:
+            if self._ide is not None:
+                self._ide.stop()
+                self._ide = None
+            raise
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name=f"fakecloud:{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket."""
+        """Stop serving and close the listening socket; stop every IDE (and its threads and
+        processes)."""
         if self._server is None:
             return
         self._server.shutdown()
@@ -77,6 +103,9 @@ class FakeCloud:
             self._thread.join(timeout=5)
         self._server = None
         self._thread = None
+        if self._ide is not None:
+            self._ide.stop()
+            self._ide = None
 
     def __enter__(self) -> Self:
         return self.start()
@@ -161,6 +190,7 @@ class FakeCloud:
             server = self.state.servers[server_id]
             server.error_at = self.state.now()
             server.fault_message = fault_message
+        self._reconcile_ides()
 
     def error_next_create(self, fault_message: str = NO_VALID_HOST, count: int = 1) -> None:
         """The next ``count`` created servers go ``BUILD`` → ``ERROR`` (not ``ACTIVE``)."""
@@ -171,6 +201,7 @@ class FakeCloud:
         """The server disappears without a DELETE (as if someone else deleted it)."""
         with self.state.lock:
             self.state.forget_server(server_id, tombstone=False)
+        self._reconcile_ides()
 
     def lose_next_create_response(self, mode: str = "502") -> None:
         """The next ``POST /servers`` creates the server but the client gets ``502`` (or
@@ -205,7 +236,46 @@ class FakeCloud:
         with self.state.lock:
             self.state.tokens.clear()
 
+    def ide_hang(self, server_id: str, hung: bool = True) -> None:
+        """The server's IDE stops answering: connections are accepted, requests never get a
+        reply (a stub waits; a JupyterLab gets SIGSTOP). ``hung=False`` lets it answer again
+        (pending requests too). Also works before the IDE starts. ``ide="none"``: no-op."""
+        with self.state.lock:
+            if server_id not in self.state.servers:
+                raise KeyError(server_id)
+        if self._ide is not None:
+            self._ide.hang(server_id, hung)
+
+    def _reconcile_ides(self) -> None:
+        if self._ide is not None:
+            self._ide.reconcile()
+
     # -- inspection -------------------------------------------------------------------------
+    def ide_running(self, server_id: str) -> bool:
+        """Is the server's IDE up (listening; hung ones too; for JupyterLab: the process is
+        alive, which is not yet answering)? False for unknown servers and ``ide="none"``."""
+        return self._ide is not None and self._ide.running(server_id)
+
+    def ide_address(self, server_id: str) -> str:
+        """``ip:ide_port`` where the server's IDE listens (once ACTIVE), as the openstack
+        backend derives it from the first fixed address."""
+        with self.state.lock:
+            return f"{self.state.servers[server_id].ip}:{self.config.ide_port}"
+
+    def ide_skipped(self, server_id: str) -> str | None:
+        """Why an ACTIVE server got no IDE (no token in its user-data, no ``machine-<id>``
+        tag, its port busy), or None."""
+        return self._ide.skipped(server_id) if self._ide is not None else None
+
+    def ide_workdir(self, server_id: str) -> Path | None:
+        """The temporary HOME/root dir of a server's JupyterLab (its output is in
+        ``jupyterlab.log`` there); None for stubs."""
+        return self._ide.workdir(server_id) if self._ide is not None else None
+
+    def ide_pids(self) -> list[int]:
+        """Pids (= process group ids) of JupyterLab processes not yet reaped."""
+        return self._ide.pids() if self._ide is not None else []
+
     def servers(self) -> list[dict[str, Any]]:
         """Existing servers as ``GET /servers/detail`` at the max microversion shows them,
         newest first, plus ``user_data`` (base64, as sent) and ``networks`` (as sent)."""
@@ -247,3 +317,16 @@ class FakeCloud:
         with self.state.lock:
             self.state.request_log.clear()
             self.state.counts.clear()
+
+
+def _reconciling(app: Callable[..., Iterable[bytes]], ide: IdeManager) -> Callable[..., Iterable[bytes]]:
+    """Reconcile the IDEs after each request, before its answer goes out: a client that sees
+    a server ``ACTIVE`` finds its IDE listening, one that deleted it finds it gone."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        finally:
+            ide.reconcile()
+
+    return wsgi
