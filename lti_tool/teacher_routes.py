@@ -3,18 +3,18 @@ short polling), and a machine of their own. Instructors of the course only."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, url_for
-from sqlalchemy import select
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from config.db import transaction
 from lti_tool.auth import check_csrf, csrf_token, current_user_id
-from lti_tool.errors import Forbidden
+from lti_tool.errors import Forbidden, WebError
 from lti_tool.launches import enrolment_roles, environment_of, is_staff
 from lti_tool.models import Activity, Course, User
 from provisioning.claims import machine_for_learner
-from provisioning.models import Machine
-from provisioning.triggers import machine_wanted
+from provisioning.models import Environment, Machine, MachineState, Pool
+from provisioning.triggers import machine_wanted, pool_of, reconcile_soon
 
 bp = Blueprint("teacher", __name__)
 
@@ -32,6 +32,33 @@ def _taught_activity(session: Session, activity_id: int) -> Activity:
     if roles is None or not is_staff(roles):
         raise Forbidden("Only the course's instructors can see this page.")
     return activity
+
+
+def pool_status(session: Session, environment: Environment) -> dict | None:
+    """The pool behind a cloud environment, as a teacher reads it."""
+    pool = session.scalars(select(Pool).where(Pool.environment_id == environment.id)).first()
+    if pool is None:
+        return None
+    counts = {
+        f"{state.value}{'' if owned else '_warm'}": n
+        for state, owned, n in session.execute(
+            select(Machine.state, Machine.owner_id.is_not(None), func.count())
+            .where(Machine.environment_id == environment.id,
+                   Machine.state.notin_([MachineState.stopped]))
+            .group_by(Machine.state, Machine.owner_id.is_not(None))
+        )
+    }
+    return {
+        "warm_target": pool.warm_target,
+        "max_size": pool.max_size,
+        "paused": pool.paused,
+        "ready_warm": counts.get("ready_warm", 0),
+        "assigned": counts.get("assigned", 0),
+        "starting": counts.get("starting", 0) + counts.get("starting_warm", 0),
+        "requested": counts.get("requested", 0) + counts.get("requested_warm", 0),
+        "error": counts.get("error", 0) + counts.get("error_warm", 0),
+        "notes": [note for note in (pool.quota_note, pool.hold_note) if note],
+    }
 
 
 def class_machines(session: Session, activity: Activity) -> list[dict]:
@@ -60,11 +87,15 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
     with _rt().sessions() as session:
         activity = _taught_activity(session, activity_id)
         course = session.get_one(Course, activity.course_id)
+        environment = environment_of(session, activity.id)
         return render_template(
             "class.html",
             activity=activity,
             course=course,
             machines=class_machines(session, activity),
+            environment=environment,
+            environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
+            pool=pool_status(session, environment),
             csrf=csrf_token(),
         )
 
@@ -73,7 +104,10 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
 def class_state(activity_id: int):  # type: ignore[no-untyped-def]
     with _rt().sessions() as session:
         activity = _taught_activity(session, activity_id)
-        response = jsonify(machines=class_machines(session, activity))
+        response = jsonify(
+            machines=class_machines(session, activity),
+            pool=pool_status(session, environment_of(session, activity.id)),
+        )
     response.cache_control.no_store = True
     return response
 
@@ -89,3 +123,25 @@ def my_machine(activity_id: int):  # type: ignore[no-untyped-def]
         choice = machine_for_learner(session, environment, activity.course_id, current_user_id())
     machine_wanted(rt, choice.machine, choice.how)
     return redirect(url_for("machines.status_page", machine_id=choice.machine.id), 303)
+
+
+@bp.post("/activities/<int:activity_id>/environment")
+def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
+    """The teacher picks what the activity's machines run; machines already handed out stay
+    as they are, new launches get the new environment."""
+    check_csrf()
+    rt = _rt()
+    try:
+        env_id = int(request.form.get("environment_id", ""))
+    except ValueError:
+        raise WebError("Choose an environment from the list.") from None
+    with transaction(rt.sessions) as session:
+        activity = _taught_activity(session, activity_id)
+        environment = session.get(Environment, env_id)
+        if environment is None:
+            raise WebError("That environment does not exist.")
+        activity.environment_id = environment.id
+    pool_id = pool_of(rt, env_id)
+    if pool_id is not None:
+        reconcile_soon(rt, pool_id)
+    return redirect(url_for("teacher.class_page", activity_id=activity_id), 303)

@@ -655,7 +655,8 @@ def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
             try:
                 answer = ide_get(address, "/ide/12/api/status", token, timeout=1)
             except requests.ConnectionError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         workdir = fake.ide_workdir(server.id)
         assert workdir is not None
         log = (workdir / "jupyterlab.log").read_text(errors="replace")

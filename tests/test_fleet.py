@@ -340,3 +340,36 @@ def _course(session) -> int:  # type: ignore[no-untyped-def]
     session.flush()
     return course.id
 
+
+
+def test_teacher_picks_the_cloud_environment_and_sees_the_pool(tool, platform, crt, cloud, browser):
+    env_id, pool_id = make_pool(crt, warm=3)
+    cloud.set_quota(1)
+    teacher = platform.launch(browser, tool.url, platform.instructor(sub="1")).launch_response
+    class_url = tool.url + teacher.headers["Location"]
+    page = browser.get(class_url).text
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    activity_id = class_url.split("/activities/")[1].split("/")[0]
+
+    # A student cannot change it, nor see the pool.
+    with requests.Session() as student:
+        platform.launch(student, tool.url, platform.learner(sub="4"))
+        refused = student.post(f"{tool.url}/activities/{activity_id}/environment",
+                               data={"environment_id": env_id, "csrf": csrf})
+        assert refused.status_code == 403
+        assert student.get(class_url + ".json").status_code == 403
+
+    chosen = browser.post(f"{tool.url}/activities/{activity_id}/environment",
+                          data={"environment_id": env_id, "csrf": csrf}, allow_redirects=False)
+    assert chosen.status_code == 303
+    with crt.sessions() as session:
+        assert session.get_one(Activity, int(activity_id)).environment_id == env_id
+    garbage = browser.post(f"{tool.url}/activities/{activity_id}/environment",
+                           data={"environment_id": "nope", "csrf": csrf})
+    assert garbage.status_code == 400
+
+    passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1)
+    reconcile_pool(crt, pool_id)
+    pool = browser.get(class_url + ".json").json()["pool"]
+    assert pool["ready_warm"] == 1 and pool["warm_target"] == 3
+    assert any("quota" in note.lower() for note in pool["notes"])
