@@ -34,6 +34,9 @@ class Settings:
     redis_url: str = ""  # default: an embedded Redis in the data folder
     secret_key: str = ""  # default (plain http only): generated once into the data folder
     backend: str = "local"
+    # host:port the tool itself binds (`labpool run`); default: the public URL's. Set it when
+    # nginx owns the public address.
+    listen: str = ""
     # How many proxies in front of the tool set X-Forwarded-* (werkzeug's ProxyFix).
     proxy_count: int = 0
     # Clock skew allowed on the id_token's iat/exp (Moodle's tokens live 60 s).
@@ -56,6 +59,11 @@ class Settings:
     reconcile_interval_s: int = 15
     # Machines failing in a row before a pool backs off creating more.
     max_consecutive_failures: int = 5
+    # IDEs are reached through the authenticating nginx proxy at the public URL
+    # (`labpool nginx-config`); off: single-server mode sends browsers straight to the IDE.
+    ide_proxy: bool = False
+    # Lifetime of the signed cookie that lets a browser through to one machine.
+    ide_cookie_max_age_s: int = 4 * 3600
     web_workers: int = 2
     queue_name: str = "labpool"
     log_level: str = "INFO"
@@ -67,10 +75,14 @@ class Settings:
 
     @property
     def listen_host(self) -> str:
+        if self.listen:
+            return self.listen.rpartition(":")[0] or "127.0.0.1"
         return urlsplit(self.public_url).hostname or "127.0.0.1"
 
     @property
     def listen_port(self) -> int:
+        if self.listen:
+            return int(self.listen.rpartition(":")[2])
         parts = urlsplit(self.public_url)
         return parts.port or (443 if parts.scheme == "https" else 80)
 
@@ -100,6 +112,8 @@ _PARSERS = {
     "key_grace_s": int,
     "machine_start_timeout_s": int,
     "web_workers": int,
+    "ide_proxy": lambda v: v if isinstance(v, bool) else _bool(v),
+    "ide_cookie_max_age_s": int,
     "openstack_api_timeout_s": int,
     "cloud_start_timeout_s": int,
     "max_concurrent_creates": int,
@@ -107,6 +121,15 @@ _PARSERS = {
     "reconcile_interval_s": int,
     "max_consecutive_failures": int,
 }
+
+
+def _bool(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
 
 
 def env_name(field_name: str) -> str:
@@ -157,6 +180,8 @@ def _complete(settings: Settings) -> Settings:
         raise SettingsError(
             f"LABPOOL_PUBLIC_URL: must be an http(s) URL, got {settings.public_url!r}"
         )
+    if settings.listen and not settings.listen.rpartition(":")[2].isdigit():
+        raise SettingsError(f"LABPOOL_LISTEN: host:port, got {settings.listen!r}")
     if settings.backend not in ("local", "openstack"):
         raise SettingsError(f"LABPOOL_BACKEND: 'local' or 'openstack', got {settings.backend!r}")
 

@@ -14,6 +14,7 @@ from config.runtime import Runtime, runtime_for
 from config.settings import Settings, load_settings
 from lti_tool.errors import WebError
 from lti_tool.lti import PlatformKeys, RegistrationCache
+from lti_tool.proxy_routes import ide_cookies, proxy_secret
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     http.headers["User-Agent"] = "Labpool LTI tool"
     app.extensions["labpool"] = rt
     app.extensions["labpool.registrations"] = RegistrationCache(ttl_s=30)
+    app.extensions["labpool.proxy_secret"] = proxy_secret(settings)
+    app.extensions["labpool.ide_cookies"] = ide_cookies(settings)
     app.extensions["labpool.platform_keys"] = PlatformKeys(
         rt.redis, http, settings.platform_jwks_ttl_s
     )
 
-    from lti_tool import lti_routes, machine_routes, teacher_routes
+    from lti_tool import lti_routes, machine_routes, proxy_routes, teacher_routes
 
     app.register_blueprint(lti_routes.bp)
     app.register_blueprint(machine_routes.bp)
     app.register_blueprint(teacher_routes.bp)
+    app.register_blueprint(proxy_routes.bp)
 
     @app.errorhandler(WebError)
     def _web_error(exc: WebError):  # type: ignore[no-untyped-def]

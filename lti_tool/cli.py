@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import click
 from sqlalchemy import select
@@ -270,6 +271,29 @@ def platform_list() -> None:
             deployments = ", ".join(d.deployment_id for d in p.deployments)
             click.echo(f"{p.issuer}  client {p.client_id}  deployments [{deployments}]")
             click.echo(f"    auth {p.auth_url}\n    token {p.token_url}\n    jwks {p.jwks_url}")
+
+
+@main.command("nginx-config")
+@click.option("--tool", "tool_upstream", default=None,
+              help="Where the tool (gunicorn) listens, host:port (default: LABPOOL_LISTEN).")
+@click.option("--listen", default=None, help="nginx's listen directive (default: the public URL's port).")
+@click.option("--auth-cache", "auth_cache_s", type=int, default=5, show_default=True,
+              help="Seconds nginx reuses a positive auth answer (0: off).")
+@click.option("--standalone", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Render a whole nginx.conf keeping its files under this folder.")
+def nginx_config(tool_upstream: str | None, listen: str | None, auth_cache_s: int,
+                 standalone: Path | None) -> None:
+    """Print the nginx configuration that puts the tool and its IDEs behind one origin."""
+    from lti_tool.nginx import render_server, render_standalone
+
+    settings = _settings()
+    upstream = tool_upstream or f"{settings.listen_host}:{settings.listen_port}"
+    if standalone is not None:
+        click.echo(render_standalone(settings, prefix=standalone, tool_upstream=upstream,
+                                     listen=listen, auth_cache_s=auth_cache_s))
+    else:
+        click.echo(render_server(settings, tool_upstream=upstream, listen=listen,
+                                 auth_cache_s=auth_cache_s))
 
 
 @main.command("moodle-values")

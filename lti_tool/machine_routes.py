@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 from config.db import utcnow
 from lti_tool.auth import current_user_id
 from lti_tool.errors import Forbidden
-from provisioning.models import Machine, MachineState
+from lti_tool.proxy_routes import IDE_COOKIE
+from provisioning.models import Environment, Machine, MachineState
+from provisioning.routes import publish_route
 from provisioning.triggers import nudge
 
 bp = Blueprint("machines", __name__)
@@ -95,19 +97,41 @@ def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
     return response
 
 
+LANDING = {"jupyterlab": "lab", "terminal": "terminals/1", "code-server": ""}
+
+
 @bp.get("/machines/<int:machine_id>/open")
 def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
-    """Send the owner to their IDE. Single-server mode without a proxy: straight to the
-    JupyterLab process, whose token logs the browser in once (the authenticating proxy
-    replaces this hand-over)."""
+    """Hand the owner their IDE. Behind the proxy: publish the machine's route, set the
+    cookie that lets this browser (and only to this machine) through, go to `/ide/<id>/`.
+    Single-server mode without a proxy: straight to the JupyterLab process, whose token logs
+    the browser in once."""
     rt = _rt()
     with rt.sessions() as session, session.begin():
         machine = _own_machine(session, machine_id)
         if machine.state is not MachineState.assigned or not machine.address:
             return redirect(url_for("machines.status_page", machine_id=machine_id), 303)
         machine.last_activity_at = utcnow()
-        target = f"http://{machine.address}{machine.ide_path}lab?token={machine.ide_token}"
-    response = redirect(target, 303)
+        ide_kind = session.get_one(Environment, machine.environment_id).ide_kind.value
+        address, token, owner_id = machine.address, machine.ide_token or "", machine.owner_id
+    if not rt.settings.ide_proxy:
+        target = f"http://{address}/ide/{machine_id}/{LANDING[ide_kind]}?token={token}"
+        response = redirect(target, 303)
+    else:
+        assert owner_id is not None
+        publish_route(rt.redis, machine_id, owner_id, address, token)
+        response = redirect(f"/ide/{machine_id}/{LANDING[ide_kind]}", 303)
+        secure = rt.settings.is_production
+        response.set_cookie(
+            IDE_COOKIE,
+            current_app.extensions["labpool.ide_cookies"].dumps({"u": owner_id, "m": machine_id}),
+            max_age=rt.settings.ide_cookie_max_age_s,
+            path=f"/ide/{machine_id}/",
+            httponly=True,
+            secure=secure,
+            samesite="None" if secure else "Lax",
+            partitioned=secure,
+        )
     response.headers["Referrer-Policy"] = "no-referrer"
     response.cache_control.no_store = True
     return response

@@ -19,6 +19,7 @@ from config.runtime import Runtime, current_runtime
 from provisioning.backends import Backend, MachineSpec, Started, backend_for
 from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, Machine, MachineState
+from provisioning.routes import withdraw_route
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 0.2
@@ -136,6 +137,7 @@ def _stop(rt: Runtime, machine_id: int) -> str:
         environment = session.get_one(Environment, machine.environment_id)
         spec = spec_of(machine, environment)
         backend_name = machine.backend
+    withdraw_route(rt.redis, machine_id)
     backend_for(backend_name, rt.settings, environment).stop(spec)
     with transaction(rt.sessions) as session:
         machine = session.get_one(Machine, machine_id, with_for_update=True)

@@ -47,6 +47,7 @@ from provisioning.errors import (
     QuotaExceeded,
 )
 from provisioning.models import Environment, Machine, MachineState, Pool
+from provisioning.routes import withdraw_route
 
 log = logging.getLogger(__name__)
 S = MachineState
@@ -252,6 +253,7 @@ def _mark_failed(rt: Runtime, failed: list[tuple[Row, str]]) -> int:
                 .execution_options(synchronize_session=False)
             )
             done += result.rowcount
+            withdraw_route(rt.redis, row.id)
             log.warning("machine %s failed: %s", row.id, reason)
     return done
 
@@ -271,6 +273,8 @@ def _requeue(rt: Runtime, ids: list[int]) -> None:
 def _mark_stopped(rt: Runtime, ids: list[int]) -> int:
     if not ids:
         return 0
+    for machine_id in ids:
+        withdraw_route(rt.redis, machine_id)
     with transaction(rt.sessions) as session:
         result = session.execute(
             update(Machine)

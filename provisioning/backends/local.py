@@ -63,6 +63,10 @@ class LocalBackend(Backend):
             f"--ServerApp.root_dir={home}",
             "--ServerApp.tornado_settings="
             + repr({"headers": {"Content-Security-Policy": csp}}),
+            # Bound to 127.0.0.1 with a token: safe to accept the public Host the proxy
+            # forwards (Jupyter refuses non-local Host names otherwise).
+            "--ServerApp.allow_remote_access=True",
+            "--ServerApp.trust_xheaders=True",
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]

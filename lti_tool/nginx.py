@@ -1,0 +1,67 @@
+"""Rendering deploy/nginx.conf.template for this installation (`labpool nginx-config`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from config.settings import Settings
+from lti_tool.proxy_routes import proxy_secret
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
+
+
+def render_server(
+    settings: Settings, *, tool_upstream: str, listen: str | None = None,
+    auth_cache_s: int = 5, cache_dir: Path | None = None,
+) -> str:
+    """The server block (plus maps and upstream) for the http context."""
+    public = urlsplit(settings.public_url)
+    cache_dir = cache_dir or settings.data_dir.resolve() / "nginx-auth-cache"
+    if auth_cache_s > 0:
+        cache_path = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=labpool_auth:10m "
+                      "max_size=50m inactive=60s use_temp_path=off;\n")
+        cache = (
+            "        # Positive answers are reused briefly, per machine and cookie.\n"
+            "        proxy_cache labpool_auth;\n"
+            '        proxy_cache_key "$labpool_machine|$cookie_labpool_ide";\n'
+            f"        proxy_cache_valid 200 {auth_cache_s}s;\n"
+            "        proxy_cache_valid any 0;\n"
+        )
+    else:
+        cache_path, cache = "", ""
+    values = {
+        "listen": listen or str(public.port or (443 if public.scheme == "https" else 80)),
+        "server_name": public.hostname or "_",
+        "tool_upstream": tool_upstream,
+        "proxy_secret": proxy_secret(settings),
+        "auth_cache_path": cache_path,
+        "auth_cache": cache,
+    }
+    text = TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace("{{" + name + "}}", value)
+    return text
+
+
+def render_standalone(settings: Settings, *, prefix: Path, **kwargs: object) -> str:
+    """A whole nginx.conf whose pid, logs and temp files live under `prefix` (tests, and the
+    single-server mode on a host without a system nginx)."""
+    prefix = prefix.resolve()
+    for sub in ("logs", "tmp", "auth-cache"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    server = render_server(settings, cache_dir=prefix / "auth-cache", **kwargs)  # type: ignore[arg-type]
+    return f"""worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {prefix}/logs/access.log;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+{server}
+}}
+"""
