@@ -136,3 +136,36 @@ def _upsert_statement(
         update = {keys[0]: stmt.excluded[keys[0]]}
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update)
     return stmt.returning(table.c.id)
+
+
+def upsert_many(
+    session: Session,
+    model: type[Base],
+    keys: tuple[str, ...],
+    rows: list[dict[str, Any]],
+    *,
+    update_columns: tuple[str, ...],
+    keep_if_null: tuple[str, ...] = (),
+    batch: int = 1000,
+) -> list[int]:
+    """Upsert many rows (unique on `keys`, which must not repeat within `rows`); returns
+    their ids in the order of `rows`. Batched INSERT … ON CONFLICT … RETURNING, a few
+    statements for thousands of rows."""
+    if not rows:
+        return []
+    table = model.__table__
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    update: dict[str, Any] = {
+        name: func.coalesce(stmt.excluded[name], table.c[name])
+        if name in keep_if_null
+        else stmt.excluded[name]
+        for name in update_columns
+    } or {keys[0]: stmt.excluded[keys[0]]}
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update).returning(
+        table.c.id, sort_by_parameter_order=True
+    )
+    ids: list[int] = []
+    for start in range(0, len(rows), batch):
+        ids.extend(session.scalars(stmt, rows[start:start + batch]).all())
+    return ids

@@ -7,6 +7,7 @@ openstacksdk 4.22 really makes and the answers and exceptions it turns them into
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import logging
 import os
@@ -412,15 +413,18 @@ def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # -- IDEs on the servers ----------------------------------------------------------------
-def ide_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("fakecloud-ide")]
+def ide_threads(port: int) -> list[str]:
+    """Names of the threads that run the IDEs of the fake cloud on ``port``."""
+    prefix = f"fakecloud-ide:{port}-"
+    return sorted(t.name[len(prefix):] for t in threading.enumerate() if t.name.startswith(prefix))
 
 
 @pytest.fixture
 def ide_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
     with FakeCloud(boot_time=BOOT, max_instances=60, ide="stub") as fake:
+        port = fake.port
         yield use_cloud(fake, tmp_path, monkeypatch)
-    assert ide_threads() == []  # stop() ends the stub loop and the ticker
+    assert ide_threads(port) == []  # stop() ends the stub loop and the ticker
 
 
 @pytest.fixture
@@ -608,7 +612,7 @@ def test_fifty_stub_ides_at_once(ide_cloud: FakeCloud, ide_conn: Any) -> None:
 
     with ThreadPoolExecutor(max_workers=25) as pool:
         assert list(pool.map(check, tokens)) == [200] * 50
-    assert sorted(ide_threads()) == ["fakecloud-ide-stubs", "fakecloud-ide-ticker"]
+    assert ide_threads(ide_cloud.port) == ["stubs", "ticker"]  # not one per server
 
     ide_cloud.stop()  # every stub goes, with the threads (the fixture checks those)
     assert not any(answers(ide_address(s), mid, tokens[mid]) for mid, s in by_machine.items())
@@ -646,16 +650,15 @@ def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     token = secrets.token_urlsafe(32)
     with FakeCloud(ide="jupyterlab") as fake:
         use_cloud(fake, tmp_path, monkeypatch)
-        conn = openstack.connect(cloud="fake")
+        conn, port = openstack.connect(cloud="fake"), fake.port
+        assert ide_threads(port) == ["ticker"]
         server = wait_active(conn, create_machine(conn, 12, token))
         address = ide_address(server)
         assert fake.ide_running(server.id)
         deadline, answer = time.monotonic() + 30, None
         while time.monotonic() < deadline and not (answer is not None and answer.ok):
-            try:
+            with contextlib.suppress(requests.ConnectionError):  # not listening yet
                 answer = ide_get(address, "/ide/12/api/status", token, timeout=1)
-            except requests.ConnectionError:
-                pass
             time.sleep(0.1)
         workdir = fake.ide_workdir(server.id)
         assert workdir is not None
@@ -685,4 +688,4 @@ def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
                 os.killpg(pgid, 0)
         assert not answers(address, 12, token)
         assert not workdir.exists()
-    assert ide_threads() == []
+    assert ide_threads(port) == []

@@ -36,6 +36,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -62,10 +63,12 @@ _AUTH = re.compile(r"(?:token|bearer)\s+(\S+)", re.IGNORECASE)
 _PROBE_LIMIT = 16  # busy candidates skipped before an address is handed out unprobed
 _KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a JupyterLab process group
 
-# A fixed IP is claimed for an IDE port by an flock on ``<CLAIM_DIR>/<ip>:<port>`` for as
-# long as a server holds it, so that two fake clouds (in this process or others, e.g. parallel
-# test runs) never share an (IP, port). The kernel drops the lock when its holder dies.
-CLAIM_DIR = Path(tempfile.gettempdir()) / f"fakecloud-ide-claims-{os.getuid()}"
+# A fixed IP is claimed for an IDE port, for as long as a server holds it, by a one-byte
+# open-file-description lock (Linux's F_OFD_SETLK) at offset ``port * 65536 + host`` of
+# CLAIM_FILE: two fake clouds (in this process or others, e.g. parallel test runs) never share
+# an (IP, port). Each cloud has one fd on the file; the kernel drops its locks when it dies.
+CLAIM_FILE = Path(tempfile.gettempdir()) / f"fakecloud-ide-claims-{os.getuid()}.lock"
+_FLOCK = "@hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
 
 
 # -- reading user-data and tags ---------------------------------------------------------
@@ -139,16 +142,15 @@ def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
     return None if info is None else info.si_status
 
 
-def _lock_address(ip: str, port: int) -> int | None:
-    """An fd holding the claim on ``(ip, port)``, or None if someone else holds it."""
-    CLAIM_DIR.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(CLAIM_DIR / f"{ip}:{port}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _claim_lock(fd: int, address: int, port: int, lock: bool) -> bool:
+    """Take (or drop) the claim on ``(address, port)`` through ``fd``; False if taken."""
+    offset = port * 65536 + (address & 0xFFFF)
+    kind = fcntl.F_WRLCK if lock else fcntl.F_UNLCK
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0))
     except OSError:
-        os.close(fd)
-        return None
-    return fd
+        return False
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -309,7 +311,8 @@ class IdeManager:
         self.ides: dict[str, StubIde | JupyterIde] = {}
         self._skipped: dict[str, str] = {}  # server id -> why it has no IDE (logged once)
         self._hung: set[str] = set()
-        self._claims: dict[int, int] = {}  # fixed IP (as int) -> fd of its claim's flock
+        self._claims: set[int] = set()  # fixed IPs (as int) this cloud holds a claim on
+        self._claim_fd = -1
         self._dying: list[_Dying] = []
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -320,25 +323,26 @@ class IdeManager:
         self._running = False
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, name: str = "fakecloud-ide") -> None:
+        """Claim the servers' IPs, start the ticker (and the stub loop) threads, named
+        ``<name>-ticker`` and ``<name>-stubs``."""
+        self._claim_fd = os.open(CLAIM_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         with self.state.lock:  # servers kept from an earlier start keep their addresses
             for server in self.state.servers.values():
-                fd = _lock_address(server.ip, self.port)
-                if fd is None:
+                if _claim_lock(self._claim_fd, server.address, self.port, True):
+                    self._claims.add(server.address)
+                else:
                     log.warning("fakecloud: %s:%s of server %s is claimed by another cloud",
                                 server.ip, self.port, server.id)
-                else:
-                    self._claims[server.address] = fd
             self.state.address_filter = self.claim_address
         if self.mode == "stub":
             self._loop = asyncio.new_event_loop()
             self._loop_thread = threading.Thread(target=self._loop.run_forever,
-                                                 name="fakecloud-ide-stubs", daemon=True)
+                                                 name=f"{name}-stubs", daemon=True)
             self._loop_thread.start()
         self._stopping.clear()
         self._running = True
-        self._ticker = threading.Thread(target=self._tick, name="fakecloud-ide-ticker",
-                                        daemon=True)
+        self._ticker = threading.Thread(target=self._tick, name=f"{name}-ticker", daemon=True)
         self._ticker.start()
 
     def stop(self) -> None:
@@ -372,9 +376,10 @@ class IdeManager:
         with self.state.lock:
             if self.state.address_filter == self.claim_address:
                 self.state.address_filter = None
-            for fd in self._claims.values():
-                os.close(fd)
             self._claims.clear()
+            if self._claim_fd >= 0:
+                os.close(self._claim_fd)  # drops every claim of this cloud
+                self._claim_fd = -1
 
     def _tick(self) -> None:
         while not self._stopping.wait(TICK):
@@ -386,17 +391,16 @@ class IdeManager:
         ``address`` unless another fake cloud has, or (up to a limit) something else listens
         on its IDE port."""
         ip = str(ipaddress.ip_address(address))
-        fd = _lock_address(ip, self.port)
-        if fd is None:
+        if not _claim_lock(self._claim_fd, address, self.port, True):
             return False
         if not self._can_bind(ip):
             self._probe_failures += 1
             if self._probe_failures <= _PROBE_LIMIT:
-                os.close(fd)
+                _claim_lock(self._claim_fd, address, self.port, False)
                 return False
             log.warning("fakecloud: %s:%s is busy, handing it out anyway", ip, self.port)
         self._probe_failures = 0
-        self._claims[address] = fd
+        self._claims.add(address)
         return True
 
     def _can_bind(self, ip: str) -> bool:
@@ -437,8 +441,9 @@ class IdeManager:
             self._hung &= known
             with self.state.lock:  # free the IPs of servers that are gone, IDEs down first
                 addresses = {s.address for s in self.state.servers.values()}
-                for address in [a for a in self._claims if a not in addresses]:
-                    os.close(self._claims.pop(address))
+                for address in self._claims - addresses:
+                    _claim_lock(self._claim_fd, address, self.port, False)
+                    self._claims.discard(address)
             self._reap()
 
     def _launch(self, server_id: str, ip: str, tags: list[str], user_data: str | None) -> None:

@@ -75,18 +75,15 @@ class FakeCloud:
             return self
         handler = _QuietHandler if self._quiet else WSGIRequestHandler
         app: Callable[..., Iterable[bytes]] = FakeCloudApp(self.state)
+        ide = None
         if self.config.ide != "none":
-            self._ide = IdeManager(self.state, self.config.ide, self.config.ide_port)
-            self._ide.start()
-            app = _reconciling(app, self._ide)
-        try:
-            self._server = make_server(self.host, self._port, app, threaded=True,
-                                       request_handler=handler)
-        except BaseException:
-            if self._ide is not None:
-                self._ide.stop()
-                self._ide = None
-            raise
+            ide = IdeManager(self.state, self.config.ide, self.config.ide_port)
+            app = _reconciling(app, ide)
+        self._server = make_server(self.host, self._port, app, threaded=True,
+                                   request_handler=handler)
+        if ide is not None:  # before the first request: it hands out the fixed IPs
+            ide.start(name=f"fakecloud-ide:{self.port}")
+            self._ide = ide
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name=f"fakecloud:{self.port}", daemon=True)
         self._thread.start()

@@ -1,0 +1,210 @@
+"""Roster sync with LTI Names and Role Provisioning Services 2.0
+(https://www.imsglobal.org/spec/lti-nrps/v2p0), through pylti1p3, from the stored
+registration, so it runs in a worker with no launch at hand.
+
+Moodle pages only when `limit` is given and lists current members only (all `Active`):
+someone absent from the roster has left, and their enrolment is ended. The whole roster is
+fetched before anything is written: a failed page changes nothing. The platform's OAuth2
+access token is cached in Redis until shortly before it expires, shared by every job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, TypedDict
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import requests
+from pylti1p3.exception import LtiException
+from pylti1p3.names_roles import NamesRolesProvisioningService
+from pylti1p3.registration import Registration
+from pylti1p3.service_connector import ServiceConnector
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from config.db import transaction, upsert_many, utcnow
+from config.runtime import Runtime, current_runtime
+from jwks.keys import active_signing_key
+from lti_tool.models import Course, Enrolment, Platform, User
+
+log = logging.getLogger(__name__)
+
+NRPS_SCOPE = "https://purl.imsglobal.org/spec/lti-nrps/scope/contextmembership.readonly"
+PAGE_SIZE = 100
+MAX_PAGES = 1000  # a platform whose "next" never ends does not hold a worker forever
+TOKEN_KEY = "labpool:access-token:{}"
+TOKEN_MARGIN_S = 60
+
+
+class RosterError(Exception):
+    """The roster could not be read; nothing was changed."""
+
+
+class Member(TypedDict, total=False):
+    user_id: str
+    roles: list[str]
+    status: str
+    name: str
+    email: str
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    members: int
+    ended: int
+    pages: int
+
+
+class ServiceRegistration(Registration):
+    """pylti1p3 derives the `kid` from the public key; ours are database rows with their own
+    kid, which the client assertion must name so the platform finds the key in our JWKS."""
+
+    def __init__(self, kid: str):
+        super().__init__()
+        self._labpool_kid = kid
+
+    def get_kid(self) -> str | None:
+        return self._labpool_kid
+
+
+class CachedTokenConnector(ServiceConnector):
+    """pylti1p3's connector with the access token cached in Redis across jobs."""
+
+    def __init__(self, registration: Registration, conn: redis.Redis, http: requests.Session):
+        super().__init__(registration, http)
+        self._redis = conn
+
+    def _get_cached_access_token(self, scope_key: str) -> str | None:
+        raw = self._redis.get(TOKEN_KEY.format(scope_key))
+        return raw.decode() if raw else None
+
+    def _cache_access_token(self, scope_key: str, access_token: str, expires_in: float) -> None:
+        ttl = int(expires_in or 0) - TOKEN_MARGIN_S
+        if ttl > 0:
+            self._redis.set(TOKEN_KEY.format(scope_key), access_token, ex=ttl)
+
+
+def connector_for(session: Session, rt: Runtime, platform: Platform) -> CachedTokenConnector:
+    key = active_signing_key(session, rt.settings.secret_key)
+    registration = (
+        ServiceRegistration(key.kid)
+        .set_issuer(platform.issuer)
+        .set_client_id(platform.client_id)
+        .set_auth_token_url(platform.token_url)
+        .set_auth_login_url(platform.auth_url)
+        .set_key_set_url(platform.jwks_url)
+        .set_tool_private_key(key.private_pem)
+    )
+    http = requests.Session()
+    http.headers["User-Agent"] = "Labpool LTI tool"
+    return CachedTokenConnector(registration, rt.redis, http)
+
+
+def with_limit(url: str, limit: int) -> str:
+    """The memberships URL asking for pages of `limit` (Moodle pages only when asked)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "limit"]
+    query.append(("limit", str(limit)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def fetch_roster(connector: ServiceConnector, memberships_url: str) -> tuple[list[Member], int]:
+    """Every member, all pages or none (RosterError)."""
+    service = NamesRolesProvisioningService(connector, {"context_memberships_url": memberships_url})
+    url: str | None = with_limit(memberships_url, PAGE_SIZE)
+    seen: set[str] = set()
+    members: list[Member] = []
+    pages = 0
+    while url:
+        if url in seen or pages >= MAX_PAGES:
+            raise RosterError(f"the platform's roster pages do not end (at page {pages})")
+        seen.add(url)
+        try:
+            page, url = service.get_members_page(url)
+        except (LtiException, requests.RequestException, ValueError) as exc:
+            raise RosterError(f"the platform refused the roster (page {pages + 1}): {exc}") from exc
+        pages += 1
+        if not isinstance(page, list):
+            raise RosterError(f"roster page {pages} is not a list of members")
+        members.extend(_valid_member(m, pages) for m in page)
+    return [m for m in members if m.get("status", "Active") == "Active"], pages
+
+
+def _valid_member(raw: Any, page: int) -> Member:
+    if not isinstance(raw, dict) or not isinstance(raw.get("user_id"), str) or not raw["user_id"]:
+        raise RosterError(f"roster page {page} has a member without a user_id")
+    roles = raw.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise RosterError(f"roster page {page}: member {raw['user_id']!r} has malformed roles")
+    member: Member = {"user_id": raw["user_id"], "roles": roles,
+                      "status": raw.get("status", "Active")}
+    for name in ("name", "email"):
+        if isinstance(raw.get(name), str) and raw[name]:
+            member[name] = raw[name][:255]  # type: ignore[literal-required]
+    return member
+
+
+def apply_roster(session: Session, course: Course, issuer: str, members: list[Member]) -> int:
+    """Upsert users and enrolments; end the enrolments of those no longer listed. Returns
+    how many enrolments ended."""
+    now = utcnow()
+    members = list({m["user_id"]: m for m in members}.values())  # a platform may repeat one
+    user_ids = upsert_many(
+        session, User, ("issuer", "sub"),
+        [{"issuer": issuer, "sub": m["user_id"], "name": m.get("name"), "email": m.get("email"),
+          "last_seen_at": now} for m in members],
+        update_columns=("name", "email"), keep_if_null=("name", "email"),
+    )
+    upsert_many(
+        session, Enrolment, ("course_id", "user_id"),
+        [{"course_id": course.id, "user_id": uid, "roles": m["roles"], "ended_at": None,
+          "started_at": now} for uid, m in zip(user_ids, members, strict=True)],
+        update_columns=("roles", "ended_at"),
+    )
+    ended = session.execute(
+        update(Enrolment)
+        .where(Enrolment.course_id == course.id, Enrolment.ended_at.is_(None),
+               Enrolment.user_id.notin_(user_ids) if user_ids else True)
+        .values(ended_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return ended.rowcount
+
+
+def sync_course(rt: Runtime, course_id: int) -> SyncReport:
+    with rt.sessions() as session:
+        course = session.get(Course, course_id)
+        if course is None or not course.memberships_url:
+            raise RosterError("the course has no roster service (NRPS is off for the tool)")
+        platform = session.get_one(Platform, course.platform_id)
+        connector = connector_for(session, rt, platform)
+        url, issuer = course.memberships_url, platform.issuer
+    members, pages = fetch_roster(connector, url)
+    with transaction(rt.sessions) as session:
+        course = session.get_one(Course, course_id)
+        ended = apply_roster(session, course, issuer, members)
+    report = SyncReport(members=len(members), ended=ended, pages=pages)
+    log.info("course %s roster synced: %s", course_id, report)
+    return report
+
+
+def sync_course_job(course_id: int) -> str:
+    """RQ job: sync one course's roster."""
+    return str(sync_course(current_runtime(), course_id))
+
+
+def sync_all_courses_job() -> int:
+    """RQ cron job: queue a sync for every course with a roster service."""
+    from provisioning.queue import enqueue
+
+    rt = current_runtime()
+    with rt.sessions() as session:
+        ids = session.scalars(select(Course.id).where(Course.memberships_url.is_not(None))).all()
+    for course_id in ids:
+        enqueue(rt.redis, rt.settings.queue_name, SYNC_JOB, course_id)
+    return len(ids)
+
+
+SYNC_JOB = "lti_tool.roster.sync_course_job"
