@@ -57,6 +57,8 @@ class Settings:
     max_concurrent_creates: int = 20
     orphan_grace_s: int = 300
     reconcile_interval_s: int = 15
+    idle_check_interval_s: int = 60
+    roster_sync_interval_s: int = 3600
     # Machines failing in a row before a pool backs off creating more.
     max_consecutive_failures: int = 5
     # IDEs are reached through the authenticating nginx proxy at the public URL
@@ -119,6 +121,8 @@ _PARSERS = {
     "max_concurrent_creates": int,
     "orphan_grace_s": int,
     "reconcile_interval_s": int,
+    "idle_check_interval_s": int,
+    "roster_sync_interval_s": int,
     "max_consecutive_failures": int,
 }
 

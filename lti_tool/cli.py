@@ -86,17 +86,21 @@ def worker(burst: bool) -> None:
 
 @main.command()
 def cron() -> None:
-    """Run the periodic trigger: a reconciler pass per cloud pool every
-    LABPOOL_RECONCILE_INTERVAL_S seconds (RQ's own cron scheduler)."""
+    """Run the periodic triggers (RQ's own cron scheduler): a reconciler pass per cloud pool,
+    the idle check, and the roster sync of every course."""
     import redis
     from rq.cron import CronScheduler
 
-    from provisioning.jobs import reconcile_all
+    from lti_tool.roster import sync_all_courses_job
+    from provisioning.jobs import reconcile_all, release_idle_job
 
     settings = _settings()
     conn = redis.Redis.from_url(settings.effective_redis_url)
     scheduler = CronScheduler(connection=conn)
-    scheduler.register(reconcile_all, settings.queue_name, interval=settings.reconcile_interval_s)
+    queue = settings.queue_name
+    scheduler.register(reconcile_all, queue, interval=settings.reconcile_interval_s)
+    scheduler.register(release_idle_job, queue, interval=settings.idle_check_interval_s)
+    scheduler.register(sync_all_courses_job, queue, interval=settings.roster_sync_interval_s)
     scheduler.start()
 
 

@@ -124,14 +124,17 @@ def _mark_up(rt: Runtime, machine_id: int) -> str:
 
 def stop_machine(machine_id: int) -> str:
     """Any live state → stopping → stopped; the student's files stay."""
-    return _stop(current_runtime(), machine_id)
+    return stop_machine_now(current_runtime(), machine_id)
 
 
-def _stop(rt: Runtime, machine_id: int) -> str:
+def stop_machine_now(rt: Runtime, machine_id: int, only_if: MachineState | None = None) -> str:
+    """Stop a machine in this process (`only_if`: only when it is still in that state)."""
     with transaction(rt.sessions) as session:
         machine = session.get(Machine, machine_id, with_for_update=True)
         if machine is None or machine.state is MachineState.stopped:
             return "nothing to do"
+        if only_if is not None and machine.state is not only_if:
+            return "changed meanwhile"
         if machine.state is not MachineState.stopping:
             machine.move_to(MachineState.stopping)
         environment = session.get_one(Environment, machine.environment_id)
@@ -156,7 +159,7 @@ def stop_all_machines(rt: Runtime, backend_name: str = "local") -> int:
             )
         ).all()
     for machine_id in ids:
-        _stop(rt, machine_id)
+        stop_machine_now(rt, machine_id)
     return len(ids)
 
 
@@ -195,3 +198,10 @@ def reconcile_all() -> int:
     for pool_id in pool_ids:
         reconcile_soon(rt, pool_id)
     return len(pool_ids)
+
+
+def release_idle_job() -> int:
+    """RQ cron job: release idle machines (their files stay)."""
+    from provisioning.idle import release_idle_machines
+
+    return len(release_idle_machines(current_runtime()))

@@ -10,9 +10,9 @@ A machine with an owner skips the wait in `ready` and becomes `assigned` at once
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, time
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, Time, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from config.db import Base, UTCDateTime, utcnow
@@ -77,6 +77,24 @@ class Environment(Base):
     key_name: Mapped[str | None] = mapped_column(String(255))
     volume_size_gb: Mapped[int] = mapped_column(Integer, default=10)
     ide_port: Mapped[int] = mapped_column(Integer, default=8888)
+    # A machine is released after this long, active or not (its files stay).
+    max_session_s: Mapped[int] = mapped_column(Integer, default=8 * 3600)
+
+
+class ClassSession(Base):
+    """A weekly class meeting of an activity: the pool is warm for the class from
+    `lead_minutes` before `starts` until `ends`, in the teacher's time zone."""
+
+    __tablename__ = "class_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.id", ondelete="CASCADE"),
+                                             index=True)
+    weekday: Mapped[int] = mapped_column(Integer)  # 0 = Monday
+    starts: Mapped[time] = mapped_column(Time)
+    ends: Mapped[time] = mapped_column(Time)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    lead_minutes: Mapped[int] = mapped_column(Integer, default=10)
 
 
 class Pool(Base):

@@ -48,6 +48,7 @@ from provisioning.errors import (
 )
 from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.routes import withdraw_route
+from provisioning.schedule import scheduled_demand
 
 log = logging.getLogger(__name__)
 S = MachineState
@@ -71,6 +72,7 @@ class PassReport:
     stopped: int = 0
     orphans_deleted: int = 0
     warm_requested: int = 0
+    target: int = 0
     held: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -98,9 +100,13 @@ def _spec(row: Row, env: Environment, pool_id: int, *, address: str | None = Non
     )
 
 
-def reconcile_pool(rt: Runtime, pool_id: int, backend: OpenStackBackend | None = None) -> PassReport:
+def reconcile_pool(
+    rt: Runtime, pool_id: int, backend: OpenStackBackend | None = None,
+    clock: datetime | None = None,
+) -> PassReport:
     """One pass over one pool. Safe to run concurrently with launches; run at most one pass
-    per pool at a time (`run_pass` takes a Redis lock for that)."""
+    per pool at a time (`reconcile_pool_job` takes a Redis lock for that). `clock` is the
+    time the class schedule is read at (tests move it)."""
     now = utcnow()
     report = PassReport(pool_id)
     with rt.sessions() as session:
@@ -201,7 +207,7 @@ def reconcile_pool(rt: Runtime, pool_id: int, backend: OpenStackBackend | None =
         report.orphans_deleted = len(orphans)
 
     # 5. the warm target
-    report.warm_requested = _top_up_warm(rt, pool, env, report)
+    report.warm_requested = _top_up_warm(rt, pool, env, report, clock or now)
 
     # 6. create what is requested, unless the pool is backing off
     if backing_off:
@@ -285,10 +291,17 @@ def _mark_stopped(rt: Runtime, ids: list[int]) -> int:
         return result.rowcount
 
 
-def _top_up_warm(rt: Runtime, pool: Pool, env: Environment, report: PassReport) -> int:
+def _top_up_warm(
+    rt: Runtime, pool: Pool, env: Environment, report: PassReport, clock: datetime
+) -> int:
     """Add `requested` warm machines up to the target (within max_size), or stop surplus
-    ready ones. Returns how many were requested."""
+    ready ones. The target is the pool's floor, or what the classes in session want.
+    Returns how many were requested."""
     with transaction(rt.sessions) as session:
+        demand, in_session = scheduled_demand(session, env.id, clock)
+        report.target = max(pool.warm_target, demand)
+        if in_session:
+            report.notes.append(f"class in session: {demand} student(s) without a machine yet")
         counts = dict(session.execute(
             select(Machine.state, func.count())
             .where(Machine.environment_id == env.id, Machine.owner_id.is_(None),
@@ -300,7 +313,7 @@ def _top_up_warm(rt: Runtime, pool: Pool, env: Environment, report: PassReport) 
             select(func.count()).where(Machine.environment_id == env.id,
                                        Machine.state.in_(CAPACITY_STATES + (S.assigned,)))
         ) or 0
-        target = 0 if pool.paused else pool.warm_target
+        target = 0 if pool.paused else report.target
         if warm < target:
             room = max(0, pool.max_size - total)
             add = min(target - warm, room)

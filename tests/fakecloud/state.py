@@ -4,6 +4,7 @@ Everything here is plain data guarded by ``CloudState.lock``; the HTTP handlers 
 ``identity.py``, ``compute.py`` and ``volume.py`` read and change it while holding that lock.
 Server and volume states are computed lazily from timestamps (no timers): a server is
 ``BUILD`` until ``ready_at``, then ``ACTIVE`` (or ``ERROR`` when a fault was planned).
+(The IDEs that ``ide.py`` runs on ACTIVE servers follow these states from outside.)
 """
 
 from __future__ import annotations
