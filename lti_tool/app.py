@@ -50,11 +50,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         rt.redis, http, settings.platform_jwks_ttl_s
     )
 
-    from lti_tool import lti_routes, machine_routes, proxy_routes, teacher_routes
+    from lti_tool import lti_routes, machine_routes, proxy_routes, teacher_actions, teacher_routes
 
     app.register_blueprint(lti_routes.bp)
     app.register_blueprint(machine_routes.bp)
     app.register_blueprint(teacher_routes.bp)
+    app.register_blueprint(teacher_actions.bp)
     app.register_blueprint(proxy_routes.bp)
 
     @app.errorhandler(WebError)

@@ -7,8 +7,11 @@ import hmac
 import secrets
 
 from flask import request, session
+from sqlalchemy.orm import Session
 
 from lti_tool.errors import Forbidden, NotSignedIn
+from lti_tool.launches import enrolment_roles, is_staff
+from lti_tool.models import Activity
 
 
 def sign_in(user_id: int) -> None:
@@ -38,3 +41,15 @@ def check_csrf() -> None:
     sent = request.form.get("csrf", "")
     if not sent or not hmac.compare_digest(sent, csrf_token()):
         raise Forbidden("This form is out of date; reload the page and try again.")
+
+
+def taught_activity(db: Session, activity_id: int) -> Activity:
+    """The activity, if the signed-in user teaches its course (checked in the database,
+    not trusted from the session)."""
+    activity = db.get(Activity, activity_id)
+    if activity is None:
+        raise Forbidden("No such activity.")
+    roles = enrolment_roles(db, current_user_id(), activity.course_id)
+    if roles is None or not is_staff(roles):
+        raise Forbidden("Only the course's instructors can see this page.")
+    return activity

@@ -17,13 +17,15 @@ from config.db import transaction
 from jwks.keys import published_jwks
 from lti_tool.auth import sign_in
 from lti_tool.errors import LaunchRejected
-from lti_tool.launches import record_launch
+from lti_tool.launches import NRPS_CLAIM, record_launch
 from lti_tool.lti import (
     DatabaseToolConf,
     LabpoolMessageLaunch,
     LabpoolOIDCLogin,
     RedisLaunchDataStorage,
 )
+from lti_tool.roster import SYNC_JOB
+from provisioning.queue import enqueue
 from provisioning.triggers import machine_wanted
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ def launch():  # type: ignore[no-untyped-def]
         outcome = record_launch(session, platform.id, claims)
     sign_in(outcome.user_id)
     if outcome.staff:
+        if claims.get(NRPS_CLAIM):  # a teacher's visit refreshes the roster
+            enqueue(rt.redis, rt.settings.queue_name, SYNC_JOB, outcome.course_id)
         return redirect(url_for("teacher.class_page", activity_id=outcome.activity_id), 303)
     assert outcome.machine is not None and outcome.how is not None
     machine_wanted(rt, outcome.machine, outcome.how)

@@ -1,37 +1,32 @@
-"""The teacher's page of an activity: the class's machines and their states (refreshed by
-short polling), and a machine of their own. Instructors of the course only."""
+"""The teacher's page of an activity, live: the roster with each student's machine, its
+state, last activity and storage; the pool's counts against its target and quota; the class
+schedule. Instructors of the course only (checked in the database on every request).
+
+The page polls `class.json` every few seconds rather than holding a server-sent-events
+stream: it is one small query batch per teacher, passes every proxy and iframe unchanged,
+and never pins a web worker while a class of students is launching.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+from datetime import datetime
+
+from flask import Blueprint, current_app, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from config.db import transaction
-from lti_tool.auth import check_csrf, csrf_token, current_user_id
-from lti_tool.errors import Forbidden, WebError
-from lti_tool.launches import enrolment_roles, environment_of, is_staff
-from lti_tool.models import Activity, Course, User
-from provisioning.claims import machine_for_learner
-from provisioning.models import Environment, Machine, MachineState, Pool
-from provisioning.triggers import machine_wanted, pool_of, reconcile_soon
+from lti_tool.auth import csrf_token, current_user_id, taught_activity
+from lti_tool.launches import environment_of, is_staff
+from lti_tool.models import Activity, Course, Enrolment, User
+from provisioning.models import ClassSession, Environment, Machine, MachineState, Pool
+from provisioning.routes import last_activity
 
 bp = Blueprint("teacher", __name__)
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
 def _rt():  # type: ignore[no-untyped-def]
     return current_app.extensions["labpool"]
-
-
-def _taught_activity(session: Session, activity_id: int) -> Activity:
-    """The activity, if the signed-in user teaches its course (checked in the database)."""
-    activity = session.get(Activity, activity_id)
-    if activity is None:
-        raise Forbidden("No such activity.")
-    roles = enrolment_roles(session, current_user_id(), activity.course_id)
-    if roles is None or not is_staff(roles):
-        raise Forbidden("Only the course's instructors can see this page.")
-    return activity
 
 
 def pool_status(session: Session, environment: Environment) -> dict | None:
@@ -61,41 +56,85 @@ def pool_status(session: Session, environment: Environment) -> dict | None:
     }
 
 
-def class_machines(session: Session, activity: Activity) -> list[dict]:
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else ""
+
+
+def class_roster(session: Session, activity: Activity) -> list[dict]:
+    """Every current member of the course (and anyone else holding a machine here), with
+    their newest machine in the activity's environment."""
     environment = environment_of(session, activity.id)
-    rows = session.execute(
-        select(Machine, User)
-        .join(User, User.id == Machine.owner_id)
-        .where(Machine.course_id == activity.course_id, Machine.environment_id == environment.id)
-        .order_by(Machine.id.desc())
+    storage = "home folder" if environment.backend == "local" else "volume (not built yet)"
+    newest = {}
+    for machine in session.scalars(
+        select(Machine)
+        .where(Machine.course_id == activity.course_id, Machine.environment_id == environment.id,
+               Machine.owner_id.is_not(None))
+        .order_by(Machine.id)
+    ):
+        newest[machine.owner_id] = machine  # the last one wins
+    members = session.execute(
+        select(User, Enrolment.roles)
+        .join(Enrolment, Enrolment.user_id == User.id)
+        .where(Enrolment.course_id == activity.course_id, Enrolment.ended_at.is_(None))
     ).all()
-    return [
-        {
-            "id": machine.id,
+    listed = {user.id for user, _ in members}
+    extra = session.scalars(select(User).where(User.id.in_(set(newest) - listed))).all()
+    rows = []
+    redis = _rt().redis
+    for user, roles in [*members, *((u, None) for u in extra)]:
+        machine = newest.get(user.id)
+        seen = [t for t in (machine.last_activity_at if machine else None,) if t]
+        if machine is not None and (proxied := last_activity(redis, machine.id)):
+            seen.append(datetime.fromtimestamp(proxied).astimezone())
+        rows.append({
+            "user_id": user.id,
             "student": user.name or f"user {user.sub}",
-            "state": machine.state.value,
-            "since": machine.state_changed_at.isoformat(timespec="seconds"),
-            "error": machine.error or "",
-            "mine": machine.owner_id == current_user_id(),
-        }
-        for machine, user in rows
+            "role": "left the course" if roles is None else ("teacher" if is_staff(roles) else "student"),
+            "machine": machine.id if machine else None,
+            "state": machine.state.value if machine else "no machine",
+            "since": _when(machine.state_changed_at) if machine else "",
+            "last_activity": _when(max(seen)) if seen else "",
+            "error": (machine.error or "") if machine else "",
+            "storage": storage,
+            "mine": user.id == current_user_id(),
+        })
+    rows.sort(key=lambda r: (r["role"] != "student", r["student"].lower()))
+    return rows
+
+
+def class_schedule(session: Session, activity: Activity) -> list[dict]:
+    return [
+        {"id": m.id, "day": WEEKDAYS[m.weekday], "starts": m.starts.strftime("%H:%M"),
+         "ends": m.ends.strftime("%H:%M"), "timezone": m.timezone, "lead_minutes": m.lead_minutes}
+        for m in session.scalars(
+            select(ClassSession).where(ClassSession.activity_id == activity.id)
+            .order_by(ClassSession.weekday, ClassSession.starts)
+        )
     ]
+
+
+def class_view(session: Session, activity: Activity) -> dict:
+    environment = environment_of(session, activity.id)
+    return {
+        "roster": class_roster(session, activity),
+        "pool": pool_status(session, environment),
+        "schedule": class_schedule(session, activity),
+    }
 
 
 @bp.get("/activities/<int:activity_id>/class")
 def class_page(activity_id: int):  # type: ignore[no-untyped-def]
     with _rt().sessions() as session:
-        activity = _taught_activity(session, activity_id)
-        course = session.get_one(Course, activity.course_id)
-        environment = environment_of(session, activity.id)
+        activity = taught_activity(session, activity_id)
         return render_template(
             "class.html",
             activity=activity,
-            course=course,
-            machines=class_machines(session, activity),
-            environment=environment,
+            course=session.get_one(Course, activity.course_id),
+            environment=environment_of(session, activity.id),
             environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
-            pool=pool_status(session, environment),
+            view=class_view(session, activity),
+            weekdays=WEEKDAYS,
             csrf=csrf_token(),
         )
 
@@ -103,45 +142,7 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
 @bp.get("/activities/<int:activity_id>/class.json")
 def class_state(activity_id: int):  # type: ignore[no-untyped-def]
     with _rt().sessions() as session:
-        activity = _taught_activity(session, activity_id)
-        response = jsonify(
-            machines=class_machines(session, activity),
-            pool=pool_status(session, environment_of(session, activity.id)),
-        )
+        activity = taught_activity(session, activity_id)
+        response = jsonify(class_view(session, activity))
     response.cache_control.no_store = True
     return response
-
-
-@bp.post("/activities/<int:activity_id>/my-machine")
-def my_machine(activity_id: int):  # type: ignore[no-untyped-def]
-    """A teacher opens a machine of their own in the activity's environment."""
-    check_csrf()
-    rt = _rt()
-    with transaction(rt.sessions) as session:
-        activity = _taught_activity(session, activity_id)
-        environment = environment_of(session, activity.id)
-        choice = machine_for_learner(session, environment, activity.course_id, current_user_id())
-    machine_wanted(rt, choice.machine, choice.how)
-    return redirect(url_for("machines.status_page", machine_id=choice.machine.id), 303)
-
-
-@bp.post("/activities/<int:activity_id>/environment")
-def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
-    """The teacher picks what the activity's machines run; machines already handed out stay
-    as they are, new launches get the new environment."""
-    check_csrf()
-    rt = _rt()
-    try:
-        env_id = int(request.form.get("environment_id", ""))
-    except ValueError:
-        raise WebError("Choose an environment from the list.") from None
-    with transaction(rt.sessions) as session:
-        activity = _taught_activity(session, activity_id)
-        environment = session.get(Environment, env_id)
-        if environment is None:
-            raise WebError("That environment does not exist.")
-        activity.environment_id = environment.id
-    pool_id = pool_of(rt, env_id)
-    if pool_id is not None:
-        reconcile_soon(rt, pool_id)
-    return redirect(url_for("teacher.class_page", activity_id=activity_id), 303)

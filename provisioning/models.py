@@ -113,6 +113,9 @@ class Pool(Base):
     backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     last_pass_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A teacher's "warm now": this many warm machines until then.
+    boost_target: Mapped[int] = mapped_column(Integer, default=0)
+    boost_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Machine(Base):

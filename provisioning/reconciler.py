@@ -299,7 +299,8 @@ def _top_up_warm(
     Returns how many were requested."""
     with transaction(rt.sessions) as session:
         demand, in_session = scheduled_demand(session, env.id, clock)
-        report.target = max(pool.warm_target, demand)
+        boost = pool.boost_target if pool.boost_until and pool.boost_until > clock else 0
+        report.target = max(pool.warm_target, demand, boost)
         if in_session:
             report.notes.append(f"class in session: {demand} student(s) without a machine yet")
         counts = dict(session.execute(

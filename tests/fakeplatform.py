@@ -10,7 +10,15 @@ endpoints:
   answers, like Moodle, an HTML page with an auto-submitting ``ltiAuthForm`` that POSTs
   ``id_token`` and ``state`` to the tool's ``redirect_uri``. Unlike Moodle, every refusal is a
   400 with a JSON reason (Moodle posts some errors back to the tool), so tests fail loudly;
-* ``/mod/lti/token.php`` — a placeholder answering 501 for now.
+* ``POST /mod/lti/token.php`` — OAuth 2 ``client_credentials`` with a ``private_key_jwt``
+  client assertion, as in Moodle's ``mod/lti/token.php``: the assertion is checked against the
+  tool's JWKS (``tool_jwks_url``, fetched and cached like Moodle's ``lti_verify_with_keyset``:
+  any failure with the cached keyset refetches it once), the requested scopes are intersected
+  with the permitted ones, and a Bearer token living 3600 s is issued;
+* ``GET /mod/lti/services.php/CourseSection/<course>/bindings/<type id>/memberships`` — the
+  Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
+  tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
+  ``Link: <…?limit=L&from=N>; rel="next"`` header.
 
 The messages are not invented. Claims start from the id_tokens captured from a real Moodle 4.3
 in ``/work/shared/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,
@@ -46,10 +54,12 @@ import hmac
 import html
 import json
 import os
+import re
 import secrets
 import string
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -59,14 +69,17 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 __all__ = [
+    "ACCESS_TOKEN_LIFETIME",
     "AGS",
     "BASIC_OUTCOME",
+    "CLIENT_ASSERTION_TYPE",
     "CONTEXT",
     "CUSTOM",
     "DEPLOYMENT_ID",
@@ -81,17 +94,29 @@ __all__ = [
     "ROLE_INSTRUCTOR",
     "ROLE_LEARNER",
     "ROLE_SYSTEM_ADMIN",
+    "SCOPE_AGS_LINEITEM",
+    "SCOPE_AGS_LINEITEM_READONLY",
+    "SCOPE_AGS_RESULT_READONLY",
+    "SCOPE_AGS_SCORE",
+    "SCOPE_BASIC_OUTCOME",
+    "SCOPE_NRPS",
     "TARGET_LINK_URI",
     "VERSION",
     "FakePlatform",
     "FakePlatformError",
+    "IssuedToken",
+    "LIS_MEMBERSHIP_MEDIA_TYPE",
     "LaunchResult",
+    "MOODLE_SCOPES",
+    "NRPS_MEDIA_TYPE",
     "ServedApp",
     "SigningKey",
     "encode_jwt",
     "foreign_private_key",
+    "jwk_thumbprint",
     "load_fixture",
     "parse_auto_submit_form",
+    "tool_public_jwk",
     "without_email",
     "without_name",
     "without_personal_data",
@@ -121,6 +146,30 @@ ROLE_INSTITUTION_ADMIN = "http://purl.imsglobal.org/vocab/lis/v2/institution/per
 
 #: Moodle signs id_tokens with ``exp = iat + 60`` (mod/lti/locallib.php, lti_sign_jwt).
 ID_TOKEN_LIFETIME = 60
+#: Moodle's access tokens live ``LTI_ACCESS_TOKEN_LIFE`` = 3600 s.
+ACCESS_TOKEN_LIFETIME = 3600
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+SCOPE_AGS_LINEITEM = "https://purl.imsglobal.org/spec/lti-ags/scope/lineitem"
+SCOPE_AGS_LINEITEM_READONLY = "https://purl.imsglobal.org/spec/lti-ags/scope/lineitem.readonly"
+SCOPE_AGS_RESULT_READONLY = "https://purl.imsglobal.org/spec/lti-ags/scope/result.readonly"
+SCOPE_AGS_SCORE = "https://purl.imsglobal.org/spec/lti-ags/scope/score"
+SCOPE_NRPS = "https://purl.imsglobal.org/spec/lti-nrps/scope/contextmembership.readonly"
+SCOPE_BASIC_OUTCOME = "https://purl.imsglobal.org/spec/lti-bo/scope/basicoutcome"
+#: What a Moodle tool with AGS ("scores and line items"), NRPS and basic outcomes enabled may
+#: be granted (``lti_get_permitted_service_scopes``); ``FakePlatform.permitted_scopes``.
+MOODLE_SCOPES = (
+    SCOPE_AGS_LINEITEM,
+    SCOPE_AGS_LINEITEM_READONLY,
+    SCOPE_AGS_RESULT_READONLY,
+    SCOPE_AGS_SCORE,
+    SCOPE_NRPS,
+    SCOPE_BASIC_OUTCOME,
+)
+NRPS_MEDIA_TYPE = "application/vnd.ims.lti-nrps.v2.membershipcontainer+json"
+#: The LTI 1.1 JSON-LD format Moodle also serves on the memberships URL (not implemented here).
+LIS_MEMBERSHIP_MEDIA_TYPE = "application/vnd.ims.lis.v2.membershipcontainer+json"
+_MEMBERSHIP_ROLE_PREFIX = "http://purl.imsglobal.org/vocab/lis/v2/membership#"
 
 _NAME_CLAIMS = ("name", "given_name", "family_name", "middle_name")
 #: Top-level claim names accepted verbatim as keyword overrides (anything else must be a full
@@ -260,6 +309,37 @@ _HMAC_HASHES: dict[str, Callable[..., Any]] = {
 }
 
 SignKey = rsa.RSAPrivateKey | bytes | None
+
+
+def jwk_thumbprint(public_key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
+    """The RFC 7638 SHA-256 thumbprint of an RSA key, base64url without padding.
+
+    This is the ``kid`` pylti1p3 puts in its client assertion header: ``Registration.get_kid()``
+    imports the tool's public key PEM with jwcrypto (``JWK.from_pem``), which sets ``kid`` to
+    this thumbprint. So a tool's JWKS must publish its key under this very kid.
+    """
+    if isinstance(public_key, rsa.RSAPrivateKey):
+        public_key = public_key.public_key()
+    numbers = public_key.public_numbers()
+    members = {"e": _b64url_uint(numbers.e), "kty": "RSA", "n": _b64url_uint(numbers.n)}
+    return _b64url(hashlib.sha256(_json_bytes(members)).digest())
+
+
+def tool_public_jwk(
+    key: rsa.RSAPublicKey | rsa.RSAPrivateKey, kid: str | None = None
+) -> dict[str, str]:
+    """The public JWK a pylti1p3 tool publishes (``Registration.get_jwk``): ``kid`` defaults to
+    the RFC 7638 thumbprint, ``alg`` RS256 (Moodle's php-jwt refuses keys without ``alg``)."""
+    public_key = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    numbers = public_key.public_numbers()
+    return {
+        "kty": "RSA",
+        "e": _b64url_uint(numbers.e),
+        "n": _b64url_uint(numbers.n),
+        "kid": kid if kid is not None else jwk_thumbprint(public_key),
+        "alg": "RS256",
+        "use": "sig",
+    }
 
 
 def encode_jwt(
@@ -423,6 +503,21 @@ class _PendingLaunch:
     error: BaseException | None = None
 
 
+@dataclass(frozen=True)
+class IssuedToken:
+    """An access token issued by token.php (Moodle's ``lti_access_tokens`` row)."""
+
+    token: str
+    scopes: tuple[str, ...]  #: the granted scopes, in the order requested
+    type_id: str  #: the tool type (= deployment id) it is bound to
+    issued_at: float
+    expires_at: float
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at <= time.time()
+
+
 def _drop_path(claims: dict[str, Any], path: DropPath) -> None:
     keys = [path] if isinstance(path, str) else list(path)
     target: Any = claims
@@ -481,6 +576,7 @@ class FakePlatform:
 
     LOGIN_PATH = "/lti/login"
     LAUNCH_PATH = "/lti/launch"
+    SERVICES_PATH = "/mod/lti/services.php"
 
     def __init__(
         self,
@@ -507,6 +603,34 @@ class FakePlatform:
         #: The redirection URIs registered for the tool (auth.php's whitelist).
         self.registered_redirect_uris: list[str] = list(redirect_uris or [])
         self.tool_url: str | None = None
+
+        # token.php
+        #: The tool's public keyset URL (Moodle: "Public keyset"); token.php fetches it.
+        self.tool_jwks_url: str | None = None
+        #: Number of GETs of ``tool_jwks_url`` so far (reset it freely).
+        self.tool_jwks_fetches: int = 0
+        #: Number of access tokens issued so far (reset it freely).
+        self.tokens_issued: int = 0
+        #: Scopes token.php may grant (the requested ones are intersected with these).
+        self.permitted_scopes: list[str] = list(MOODLE_SCOPES)
+        #: Lifetime of issued tokens (``expires_in``), like Moodle's 3600 s.
+        self.token_lifetime: int = ACCESS_TOKEN_LIFETIME
+        #: Also check what Moodle 4.3 does not (``iss`` and ``sub`` = client id, ``aud`` holds
+        #: the token URL, ``exp`` present, ``jti`` present and never seen before). False checks
+        #: exactly what Moodle checks: ``sub`` names the tool, signature under a ``kid`` of the
+        #: tool's JWKS, and ``exp``/``nbf``/``iat`` when present.
+        self.strict_client_assertion: bool = True
+        #: The form fields of every token.php request, for debugging.
+        self.token_requests: list[dict[str, str]] = []
+        self._tool_jwks_cache: Any = None
+        self._tokens: dict[str, IssuedToken] = {}
+        self._used_jtis: set[str] = set()
+
+        # NRPS
+        #: ``(path, query)`` of every request to a memberships URL, in order.
+        self.roster_requests: list[tuple[str, dict[str, str]]] = []
+        self._rosters: dict[str, dict[str, Any]] = {}
+        self._roster_faults: dict[int, int] = {}
 
         self._server = ServedApp(self._wsgi_app)
         self.url: str = self._server.url  #: the issuer, e.g. ``http://127.0.0.1:PORT``
@@ -542,12 +666,21 @@ class FakePlatform:
 
     # ----------------------------------------------------------------- registration
 
-    def register_tool(self, tool_url: str, redirect_uris: Iterable[str] | None = None) -> None:
-        """Record the tool (its base URL) and its redirection URIs (default: its launch URL)."""
+    def register_tool(
+        self,
+        tool_url: str,
+        redirect_uris: Iterable[str] | None = None,
+        *,
+        jwks_url: str | None = None,
+    ) -> None:
+        """Record the tool (its base URL), its redirection URIs (default: its launch URL) and,
+        if given, its public keyset URL (``tool_jwks_url``, used by token.php)."""
         self.tool_url = tool_url.rstrip("/")
         self.registered_redirect_uris = (
             list(redirect_uris) if redirect_uris else [self.tool_url + self.LAUNCH_PATH]
         )
+        if jwks_url is not None:
+            self.tool_jwks_url = jwks_url
 
     @property
     def tool_launch_url(self) -> str | None:
@@ -1068,6 +1201,189 @@ class FakePlatform:
             url, data={"id_token": result.id_token, "state": result.state}, allow_redirects=follow
         )
 
+    # ----------------------------------------------------------------- services: token.php
+
+    def client_assertion(
+        self,
+        private_key: rsa.RSAPrivateKey,
+        *,
+        kid: str | None,
+        alg: str = "RS256",
+        header: Mapping[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
+        """A client assertion as pylti1p3's ``ServiceConnector`` builds it, signed by the tool.
+
+        Claims: ``iss`` = ``sub`` = client id, ``aud`` = token URL, ``iat = now - 5``,
+        ``exp = now + 60``, a fresh ``jti``; keyword arguments override them (``None`` drops a
+        claim). The header is ``{"typ": "JWT", "alg": alg, "kid": kid}`` updated with
+        ``header`` (a ``None`` value, or ``kid=None``, removes the entry).
+        """
+        now = int(time.time())
+        payload: dict[str, Any] = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": self.token_url,
+            "iat": now - 5,
+            "exp": now + 60,
+            "jti": f"lti-service-token-{uuid.uuid4()}",
+        }
+        for name, value in claims.items():
+            if value is None:
+                payload.pop(name, None)
+            else:
+                payload[name] = value
+        jose: dict[str, Any] = {"typ": "JWT", "alg": alg, "kid": kid}
+        jose.update(header or {})
+        jose = {name: value for name, value in jose.items() if value is not None}
+        key: SignKey = None if alg.lower() == "none" else private_key
+        return encode_jwt(payload, alg=alg, key=key, header=jose)
+
+    def request_token(
+        self,
+        private_key: rsa.RSAPrivateKey,
+        scopes: Iterable[str],
+        *,
+        kid: str | None,
+        **claims: Any,
+    ) -> requests.Response:
+        """POST a client_credentials request with ``client_assertion(...)`` to token.php."""
+        return requests.post(
+            self.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                "client_assertion": self.client_assertion(private_key, kid=kid, **claims),
+                "scope": " ".join(scopes),
+            },
+            timeout=10,
+        )
+
+    @property
+    def tokens(self) -> dict[str, IssuedToken]:
+        """Every access token issued so far, by token value."""
+        with self._lock:
+            return dict(self._tokens)
+
+    def issue_token(self, scopes: Iterable[str], *, lifetime: int | None = None) -> str:
+        """Issue an access token directly (no token.php round trip), for service tests."""
+        with self._lock:
+            return self._new_token(list(scopes), lifetime).token
+
+    def expire_tokens(self) -> None:
+        """Make every issued token expired, so the services answer 401 to it."""
+        with self._lock:
+            now = time.time()
+            self._tokens = {
+                value: IssuedToken(
+                    t.token, t.scopes, t.type_id, t.issued_at, min(t.expires_at, now)
+                )
+                for value, t in self._tokens.items()
+            }
+
+    def forget_tool_jwks(self) -> None:
+        """Drop the cached tool JWKS (Moodle's ``mod_lti/keyset`` cache)."""
+        with self._lock:
+            self._tool_jwks_cache = None
+
+    def _new_token(self, scopes: list[str], lifetime: int | None) -> IssuedToken:
+        # Moodle: md5(uniqid(rand(), 1)), 32 hex characters.
+        now = time.time()
+        issued = IssuedToken(
+            token=secrets.token_hex(16),
+            scopes=tuple(scopes),
+            type_id=self.deployment_id,
+            issued_at=now,
+            expires_at=now + (self.token_lifetime if lifetime is None else lifetime),
+        )
+        self._tokens[issued.token] = issued
+        self.tokens_issued += 1
+        return issued
+
+    # ----------------------------------------------------------------- services: NRPS
+
+    def memberships_url(self, course_id: str | int) -> str:
+        """The NRPS context memberships URL of a course, as the launch claims carry it."""
+        return (
+            f"{self.url}/mod/lti/services.php/CourseSection/{course_id}"
+            f"/bindings/{self.deployment_id}/memberships"
+        )
+
+    @staticmethod
+    def member(
+        sub: str | int,
+        role: str | Sequence[str] = "Learner",
+        name: str | None = None,
+        email: str | None = None,
+        *,
+        given_name: str | None = None,
+        family_name: str | None = None,
+        sourcedid: str = "",
+        status: str = "Active",
+    ) -> dict[str, Any]:
+        """One roster member shaped like Moodle's NRPS answer.
+
+        ``role`` is one role or a list; short context roles (``"Learner"``, ``"Instructor"``)
+        get the ``membership#`` prefix, full URIs stay. ``name`` also sets ``given_name`` and
+        ``family_name`` (split at the first space); leave ``name``/``email`` out for a Moodle
+        that does not share them. ``lis_person_sourcedid`` is always there (Moodle sends the
+        user's idnumber, usually ``""``).
+        """
+        roles = [role] if isinstance(role, str) else list(role)
+        member: dict[str, Any] = {
+            "status": status,
+            "roles": [r if "://" in r else _MEMBERSHIP_ROLE_PREFIX + r for r in roles],
+            "user_id": str(sub),
+            "lis_person_sourcedid": sourcedid,
+        }
+        if name is not None:
+            first, _, rest = name.partition(" ")
+            member["name"] = name
+            member["given_name"] = first if given_name is None else given_name
+            member["family_name"] = rest if family_name is None else family_name
+        else:
+            if given_name is not None:
+                member["given_name"] = given_name
+            if family_name is not None:
+                member["family_name"] = family_name
+        if email is not None:
+            member["email"] = email
+        return member
+
+    def set_roster(
+        self,
+        course_id: str | int,
+        members: Iterable[Mapping[str, Any]],
+        *,
+        label: str | None = None,
+        title: str | None = None,
+    ) -> None:
+        """Set a course's roster (members in this order; see ``member``).
+
+        ``label``/``title`` of the NRPS ``context`` default to the fixture course's (the ones the
+        launch claims carry). A course without a roster is unknown: its memberships URL is 404.
+        """
+        context = load_fixture("launch_learner.json")["claims"][CONTEXT]
+        with self._lock:
+            self._rosters[str(course_id)] = {
+                "label": context.get("label", "") if label is None else label,
+                "title": context.get("title", "") if title is None else title,
+                "members": [copy.deepcopy(dict(m)) for m in members],
+            }
+
+    def roster(self, course_id: str | int) -> list[dict[str, Any]]:
+        """A copy of the course's roster (KeyError if none was set)."""
+        with self._lock:
+            return copy.deepcopy(self._rosters[str(course_id)]["members"])
+
+    def fail_roster_page(self, n: int, status: int = 500) -> None:
+        """Make the ``n``-th memberships request from now on (1-based) fail once with
+        ``status`` (before the token is even looked at). Calls add up."""
+        if n < 1:
+            raise ValueError("n counts from 1")
+        with self._lock:
+            self._roster_faults[len(self.roster_requests) + n] = status
+
     # ----------------------------------------------------------------- HTTP endpoints
 
     def _wsgi_app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -1080,6 +1396,8 @@ class FakePlatform:
             "/mod/lti/token.php": self._token_endpoint,
         }
         handler = routes.get(request.path)
+        if handler is None and request.path.startswith(self.SERVICES_PATH + "/"):
+            handler = self._services_endpoint
         response = handler(request) if handler else _json_response({"error": "not_found"}, 404)
         return response(environ, start_response)
 
@@ -1092,8 +1410,207 @@ class FakePlatform:
         return _json_response(keyset, 200)
 
     def _token_endpoint(self, request: Request) -> Response:
-        return _json_response(
-            {"error": "unsupported", "error_description": "FakePlatform has no token.php yet"}, 501
+        """Moodle's mod/lti/token.php: client_credentials with a private_key_jwt assertion."""
+        form = request.form if request.method == "POST" else request.args
+        with self._lock:
+            self.token_requests.append(form.to_dict())
+        if request.method != "POST" or request.mimetype != "application/x-www-form-urlencoded":
+            return _token_error(
+                "invalid_request", "token.php takes a POST of application/x-www-form-urlencoded"
+            )
+        fields = ("client_assertion", "client_assertion_type", "grant_type", "scope")
+        missing = [name for name in fields if not form.get(name)]
+        if missing:
+            return _token_error("invalid_request", f"missing parameter(s): {', '.join(missing)}")
+        if (
+            form["client_assertion_type"] != CLIENT_ASSERTION_TYPE
+            or form["grant_type"] != "client_credentials"
+        ):
+            return _token_error(
+                "unsupported_grant_type",
+                f"grant_type must be client_credentials and client_assertion_type "
+                f"{CLIENT_ASSERTION_TYPE}",
+            )
+        assertion = form["client_assertion"]
+        try:
+            header_part, payload_part, _ = assertion.split(".")
+            header = json.loads(_b64url_decode(header_part))
+            claims = json.loads(_b64url_decode(payload_part))
+            if not isinstance(header, dict) or not isinstance(claims, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            return _token_error("invalid_request", "client_assertion is not a JWT")
+        if not claims.get("sub"):
+            return _token_error("invalid_request", "client_assertion has no sub")
+        if str(claims["sub"]) != self.client_id:
+            return _token_error("invalid_client", f"no tool has client id {claims['sub']!r}")
+        problem = self._verify_with_tool_keyset(assertion, header, claims)
+        if problem is None and self.strict_client_assertion:
+            problem = self._strict_assertion_problem(claims)
+        if problem is not None:
+            return _token_error("invalid_client", problem)
+        requested = form["scope"].split(" ")
+        with self._lock:
+            scopes = [s for s in dict.fromkeys(requested) if s in self.permitted_scopes]
+            if not scopes:
+                return _token_error(
+                    "invalid_scope",
+                    f"none of the requested scopes {requested} is permitted "
+                    f"({self.permitted_scopes})",
+                )
+            issued = self._new_token(scopes, None)
+        body = {
+            "access_token": issued.token,
+            "token_type": "Bearer",
+            "expires_in": self.token_lifetime,
+            "scope": " ".join(scopes),
+        }
+        # token.php sets no Content-Type, so PHP's default goes out.
+        return Response(json.dumps(body), 200, content_type="text/html; charset=UTF-8")
+
+    def _strict_assertion_problem(self, claims: Mapping[str, Any]) -> str | None:
+        """The RFC 7523 / LTI security checks Moodle 4.3 itself skips."""
+        if claims.get("iss") != self.client_id:
+            return f"iss must be the client id {self.client_id!r}, got {claims.get('iss')!r}"
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if self.token_url not in audiences:
+            return f"aud must include the token URL {self.token_url!r}, got {audience!r}"
+        if not isinstance(claims.get("exp"), (int, float)):
+            return "client_assertion has no exp"
+        jti = claims.get("jti")
+        if not jti or not isinstance(jti, str):
+            return "client_assertion has no jti"
+        with self._lock:
+            if jti in self._used_jtis:
+                return f"jti {jti!r} was already used"
+            self._used_jtis.add(jti)
+        return None
+
+    def _verify_with_tool_keyset(
+        self, assertion: str, header: Mapping[str, Any], claims: Mapping[str, Any]
+    ) -> str | None:
+        """Moodle's ``lti_verify_with_keyset``: try the cached keyset; on any failure fetch the
+        tool's JWKS once, retry, and cache it only if that works. Returns the php-jwt style
+        failure message, or None."""
+        with self._lock:
+            cached = self._tool_jwks_cache
+        if cached is not None and _check_jwt(assertion, header, claims, cached) is None:
+            return None
+        keyset, problem = self._fetch_tool_jwks()
+        if problem is not None:
+            return problem
+        problem = _check_jwt(assertion, header, claims, keyset)
+        if problem is None:
+            with self._lock:
+                self._tool_jwks_cache = keyset
+        return problem
+
+    def _fetch_tool_jwks(self) -> tuple[Any, str | None]:
+        url = self.tool_jwks_url
+        if not url:
+            return None, "No public keyset configured (set FakePlatform.tool_jwks_url)"
+        with self._lock:
+            self.tool_jwks_fetches += 1
+        try:
+            answer = requests.get(url, timeout=10)
+        except requests.RequestException as error:
+            return None, f"could not fetch the tool's JWKS {url}: {error}"
+        if answer.status_code != 200:
+            return None, f"the tool's JWKS {url} answered HTTP {answer.status_code}"
+        try:
+            return answer.json(), None
+        except ValueError:
+            return None, f"the tool's JWKS {url} is not JSON"
+
+    def _services_endpoint(self, request: Request) -> Response:
+        """Moodle's mod/lti/services.php: route by path and Accept, then run the resource."""
+        path = request.path[len(self.SERVICES_PATH) :]
+        match = re.fullmatch(r"/CourseSection/([^/]+)/bindings/([^/]+)/memberships", path)
+        accept = request.headers.get("Accept", "")
+        formats = (LIS_MEMBERSHIP_MEDIA_TYPE, NRPS_MEDIA_TYPE)
+        # services.php compares the whole Accept header (GET) or Content-Type (other than
+        # DELETE) with the resource's formats; no match means "no handler", a 400.
+        if request.method == "GET":
+            acceptable = not accept or "*/*" in accept or accept in formats
+        elif request.method == "DELETE":
+            acceptable = True
+        else:
+            acceptable = request.headers.get("Content-Type", "") in formats
+        if match is None or not acceptable:
+            return _service_error(request, 400, f"No handler found for {path} {accept}")
+        if request.method != "GET":
+            return _service_error(request, 405)
+        return self._memberships_endpoint(request, match.group(1), match.group(2))
+
+    def _memberships_endpoint(self, request: Request, course_id: str, type_id: str) -> Response:
+        """ltiservice_memberships' contextmemberships resource, LTI 1.3 (NRPS v2) flavour."""
+        query = request.args.to_dict()
+        with self._lock:
+            self.roster_requests.append((request.path, query))
+            fault = self._roster_faults.pop(len(self.roster_requests), None)
+            roster = copy.deepcopy(self._rosters.get(course_id))
+        if fault is not None:
+            return _service_error(request, fault, "injected by fail_roster_page")
+        if not self._bearer_allows(request, type_id, SCOPE_NRPS):
+            return _service_error(request, 401)
+        if roster is None:
+            return _service_error(request, 404, f"Not Found: Course {course_id} doesn't exist")
+        if type_id != self.deployment_id:
+            return _service_error(request, 404)
+        if request.headers.get("Accept", "") == LIS_MEMBERSHIP_MEDIA_TYPE:
+            return _service_error(
+                request, 406, "FakePlatform does not serve the LTI 1.1 JSON-LD membership format"
+            )
+
+        members = roster["members"]
+        role = query.get("role", "")
+        if role:
+            if not role.startswith(("http://", "https://")):
+                role = _MEMBERSHIP_ROLE_PREFIX + role
+            instructor = _MEMBERSHIP_ROLE_PREFIX + "Instructor"
+            if role == instructor:
+                members = [m for m in members if instructor in m.get("roles", [])]
+            elif role == _MEMBERSHIP_ROLE_PREFIX + "Learner":
+                members = [m for m in members if instructor not in m.get("roles", [])]
+        limit = _php_int(query.get("limit"))
+        start = _php_int(query.get("from")) if limit > 0 else 0
+        endpoint = self.url + request.path
+        headers: dict[str, str] = {}
+        if limit > 0:
+            page = members[max(start, 0) : max(start, 0) + limit]
+            if len(members) > max(start, 0) + limit:
+                next_url = f"{endpoint}?limit={limit}&from={start + limit}"
+                if query.get("rlid"):
+                    next_url += f"&rlid={query['rlid']}"
+                headers["Link"] = f'<{next_url}>; rel="next"'
+        else:
+            page = members
+        body = {
+            "id": endpoint,
+            "context": {"id": course_id, "label": roster["label"], "title": roster["title"]},
+            "members": page,
+        }
+        return Response(
+            json.dumps(body),
+            200,
+            headers=headers,
+            content_type=f"{NRPS_MEDIA_TYPE}; charset=utf-8",
+        )
+
+    def _bearer_allows(self, request: Request, type_id: str, scope: str) -> bool:
+        """Moodle's ``get_oauth_key_from_headers``: a known, unexpired Bearer token of this tool
+        type holding the scope. Any failure is a 401 in Moodle."""
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
+            return False
+        with self._lock:
+            token = self._tokens.get(authorization[len("Bearer ") :].strip())
+        return (
+            token is not None
+            and token.type_id == type_id
+            and not token.expired
+            and scope in token.scopes
         )
 
     def _auth_endpoint(self, request: Request) -> Response:
@@ -1186,3 +1703,108 @@ def _json_response(body: Any, status: int) -> Response:
 
 def _auth_error(error: str, description: str) -> Response:
     return _json_response({"error": error, "error_description": description}, 400)
+
+
+def _token_error(error: str, description: str) -> Response:
+    """token.php's refusal: 400 with ``error``. Real Moodle 4.3 has no ``error_description``
+    and, when the signature check throws, puts php-jwt's message in ``error`` itself."""
+    body = {"error": error, "error_description": description}
+    return Response(json.dumps(body), 400, content_type="text/html; charset=UTF-8")
+
+
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
+
+
+def _service_error(request: Request, status: int, reason: str | None = None) -> Response:
+    """services.php's error answer (mod_lti\\local\\ltiservice\\response::send)."""
+    reason = reason or _REASONS.get(status) or _REASONS.get(status // 100 * 100, "Error")
+    details: dict[str, str] = {"method": request.method, "url": request.full_path.rstrip("?")}
+    if "Accept" in request.headers:
+        details["accept"] = request.headers["Accept"]
+    if request.mimetype:
+        details["contentType"] = request.mimetype
+    body = {"status": status, "reason": reason, "request": details}
+    return Response(
+        json.dumps(body, indent=4), status, content_type="application/json; charset=utf-8"
+    )
+
+
+def _php_int(value: str | None) -> int:
+    """PHP's ``(int)`` of a request parameter (Moodle's PARAM_INT): leading digits, else 0."""
+    match = re.match(r"\s*([+-]?\d+)", value or "")
+    return int(match.group(1)) if match else 0
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _check_jwt(
+    token: str, header: Mapping[str, Any], claims: Mapping[str, Any], keyset: Any
+) -> str | None:
+    """What Moodle 4.3's ``JWT::decode($jwt, JWK::parseKeySet($keyset))`` (php-jwt 6) checks:
+    the keyset parses (every key needs ``alg``), the header's ``kid`` names a key whose
+    ``alg`` is the header's, the RSA signature holds, and ``nbf``/``iat``/``exp`` (when present,
+    no leeway). Returns php-jwt's message for the first failure, or None."""
+    if not isinstance(keyset, dict) or not isinstance(keyset.get("keys"), list):
+        return "JWK Set did not contain any keys"
+    keys: dict[str, Mapping[str, Any]] = {}
+    for index, jwk in enumerate(keyset["keys"]):
+        if not isinstance(jwk, dict) or not jwk:
+            return "JWK must not be empty"
+        if "kty" not in jwk:
+            return 'JWK must contain a "kty" parameter'
+        if "alg" not in jwk:
+            return 'JWK must contain an "alg" parameter'
+        if jwk["kty"] == "RSA" and jwk.get("d"):
+            return "RSA private keys are not supported"
+        keys[str(jwk.get("kid", index))] = jwk
+    if not keys:
+        return "JWK Set did not contain any keys"
+    alg = header.get("alg")
+    if not alg:
+        return "Empty algorithm"
+    kid = header.get("kid")
+    if not kid:
+        return '"kid" empty, unable to lookup correct key'
+    jwk = keys.get(str(kid))
+    if jwk is None:
+        return '"kid" invalid, unable to lookup correct key'
+    if jwk.get("alg") != alg:
+        return "Incorrect key for this algorithm"
+    if alg not in _RSA_HASHES or jwk.get("kty") != "RSA":
+        return "Algorithm not supported"
+    try:
+        public_key = rsa.RSAPublicNumbers(
+            int.from_bytes(_b64url_decode(jwk["e"]), "big"),
+            int.from_bytes(_b64url_decode(jwk["n"]), "big"),
+        ).public_key()
+        signing_input, _, signature = token.rpartition(".")
+        public_key.verify(
+            _b64url_decode(signature),
+            signing_input.encode("ascii"),
+            padding.PKCS1v15(),
+            _RSA_HASHES[alg](),
+        )
+    except (KeyError, ValueError, TypeError):
+        return "Signature verification failed (malformed key or signature)"
+    except InvalidSignature:
+        return "Signature verification failed"
+    now = int(time.time())
+    for name in ("nbf", "iat"):
+        value = claims.get(name)
+        if isinstance(value, (int, float)) and value > now:
+            return f"Cannot handle token with {name} prior to {int(value)} (now {now})"
+    exp = claims.get("exp")
+    if isinstance(exp, (int, float)) and now >= exp:
+        return "Expired token"
+    return None

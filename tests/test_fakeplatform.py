@@ -10,10 +10,11 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jwt
 import pytest
@@ -22,22 +23,30 @@ from flask import Flask, jsonify, request
 
 from tests.fakeplatform import (
     AGS,
+    CLIENT_ASSERTION_TYPE,
     CONTEXT,
     CUSTOM,
     DEPLOYMENT_ID,
     DL_SETTINGS,
     MESSAGE_TYPE,
     NRPS,
+    NRPS_MEDIA_TYPE,
     RESOURCE_LINK,
     ROLE_INSTRUCTOR,
+    ROLE_LEARNER,
     ROLES,
+    SCOPE_AGS_SCORE,
+    SCOPE_NRPS,
     TARGET_LINK_URI,
     FakePlatform,
     FakePlatformError,
     ServedApp,
+    SigningKey,
     foreign_private_key,
+    jwk_thumbprint,
     load_fixture,
     parse_auto_submit_form,
+    tool_public_jwk,
     without_email,
     without_name,
     without_personal_data,
@@ -161,7 +170,7 @@ def test_jwks_has_moodle_shape_and_counts_fetches(platform: FakePlatform) -> Non
     assert platform.jwks_fetches == before + 1
 
 
-def test_platform_add_args_and_token_placeholder(platform: FakePlatform) -> None:
+def test_platform_add_args(platform: FakePlatform) -> None:
     args = platform.platform_add_args()
     assert args == {
         "issuer": platform.url,
@@ -172,7 +181,8 @@ def test_platform_add_args_and_token_placeholder(platform: FakePlatform) -> None
         "jwks_url": platform.url + "/mod/lti/certs.php",
     }
     assert len(platform.client_id) == 15 and platform.client_id.isalnum()
-    assert requests.post(platform.token_url, timeout=5).status_code == 501
+    empty = requests.post(platform.token_url, timeout=5)
+    assert (empty.status_code, empty.json()["error"]) == (400, "invalid_request")
 
 
 def _auth_query(platform: FakePlatform, tool: StandInTool, **changes: str) -> dict[str, str]:
@@ -467,3 +477,373 @@ def test_key_rotation(tool: StandInTool) -> None:
             assert platform.jwks() == {"keys": []}
         finally:
             tool.platform = original
+
+
+# --------------------------------------------------------------------------- token.php
+
+
+class ToolKeyset:
+    """A tool's public keyset on loopback (what ``<tool>/lti/jwks.json`` would serve)."""
+
+    def __init__(self) -> None:
+        self.key = SigningKey.cached("test_fakeplatform_tool", 0).private_key
+        self.kid = jwk_thumbprint(self.key)
+        self.keys: list[dict[str, str]] = [tool_public_jwk(self.key)]
+        app = Flask(__name__)
+
+        @app.get("/lti/jwks.json")
+        def jwks() -> Any:
+            return jsonify(keys=self.keys)
+
+        self.server = ServedApp(app)
+        self.url = self.server.url + "/lti/jwks.json"
+
+
+@pytest.fixture(scope="module")
+def tool_keyset(platform: FakePlatform) -> Iterator[ToolKeyset]:
+    keyset = ToolKeyset()
+    with keyset.server:
+        platform.tool_jwks_url = keyset.url
+        yield keyset
+
+
+@pytest.fixture()
+def keyset(platform: FakePlatform, tool_keyset: ToolKeyset) -> Iterator[ToolKeyset]:
+    tool_keyset.keys = [tool_public_jwk(tool_keyset.key)]
+    platform.tool_jwks_url = tool_keyset.url
+    platform.strict_client_assertion = True
+    yield tool_keyset
+    tool_keyset.keys = [tool_public_jwk(tool_keyset.key)]
+    platform.strict_client_assertion = True
+
+
+def test_token_endpoint_issues_tokens(platform: FakePlatform, keyset: ToolKeyset) -> None:
+    platform.forget_tool_jwks()
+    fetches, issued = platform.tool_jwks_fetches, platform.tokens_issued
+    answer = platform.request_token(
+        keyset.key,
+        [SCOPE_NRPS, "https://example.com/unknown-scope", SCOPE_AGS_SCORE],
+        kid=keyset.kid,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
+    assert body["token_type"] == "Bearer" and body["expires_in"] == 3600
+    assert body["scope"] == f"{SCOPE_NRPS} {SCOPE_AGS_SCORE}"  # unknown scopes are dropped
+    assert len(body["access_token"]) == 32
+    assert answer.headers["Content-Type"].startswith("text/html")  # as Moodle's token.php
+    token = platform.tokens[body["access_token"]]
+    assert token.scopes == (SCOPE_NRPS, SCOPE_AGS_SCORE) and token.type_id == "1"
+    assert 3590 < token.expires_at - token.issued_at <= 3600 and not token.expired
+    assert platform.tokens_issued == issued + 1
+    assert platform.tool_jwks_fetches == fetches + 1
+
+    # The keyset is cached: a second request fetches nothing; a new kid refetches it once.
+    assert platform.request_token(keyset.key, [SCOPE_NRPS], kid=keyset.kid).status_code == 200
+    assert platform.tool_jwks_fetches == fetches + 1
+    rotated = SigningKey.cached("test_fakeplatform_tool", 1).private_key
+    keyset.keys.append(tool_public_jwk(rotated))
+    assert (
+        platform.request_token(rotated, [SCOPE_NRPS], kid=jwk_thumbprint(rotated)).status_code
+        == 200
+    )
+    assert platform.tool_jwks_fetches == fetches + 2
+    assert platform.tokens_issued == issued + 3
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("bad_signature", "invalid_client"),
+        ("wrong_iss", "invalid_client"),
+        ("wrong_sub", "invalid_client"),
+        ("wrong_aud", "invalid_client"),
+        ("expired", "invalid_client"),
+        ("no_exp", "invalid_client"),
+        ("no_jti", "invalid_client"),
+        ("reused_jti", "invalid_client"),
+        ("no_kid", "invalid_client"),
+        ("unknown_kid", "invalid_client"),
+        ("jwk_without_alg", "invalid_client"),
+        ("no_keyset_url", "invalid_client"),
+        ("unknown_scope", "invalid_scope"),
+        ("wrong_grant_type", "unsupported_grant_type"),
+        ("not_a_jwt", "invalid_request"),
+        ("json_body", "invalid_request"),
+    ],
+)
+def test_token_endpoint_refusals(
+    platform: FakePlatform, keyset: ToolKeyset, case: str, error: str
+) -> None:
+    claims: dict[str, Any] = {}
+    key, kid, scopes = keyset.key, keyset.kid, [SCOPE_NRPS]
+    form_changes: dict[str, str] = {}
+    if case == "bad_signature":
+        key = foreign_private_key()
+    elif case == "wrong_iss":
+        claims["iss"] = "someone-else"
+    elif case == "wrong_sub":
+        claims["sub"] = "someoneElse0000"
+    elif case == "wrong_aud":
+        claims["aud"] = platform.url + "/elsewhere"
+    elif case == "expired":
+        claims.update(iat=1000, exp=1060)
+    elif case == "no_exp":
+        claims["exp"] = None
+    elif case == "no_jti":
+        claims["jti"] = None
+    elif case == "reused_jti":
+        claims["jti"] = "used-" + secrets.token_hex(4)
+        first = platform.request_token(key, scopes, kid=kid, **claims)
+        assert first.status_code == 200
+    elif case == "no_kid":
+        kid = None
+    elif case == "unknown_kid":
+        kid = "unknown"
+    elif case == "jwk_without_alg":
+        del keyset.keys[0]["alg"]
+        platform.forget_tool_jwks()
+    elif case == "no_keyset_url":
+        platform.forget_tool_jwks()
+        platform.tool_jwks_url = None
+    elif case == "unknown_scope":
+        scopes = ["https://example.com/unknown-scope"]
+    elif case == "wrong_grant_type":
+        form_changes["grant_type"] = "authorization_code"
+    elif case == "not_a_jwt":
+        form_changes["client_assertion"] = "not-a-jwt"
+
+    issued = platform.tokens_issued
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": CLIENT_ASSERTION_TYPE,
+        "client_assertion": platform.client_assertion(key, kid=kid, **claims),
+        "scope": " ".join(scopes),
+        **form_changes,
+    }
+    if case == "json_body":
+        answer = requests.post(platform.token_url, json=form, timeout=5)
+    else:
+        answer = requests.post(platform.token_url, data=form, timeout=5)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == error
+    assert answer.json()["error_description"]
+    assert platform.tokens_issued == issued
+
+
+def test_token_endpoint_refetches_once_per_failure(
+    platform: FakePlatform, keyset: ToolKeyset
+) -> None:
+    assert platform.request_token(keyset.key, [SCOPE_NRPS], kid=keyset.kid).status_code == 200
+    fetches = platform.tool_jwks_fetches
+    # Like Moodle's lti_verify_with_keyset: a failure with the cached keyset refetches once.
+    bad = platform.request_token(foreign_private_key(), [SCOPE_NRPS], kid=keyset.kid)
+    assert bad.json()["error_description"] == "Signature verification failed"
+    assert platform.tool_jwks_fetches == fetches + 1
+    unknown = platform.request_token(keyset.key, [SCOPE_NRPS], kid="nope")
+    assert "kid" in unknown.json()["error_description"]
+    assert platform.tool_jwks_fetches == fetches + 2
+
+
+def test_lenient_mode_checks_only_what_moodle_checks(
+    platform: FakePlatform, keyset: ToolKeyset
+) -> None:
+    platform.strict_client_assertion = False
+    loose = {"iss": "whoever", "aud": "whatever", "exp": None, "jti": None}
+    assert platform.request_token(keyset.key, [SCOPE_NRPS], kid=keyset.kid, **loose).ok
+    assert platform.request_token(keyset.key, [SCOPE_NRPS], kid=keyset.kid, **loose).ok
+    still = platform.request_token(foreign_private_key(), [SCOPE_NRPS], kid=keyset.kid)
+    assert still.status_code == 400
+
+
+# --------------------------------------------------------------------------- NRPS
+
+
+def _course_members(platform: FakePlatform) -> list[dict[str, Any]]:
+    return [
+        platform.member("3", "Instructor", name="Ada Lovelace", email="ada@example.com"),
+        platform.member("4", name="Alan Turing", email="alan@example.com"),
+        platform.member("5"),  # a Moodle that shares no personal data
+        platform.member("6", name="Grace Hopper"),
+        platform.member(
+            "7", ["Learner", "http://purl.imsglobal.org/vocab/lis/v2/membership#Mentor"]
+        ),
+    ]
+
+
+@pytest.fixture()
+def roster(platform: FakePlatform) -> list[dict[str, Any]]:
+    members = _course_members(platform)
+    platform.set_roster("2", members)
+    return members
+
+
+def _nrps_get(
+    url: str, token: str | None, accept: str = NRPS_MEDIA_TYPE, **params: Any
+) -> requests.Response:
+    headers = {"Accept": accept}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.get(url, params=params or None, headers=headers, timeout=5)
+
+
+def test_member_helper_and_launch_claims(platform: FakePlatform) -> None:
+    assert platform.member("4", name="Alan Turing", email="a@example.com") == {
+        "status": "Active",
+        "roles": [ROLE_LEARNER],
+        "user_id": "4",
+        "lis_person_sourcedid": "",
+        "name": "Alan Turing",
+        "given_name": "Alan",
+        "family_name": "Turing",
+        "email": "a@example.com",
+    }
+    assert platform.member(3, "Instructor")["roles"] == [ROLE_INSTRUCTOR]
+    claims = platform.learner(context_id=7)
+    assert claims[NRPS]["context_memberships_url"] == platform.memberships_url(7)
+    assert claims[CUSTOM]["context_memberships_url"] == platform.memberships_url(7)
+
+
+def test_nrps_pages_with_limit(platform: FakePlatform, roster: list[dict[str, Any]]) -> None:
+    token = platform.issue_token([SCOPE_NRPS])
+    url = platform.memberships_url("2")
+    before = len(platform.roster_requests)
+    pages, next_url = [], url + "?limit=2"
+    while next_url:
+        answer = _nrps_get(next_url, token)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["Content-Type"].startswith(NRPS_MEDIA_TYPE)
+        pages.append(answer.json())
+        if "Link" in answer.headers:
+            assert re.fullmatch(r'<[^>]+\?limit=2&from=\d>; rel="next"', answer.headers["Link"])
+        next_url = answer.links.get("next", {}).get("url")
+    assert [len(page["members"]) for page in pages] == [2, 2, 1]
+    assert [m for page in pages for m in page["members"]] == roster
+    assert pages[0]["id"] == url
+    assert pages[0]["context"] == {"id": "2", "label": "LTI101", "title": "LTI 1.3 Test Course"}
+    requests_made = platform.roster_requests[before:]
+    assert [query for _, query in requests_made] == [
+        {"limit": "2"},
+        {"limit": "2", "from": "2"},
+        {"limit": "2", "from": "4"},
+    ]
+    assert {path for path, _ in requests_made} == {urlsplit(url).path}
+
+
+def test_nrps_without_limit_and_role_filter(
+    platform: FakePlatform, roster: list[dict[str, Any]]
+) -> None:
+    token = platform.issue_token([SCOPE_NRPS])
+    answer = _nrps_get(platform.memberships_url(2), token)
+    assert answer.status_code == 200 and "Link" not in answer.headers
+    assert answer.json()["members"] == roster
+    everything = _nrps_get(platform.memberships_url(2), token, accept="*/*")
+    assert everything.json()["members"] == roster
+    teachers = _nrps_get(platform.memberships_url(2), token, role="Instructor").json()
+    assert [m["user_id"] for m in teachers["members"]] == ["3"]
+    learners = _nrps_get(platform.memberships_url(2), token, role=ROLE_LEARNER).json()
+    assert [m["user_id"] for m in learners["members"]] == ["4", "5", "6", "7"]
+
+
+def test_nrps_refusals(platform: FakePlatform, roster: list[dict[str, Any]]) -> None:
+    url = platform.memberships_url(2)
+    assert _nrps_get(url, None).status_code == 401
+    assert _nrps_get(url, "not-a-token").status_code == 401
+    wrong_scope = platform.issue_token([SCOPE_AGS_SCORE])
+    assert _nrps_get(url, wrong_scope).status_code == 401  # Moodle: any token failure is 401
+    expired = platform.issue_token([SCOPE_NRPS], lifetime=0)
+    assert _nrps_get(url, expired).status_code == 401
+    refused = _nrps_get(url, None)
+    assert refused.json()["status"] == 401 and refused.json()["reason"] == "Unauthorized"
+
+    token = platform.issue_token([SCOPE_NRPS])
+    assert _nrps_get(platform.memberships_url(999), token).status_code == 404
+    other_type = url.replace("/bindings/1/", "/bindings/9/")
+    assert _nrps_get(other_type, token).status_code == 401  # the token is bound to type 1
+    assert _nrps_get(url, token, accept="application/json").status_code == 400
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert requests.post(url, headers=bearer, timeout=5).status_code == 400  # no handler
+    posted = requests.post(url, headers={**bearer, "Content-Type": NRPS_MEDIA_TYPE}, timeout=5)
+    assert posted.status_code == 405
+    platform.expire_tokens()
+    assert _nrps_get(url, token).status_code == 401
+
+
+def test_fail_roster_page(platform: FakePlatform, roster: list[dict[str, Any]]) -> None:
+    token = platform.issue_token([SCOPE_NRPS])
+    url = platform.memberships_url(2)
+    platform.fail_roster_page(2)
+    platform.fail_roster_page(3, status=503)
+    first = _nrps_get(url, token, limit=2)
+    assert first.status_code == 200
+    second = _nrps_get(first.links["next"]["url"], token)
+    assert second.status_code == 500 and second.json()["status"] == 500
+    third = _nrps_get(first.links["next"]["url"], token)
+    assert third.status_code == 503
+    again = _nrps_get(first.links["next"]["url"], token)  # each fault fires once
+    assert again.status_code == 200
+    assert [m["user_id"] for m in again.json()["members"]] == ["5", "6"]
+    with pytest.raises(ValueError):
+        platform.fail_roster_page(0)
+
+
+# --------------------------------------------------------------------------- with pylti1p3
+
+
+def test_pylti1p3_service_connector_reads_the_whole_roster(
+    platform: FakePlatform, keyset: ToolKeyset, roster: list[dict[str, Any]]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from pylti1p3.exception import LtiServiceException
+    from pylti1p3.names_roles import NamesRolesProvisioningService
+    from pylti1p3.registration import Registration
+    from pylti1p3.service_connector import ServiceConnector
+
+    class CachingConnector(ServiceConnector):  # the base class leaves the cache abstract
+        def __init__(self, registration: Registration) -> None:
+            super().__init__(registration)
+            self.cache: dict[str, str] = {}
+
+        def _get_cached_access_token(self, scope_key: str) -> str | None:
+            return self.cache.get(scope_key)
+
+        def _cache_access_token(self, scope_key: str, access_token: str, expires_in: float):
+            self.cache[scope_key] = access_token
+
+    private_pem = keyset.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_pem = (
+        keyset.key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    registration = (
+        Registration()
+        .set_issuer(platform.issuer)
+        .set_client_id(platform.client_id)
+        .set_auth_token_url(platform.token_url)
+        .set_tool_private_key(private_pem)
+    )
+    # Without the public key pylti1p3 sends no kid, and Moodle cannot pick a key.
+    with pytest.raises(LtiServiceException):
+        NamesRolesProvisioningService(
+            CachingConnector(registration),
+            {"context_memberships_url": platform.memberships_url(2)},
+        ).get_members()
+
+    registration.set_tool_public_key(public_pem)
+    assert registration.get_kid() == keyset.kid == jwk_thumbprint(keyset.key)
+    assert registration.get_jwks() == [tool_public_jwk(keyset.key)]
+
+    issued, before = platform.tokens_issued, len(platform.roster_requests)
+    service = NamesRolesProvisioningService(
+        CachingConnector(registration),
+        {"context_memberships_url": platform.memberships_url(2) + "?limit=2"},
+    )
+    assert service.get_members() == roster
+    assert len(platform.roster_requests) - before == 3
+    assert platform.tokens_issued == issued + 1  # one token, reused across the pages
+    assert service.get_context() == {"id": "2", "label": "LTI101", "title": "LTI 1.3 Test Course"}

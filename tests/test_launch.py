@@ -93,10 +93,11 @@ def test_instructor_launch_shows_the_class_page(tool, platform, rt, browser):
     class_url = tool.url + result.launch_response.headers["Location"]
     page = browser.get(class_url)
     assert page.status_code == 200
-    assert f"#{machine_id}" in page.text
-    listing = browser.get(class_url + ".json").json()["machines"]
-    assert [m["id"] for m in listing] == [machine_id]
-    assert listing[0]["state"] == MachineState.requested.value
+    roster = browser.get(class_url + ".json").json()["roster"]
+    students = [r for r in roster if r["role"] == "student"]
+    assert [r["machine"] for r in students] == [machine_id]
+    assert students[0]["state"] == MachineState.requested.value
+    assert students[0]["storage"] == "home folder"
 
     # A student cannot see the class page.
     assert student.get(class_url).status_code == 403

@@ -37,6 +37,9 @@ def upgrade() -> None:
 
     with op.batch_alter_table('environments', schema=None) as batch_op:
         batch_op.add_column(sa.Column('max_session_s', sa.Integer(), nullable=False, server_default='28800'))
+    with op.batch_alter_table('pools', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('boost_target', sa.Integer(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('boost_until', sa.DateTime(timezone=True), nullable=True))
 
     
 
@@ -46,6 +49,9 @@ def downgrade() -> None:
     
     with op.batch_alter_table('environments', schema=None) as batch_op:
         batch_op.drop_column('max_session_s')
+    with op.batch_alter_table('pools', schema=None) as batch_op:
+        batch_op.drop_column('boost_until')
+        batch_op.drop_column('boost_target')
 
     with op.batch_alter_table('class_sessions', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_class_sessions_activity_id'))
