@@ -110,10 +110,12 @@ def with_limit(url: str, limit: int) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def fetch_roster(connector: ServiceConnector, memberships_url: str) -> tuple[list[Member], int]:
+def fetch_roster(
+    connector: ServiceConnector, memberships_url: str, page_size: int = PAGE_SIZE
+) -> tuple[list[Member], int]:
     """Every member, all pages or none (RosterError)."""
     service = NamesRolesProvisioningService(connector, {"context_memberships_url": memberships_url})
-    url: str | None = with_limit(memberships_url, PAGE_SIZE)
+    url: str | None = with_limit(memberships_url, page_size)
     seen: set[str] = set()
     members: list[Member] = []
     pages = 0
@@ -173,7 +175,7 @@ def apply_roster(session: Session, course: Course, issuer: str, members: list[Me
     return ended.rowcount
 
 
-def sync_course(rt: Runtime, course_id: int) -> SyncReport:
+def sync_course(rt: Runtime, course_id: int, page_size: int = PAGE_SIZE) -> SyncReport:
     with rt.sessions() as session:
         course = session.get(Course, course_id)
         if course is None or not course.memberships_url:
@@ -181,7 +183,7 @@ def sync_course(rt: Runtime, course_id: int) -> SyncReport:
         platform = session.get_one(Platform, course.platform_id)
         connector = connector_for(session, rt, platform)
         url, issuer = course.memberships_url, platform.issuer
-    members, pages = fetch_roster(connector, url)
+    members, pages = fetch_roster(connector, url, page_size)
     with transaction(rt.sessions) as session:
         course = session.get_one(Course, course_id)
         ended = apply_roster(session, course, issuer, members)

@@ -50,11 +50,11 @@ def machines_to_release(rt: Runtime, now: datetime) -> list[tuple[int, str]]:
             .where(Machine.state == MachineState.assigned, Machine.owner_id.is_not(None))
         ).all()
         pairs = [(m.course_id, m.owner_id) for m, _ in rows]
-        left = set(session.execute(
+        left = {tuple(row) for row in session.execute(
             select(enrolments.c.course_id, enrolments.c.user_id)
             .where(tuple_(enrolments.c.course_id, enrolments.c.user_id).in_(pairs),
                    enrolments.c.ended_at.is_not(None))
-        ).tuples()) if pairs else set()
+        )} if pairs else set()
     chosen: list[tuple[int, str]] = []
     for machine, env in rows:
         since = machine.assigned_at or machine.state_changed_at

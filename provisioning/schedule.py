@@ -16,13 +16,13 @@ from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import column, select, table
+from sqlalchemy import JSON, column, select, table
 from sqlalchemy.orm import Session
 
 from provisioning.models import LIVE_STATES, ClassSession, Machine
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))
-enrolments = table("enrolments", column("course_id"), column("user_id"), column("roles"),
+enrolments = table("enrolments", column("course_id"), column("user_id"), column("roles", JSON),
                    column("ended_at"))
 STAFF_MARKERS = ("#Instructor", "#Administrator", "Instructor")
 
@@ -71,11 +71,11 @@ def scheduled_demand(session: Session, environment_id: int, now: datetime) -> tu
         )
         if is_learner(roles)
     }
-    holding = set(session.execute(
+    holding = {tuple(row) for row in session.execute(
         select(Machine.course_id, Machine.owner_id)
         .where(Machine.environment_id == environment_id, Machine.course_id.in_(courses),
                Machine.owner_id.is_not(None), Machine.state.in_(LIVE_STATES))
-    ).tuples())
+    )}
     return len(learners - holding), True
 
 
