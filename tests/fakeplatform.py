@@ -1549,7 +1549,10 @@ class FakePlatform:
         with self._lock:
             self.roster_requests.append((request.path, query))
             fault = self._roster_faults.pop(len(self.roster_requests), None)
-            roster = copy.deepcopy(self._rosters.get(course_id))
+            # set_roster replaces a roster whole, so a reference is a consistent snapshot;
+            # only the page served is copied (a deep copy of 5,000 members per page would
+            # make the fake, not the tool, the bottleneck of a roster benchmark).
+            roster = self._rosters.get(course_id)
         if fault is not None:
             return _service_error(request, fault, "injected by fail_roster_page")
         if not self._bearer_allows(request, type_id, SCOPE_NRPS):
@@ -1589,7 +1592,7 @@ class FakePlatform:
         body = {
             "id": endpoint,
             "context": {"id": course_id, "label": roster["label"], "title": roster["title"]},
-            "members": page,
+            "members": copy.deepcopy(page),
         }
         return Response(
             json.dumps(body),

@@ -1,0 +1,150 @@
+"""Roster benchmark: sync a 5,000-member course roster from a fake Moodle in pages of 100.
+
+    .venv/bin/python bench/roster.py [--quick] [--db postgres|sqlite]
+
+The fake Moodle (tests/fakeplatform.py) serves its token endpoint and the NRPS memberships
+endpoint over HTTP, paging like Moodle (`limit`/`from`, `Link: rel="next"`); the tool's JWKS
+(for the client assertion) is served by the tool's own app on loopback. Labpool's real code
+runs unchanged: `lti_tool.roster.sync_course` (pylti1p3's ServiceConnector and NRPS service,
+the Redis-cached access token, batched upserts). Measured: a first sync (everyone new), a
+second one (nothing changed), and a third after 10% left and 10% joined; wall time, pages,
+and database statements (counted on the engine).
+
+Target: ≤ 5 s for 5,000 members. Ends with `RESULT seconds=… queries=…` (the first sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import event, select  # noqa: E402
+
+from bench.launch import (  # noqa: E402
+    DEFAULT_POSTGRES,
+    RedisCleaner,
+    in_schema,
+    postgres_reachable,
+    reset_schema,
+    table,
+)
+from tests.fakeplatform import FakePlatform, ServedApp  # noqa: E402
+
+SCHEMA = "labpool_bench_roster"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 members instead of 5,000")
+    parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
+    args = parser.parse_args(argv)
+    size = 1000 if args.quick else 5000
+
+    with tempfile.TemporaryDirectory(prefix="labpool-roster-") as tmp:
+        if args.db == "postgres" and postgres_reachable(DEFAULT_POSTGRES):
+            reset_schema(DEFAULT_POSTGRES, SCHEMA)
+            db_url = in_schema(DEFAULT_POSTGRES, SCHEMA)
+        else:
+            db_url = f"sqlite:///{tmp}/labpool.db"
+        cleaner = RedisCleaner(REDIS_URL)
+        cleaner.clean()
+        try:
+            return _run(size, db_url, Path(tmp))
+        finally:
+            cleaner.clean()
+            if db_url.startswith("postgresql"):
+                reset_schema(DEFAULT_POSTGRES, SCHEMA, create=False)
+
+
+def _run(size: int, db_url: str, data_dir: Path) -> int:
+    holder = _LateApp()
+    with ServedApp(holder) as tool:
+        os.environ.update({
+            "LABPOOL_DATA_DIR": str(data_dir), "LABPOOL_DATABASE_URL": db_url,
+            "LABPOOL_REDIS_URL": REDIS_URL, "LABPOOL_PUBLIC_URL": tool.url,
+        })
+        from config.db import engine_for, transaction
+        from config.settings import load_settings
+        from lti_tool.app import create_app
+        from lti_tool.cli import prepare
+        from lti_tool.models import Course, Enrolment
+        from lti_tool.registrations import register_platform
+        from lti_tool.roster import sync_course
+
+        rt = prepare(load_settings())
+        holder.app = create_app(rt.settings)
+        with FakePlatform(tool_url=tool.url) as moodle:
+            moodle.tool_jwks_url = f"{tool.url}/lti/jwks.json"
+            reg = moodle.platform_add_args()
+            with transaction(rt.sessions) as session:
+                platform = register_platform(
+                    session, rt.settings, issuer=reg["issuer"], client_id=reg["client_id"],
+                    deployment_ids=[reg["deployment_id"]], auth_url=reg["auth_url"],
+                    token_url=reg["token_url"], jwks_url=reg["jwks_url"],
+                )
+                course = Course(platform_id=platform.id, context_id="2",
+                                memberships_url=moodle.memberships_url("2"))
+                session.add(course)
+                session.flush()
+                course_id = course.id
+
+            statements = [0]
+            engine = engine_for(rt.settings.database_url)
+            event.listen(engine, "before_cursor_execute",
+                         lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
+
+            def members(ids: range) -> list[dict]:
+                return [moodle.member(str(i), name=f"Student {i}", email=f"s{i}@example.edu")
+                        for i in ids]
+
+            rows = []
+            scenarios = [
+                ("first sync (all new)", range(size)),
+                ("same roster again", range(size)),
+                ("10% left, 10% joined", range(size // 10, size + size // 10)),
+            ]
+            first = None
+            for name, ids in scenarios:
+                moodle.set_roster("2", members(ids))
+                statements[0] = 0
+                started = time.perf_counter()
+                report = sync_course(rt, course_id)
+                seconds = time.perf_counter() - started
+                rows.append([name, str(report.members), str(report.pages), str(report.ended),
+                             f"{seconds:.2f}", str(statements[0])])
+                first = first or (seconds, statements[0])
+
+            with rt.sessions() as session:
+                current = len(session.scalars(
+                    select(Enrolment.id).where(Enrolment.course_id == course_id,
+                                               Enrolment.ended_at.is_(None))).all())
+    expected = size
+    if current != expected:
+        print(f"ERROR: {current} current enrolments, expected {expected}", file=sys.stderr)
+        return 1
+    print(f"Roster sync: {size} members, pages of 100, database {db_url.split(':')[0]}")
+    print(table(["scenario", "members", "pages", "ended", "seconds", "db statements"], rows,
+                text_columns=1))
+    assert first is not None
+    print(f"RESULT seconds={first[0]:.3f} queries={first[1]}")
+    return 0
+
+
+class _LateApp:
+    app = None
+
+    def __call__(self, environ, start_response):  # type: ignore[no-untyped-def]
+        return self.app(environ, start_response)  # type: ignore[misc]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
