@@ -183,6 +183,55 @@ def pool_set(environment: str, warm_target: int | None, max_size: int | None,
 
 
 @main.group()
+def volumes() -> None:
+    """Students' volumes on the cloud (never deleted automatically)."""
+
+
+@volumes.command("list")
+def volumes_list() -> None:
+    from lti_tool.models import Course, User
+    from provisioning.models import StudentVolume
+
+    rt = prepare(_settings())
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(StudentVolume, User, Course)
+            .join(User, User.id == StudentVolume.owner_id)
+            .join(Course, Course.id == StudentVolume.course_id)
+            .order_by(StudentVolume.id)
+        ).all()
+        for volume, user, course in rows:
+            click.echo(f"{volume.id}  {user.name or user.sub} in {course.label or course.context_id}: "
+                       f"{volume.size_gb} GB {volume.status} (cloud id {volume.volume_id})")
+
+
+@volumes.command("delete")
+@click.argument("volume_row_id", type=int)
+@click.confirmation_option(prompt="Delete this student's files for good?")
+def volumes_delete(volume_row_id: int) -> None:
+    """Delete a student's volume (their files) from the cloud and the database."""
+    from provisioning.backends import openstack_backend_for
+    from provisioning.errors import ProvisioningError
+    from provisioning.models import Environment, StudentVolume
+
+    rt = prepare(_settings())
+    with transaction(rt.sessions) as session:
+        volume = session.get(StudentVolume, volume_row_id)
+        if volume is None:
+            raise click.ClickException(f"no volume {volume_row_id}")
+        if volume.status == "in-use":
+            raise click.ClickException("the volume is attached; release the student's machine first")
+        env = session.scalars(select(Environment).where(Environment.backend == "openstack")).first()
+        if volume.volume_id and env is not None:
+            try:
+                openstack_backend_for(env, rt.settings).delete_volume(volume.volume_id)
+            except ProvisioningError as exc:
+                raise click.ClickException(str(exc)) from exc
+        session.delete(volume)
+    click.echo(f"volume {volume_row_id} deleted")
+
+
+@main.group()
 def db() -> None:
     """Database schema."""
 

@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session
 from lti_tool.auth import csrf_token, current_user_id, taught_activity
 from lti_tool.launches import environment_of, is_staff
 from lti_tool.models import Activity, Course, Enrolment, User
-from provisioning.models import ClassSession, Environment, Machine, MachineState, Pool
+from provisioning.models import (
+    ClassSession,
+    Environment,
+    Machine,
+    MachineState,
+    Pool,
+    StudentVolume,
+)
 from provisioning.routes import last_activity
 
 bp = Blueprint("teacher", __name__)
@@ -64,7 +71,10 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
     """Every current member of the course (and anyone else holding a machine here), with
     their newest machine in the activity's environment."""
     environment = environment_of(session, activity.id)
-    storage = "home folder" if environment.backend == "local" else "volume (not built yet)"
+    volumes = {
+        v.owner_id: v for v in session.scalars(
+            select(StudentVolume).where(StudentVolume.course_id == activity.course_id))
+    }
     newest = {}
     for machine in session.scalars(
         select(Machine)
@@ -96,11 +106,20 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
             "since": _when(machine.state_changed_at) if machine else "",
             "last_activity": _when(max(seen)) if seen else "",
             "error": (machine.error or "") if machine else "",
-            "storage": storage,
+            "storage": _storage(environment, volumes.get(user.id)),
             "mine": user.id == current_user_id(),
         })
     rows.sort(key=lambda r: (r["role"] != "student", r["student"].lower()))
     return rows
+
+
+def _storage(environment: Environment, volume: StudentVolume | None) -> str:
+    if environment.backend == "local":
+        return "home folder"
+    if volume is None:
+        return "volume created at first launch"
+    state = {"in-use": "attached", "available": "kept, not attached"}.get(volume.status, volume.status)
+    return f"volume {volume.size_gb} GB, {state}" + (f": {volume.error}" if volume.error else "")
 
 
 def class_schedule(session: Session, activity: Activity) -> list[dict]:

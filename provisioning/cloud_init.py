@@ -9,7 +9,10 @@ nothing of the tool: no database or cloud credentials, no `LABPOOL_*` or `OS_*` 
 The IDE token it does carry only opens this machine's IDE, which the student owns anyway;
 the proxy adds it to each request, so the browser never sees it.
 
-Volumes (the student's persistent files) are not mounted yet.
+The student's volume (their persistent files) is attached after boot, when the machine is
+handed to its student, possibly long after a warm machine booted. A udev rule written here
+starts `labpool-home@<disk>.service` when a second virtio disk appears: it formats the disk
+if it is blank, mounts it on /home/student, and restarts the IDE there.
 The golden image provides `jupyter` (with JupyterLab) and `code-server` on systemd's PATH
 (/usr/local/bin or /usr/bin; a bare name in ExecStart needs systemd 239 or later).
 """
@@ -24,6 +27,36 @@ import yaml
 IDE_KINDS = ("jupyterlab", "code-server", "terminal")
 UNIT_NAME = "labpool-ide.service"
 ENV_FILE = "/etc/labpool/ide.env"
+HOME_SCRIPT = "/usr/local/sbin/labpool-mount-home"
+# Any virtio disk after the root disk is the student's volume (only one is ever attached).
+HOME_UDEV_RULE = (
+    'ACTION=="add", SUBSYSTEM=="block", KERNEL=="vd[b-z]", ENV{DEVTYPE}=="disk", '
+    'TAG+="systemd", ENV{SYSTEMD_WANTS}+="labpool-home@%k.service"\n'
+)
+HOME_UNIT = """[Unit]
+Description=Mount the student's volume %I as their home
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/labpool-mount-home /dev/%I
+"""
+HOME_MOUNT = """#!/bin/sh
+# Mount a newly attached student volume on /home/student; format it only if it is blank.
+set -eu
+disk="$1"
+if ! blkid "$disk" >/dev/null 2>&1; then
+    mkfs.ext4 -q -L labpool-home "$disk"
+    fresh=1
+else
+    fresh=0
+fi
+mkdir -p /home/student
+mountpoint -q /home/student || mount "$disk" /home/student
+if [ "$fresh" = 1 ]; then cp -a /etc/skel/. /home/student/ 2>/dev/null || true; fi
+chown student:student /home/student
+systemctl restart labpool-ide.service
+"""
 # secrets.token_urlsafe's alphabet: nothing that could break out of the env file or the YAML.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
@@ -97,6 +130,14 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
                       "content": f"JUPYTER_TOKEN={ide_token}\n"})
     files.append({"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
                   "permissions": "0644", "content": _unit(machine_id, ide_kind, port)})
+    files += [
+        {"path": "/etc/udev/rules.d/90-labpool-home.rules", "owner": "root:root",
+         "permissions": "0644", "content": HOME_UDEV_RULE},
+        {"path": "/etc/systemd/system/labpool-home@.service", "owner": "root:root",
+         "permissions": "0644", "content": HOME_UNIT},
+        {"path": HOME_SCRIPT, "owner": "root:root", "permissions": "0755",
+         "content": HOME_MOUNT},
+    ]
     document = {
         # `default` keeps the image's admin user (reached with the key pair, if any);
         # `student` runs the IDE, with no password and no sudo.
@@ -104,7 +145,8 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
                               "shell": "/bin/bash", "lock_passwd": True}],
         "write_files": files,
         # runcmd runs in the final stage, after the `student` user exists.
-        "runcmd": ["systemctl daemon-reload", f"systemctl enable --now {UNIT_NAME}"],
+        "runcmd": ["systemctl daemon-reload", "udevadm control --reload",
+                   f"systemctl enable --now {UNIT_NAME}"],
     }
     body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     return f"#cloud-config\n# Labpool machine {machine_id}: {ide_kind} on port {port}\n{body}"

@@ -12,7 +12,18 @@ from __future__ import annotations
 import enum
 from datetime import datetime, time
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, Time, text
+from sqlalchemy import (
+    JSON,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Time,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from config.db import Base, UTCDateTime, utcnow
@@ -175,3 +186,23 @@ class Machine(Base):
 
     def __repr__(self) -> str:  # no token here: reprs end up in logs
         return f"<Machine {self.id} {self.state.value} owner={self.owner_id}>"
+
+
+class StudentVolume(Base):
+    """A student's persistent storage in one course on the cloud: created on first need,
+    attached to whichever machine they get, never deleted by the reconciler (only by an
+    admin's `labpool volumes delete`)."""
+
+    __tablename__ = "student_volumes"
+    __table_args__ = (UniqueConstraint("owner_id", "course_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    course_id: Mapped[int] = mapped_column(ForeignKey("courses.id", ondelete="CASCADE"))
+    size_gb: Mapped[int] = mapped_column(Integer)
+    volume_id: Mapped[str | None] = mapped_column(String(64))  # the cloud's id, once created
+    # creating → available ⇄ in-use (attached to `machine_id`), or error
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    machine_id: Mapped[int | None] = mapped_column(ForeignKey("machines.id", ondelete="SET NULL"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

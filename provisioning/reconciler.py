@@ -13,7 +13,8 @@ pass finds the work again. One pass, in order:
 4. Servers with our tags that no live machine owns are deleted after a grace period.
 5. The warm target is topped up with new `requested` rows (never beyond `max_size`), and
    surplus warm machines are stopped.
-6. `requested` machines get servers, students' first, within the quota headroom and the
+6. Assigned machines get their student's volume (created on first need; never deleted here).
+7. `requested` machines get servers, students' first, within the quota headroom and the
    per-cloud cap on concurrent creates. Each machine moves requested → starting (with its
    IDE token) in the database *before* its server is created, so a crashed create is found
    by tag and adopted, never duplicated.
@@ -49,6 +50,7 @@ from provisioning.errors import (
 from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.routes import withdraw_route
 from provisioning.schedule import scheduled_demand
+from provisioning.storage import attach_student_volumes
 
 log = logging.getLogger(__name__)
 S = MachineState
@@ -73,6 +75,7 @@ class PassReport:
     orphans_deleted: int = 0
     warm_requested: int = 0
     target: int = 0
+    volumes_attached: int = 0
     held: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -188,6 +191,7 @@ def reconcile_pool(
         list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), extras))
     up = [(row, address) for (row, address), ok in zip(to_check, healthy, strict=True) if ok]
     report.ready = _mark_up(rt, up)
+    report.volumes_attached = attach_student_volumes(rt, cloud, env, by_machine)
     report.failed = _mark_failed(rt, [(row, reason) for row, reason, _ in failures])
     report.stopped = _mark_stopped(rt, [row.id for row in to_stop])
     _requeue(rt, to_requeue)

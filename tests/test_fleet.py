@@ -373,3 +373,41 @@ def test_teacher_picks_the_cloud_environment_and_sees_the_pool(tool, platform, c
     pool = browser.get(class_url + ".json").json()["pool"]
     assert pool["ready_warm"] == 1 and pool["warm_target"] == 3
     assert any("quota" in note.lower() for note in pool["notes"])
+
+
+def test_a_students_volume_follows_them_from_machine_to_machine(crt, cloud, rt):
+    from provisioning.jobs import stop_machine_now
+    from provisioning.models import StudentVolume
+
+    env_id, pool_id = make_pool(crt, warm=1)
+    passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1)
+    with transaction(rt.sessions) as session:
+        (user,) = _users(session, 1)
+        course = _course(session)
+        first = claim_warm_machine(session, env_id, course, user).id
+
+    def volume() -> StudentVolume | None:
+        with crt.sessions() as session:
+            return session.scalars(select(StudentVolume)).first()
+
+    passes_until(crt, pool_id, lambda: (v := volume()) is not None and v.status == "in-use")
+    (cloud_volume,) = cloud.volumes()
+    first_server = [s["id"] for s in live_servers(cloud) if f"machine-{first}" in s["tags"]][0]
+    assert cloud_volume["attachments"][0]["server_id"] == first_server
+    assert volume().machine_id == first
+
+    stop_machine_now(crt, first)  # released: the server goes, the volume stays
+    (cloud_volume,) = cloud.volumes()
+    assert cloud_volume["status"] == "available"
+
+    with transaction(rt.sessions) as session:
+        second = claim_warm_machine(session, env_id, course, user)
+        second_id = second.id if second else None
+    if second_id is None:  # the refill may still be booting
+        passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready", 0) >= 1)
+        with transaction(rt.sessions) as session:
+            second_id = claim_warm_machine(session, env_id, course, user).id
+    passes_until(crt, pool_id, lambda: volume().machine_id == second_id and volume().status == "in-use")
+    (cloud_volume,) = cloud.volumes()  # the same volume, never a second one
+    second_server = [s["id"] for s in live_servers(cloud) if f"machine-{second_id}" in s["tags"]][0]
+    assert cloud_volume["attachments"][0]["server_id"] == second_server

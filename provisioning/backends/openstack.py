@@ -243,6 +243,38 @@ class OpenStackBackend(Backend):
             return None
         return max(0, limit - int(used or 0))
 
+    # -- student volumes (Cinder), attached to whichever machine the student gets ------------
+    def create_volume(self, name: str, size_gb: int, metadata: dict[str, str]) -> str:
+        with self._errors("create a student's volume", creating=True):
+            conn = connection_for(self.cloud, self.api_timeout)
+            return str(conn.block_storage.create_volume(size=size_gb, name=name, metadata=metadata).id)
+
+    def volume_status(self, volume_id: str) -> str:
+        """Cinder's status (creating, available, in-use, error, …), or `gone`."""
+        with self._errors("read a student's volume"):
+            conn = connection_for(self.cloud, self.api_timeout)
+            try:
+                return str(conn.block_storage.get_volume(volume_id).status)
+            except os_exc.NotFoundException:
+                return GONE
+
+    def attach_volume(self, server_id: str, volume_id: str) -> None:
+        """Attach; the image's agent mounts it as the student's home (see cloud_init)."""
+        with self._errors("attach a student's volume"):
+            self._compute.create_volume_attachment(server_id, volume=volume_id)
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Only ever on an admin's explicit request: the student's files go with it."""
+        with self._errors("delete a student's volume"):
+            connection_for(self.cloud, self.api_timeout).block_storage.delete_volume(
+                volume_id, ignore_missing=True)
+
+    def detach_volume(self, server_id: str, volume_id: str) -> None:
+        with self._errors("detach a student's volume"):
+            # Already detached, or the server is gone: nothing to do.
+            with contextlib.suppress(os_exc.NotFoundException):
+                self._compute.delete_volume_attachment(server_id, volume_id)
+
     # -- cloud calls -------------------------------------------------------------------------
     def _create(self, machine: MachineSpec, pool_id: int, token: str) -> str:
         spec = self.cloud_spec

@@ -1,0 +1,92 @@
+"""Students' persistent storage on the cloud: one Cinder volume per (student, course),
+created on first need, attached to whichever machine the student holds (a warm one claimed
+later too), and mounted as their home by the image's agent (see cloud_init). Releasing the
+machine deletes its server, which detaches the volume; the volume itself is never deleted
+here — only an admin's `labpool volumes delete` does that.
+
+Run by the reconciler after it has listed the pool's servers: only machines whose volume is
+not attached yet cost cloud calls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, tuple_
+
+from config.db import transaction
+from config.runtime import Runtime
+from provisioning.backends.openstack import OpenStackBackend, ServerView
+from provisioning.errors import ProvisioningError
+from provisioning.models import Environment, Machine, MachineState, StudentVolume
+
+log = logging.getLogger(__name__)
+
+
+def attach_student_volumes(
+    rt: Runtime, cloud: OpenStackBackend, env: Environment,
+    servers_by_machine: dict[int, list[ServerView]],
+) -> int:
+    """Give every assigned machine of the environment its student's volume; returns how
+    many were attached in this pass."""
+    with rt.sessions() as session:
+        machines = session.execute(
+            select(Machine.id, Machine.owner_id, Machine.course_id)
+            .where(Machine.environment_id == env.id, Machine.state == MachineState.assigned,
+                   Machine.owner_id.is_not(None), Machine.course_id.is_not(None))
+        ).all()
+        pairs = [(m.owner_id, m.course_id) for m in machines]
+        volumes = {
+            (v.owner_id, v.course_id): v
+            for v in session.scalars(select(StudentVolume).where(
+                tuple_(StudentVolume.owner_id, StudentVolume.course_id).in_(pairs)))
+        } if pairs else {}
+    attached = 0
+    for machine_id, owner_id, course_id in machines:
+        volume = volumes.get((owner_id, course_id))
+        if volume is not None and volume.machine_id == machine_id and volume.status == "in-use":
+            continue
+        active = [s for s in servers_by_machine.get(machine_id, []) if s.status == "ACTIVE"]
+        if not active:
+            continue
+        try:
+            if volume is None:
+                _create(rt, cloud, env, owner_id, course_id)
+            elif volume.volume_id and _attach(rt, cloud, volume, machine_id, active[0].server_id):
+                attached += 1
+        except ProvisioningError as exc:  # the next pass tries again
+            log.warning("volume of user %s in course %s: %s", owner_id, course_id, exc)
+    return attached
+
+
+def _create(rt: Runtime, cloud: OpenStackBackend, env: Environment, owner_id: int,
+            course_id: int) -> None:
+    with transaction(rt.sessions) as session:
+        volume = StudentVolume(owner_id=owner_id, course_id=course_id,
+                               size_gb=env.volume_size_gb, status="creating")
+        session.add(volume)
+        session.flush()
+        row_id = volume.id
+    volume_id = cloud.create_volume(
+        f"labpool-home-u{owner_id}-c{course_id}", env.volume_size_gb,
+        {"labpool_owner": str(owner_id), "labpool_course": str(course_id)},
+    )
+    with transaction(rt.sessions) as session:
+        session.get_one(StudentVolume, row_id).volume_id = volume_id
+
+
+def _attach(rt: Runtime, cloud: OpenStackBackend, volume: StudentVolume, machine_id: int,
+            server_id: str) -> bool:
+    assert volume.volume_id is not None
+    status = cloud.volume_status(volume.volume_id)
+    if status != "available":  # still creating, or still on the student's previous server
+        if status in ("error", "gone"):
+            with transaction(rt.sessions) as session:
+                row = session.get_one(StudentVolume, volume.id)
+                row.status, row.error = "error", f"the cloud reports the volume {status}"
+        return False
+    cloud.attach_volume(server_id, volume.volume_id)
+    with transaction(rt.sessions) as session:
+        row = session.get_one(StudentVolume, volume.id)
+        row.status, row.machine_id, row.error = "in-use", machine_id, None
+    return True
