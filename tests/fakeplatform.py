@@ -1187,6 +1187,44 @@ class FakePlatform:
             login_form=form,
         )
 
+    def launch_page(self, tool_url: str, claims: Mapping[str, Any]) -> tuple[str, str]:
+        """What Moodle's mod/lti/launch.php answers a browser: the auto-submitting login
+        initiation form for a launch auth.php now expects. Returns (launch id, HTML); a real
+        browser drives the rest (`forget_launch` afterwards)."""
+        base = tool_url.rstrip("/")
+        claims = copy.deepcopy(dict(claims))
+        if claims.get(TARGET_LINK_URI) is None:
+            claims[TARGET_LINK_URI] = base + self.LAUNCH_PATH
+        user = str(claims["sub"])
+        with self._lock:
+            cmid = self._cmid = self._cmid + 1
+        launch_id = f"ltilaunch_browser_{secrets.token_hex(6)}"
+        message_hint = json.dumps({"cmid": cmid, "launchid": launch_id}, separators=(",", ":"))
+        pending = _PendingLaunch(
+            launch_id=launch_id, login_hint=user, claims=claims,
+            tool_launch_url=base + self.LAUNCH_PATH, header=None, mutate=None, drop=(),
+            sign_with=None, alg="RS256", raw_id_token=None,
+        )
+        with self._lock:
+            self._pending[launch_id] = pending
+        form = self.login_form(claims, login_hint=user, lti_message_hint=message_hint)
+        inputs = "\n".join(
+            f'<input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+            for name, value in form.items()
+        )
+        page = (
+            "<!doctype html><html><head><title>Moodle</title></head><body>\n"
+            f'<form action="{html.escape(base + self.LOGIN_PATH)}" name="ltiInitiateLoginForm"'
+            ' id="ltiInitiateLoginForm" method="post" encType="application/x-www-form-urlencoded">\n'
+            f"{inputs}\n</form>\n"
+            "<script>document.ltiInitiateLoginForm.submit();</script>\n</body></html>"
+        )
+        return launch_id, page
+
+    def forget_launch(self, launch_id: str) -> None:
+        with self._lock:
+            self._pending.pop(launch_id, None)
+
     def replay(
         self,
         session: requests.Session,

@@ -1,0 +1,175 @@
+"""One test drives a real browser (Chromium through Playwright): a student's status page moves
+on to the IDE by itself when the machine becomes ready, and the teacher's class page shows that
+student's state change without a reload.
+
+The LTI launches happen in the browser too: the page Moodle's ``mod/lti/launch.php`` would serve
+(the auto-submitting login initiation form) is served on the fake platform's origin by
+Playwright, and from there Chromium follows the tool's redirect to the fake's auth.php, runs its
+auto-submitting id_token form, and ends where the tool sends it. So the tool's cookies (OIDC
+state, session) go through a real browser's cookie rules.
+
+Needs Debian's ``chromium`` (at /usr/bin/chromium, or $LABPOOL_TEST_CHROMIUM) and the PyPI
+``playwright`` package (its driver only: browsers are never downloaded). `.ci/run` installs
+both; the test fails, rather than skips, without them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_worker_burst
+from tests.fakeplatform import FakePlatform
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    # Without these Chromium reaches for the internet (updates, sync, field trials).
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+IDE_TIMEOUT_MS = 45_000  # the worker starts a real JupyterLab, then the page polls every 1 s
+CLASS_TIMEOUT_MS = 30_000  # class.html polls class.json every 2 s
+
+
+def _chromium_and_playwright() -> tuple[Any, str]:
+    """`sync_playwright` and Chromium's path, or a failure that says what to install."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "the browser test needs the Python package `playwright`: "
+            ".venv/bin/pip install -e '.[test]' (or: .venv/bin/pip install playwright); "
+            "do NOT run `playwright install`, the test uses Debian's chromium",
+            pytrace=False,
+        )
+    chromium = os.environ.get("LABPOOL_TEST_CHROMIUM") or shutil.which("chromium")
+    if not chromium or not Path(chromium).is_file():
+        pytest.fail(
+            "the browser test needs Chromium: apt-get update && apt-get install -y chromium "
+            "(or set LABPOOL_TEST_CHROMIUM to a Chromium binary)",
+            pytrace=False,
+        )
+    return sync_playwright, chromium
+
+
+def _launch_in_browser(page: Any, platform: FakePlatform, tool_url: str, claims: dict[str, Any],
+                       lands_on: str) -> None:
+    """Open the activity from the (fake) course page and wait for the tool's page `lands_on`
+    (a glob)."""
+    entry = f"{platform.url}/mod/lti/launch.php?id={secrets.randbelow(10**6)}"
+    launch_id, body = platform.launch_page(tool_url, claims)
+    page.route(entry, lambda route: route.fulfill(status=200, content_type="text/html", body=body))
+    try:
+        page.goto(entry)
+        page.wait_for_url(lands_on, timeout=15_000)
+    except Exception:
+        # Show where it got stuck (auth.php and the tool answer errors as text or JSON).
+        raise AssertionError(
+            f"the browser launch of sub={claims.get('sub')} did not reach {lands_on}; it is at "
+            f"{page.url}: {page.content()[:1500]}"
+        ) from None
+    finally:
+        page.unroute(entry)
+        platform.forget_launch(launch_id)  # auth.php drops it once it is used
+
+
+def test_status_page_opens_the_ide_and_class_page_follows_without_reload(
+    tool, platform, rt, tmp_path
+):
+    sync_playwright, chromium = _chromium_and_playwright()
+    from playwright.sync_api import expect
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            student_ctx = browser.new_context()
+            teacher_ctx = browser.new_context()
+            student = student_ctx.new_page()
+            teacher = teacher_ctx.new_page()
+            # Uncaught JavaScript errors, with the page's URL (JupyterLab's own are not ours).
+            errors: list[tuple[str, str]] = []
+            student.on("pageerror", lambda e: errors.append((student.url, str(e))))
+            teacher.on("pageerror", lambda e: errors.append((teacher.url, str(e))))
+            try:
+                _run_scenario(student, teacher, platform, tool, rt, errors, expect)
+            finally:
+                for name, page in (("student", student), ("teacher", teacher)):
+                    try:
+                        page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+                    except Exception as exc:  # noqa: BLE001 - a screenshot never hides the failure
+                        print(f"no screenshot of the {name} page: {exc}")
+                print(f"screenshots: {tmp_path}/student.png, {tmp_path}/teacher.png")
+        finally:
+            browser.close()
+
+
+def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type: ignore[no-untyped-def]
+    # The student opens the activity: the launch ends on their machine's status page.
+    _launch_in_browser(student, platform, tool.url, platform.learner(sub="4"), "**/machines/*")
+    match = re.fullmatch(re.escape(tool.url) + r"/machines/(\d+)", student.url)
+    assert match, student.url
+    machine_id = int(match[1])
+    expect(student.locator("#state")).to_have_text("requested")
+    assert "JupyterLab" not in student.title()
+
+    # The teacher opens it too: the class page lists the student, still waiting.
+    _launch_in_browser(
+        teacher, platform, tool.url, platform.instructor(sub="3"), "**/activities/*/class"
+    )
+    class_url = teacher.url
+    row_state = teacher.locator(f'tr[data-machine="{machine_id}"] span.state')
+    expect(row_state).to_have_text("requested")
+    # Anything that reloads or leaves the page would lose this, and fire a navigation.
+    teacher.evaluate("window.__marker = 'same page'")
+    teacher_navigations: list[str] = []
+    teacher.on(
+        "framenavigated",
+        lambda frame: frame == teacher.main_frame and teacher_navigations.append(frame.url),
+    )
+
+    # A worker starts the machine (a real JupyterLab) while both pages sit open.
+    worker_failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_worker_burst(rt.settings, timeout=90)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            worker_failure.append(exc)
+
+    worker = threading.Thread(target=work, name="rq-worker-burst", daemon=True)
+    worker.start()
+
+    # The student's page goes on to the IDE by itself...
+    try:
+        student.wait_for_url(f"**/ide/{machine_id}/lab**", timeout=IDE_TIMEOUT_MS)
+    except Exception:
+        worker.join(timeout=5)
+        raise AssertionError(
+            f"the status page never moved on to the IDE; it is at {student.url} showing "
+            f"{student.locator('body').inner_text()[:500]!r}; worker: {worker_failure}"
+        ) from None
+    expect(student.locator(".jp-LabShell")).to_be_visible(timeout=30_000)
+    expect(student).to_have_title(re.compile("JupyterLab"))
+
+    # ...and the teacher's page shows the change without anyone reloading it.
+    expect(row_state).to_have_text("assigned", timeout=CLASS_TIMEOUT_MS)
+    assert teacher.evaluate("window.__marker") == "same page"
+    assert teacher_navigations == []
+    assert teacher.url == class_url
+
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the burst worker did not finish"
+    if worker_failure:
+        raise worker_failure[0]
+    assert [(url, e) for url, e in errors if url.startswith(tool.url)] == []
