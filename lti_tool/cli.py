@@ -332,10 +332,12 @@ def platform_list() -> None:
 @click.option("--listen", default=None, help="nginx's listen directive (default: the public URL's port).")
 @click.option("--auth-cache", "auth_cache_s", type=int, default=5, show_default=True,
               help="Seconds nginx reuses a positive auth answer (0: off).")
+@click.option("--auth-cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Where nginx caches auth answers (default /var/lib/nginx/labpool-auth).")
 @click.option("--standalone", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Render a whole nginx.conf keeping its files under this folder.")
 def nginx_config(tool_upstream: str | None, listen: str | None, auth_cache_s: int,
-                 standalone: Path | None) -> None:
+                 auth_cache_dir: Path | None, standalone: Path | None) -> None:
     """Print the nginx configuration that puts the tool and its IDEs behind one origin."""
     from lti_tool.nginx import render_server, render_standalone
 
@@ -346,7 +348,7 @@ def nginx_config(tool_upstream: str | None, listen: str | None, auth_cache_s: in
                                      listen=listen, auth_cache_s=auth_cache_s))
     else:
         click.echo(render_server(settings, tool_upstream=upstream, listen=listen,
-                                 auth_cache_s=auth_cache_s))
+                                 auth_cache_s=auth_cache_s, cache_dir=auth_cache_dir))
 
 
 @main.command("moodle-values")

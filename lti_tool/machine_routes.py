@@ -119,7 +119,7 @@ def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
         response = redirect(target, 303)
     else:
         assert owner_id is not None
-        publish_route(rt.redis, machine_id, owner_id, address, token)
+        publish_route(rt.redis, machine_id, owner_id, address, token, ide_kind)
         response = redirect(f"/ide/{machine_id}/{LANDING[ide_kind]}", 303)
         secure = rt.settings.is_production
         response.set_cookie(

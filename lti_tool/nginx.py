@@ -17,7 +17,8 @@ def render_server(
 ) -> str:
     """The server block (plus maps and upstream) for the http context."""
     public = urlsplit(settings.public_url)
-    cache_dir = cache_dir or settings.data_dir.resolve() / "nginx-auth-cache"
+    # nginx's own state folder: its workers can write there, on whatever host nginx runs.
+    cache_dir = cache_dir or Path("/var/lib/nginx/labpool-auth")
     if auth_cache_s > 0:
         cache_path = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=labpool_auth:10m "
                       "max_size=50m inactive=60s use_temp_path=off;\n")

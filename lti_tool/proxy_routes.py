@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from config.settings import Settings
-from provisioning.routes import route_and_touch
+from provisioning.routes import route_for_owner
 
 bp = Blueprint("proxy", __name__)
 
@@ -63,7 +63,7 @@ def auth() -> Response:
         return _deny(401)
     if not isinstance(claims, dict) or claims.get("m") != machine_id:
         return _deny(403)
-    route = route_and_touch(ext["labpool"].redis, machine_id)
+    route = route_for_owner(ext["labpool"].redis, machine_id, claims.get("u"))
     if not route:
         return _deny(401)  # released (or Redis lost it): the hand-over page sorts it out
     if route.get(b"owner", b"").decode() != str(claims.get("u")):
@@ -73,5 +73,6 @@ def auth() -> Response:
         headers={
             "X-Upstream": route[b"address"].decode(),
             "X-IDE-Token": route[b"token"].decode(),
+            "X-IDE-Strip": route.get(b"strip", b"0").decode(),
         },
     )

@@ -24,6 +24,8 @@ import re
 
 import yaml
 
+from provisioning.ide_config import jupyter_server_config
+
 IDE_KINDS = ("jupyterlab", "code-server", "terminal")
 UNIT_NAME = "labpool-ide.service"
 ENV_FILE = "/etc/labpool/ide.env"
@@ -131,6 +133,8 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
     files.append({"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
                   "permissions": "0644", "content": _unit(machine_id, ide_kind, port)})
     files += [
+        {"path": "/etc/jupyter/jupyter_server_config.py", "owner": "root:root",
+         "permissions": "0644", "content": jupyter_server_config("frame-ancestors 'self'")},
         {"path": "/etc/udev/rules.d/90-labpool-home.rules", "owner": "root:root",
          "permissions": "0644", "content": HOME_UDEV_RULE},
         {"path": "/etc/systemd/system/labpool-home@.service", "owner": "root:root",

@@ -17,9 +17,15 @@ ROUTE_KEY = "labpool:route:{}"
 ACTIVITY_KEY = "labpool:activity:{}"
 
 
-def publish_route(conn: redis.Redis, machine_id: int, owner_id: int, address: str, token: str) -> None:
-    conn.hset(ROUTE_KEY.format(machine_id),
-              mapping={"owner": owner_id, "address": address, "token": token})
+def publish_route(
+    conn: redis.Redis, machine_id: int, owner_id: int, address: str, token: str,
+    ide_kind: str = "jupyterlab",
+) -> None:
+    conn.hset(ROUTE_KEY.format(machine_id), mapping={
+        "owner": owner_id, "address": address, "token": token,
+        # code-server has no base URL: the proxy passes it the path below /ide/<id>.
+        "strip": "1" if ide_kind == "code-server" else "0",
+    })
 
 
 def withdraw_route(conn: redis.Redis, machine_id: int) -> None:
@@ -34,10 +40,20 @@ def last_activity(conn: redis.Redis, machine_id: int) -> float | None:
     return float(raw) if raw else None
 
 
-def route_and_touch(conn: redis.Redis, machine_id: int) -> dict[bytes, bytes]:
-    """The machine's route, recording the request as activity (one round trip)."""
-    pipe = conn.pipeline(transaction=False)
-    pipe.hgetall(ROUTE_KEY.format(machine_id))
-    pipe.set(ACTIVITY_KEY.format(machine_id), int(time.time()), ex=7 * 24 * 3600)
-    route, _ = pipe.execute()
-    return route
+# Read the route and, only if the asker owns the machine, record the activity: one round
+# trip, and a refused request never counts as someone working.
+_ROUTE_AND_TOUCH = """
+local route = redis.call('HGETALL', KEYS[1])
+if #route > 0 and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', 604800)
+end
+return route
+"""
+
+
+def route_for_owner(conn: redis.Redis, machine_id: int, owner_id: int) -> dict[bytes, bytes]:
+    """The machine's route (empty if released); records activity when `owner_id` owns it."""
+    script = conn.register_script(_ROUTE_AND_TOUCH)
+    flat = script(keys=[ROUTE_KEY.format(machine_id), ACTIVITY_KEY.format(machine_id)],
+                  args=[str(owner_id), int(time.time())])
+    return dict(zip(flat[::2], flat[1::2], strict=True))

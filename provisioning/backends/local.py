@@ -25,6 +25,7 @@ import requests
 
 from provisioning.backends.base import Backend, MachineSpec, Started
 from provisioning.errors import BackendUnavailable
+from provisioning.ide_config import jupyter_server_config
 
 
 def free_port() -> int:
@@ -50,7 +51,6 @@ class LocalBackend(Backend):
             raise BackendUnavailable(
                 f"the local backend cannot run {machine.ide_kind!r} machines yet"
             )
-        csp = f"frame-ancestors {self.frame_ancestors}"
         # Containers and CI run as root; JupyterLab refuses that unless told.
         as_root = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
         return [
@@ -61,8 +61,6 @@ class LocalBackend(Backend):
             "--ServerApp.port_retries=0",
             f"--ServerApp.base_url={machine.base_url}",
             f"--ServerApp.root_dir={home}",
-            "--ServerApp.tornado_settings="
-            + repr({"headers": {"Content-Security-Policy": csp}}),
             # Bound to 127.0.0.1 with a token: safe to accept the public Host the proxy
             # forwards (Jupyter refuses non-local Host names otherwise).
             "--ServerApp.allow_remote_access=True",
@@ -89,6 +87,11 @@ class LocalBackend(Backend):
             JUPYTER_TOKEN=token,  # the environment, not argv: argv is visible to `ps`
             JUPYTER_RUNTIME_DIR=str(machine_dir / "runtime"),
             JUPYTER_CONFIG_DIR=str(machine_dir / "config"),
+        )
+        config_dir = machine_dir / "config"
+        config_dir.mkdir(exist_ok=True)
+        (config_dir / "jupyter_server_config.py").write_text(
+            jupyter_server_config(f"frame-ancestors {self.frame_ancestors}")
         )
         with (machine_dir / "ide.log").open("ab") as log:
             process = subprocess.Popen(
