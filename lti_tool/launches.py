@@ -8,14 +8,15 @@ Claims used (LTI Core 1.3 §5.3–5.4): `sub`, `roles`, `context`, `resource_lin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import JSON, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from config.db import upsert, utcnow
+from config.db import UTCDateTime, upsert, utcnow
 from lti_tool.models import Activity, Course, Enrolment, Launch, User
 from provisioning.claims import machine_for_learner
 from provisioning.models import Environment, Machine
@@ -65,35 +66,25 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     link = claims[CLAIM + "resource_link"]
     nrps = claims.get(NRPS_CLAIM) or {}
 
-    user_id = upsert(
-        session, User,
-        keys={"issuer": claims["iss"], "sub": str(claims["sub"])},
-        values={"name": _text(claims.get("name")), "email": _text(claims.get("email")),
-                "last_seen_at": now},
-        keep_if_null=("name", "email"),
-    )
-    course_id = upsert(
-        session, Course,
-        keys={"platform_id": platform_id, "context_id": str(context.get("id", NO_CONTEXT))},
-        values={"label": _text(context.get("label")) or "",
-                "title": _text(context.get("title"), 1000) or "",
-                "memberships_url": _text(nrps.get("context_memberships_url"), 2000)},
-        keep_if_null=("memberships_url",),
-    )
-    upsert(
-        session, Enrolment,
-        keys={"course_id": course_id, "user_id": user_id},
-        values={"roles": roles, "ended_at": None},
-    )
-    activity_id = upsert(
-        session, Activity,
-        keys={"course_id": course_id, "resource_link_id": str(link["id"])},
-        values={"title": _text(link.get("title"), 1000) or ""},
-    )
+    params = {
+        "iss": claims["iss"], "sub": str(claims["sub"]),
+        "name": _text(claims.get("name")), "email": _text(claims.get("email")),
+        "platform_id": platform_id, "context_id": str(context.get("id", NO_CONTEXT)),
+        "label": _text(context.get("label")) or "",
+        "title": _text(context.get("title"), 1000) or "",
+        "memberships_url": _text(nrps.get("context_memberships_url"), 2000),
+        "roles": roles, "resource_link_id": str(link["id"]),
+        "link_title": _text(link.get("title"), 1000) or "", "now": now,
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        user_id, course_id, activity_id, environment_id = session.execute(
+            _CONTEXT_UPSERT_PG, params).one()
+    else:
+        user_id, course_id, activity_id, environment_id = _upsert_context(session, params)
 
     choice = None
     if not staff:
-        environment = environment_of(session, activity_id)
+        environment = cached_environment(session, environment_id)
         choice = machine_for_learner(session, environment, course_id, user_id)
     session.execute(
         insert(Launch).values(
@@ -109,6 +100,83 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         machine=choice.machine if choice else None,
         how=choice.how if choice else None,
     )
+
+
+# On PostgreSQL the four upserts of a launch are one statement (one round trip on the hot
+# path); data-modifying CTEs see each other's RETURNING rows. Same effect as
+# `_upsert_context`, which SQLite (no data-modifying CTEs) runs as four statements.
+_CONTEXT_UPSERT_PG = text("""
+WITH u AS (
+  INSERT INTO users (issuer, sub, name, email, created_at, last_seen_at)
+  VALUES (:iss, :sub, :name, :email, :now, :now)
+  ON CONFLICT (issuer, sub) DO UPDATE SET
+    name = COALESCE(EXCLUDED.name, users.name),
+    email = COALESCE(EXCLUDED.email, users.email),
+    last_seen_at = EXCLUDED.last_seen_at
+  RETURNING id),
+c AS (
+  INSERT INTO courses (platform_id, context_id, label, title, memberships_url)
+  VALUES (:platform_id, :context_id, :label, :title, :memberships_url)
+  ON CONFLICT (platform_id, context_id) DO UPDATE SET
+    label = EXCLUDED.label, title = EXCLUDED.title,
+    memberships_url = COALESCE(EXCLUDED.memberships_url, courses.memberships_url)
+  RETURNING id),
+e AS (
+  INSERT INTO enrolments (course_id, user_id, roles, started_at, ended_at)
+  SELECT c.id, u.id, :roles, :now, NULL FROM c, u
+  ON CONFLICT (course_id, user_id) DO UPDATE SET roles = EXCLUDED.roles, ended_at = NULL
+  RETURNING id),
+a AS (
+  INSERT INTO activities (course_id, resource_link_id, title)
+  SELECT c.id, :resource_link_id, :link_title FROM c
+  ON CONFLICT (course_id, resource_link_id) DO UPDATE SET title = EXCLUDED.title
+  RETURNING id, environment_id)
+SELECT u.id, c.id, a.id,
+       COALESCE(a.environment_id, (SELECT id FROM environments WHERE name = 'default'))
+FROM u, c, a, (SELECT count(*) FROM e) AS enrolled
+""").bindparams(bindparam("roles", type_=JSON), bindparam("now", type_=UTCDateTime))
+
+
+def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int, int]:
+    user_id = upsert(
+        session, User,
+        keys={"issuer": p["iss"], "sub": p["sub"]},
+        values={"name": p["name"], "email": p["email"], "last_seen_at": p["now"]},
+        keep_if_null=("name", "email"),
+    )
+    course_id = upsert(
+        session, Course,
+        keys={"platform_id": p["platform_id"], "context_id": p["context_id"]},
+        values={"label": p["label"], "title": p["title"], "memberships_url": p["memberships_url"]},
+        keep_if_null=("memberships_url",),
+    )
+    upsert(
+        session, Enrolment,
+        keys={"course_id": course_id, "user_id": user_id},
+        values={"roles": p["roles"], "ended_at": None},
+    )
+    activity_id = upsert(
+        session, Activity,
+        keys={"course_id": course_id, "resource_link_id": p["resource_link_id"]},
+        values={"title": p["link_title"]},
+    )
+    return user_id, course_id, activity_id, environment_of(session, activity_id).id
+
+
+_environments: dict[int, tuple[float, Environment]] = {}
+ENVIRONMENT_TTL_S = 10.0
+
+
+def cached_environment(session: Session, environment_id: int) -> Environment:
+    """An environment, from this process's short-lived cache when it can (environments
+    change rarely; a launch needs one every time)."""
+    hit = _environments.get(environment_id)
+    if hit is not None and hit[0] > time.monotonic():
+        return session.merge(hit[1], load=False)
+    environment = session.get_one(Environment, environment_id)
+    session.expunge(environment)
+    _environments[environment_id] = (time.monotonic() + ENVIRONMENT_TTL_S, environment)
+    return session.merge(environment, load=False)
 
 
 def environment_of(session: Session, activity_id: int) -> Environment:
