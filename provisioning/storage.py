@@ -11,6 +11,8 @@ not attached yet cost cloud calls.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from sqlalchemy import select, tuple_
 
@@ -21,6 +23,7 @@ from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, Machine, MachineState, StudentVolume
 
 log = logging.getLogger(__name__)
+PARALLEL_VOLUME_CALLS = 8
 
 
 def attach_student_volumes(
@@ -41,22 +44,27 @@ def attach_student_volumes(
             for v in session.scalars(select(StudentVolume).where(
                 tuple_(StudentVolume.owner_id, StudentVolume.course_id).in_(pairs)))
         } if pairs else {}
-    attached = 0
-    for machine_id, owner_id, course_id in machines:
+    def settle(machine: Any) -> bool:
+        machine_id, owner_id, course_id = machine
         volume = volumes.get((owner_id, course_id))
         if volume is not None and volume.machine_id == machine_id and volume.status == "in-use":
-            continue
+            return False
         active = [s for s in servers_by_machine.get(machine_id, []) if s.status == "ACTIVE"]
         if not active:
-            continue
+            return False
         try:
             if volume is None:
                 _create(rt, cloud, env, owner_id, course_id)
-            elif volume.volume_id and _attach(rt, cloud, volume, machine_id, active[0].server_id):
-                attached += 1
+                return False
+            return bool(volume.volume_id) and _attach(rt, cloud, volume, machine_id,
+                                                      active[0].server_id)
         except ProvisioningError as exc:  # the next pass tries again
             log.warning("volume of user %s in course %s: %s", owner_id, course_id, exc)
-    return attached
+            return False
+
+    # Cloud calls for many students at once (a class claiming its warm machines).
+    with ThreadPoolExecutor(PARALLEL_VOLUME_CALLS) as pool:
+        return sum(pool.map(settle, machines))
 
 
 def _create(rt: Runtime, cloud: OpenStackBackend, env: Environment, owner_id: int,

@@ -224,15 +224,37 @@ class OpenStackBackend(Backend):
         return ServerStatus(str(server.status), self._address(server), _fault(server))
 
     def list_pool_servers(self, pool_id: int) -> list[ServerView]:
-        """Every server of a pool, in one paged list (Nova's page size, `servers_links`)."""
+        """Every server of a pool: `GET /servers/detail?tags=…` page by page (Nova's page
+        size, `servers_links`), one request per page.
+
+        Through the proxy's plain REST call, not `compute.servers()`: building an
+        openstacksdk `Server` costs milliseconds per server (10,000 servers: ~50 s a pass),
+        and the pass needs five fields of each."""
+        compute = self._compute
+        version = _list_microversion(compute)
+        url: str | None = "/servers/detail"
+        params: dict[str, Any] | None = {"tags": f"labpool,pool-{pool_id}"}
+        views: list[ServerView] = []
+        seen: set[str] = set()
         with self._errors("list the pool's servers"):
-            servers = list(self._compute.servers(details=True, tags=f"labpool,pool-{pool_id}"))
-        return [
-            ServerView(server_id=server.id, machine_id=_machine_id(server),
-                       status=str(server.status), address=self._address(server),
-                       fault=_fault(server), created=_created(server))
-            for server in servers
-        ]
+            while url:
+                response = compute.get(url, params=params, microversion=version)
+                os_exc.raise_from_response(response)
+                body = response.json()
+                for raw in body.get("servers", []):
+                    server = _ListedServer(raw)
+                    views.append(ServerView(
+                        server_id=server.id, machine_id=_machine_id(server),
+                        status=str(server.status), address=self._address(server),
+                        fault=_fault(server), created=_created(server)))
+                url = next((link.get("href") for link in body.get("servers_links", [])
+                            if link.get("rel") == "next"), None)
+                if url in seen:  # a cloud whose "next" goes round in circles
+                    break
+                if url:
+                    seen.add(url)
+                params = None  # the next link carries the query
+        return views
 
     def quota_headroom(self) -> int | None:
         """How many more servers the project's quota allows; None when it is unlimited."""
@@ -430,6 +452,28 @@ def _fault(server: Any) -> str | None:
     if isinstance(fault, dict) and fault.get("message"):
         return _detail(fault["message"])
     return None
+
+
+class _ListedServer:
+    """A server of `GET /servers/detail` read straight from its JSON, with the attribute
+    names of openstacksdk's `Server` that the helpers below read."""
+
+    def __init__(self, raw: dict[str, Any]):
+        self.id = str(raw.get("id", ""))
+        self.status = raw.get("status", "")
+        self.addresses = raw.get("addresses")
+        self.tags = raw.get("tags") or []
+        self.fault = raw.get("fault")
+        self.metadata = raw.get("metadata")
+        self.created_at = raw.get("created", "")
+
+
+def _list_microversion(compute: Any) -> str:
+    """Tags in the list (and filtering by them) need Nova ≥ 2.26; ask for what both sides
+    know, up to 2.96."""
+    from openstack import utils
+
+    return utils.maximum_supported_microversion(compute, "2.96") or "2.26"
 
 
 def _created(server: Any) -> datetime | None:
