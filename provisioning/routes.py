@@ -9,7 +9,9 @@ to when its check fails.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+from typing import Any
 
 import redis
 
@@ -51,9 +53,14 @@ return route
 """
 
 
+@functools.lru_cache(maxsize=8)
+def _route_script(conn: redis.Redis) -> Any:
+    return conn.register_script(_ROUTE_AND_TOUCH)  # sent once, then run by its SHA
+
+
 def route_for_owner(conn: redis.Redis, machine_id: int, owner_id: int) -> dict[bytes, bytes]:
     """The machine's route (empty if released); records activity when `owner_id` owns it."""
-    script = conn.register_script(_ROUTE_AND_TOUCH)
+    script = _route_script(conn)
     flat = script(keys=[ROUTE_KEY.format(machine_id), ACTIVITY_KEY.format(machine_id)],
                   args=[str(owner_id), int(time.time())])
     return dict(zip(flat[::2], flat[1::2], strict=True))
