@@ -20,6 +20,7 @@ from provisioning.backends import Backend, MachineSpec, Started, backend_for
 from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, Machine, MachineState
 from provisioning.routes import withdraw_route
+from provisioning.storage import volumes_released
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 0.2
@@ -147,6 +148,7 @@ def stop_machine_now(rt: Runtime, machine_id: int, only_if: MachineState | None 
         machine.move_to(MachineState.stopped)
         machine.address = None
         machine.ide_token = None
+        volumes_released(session, [machine_id])
     return "stopped"
 
 

@@ -50,7 +50,7 @@ from provisioning.errors import (
 from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.routes import withdraw_route
 from provisioning.schedule import scheduled_demand
-from provisioning.storage import attach_student_volumes
+from provisioning.storage import attach_student_volumes, volumes_released
 
 log = logging.getLogger(__name__)
 S = MachineState
@@ -265,6 +265,7 @@ def _mark_failed(rt: Runtime, failed: list[tuple[Row, str]]) -> int:
             done += result.rowcount
             withdraw_route(rt.redis, row.id)
             log.warning("machine %s failed: %s", row.id, reason)
+        volumes_released(session, [row.id for row, _ in failed])
     return done
 
 
@@ -292,6 +293,7 @@ def _mark_stopped(rt: Runtime, ids: list[int]) -> int:
             .values(state=S.stopped, address=None, ide_token=None, state_changed_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+        volumes_released(session, ids)
         return result.rowcount
 
 

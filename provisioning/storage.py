@@ -14,7 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, tuple_, update
 
 from config.db import transaction
 from config.runtime import Runtime
@@ -98,3 +98,14 @@ def _attach(rt: Runtime, cloud: OpenStackBackend, volume: StudentVolume, machine
         row = session.get_one(StudentVolume, volume.id)
         row.status, row.machine_id, row.error = "in-use", machine_id, None
     return True
+
+
+def volumes_released(session: Any, machine_ids: list[int]) -> None:
+    """The machines' servers are gone, and with them the attachments (Nova detaches a
+    deleted server's volumes): the volumes are kept, free for the student's next machine."""
+    if machine_ids:
+        session.execute(
+            update(StudentVolume)
+            .where(StudentVolume.machine_id.in_(machine_ids), StudentVolume.status == "in-use")
+            .values(status="available")
+        )

@@ -399,6 +399,7 @@ def test_a_students_volume_follows_them_from_machine_to_machine(crt, cloud, rt):
     stop_machine_now(crt, first)  # released: the server goes, the volume stays
     (cloud_volume,) = cloud.volumes()
     assert cloud_volume["status"] == "available"
+    assert volume().status == "available"
 
     with transaction(rt.sessions) as session:
         second = claim_warm_machine(session, env_id, course, user)
