@@ -72,16 +72,22 @@ def demo() -> None:
 def worker(burst: bool) -> None:
     """Run an RQ worker for provisioning jobs."""
     import redis
-    from rq import Worker
+    from rq import SimpleWorker
 
-    # Machines point at users and courses: every table must be in the metadata before a
-    # work horse forks.
+    # Everything a job needs, imported once: machines point at users and courses (every
+    # table must be in the metadata), and the reconciler brings openstacksdk.
     import lti_tool.models  # noqa: F401
+    import lti_tool.roster  # noqa: F401
+    import provisioning.reconciler  # noqa: F401
 
     settings = _settings()
     # Blocking dequeues need a connection without the web's short socket timeout.
     conn = redis.Redis.from_url(settings.effective_redis_url)
-    Worker([settings.queue_name], connection=conn).work(burst=burst)
+    # Jobs run in the worker process itself (RQ's SimpleWorker), not a process forked per
+    # job: the worker keeps its database pool and its one cloud connection (a new one costs
+    # a token and discovery requests), and a reconciler pass starts in milliseconds. Job
+    # timeouts still hold (SIGALRM), and a killed worker loses nothing: jobs are triggers.
+    SimpleWorker([settings.queue_name], connection=conn).work(burst=burst)
 
 
 @main.command()

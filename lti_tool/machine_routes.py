@@ -35,6 +35,7 @@ MESSAGES = {
     MachineState.error: "Your machine could not be started.",
 }
 NUDGE_AFTER = timedelta(seconds=10)
+CLOUD_NUDGE_AFTER = timedelta(seconds=3)
 
 
 def _rt():  # type: ignore[no-untyped-def]
@@ -54,13 +55,20 @@ def _nudge_if_stale(machine: Machine) -> None:
     Redis guard keeps a page of pollers from enqueueing it many times."""
     rt = _rt()
     age = utcnow() - machine.state_changed_at
-    stale = (machine.state is MachineState.requested and age > NUDGE_AFTER) or (
-        machine.state is MachineState.starting
-        and age > timedelta(seconds=rt.settings.machine_start_timeout_s) + NUDGE_AFTER
-    )
+    if machine.backend != "local":
+        # A cloud machine becomes ready only when a reconciler pass sees its IDE answer:
+        # waiting students ask for a pass (at most one queued per pool).
+        stale = machine.state in (MachineState.requested, MachineState.starting) and (
+            age > CLOUD_NUDGE_AFTER)
+    else:
+        stale = (machine.state is MachineState.requested and age > NUDGE_AFTER) or (
+            machine.state is MachineState.starting
+            and age > timedelta(seconds=rt.settings.machine_start_timeout_s) + NUDGE_AFTER
+        )
     if not stale:
         return
-    if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(NUDGE_AFTER.seconds)):
+    guard = CLOUD_NUDGE_AFTER if machine.backend != "local" else NUDGE_AFTER
+    if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(guard.seconds)):
         nudge(rt, machine)
 
 

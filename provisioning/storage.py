@@ -14,7 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import or_, select, tuple_, update
 
 from config.db import transaction
 from config.runtime import Runtime
@@ -33,10 +33,16 @@ def attach_student_volumes(
     """Give every assigned machine of the environment its student's volume; returns how
     many were attached in this pass."""
     with rt.sessions() as session:
+        # Only machines whose volume is not attached to them yet: in the steady state of a
+        # big pool this is an empty answer, not thousands of rows.
         machines = session.execute(
             select(Machine.id, Machine.owner_id, Machine.course_id)
+            .outerjoin(StudentVolume, (StudentVolume.owner_id == Machine.owner_id)
+                       & (StudentVolume.course_id == Machine.course_id))
             .where(Machine.environment_id == env.id, Machine.state == MachineState.assigned,
-                   Machine.owner_id.is_not(None), Machine.course_id.is_not(None))
+                   Machine.owner_id.is_not(None), Machine.course_id.is_not(None),
+                   or_(StudentVolume.id.is_(None), StudentVolume.status != "in-use",
+                       StudentVolume.machine_id.is_distinct_from(Machine.id)))
         ).all()
         pairs = [(m.owner_id, m.course_id) for m in machines]
         volumes = {
