@@ -6,12 +6,18 @@ from __future__ import annotations
 import hmac
 import secrets
 
-from flask import request, session
+from flask import current_app, request, session
 from sqlalchemy.orm import Session
 
+from config.runtime import Runtime
 from lti_tool.errors import Forbidden, NotSignedIn
 from lti_tool.launches import enrolment_roles, is_staff
 from lti_tool.models import Activity
+
+
+def runtime() -> Runtime:
+    """The app's runtime (settings, database sessions, Redis)."""
+    return current_app.extensions["labpool"]
 
 
 def sign_in(user_id: int) -> None:

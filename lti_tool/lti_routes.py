@@ -15,7 +15,7 @@ from pylti1p3.exception import LtiException, OIDCException
 
 from config.db import transaction
 from jwks.keys import published_jwks
-from lti_tool.auth import sign_in
+from lti_tool.auth import runtime, sign_in
 from lti_tool.errors import LaunchRejected
 from lti_tool.launches import NRPS_CLAIM, record_launch
 from lti_tool.lti import (
@@ -37,12 +37,8 @@ LOGIN_LIFETIME_S = 600
 BAD_INPUT = (LtiException, OIDCException, ValueError, TypeError, KeyError, AttributeError)
 
 
-def _rt():  # type: ignore[no-untyped-def]
-    return current_app.extensions["labpool"]
-
-
 def _tool_conf() -> DatabaseToolConf:
-    rt = _rt()
+    rt = runtime()
     return DatabaseToolConf(
         rt.sessions,
         allow_http_issuers=not rt.settings.is_production,
@@ -52,7 +48,7 @@ def _tool_conf() -> DatabaseToolConf:
 
 @bp.route("/lti/login", methods=["GET", "POST"])
 def login():  # type: ignore[no-untyped-def]
-    rt = _rt()
+    rt = runtime()
     launch_url = rt.settings.url("/lti/launch")
     target = request.values.get("target_link_uri", "")
     if not target.startswith(rt.settings.public_url):
@@ -76,7 +72,7 @@ def login():  # type: ignore[no-untyped-def]
 
 @bp.post("/lti/launch")
 def launch():  # type: ignore[no-untyped-def]
-    rt = _rt()
+    rt = runtime()
     tool_conf = _tool_conf()
     try:
         message = LabpoolMessageLaunch(
@@ -123,7 +119,7 @@ def _reason(exc: Exception) -> str:
 
 @bp.get("/lti/jwks.json")
 def jwks():  # type: ignore[no-untyped-def]
-    with _rt().sessions() as session:
+    with runtime().sessions() as session:
         body = published_jwks(session)
     response = jsonify(body)
     response.cache_control.max_age = 300

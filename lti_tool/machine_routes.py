@@ -14,7 +14,7 @@ from flask import Blueprint, current_app, jsonify, redirect, render_template, ur
 from sqlalchemy.orm import Session
 
 from config.db import utcnow
-from lti_tool.auth import current_user_id
+from lti_tool.auth import current_user_id, runtime
 from lti_tool.errors import Forbidden
 from lti_tool.proxy_routes import IDE_COOKIE
 from provisioning.models import Environment, Machine, MachineState
@@ -38,10 +38,6 @@ NUDGE_AFTER = timedelta(seconds=10)
 CLOUD_NUDGE_AFTER = timedelta(seconds=3)
 
 
-def _rt():  # type: ignore[no-untyped-def]
-    return current_app.extensions["labpool"]
-
-
 def _own_machine(session: Session, machine_id: int) -> Machine:
     machine = session.get(Machine, machine_id)
     if machine is None or machine.owner_id != current_user_id():
@@ -53,7 +49,7 @@ def _nudge_if_stale(machine: Machine) -> None:
     """A `requested` machine nobody picked up (lost job, Redis restarted), or a start whose
     worker died: enqueue the start again; the job resumes it or reports the failure. A short
     Redis guard keeps a page of pollers from enqueueing it many times."""
-    rt = _rt()
+    rt = runtime()
     age = utcnow() - machine.state_changed_at
     if machine.backend != "local":
         # A cloud machine becomes ready only when a reconciler pass sees its IDE answer:
@@ -90,14 +86,14 @@ def state_of(machine: Machine) -> dict:
 
 @bp.get("/machines/<int:machine_id>")
 def status_page(machine_id: int):  # type: ignore[no-untyped-def]
-    with _rt().sessions() as session:
+    with runtime().sessions() as session:
         machine = _own_machine(session, machine_id)
         return render_template("status.html", machine=machine, state=state_of(machine))
 
 
 @bp.get("/machines/<int:machine_id>/state")
 def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
-    with _rt().sessions() as session:
+    with runtime().sessions() as session:
         machine = _own_machine(session, machine_id)
         _nudge_if_stale(machine)
         response = jsonify(state_of(machine))
@@ -114,7 +110,7 @@ def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
     cookie that lets this browser (and only to this machine) through, go to `/ide/<id>/`.
     Single-server mode without a proxy: straight to the JupyterLab process, whose token logs
     the browser in once."""
-    rt = _rt()
+    rt = runtime()
     with rt.sessions() as session, session.begin():
         machine = _own_machine(session, machine_id)
         if machine.state is not MachineState.assigned or not machine.address:

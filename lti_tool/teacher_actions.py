@@ -8,11 +8,11 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from flask import Blueprint, current_app, flash, redirect, request, url_for
+from flask import Blueprint, flash, redirect, request, url_for
 from sqlalchemy import select
 
 from config.db import transaction, utcnow
-from lti_tool.auth import check_csrf, current_user_id, taught_activity
+from lti_tool.auth import check_csrf, current_user_id, runtime, taught_activity
 from lti_tool.errors import WebError
 from lti_tool.launches import environment_of
 from lti_tool.models import Course
@@ -29,10 +29,6 @@ WARM_NOW_FOR = timedelta(hours=2)
 IDLE_AFTER = timedelta(minutes=10)
 
 
-def _rt():  # type: ignore[no-untyped-def]
-    return current_app.extensions["labpool"]
-
-
 def _back(activity_id: int, message: str | None = None):  # type: ignore[no-untyped-def]
     if message:
         flash(message)
@@ -43,7 +39,7 @@ def _back(activity_id: int, message: str | None = None):  # type: ignore[no-unty
 def my_machine(activity_id: int):  # type: ignore[no-untyped-def]
     """A teacher opens a machine of their own in the activity's environment."""
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
@@ -56,7 +52,7 @@ def my_machine(activity_id: int):  # type: ignore[no-untyped-def]
 def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
     """New launches get the chosen environment; machines already handed out stay."""
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     env_id = _int_field("environment_id", "Choose an environment from the list.")
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
@@ -73,7 +69,7 @@ def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
 def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
     """Warm a machine for every student of the class for the next two hours."""
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
@@ -92,7 +88,7 @@ def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
 def stop_idle(activity_id: int):  # type: ignore[no-untyped-def]
     """Release the class's machines nobody used for ten minutes (their files stay)."""
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     now = utcnow()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
@@ -120,7 +116,7 @@ def stop_idle(activity_id: int):  # type: ignore[no-untyped-def]
 def reset_machine(activity_id: int, machine_id: int):  # type: ignore[no-untyped-def]
     """A student's machine is replaced by a new one; their files stay."""
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
@@ -141,7 +137,7 @@ def reset_machine(activity_id: int, machine_id: int):  # type: ignore[no-untyped
 @bp.post("/activities/<int:activity_id>/roster-sync")
 def roster_sync(activity_id: int):  # type: ignore[no-untyped-def]
     check_csrf()
-    rt = _rt()
+    rt = runtime()
     with rt.sessions() as session:
         activity = taught_activity(session, activity_id)
         course = session.get_one(Course, activity.course_id)
@@ -169,7 +165,7 @@ def add_class_session(activity_id: int):  # type: ignore[no-untyped-def]
     lead = _int_field("lead_minutes", "The lead time is a number of minutes.", default=10)
     if not 0 <= lead <= 240:
         raise WebError("The lead time must be between 0 and 240 minutes.")
-    rt = _rt()
+    rt = runtime()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
         session.add(ClassSession(activity_id=activity.id, weekday=weekday, starts=starts,
@@ -184,7 +180,7 @@ def add_class_session(activity_id: int):  # type: ignore[no-untyped-def]
 @bp.post("/activities/<int:activity_id>/schedule/<int:session_id>/delete")
 def delete_class_session(activity_id: int, session_id: int):  # type: ignore[no-untyped-def]
     check_csrf()
-    with transaction(_rt().sessions) as session:
+    with transaction(runtime().sessions) as session:
         activity = taught_activity(session, activity_id)
         meeting = session.get(ClassSession, session_id)
         if meeting is None or meeting.activity_id != activity.id:

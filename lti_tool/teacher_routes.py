@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from flask import Blueprint, current_app, jsonify, render_template
+from flask import Blueprint, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lti_tool.auth import csrf_token, current_user_id, taught_activity
+from lti_tool.auth import csrf_token, current_user_id, runtime, taught_activity
 from lti_tool.launches import environment_of, is_staff
 from lti_tool.models import Activity, Course, Enrolment, User
 from provisioning.models import (
@@ -30,10 +30,6 @@ from provisioning.routes import last_activity
 
 bp = Blueprint("teacher", __name__)
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-
-
-def _rt():  # type: ignore[no-untyped-def]
-    return current_app.extensions["labpool"]
 
 
 def pool_status(session: Session, environment: Environment) -> dict | None:
@@ -91,7 +87,7 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
     listed = {user.id for user, _ in members}
     extra = session.scalars(select(User).where(User.id.in_(set(newest) - listed))).all()
     rows = []
-    redis = _rt().redis
+    redis = runtime().redis
     for user, roles in [*members, *((u, None) for u in extra)]:
         machine = newest.get(user.id)
         seen = [t for t in (machine.last_activity_at if machine else None,) if t]
@@ -144,7 +140,7 @@ def class_view(session: Session, activity: Activity) -> dict:
 
 @bp.get("/activities/<int:activity_id>/class")
 def class_page(activity_id: int):  # type: ignore[no-untyped-def]
-    with _rt().sessions() as session:
+    with runtime().sessions() as session:
         activity = taught_activity(session, activity_id)
         return render_template(
             "class.html",
@@ -160,7 +156,7 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
 
 @bp.get("/activities/<int:activity_id>/class.json")
 def class_state(activity_id: int):  # type: ignore[no-untyped-def]
-    with _rt().sessions() as session:
+    with runtime().sessions() as session:
         activity = taught_activity(session, activity_id)
         response = jsonify(class_view(session, activity))
     response.cache_control.no_store = True
