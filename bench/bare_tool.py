@@ -16,38 +16,24 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import redis
 from flask import Flask, redirect
 from pylti1p3.contrib.flask import FlaskMessageLaunch, FlaskOIDCLogin, FlaskRequest
 from pylti1p3.exception import LtiException, OIDCException
-from pylti1p3.launch_data_storage.base import LaunchDataStorage
 from pylti1p3.tool_config import ToolConfDict
+
+from lti_tool.lti import RedisLaunchDataStorage
 
 KEY_PREFIX = "bench:bare:"
 DONE_PATH = "/launched"
 
 
-class RedisJsonStorage(LaunchDataStorage[Any]):
-    """pylti1p3's launch data storage as JSON values in Redis."""
+class RedisJsonStorage(RedisLaunchDataStorage):
+    """pylti1p3's launch data as JSON in Redis (the storage Labpool uses, nothing more:
+    the bare tool adds none of Labpool's checks), under its own key prefix."""
 
-    def __init__(self, conn: redis.Redis):
-        super().__init__()
-        self._redis = conn
-
-    def can_set_keys_expiration(self) -> bool:
-        return True
-
-    def get_value(self, key: str) -> Any:
-        raw = self._redis.get(KEY_PREFIX + self._prepare_key(key))
-        return None if raw is None else json.loads(raw)
-
-    def set_value(self, key: str, value: Any, exp: int | None = None) -> None:
-        self._redis.set(KEY_PREFIX + self._prepare_key(key), json.dumps(value), ex=exp)
-
-    def check_value(self, key: str) -> bool:
-        return bool(self._redis.exists(KEY_PREFIX + self._prepare_key(key)))
+    key_prefix = KEY_PREFIX
 
 
 def create_app(conf: Mapping[str, str] | None = None) -> Flask:

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import redis
 
-from config.settings import Settings
-
 
 def redis_for(url: str) -> redis.Redis:
     """One client (with its connection pool) per URL and process."""
@@ -28,10 +26,6 @@ def redis_for(url: str) -> redis.Redis:
 @functools.cache
 def _client(url: str, pid: int) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, health_check_interval=30)
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis_for(settings.effective_redis_url)
 
 
 def redis_server_binary() -> str:

@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.logging import configure_logging
-from config.runtime import Runtime, runtime_for
+from config.runtime import runtime_for
 from config.settings import Settings, load_settings
 from lti_tool.errors import WebError
 from lti_tool.lti import PlatformKeys, RegistrationCache
@@ -82,6 +82,3 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     return app
 
-
-def runtime_of(app: Flask) -> Runtime:
-    return app.extensions["labpool"]

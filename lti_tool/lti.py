@@ -44,6 +44,8 @@ class RedisLaunchDataStorage(LaunchDataStorage[Any]):
     """pylti1p3's state, nonces and launch data in Redis, keyed by the browser's
     `lti1p3-session-id` cookie (set at login)."""
 
+    key_prefix = KEY_PREFIX
+
     def __init__(self, conn: redis.Redis):
         super().__init__()
         self._redis = conn
@@ -52,7 +54,7 @@ class RedisLaunchDataStorage(LaunchDataStorage[Any]):
         return True
 
     def _key(self, key: str) -> str:
-        return KEY_PREFIX + self._prepare_key(key)
+        return self.key_prefix + self._prepare_key(key)
 
     def get_value(self, key: str) -> Any:
         raw = self._redis.get(self._key(key))

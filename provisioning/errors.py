@@ -10,10 +10,6 @@ class BackendUnavailable(ProvisioningError):
     """The backend cannot run this kind of machine here (e.g. an IDE that is not installed)."""
 
 
-class MachineStartFailed(ProvisioningError):
-    """The machine was started but its IDE never answered."""
-
-
 class QuotaExceeded(ProvisioningError):
     """The project's quota has no room for one more server (Nova's 403 at create)."""
 

@@ -180,10 +180,6 @@ class Machine(Base):
         if error is not None:
             self.error = error
 
-    @property
-    def ide_path(self) -> str:
-        return f"/ide/{self.id}/"
-
     def __repr__(self) -> str:  # no token here: reprs end up in logs
         return f"<Machine {self.id} {self.state.value} owner={self.owner_id}>"
 

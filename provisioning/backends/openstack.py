@@ -291,12 +291,6 @@ class OpenStackBackend(Backend):
             connection_for(self.cloud, self.api_timeout).block_storage.delete_volume(
                 volume_id, ignore_missing=True)
 
-    def detach_volume(self, server_id: str, volume_id: str) -> None:
-        with self._errors("detach a student's volume"):
-            # Already detached, or the server is gone: nothing to do.
-            with contextlib.suppress(os_exc.NotFoundException):
-                self._compute.delete_volume_attachment(server_id, volume_id)
-
     # -- cloud calls -------------------------------------------------------------------------
     def _create(self, machine: MachineSpec, pool_id: int, token: str) -> str:
         spec = self.cloud_spec
