@@ -11,14 +11,22 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from flask import Blueprint, flash, redirect, request, url_for
 from sqlalchemy import select
 
-from config.db import transaction, utcnow
+from config.db import transaction, upsert, utcnow
 from lti_tool.auth import check_csrf, current_user_id, runtime, taught_activity
 from lti_tool.errors import WebError
 from lti_tool.launches import environment_of
 from lti_tool.models import Course
 from lti_tool.roster import SYNC_JOB
 from provisioning.claims import machine_for_learner
-from provisioning.models import LIVE_STATES, ClassSession, Environment, Machine, MachineState, Pool
+from provisioning.models import (
+    LIVE_STATES,
+    ClassSession,
+    Environment,
+    Machine,
+    MachineState,
+    Pool,
+    WarmBoost,
+)
 from provisioning.queue import STOP_JOB, enqueue
 from provisioning.routes import last_activity, withdraw_route
 from provisioning.schedule import class_size
@@ -67,7 +75,9 @@ def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
 
 @bp.post("/activities/<int:activity_id>/warm-now")
 def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
-    """Warm a machine for every student of the class for the next two hours."""
+    """Warm a machine for every student of the class for the next two hours. The boost is
+    this activity's: another course's boost on the same pool neither replaces nor cancels it
+    (the pool keeps the largest)."""
     check_csrf()
     rt = runtime()
     with transaction(rt.sessions) as session:
@@ -77,9 +87,11 @@ def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
         if pool is None:
             raise WebError("Warm pools need a cloud environment; this activity's machines are "
                            "started on demand.")
-        pool.boost_target = min(class_size(session, activity.course_id), pool.max_size)
-        pool.boost_until = utcnow() + WARM_NOW_FOR
-        pool_id, target = pool.id, pool.boost_target
+        target = min(class_size(session, activity.course_id), pool.max_size)
+        # One statement: a double click (two requests at once) updates, never collides.
+        upsert(session, WarmBoost, {"activity_id": activity.id},
+               {"target": target, "until": utcnow() + WARM_NOW_FOR})
+        pool_id = pool.id
     reconcile_soon(rt, pool_id)
     return _back(activity_id, f"Warming {target} machine(s) for the next two hours.")
 

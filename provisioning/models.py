@@ -124,9 +124,23 @@ class Pool(Base):
     backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     last_pass_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # A teacher's "warm now": this many warm machines until then.
-    boost_target: Mapped[int] = mapped_column(Integer, default=0)
-    boost_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WarmBoost(Base):
+    """A teacher's "warm now" for one activity: `target` warm machines until `until`.
+
+    Kept per activity, not per pool: several courses may share one environment's pool, and
+    one teacher's boost must not replace another's. The pool wants the largest unexpired
+    boost of the activities using its environment."""
+
+    __tablename__ = "warm_boosts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    activity_id: Mapped[int] = mapped_column(
+        ForeignKey("activities.id", ondelete="CASCADE"), unique=True
+    )
+    target: Mapped[int] = mapped_column(Integer)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Machine(Base):

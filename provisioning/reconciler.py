@@ -49,7 +49,7 @@ from provisioning.errors import (
 )
 from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.routes import withdraw_route
-from provisioning.schedule import scheduled_demand
+from provisioning.schedule import boosted_target, scheduled_demand
 from provisioning.storage import attach_student_volumes, volumes_released
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,11 @@ def _top_up_warm(
     rt: Runtime, pool: Pool, env: Environment, report: PassReport, clock: datetime
 ) -> int:
     """Add `requested` warm machines up to the target (within max_size), or stop surplus
-    ready ones. The target is the pool's floor, or what the classes in session want.
-    Returns how many were requested."""
+    ready ones. The target is the largest of the pool's floor, what the classes in session
+    want and the teachers' unexpired "warm now" boosts. Returns how many were requested."""
     with transaction(rt.sessions) as session:
         demand, in_session = scheduled_demand(session, env.id, clock)
-        boost = pool.boost_target if pool.boost_until and pool.boost_until > clock else 0
+        boost = boosted_target(session, env.id, clock)
         report.target = max(pool.warm_target, demand, boost)
         if in_session:
             report.notes.append(f"class in session: {demand} student(s) without a machine yet")

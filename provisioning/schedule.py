@@ -2,8 +2,9 @@
 
 During a class session of any activity that uses the pool's environment (from `lead_minutes`
 before it starts until it ends, in the session's time zone), the pool wants a machine for
-every current learner of that course who does not hold one yet; otherwise the pool's own
-`warm_target` is the floor. The reconciler caps this by `max_size` and the cloud's quota,
+every current learner of that course who does not hold one yet; a teacher's "warm now" asks
+for a machine per learner of the class for two hours; the largest of these and the pool's own
+`warm_target` (the floor) wins. The reconciler caps this by `max_size` and the cloud's quota,
 and never takes away assigned machines.
 
 Enrolments and activities belong to the LTI side; they are read here through lightweight
@@ -16,10 +17,10 @@ from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import JSON, column, select, table
+from sqlalchemy import JSON, column, func, select, table
 from sqlalchemy.orm import Session
 
-from provisioning.models import LIVE_STATES, ClassSession, Machine
+from provisioning.models import LIVE_STATES, ClassSession, Machine, WarmBoost
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))
 enrolments = table("enrolments", column("course_id"), column("user_id"), column("roles", JSON),
@@ -79,6 +80,16 @@ def scheduled_demand(session: Session, environment_id: int, now: datetime) -> tu
     return len(learners - holding), True
 
 
+def boosted_target(session: Session, environment_id: int, now: datetime) -> int:
+    """The largest unexpired "warm now" of the activities using this environment (0 if none):
+    boosts of several courses sharing a pool do not add up, the biggest class decides."""
+    return session.scalar(
+        select(func.max(WarmBoost.target))
+        .join(activities, activities.c.id == WarmBoost.activity_id)
+        .where(activities.c.environment_id == environment_id, WarmBoost.until > now)
+    ) or 0
+
+
 def class_size(session: Session, course_id: int) -> int:
     rows = session.execute(
         select(enrolments.c.roles)
@@ -87,4 +98,4 @@ def class_size(session: Session, course_id: int) -> int:
     return sum(1 for roles in rows if is_learner(roles))
 
 
-__all__ = ["scheduled_demand", "session_is_on", "class_size"]
+__all__ = ["scheduled_demand", "session_is_on", "class_size", "boosted_target"]

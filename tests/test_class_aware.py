@@ -9,7 +9,7 @@ from datetime import UTC, datetime, time, timedelta
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from config.db import transaction
 from config.runtime import Runtime
@@ -18,7 +18,7 @@ from lti_tool.roster import RosterError, sync_course
 from provisioning.backends.openstack import forget_connections
 from provisioning.environments import add_environment
 from provisioning.idle import release_idle_machines
-from provisioning.models import ClassSession, Machine, MachineState, Pool
+from provisioning.models import ClassSession, Machine, MachineState, Pool, WarmBoost
 from provisioning.reconciler import reconcile_pool
 from tests.conftest import run_worker_burst
 from tests.fakecloud import FakeCloud
@@ -277,3 +277,59 @@ def test_teacher_resets_a_students_machine_keeping_the_files(tool, platform, rt,
         assert session.get_one(Machine, old).state in (S.stopping, S.stopped)
         owners = session.scalars(select(Machine.owner_id).where(Machine.id.in_([old, row["machine"]]))).all()
     assert len(set(owners)) == 1
+
+
+# --- "warm now" -----------------------------------------------------------------------------
+
+def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
+    cloud_rt, tool, platform, rt
+):
+    """Two courses share one pool: the small class's teacher pressing "warm now" after the
+    big class's teacher does not cancel the big class's boost."""
+    crt, _cloud = cloud_rt
+    with transaction(rt.sessions) as session:
+        env = add_environment(session, name=f"lab-{uuid.uuid4().hex[:6]}", backend="openstack",
+                              image_id="img", flavor_id="flv", network_id="net", warm_target=0,
+                              max_size=10)
+        env_id = env.id
+        pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
+
+    def teacher_warms(context_id: str, sub: str, learners: int) -> int:
+        with requests.Session() as browser:
+            platform.tool_jwks_url = f"{tool.url}/lti/jwks.json"
+            response = platform.launch(
+                browser, tool.url, platform.instructor(sub=sub, context_id=context_id)
+            ).launch_response
+            assert response.status_code == 303
+            class_url = tool.url + response.headers["Location"]
+            activity_id = int(class_url.split("/activities/")[1].split("/")[0])
+            with transaction(rt.sessions) as session:
+                course_id = session.get_one(Activity, activity_id).course_id
+                students = [User(issuer=platform.issuer, sub=uuid.uuid4().hex)
+                            for _ in range(learners)]
+                session.add_all(students)
+                session.flush()
+                session.add_all(Enrolment(course_id=course_id, user_id=s.id,
+                                          roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"])
+                                for s in students)
+            csrf = csrf_of(browser, class_url)
+            base = f"{tool.url}/activities/{activity_id}"
+            chosen = browser.post(f"{base}/environment", data={"csrf": csrf, "environment_id": env_id},
+                                  allow_redirects=False)
+            assert chosen.status_code == 303
+            warmed = browser.post(f"{base}/warm-now", data={"csrf": csrf}, allow_redirects=False)
+            assert warmed.status_code == 303
+            return activity_id
+
+    big = teacher_warms("big-class", sub="31", learners=4)
+    assert reconcile_pool(crt, pool_id).target == 4
+    small = teacher_warms("small-class", sub="32", learners=1)
+    assert reconcile_pool(crt, pool_id).target == 4  # the largest boost, not the latest
+
+    with transaction(rt.sessions) as session:
+        boosts = {b.activity_id: b.target for b in session.scalars(select(WarmBoost))}
+        assert boosts == {big: 4, small: 1}
+        # The big class's boost runs out: the small one's still holds the pool up.
+        session.execute(update(WarmBoost).where(WarmBoost.activity_id == big)
+                        .values(until=datetime.now(UTC) - timedelta(seconds=1)))
+    assert reconcile_pool(crt, pool_id).target == 1
