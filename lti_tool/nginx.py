@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,7 +28,10 @@ def render_server(
         cache = (
             "        # Positive answers are reused briefly, per machine and cookie.\n"
             "        proxy_cache labpool_auth;\n"
-            '        proxy_cache_key "$labpool_machine|$cookie_labpool_ide";\n'
+            # The answer depends on the request's origin, method and upgrade too: a cached
+            # yes for a same-origin GET must never admit a cross-origin POST or WebSocket.
+            '        proxy_cache_key "$labpool_machine|$cookie_labpool_ide|$request_method|'
+            '$http_origin|$http_sec_fetch_site|$http_upgrade";\n'
             f"        proxy_cache_valid 200 {auth_cache_s}s;\n"
             "        proxy_cache_valid any 0;\n"
         )
@@ -52,7 +58,20 @@ def render_standalone(settings: Settings, *, prefix: Path, **kwargs: object) -> 
     for sub in ("logs", "tmp", "auth-cache"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
     server = render_server(settings, cache_dir=prefix / "auth-cache", **kwargs)  # type: ignore[arg-type]
-    return f"""worker_processes 1;
+    user = ""
+    if os.geteuid() == 0:
+        # Started by root, nginx's workers drop to the proxy group's user: that group, and
+        # no student, may open the IDEs' sockets (provisioning/sandbox.py).
+        try:
+            entry = pwd.getpwnam(settings.proxy_group)
+        except KeyError:
+            entry = None
+        if entry is not None:
+            user = f"user {entry.pw_name} {grp.getgrgid(entry.pw_gid).gr_name};\n"
+            prefix.chmod(prefix.stat().st_mode | 0o111)
+            for sub in ("tmp", "auth-cache"):
+                os.chown(prefix / sub, entry.pw_uid, entry.pw_gid)
+    return f"""{user}worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
 events {{ worker_connections 1024; }}

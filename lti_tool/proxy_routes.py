@@ -10,6 +10,13 @@ sends the browser to the hand-over page) or 403 (someone else's machine).
 
 Only nginx may ask: it sends a secret header derived from the tool's secret key, and the
 template makes `/proxy/` unreachable from outside.
+
+The proxy keeps the browser's protections (a page on another origin must not ride on the
+student's cookie): WebSocket upgrades and every request that may change something (not GET
+or HEAD) must come from the tool's own origin, and nothing that the browser marks
+`Sec-Fetch-Site: cross-site` passes. The IDE's own XSRF check stays on as well (the proxy
+presents the token in a header JupyterLab does not treat as a token login; see
+provisioning/ide_config.py).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from config.settings import Settings
+from provisioning.ide_http import nginx_upstream
 from provisioning.routes import route_for_owner
 
 bp = Blueprint("proxy", __name__)
@@ -29,6 +38,37 @@ bp = Blueprint("proxy", __name__)
 IDE_COOKIE = "labpool_ide"
 PROXY_HEADER = "X-Labpool-Proxy"
 IDE_PATH = re.compile(r"^/ide/(\d+)/")
+SAFE_METHODS = ("GET", "HEAD")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str | None:
+    """scheme://host[:port] of a URL, normalised (lower case, default port dropped)."""
+    try:
+        parts = urlsplit(url.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    netloc = parts.hostname if port in (None, DEFAULT_PORTS[parts.scheme]) else \
+        f"{parts.hostname}:{port}"
+    return f"{parts.scheme}://{netloc}"
+
+
+def foreign_request(headers: object, public_origin: str) -> str | None:
+    """Why the original request must not reach the IDE, or None. `headers` are the
+    original request's, as nginx's auth subrequest carries them."""
+    get = headers.get  # type: ignore[attr-defined]
+    if get("Sec-Fetch-Site", "").lower() == "cross-site":
+        return "cross-site request"
+    method = get("X-Original-Method", "GET").upper()
+    upgrade = get("X-Original-Upgrade", "") or get("Upgrade", "")
+    if method in SAFE_METHODS and not upgrade:
+        return None
+    if origin_of(get("Origin", "")) != public_origin:
+        return "websocket from another origin" if upgrade else "write from another origin"
+    return None
 
 
 def proxy_secret(settings: Settings) -> str:
@@ -53,6 +93,8 @@ def auth() -> Response:
     if match is None:
         return _deny(403)
     machine_id = int(match.group(1))
+    if foreign_request(request.headers, ext["labpool.public_origin"]):
+        return _deny(403)
     cookie = request.cookies.get(IDE_COOKIE)
     if not cookie:
         return _deny(401)
@@ -71,7 +113,7 @@ def auth() -> Response:
     return Response(
         status=200,
         headers={
-            "X-Upstream": route[b"address"].decode(),
+            "X-Upstream": nginx_upstream(route[b"address"].decode()),
             "X-IDE-Token": route[b"token"].decode(),
             "X-IDE-Strip": route.get(b"strip", b"0").decode(),
         },

@@ -1,20 +1,32 @@
 """`labpool run` and `labpool demo`: the single-server mode in one command.
 
 Starts, in order: the embedded Redis (when no LABPOOL_REDIS_URL is given), the migrations and
-keys, the web app under gunicorn, one RQ worker, the periodic reconciler trigger (`labpool
-cron`), and for the demo a practice platform. Prints
-the URLs and the values for Moodle, then waits. Ctrl-C (or SIGTERM) stops everything it
-started, the machines included; a child that dies on its own stops the rest too.
+keys, the IDE environment (once), nginx on the public URL's port in front of everything (the
+tool, its pages and every student's IDE behind one address, `auth_request` before each IDE
+request), the web app under gunicorn on a loopback port behind it, one RQ worker, the
+periodic reconciler trigger (`labpool cron`), and for the demo a practice platform. Prints the
+URLs and the values for Moodle, then waits. Ctrl-C (or SIGTERM) stops everything it started,
+the machines included; a child that dies on its own stops the rest too.
+
+Without nginx the tool serves the public URL itself and sends browsers straight to each IDE
+on 127.0.0.1: only for a loopback public URL (a trial on one computer), and it says so. A
+public URL that others reach needs nginx and the students' sandbox (`provisioning/sandbox.py`):
+without them `run` refuses to start and says what is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -29,6 +41,10 @@ def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     env["LABPOOL_REDIS_URL"] = redis_url
     env["LABPOOL_DATABASE_URL"] = settings.database_url
     env["LABPOOL_PUBLIC_URL"] = settings.public_url
+    env["LABPOOL_IDE_PROXY"] = "true" if settings.ide_proxy else "false"
+    env["LABPOOL_PROXY_COUNT"] = str(settings.proxy_count)
+    if settings.listen:
+        env["LABPOOL_LISTEN"] = settings.listen
     return env
 
 
@@ -43,8 +59,99 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
         process.wait()
 
 
+class CannotServe(click.ClickException):
+    """The single-server mode cannot start safely here; the message says why and what to do."""
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def plan(settings: Settings, nginx: str | None) -> tuple[Settings, list[str]]:
+    """How to serve: the settings the children get (behind nginx: the tool on a loopback
+    port, IDEs through the proxy) and the warnings to print. Raises CannotServe when the
+    public URL is reachable by others and students could not be kept apart."""
+    from provisioning.sandbox import host_isolation
+
+    warnings: list[str] = []
+    local_only = is_loopback(settings.public_url)
+    if settings.backend == "local":
+        problems = host_isolation().problems
+        if problems and not local_only:
+            raise CannotServe(
+                "Labpool will not serve students' machines on this host at "
+                f"{settings.public_url}:\n  - " + "\n  - ".join(problems)
+                + "\nRun it as root on a host with bubblewrap (apt-get install bubblewrap), "
+                "or use a loopback LABPOOL_PUBLIC_URL for a trial on this computer only.")
+        warnings += [f"NOT ISOLATED: {problem}" for problem in problems]
+    if nginx is None:
+        if not local_only:
+            raise CannotServe(
+                f"nginx is needed to serve {settings.public_url}: it is the one public port for "
+                "the tool and every student's IDE (apt-get install nginx-light).")
+        warnings.append("nginx is not installed (apt-get install nginx-light): browsers go "
+                        "straight to each IDE on 127.0.0.1, so only this computer can use it, "
+                        "and students' IDEs share the host's network.")
+        return settings, warnings
+    if urlsplit(settings.public_url).scheme == "https":
+        raise CannotServe(
+            "`labpool run` serves plain http; for https, run Labpool behind your TLS-terminating "
+            "nginx (README: \"IDEs behind nginx\") with `labpool nginx-config`.")
+    behind = dataclasses.replace(
+        settings, ide_proxy=True, proxy_count=1,
+        listen=settings.listen or f"127.0.0.1:{_free_loopback_port()}",
+    )
+    return behind, warnings
+
+
+def _start_nginx(settings: Settings, binary: str, prefix: Path) -> subprocess.Popen[bytes]:
+    from lti_tool.nginx import render_standalone
+
+    public = urlsplit(settings.public_url)
+    port = public.port or 80
+    listen = f"127.0.0.1:{port}" if is_loopback(settings.public_url) else str(port)
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_standalone(settings, prefix=prefix, tool_upstream=settings.listen,
+                                      listen=listen))
+    command = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")]
+    checked = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
+    if checked.returncode != 0:
+        raise CannotServe(f"nginx refused its configuration ({conf}):\n{checked.stderr}")
+    return subprocess.Popen([*command, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+
+
 def serve(settings: Settings, demo: bool) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from lti_tool.cli import protect_data_dir
+    from provisioning.ide_env import IdeEnvError, make_ide_env
+
+    protect_data_dir(settings)
+    nginx = nginx_binary()
+    settings, warnings = plan(settings, nginx)
+    if settings.backend == "local":
+        try:
+            make_ide_env(settings.ide_env_dir, echo=click.echo)
+        except IdeEnvError as exc:
+            raise CannotServe(str(exc)) from exc
     embedded: EmbeddedRedis | None = None
     if settings.uses_embedded_redis:
         embedded = EmbeddedRedis(settings.embedded_redis_socket).start()
@@ -72,7 +179,8 @@ def serve(settings: Settings, demo: bool) -> int:
         from lti_tool.registrations import register_platform
 
         practice = PracticePlatform(
-            settings.data_dir, settings.public_url, port=settings.listen_port + 1
+            settings.data_dir, settings.public_url,
+            port=(urlsplit(settings.public_url).port or 80) + 1,
         )
         practice.start()
         reg = practice.registration()
@@ -93,6 +201,8 @@ def serve(settings: Settings, demo: bool) -> int:
             env=env,
             cwd=Path(__file__).resolve().parent.parent,
         ),
+        **({"nginx": _start_nginx(settings, nginx, settings.data_dir / "nginx")}
+           if settings.ide_proxy and nginx else {}),
         "worker": subprocess.Popen(
             [sys.executable, "-m", "lti_tool.cli", "worker"], env=env
         ),
@@ -103,6 +213,10 @@ def serve(settings: Settings, demo: bool) -> int:
     click.echo(f"Labpool is running at {settings.public_url}")
     click.echo(f"  data folder: {settings.data_dir.resolve()}")
     click.echo(f"  redis: {'embedded, ' if embedded else ''}{redis_url}")
+    if settings.ide_proxy:
+        click.echo(f"  nginx on the public port; the tool itself on {settings.listen}")
+    for warning in warnings:
+        click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     click.echo("Values for Moodle (Site administration → Plugins → Manage tools → configure a tool manually):")
     for label, value in moodle_values(settings):
         click.echo(f"  {label + ':':22} {value}")

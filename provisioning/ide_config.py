@@ -12,4 +12,31 @@ def jupyter_server_config(csp: str) -> str:
         f"    'headers': {{'Content-Security-Policy': {csp!r}}},\n"
         "    'page_config_hook': lambda handler, config: {**config, 'token': ''},\n"
         "}\n"
+        + PROXY_IDENTITY
     )
+
+
+# Jupyter skips its XSRF check and opens CORS for a request authenticated by a token in the
+# `Authorization` header or the URL. The proxy must authenticate every request, yet a page on
+# another origin riding on the student's cookie must still be stopped by Jupyter's own checks.
+# So the proxy presents the machine's token in `X-Labpool-Token`, which this identity provider
+# accepts as a *cookie-like* login: XSRF and Origin checks stay on. `Authorization` is ignored;
+# `?token=` still logs a browser in once (direct mode, no proxy), as a cookie afterwards.
+PROXY_IDENTITY = """
+import hmac as _hmac
+from jupyter_server.auth.identity import IdentityProvider as _IdentityProvider, User as _User
+
+
+class LabpoolProxyIdentity(_IdentityProvider):
+    def get_token(self, handler):
+        return handler.get_argument("token", "") or None
+
+    async def get_user(self, handler):
+        sent = handler.request.headers.get("X-Labpool-Token", "")
+        if sent and self.token and _hmac.compare_digest(sent, self.token):
+            return _User(username="student", name="Student")
+        return await self._get_user(handler)
+
+
+c.ServerApp.identity_provider_class = LabpoolProxyIdentity
+"""

@@ -35,6 +35,7 @@ def spec_of(machine: Machine, environment: Environment) -> MachineSpec:
         ref=dict(machine.backend_ref or {}),
         address=machine.address,
         ide_token=machine.ide_token,
+        limits=environment.limits,
     )
 
 
@@ -107,6 +108,7 @@ def _start_and_record(rt: Runtime, backend: Backend, spec: MachineSpec) -> Machi
     recorded = MachineSpec(
         id=spec.id, ide_kind=spec.ide_kind, owner_id=spec.owner_id, course_id=spec.course_id,
         ref=started.ref, address=started.address, ide_token=started.ide_token,
+        limits=spec.limits,
     )
     if not keep:
         backend.stop(recorded)

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from config.db import Base, UTCDateTime, utcnow
+from provisioning.sandbox import Limits
 
 
 class MachineState(enum.StrEnum):
@@ -90,6 +91,18 @@ class Environment(Base):
     ide_port: Mapped[int] = mapped_column(Integer, default=8888)
     # A machine is released after this long, active or not (its files stay).
     max_session_s: Mapped[int] = mapped_column(Integer, default=8 * 3600)
+    # The sandbox's limits (local backend; see provisioning/sandbox.py). 0: no limit.
+    memory_mb: Mapped[int] = mapped_column(Integer, default=2048)
+    max_processes: Mapped[int] = mapped_column(Integer, default=256)
+    max_open_files: Mapped[int] = mapped_column(Integer, default=1024)
+    max_file_size_mb: Mapped[int] = mapped_column(Integer, default=1024)
+    cpu_seconds: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(memory_mb=self.memory_mb, processes=self.max_processes,
+                      open_files=self.max_open_files, file_size_mb=self.max_file_size_mb,
+                      cpu_seconds=self.cpu_seconds)
 
 
 class ClassSession(Base):

@@ -17,17 +17,25 @@ import redis
 
 ROUTE_KEY = "labpool:route:{}"
 ACTIVITY_KEY = "labpool:activity:{}"
+# A route lives this long past the last request through it: a route left behind by a stop
+# that raced a hand-over cannot outlive its machine for long, and a live machine's route is
+# renewed by every request (and written again by the hand-over page after a pause).
+ROUTE_TTL_S = 3600
 
 
 def publish_route(
     conn: redis.Redis, machine_id: int, owner_id: int, address: str, token: str,
     ide_kind: str = "jupyterlab",
 ) -> None:
-    conn.hset(ROUTE_KEY.format(machine_id), mapping={
+    key = ROUTE_KEY.format(machine_id)
+    pipe = conn.pipeline()
+    pipe.hset(key, mapping={
         "owner": owner_id, "address": address, "token": token,
         # code-server has no base URL: the proxy passes it the path below /ide/<id>.
         "strip": "1" if ide_kind == "code-server" else "0",
     })
+    pipe.expire(key, ROUTE_TTL_S)
+    pipe.execute()
 
 
 def withdraw_route(conn: redis.Redis, machine_id: int) -> None:
@@ -42,12 +50,13 @@ def last_activity(conn: redis.Redis, machine_id: int) -> float | None:
     return float(raw) if raw else None
 
 
-# Read the route and, only if the asker owns the machine, record the activity: one round
-# trip, and a refused request never counts as someone working.
+# Read the route and, only if the asker owns the machine, record the activity and renew the
+# route: one round trip, and a refused request never counts as someone working.
 _ROUTE_AND_TOUCH = """
 local route = redis.call('HGETALL', KEYS[1])
 if #route > 0 and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[2], 'EX', 604800)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 return route
 """
@@ -62,5 +71,5 @@ def route_for_owner(conn: redis.Redis, machine_id: int, owner_id: int) -> dict[b
     """The machine's route (empty if released); records activity when `owner_id` owns it."""
     script = _route_script(conn)
     flat = script(keys=[ROUTE_KEY.format(machine_id), ACTIVITY_KEY.format(machine_id)],
-                  args=[str(owner_id), int(time.time())])
+                  args=[str(owner_id), int(time.time()), ROUTE_TTL_S])
     return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -7,8 +7,10 @@ and a real RQ worker that tests run in burst mode when they want machines starte
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,38 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Students' sandboxes and nginx's workers (other OS users) must pass through the test's
+    # folders; pytest's own /tmp/pytest-of-<user> is 0700 and reset by every other session.
+    if not config.option.basetemp:
+        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"labpool-pytest-{os.getpid()}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.option.basetemp and f"labpool-pytest-{os.getpid()}" in str(config.option.basetemp):
+        shutil.rmtree(config.option.basetemp, ignore_errors=True)
+
+
+def ide_env() -> Path:
+    """The students' IDE environment, made once per checkout (`labpool ide-env`; about 30 s)
+    and shared by test runs: JupyterLab on the system's Python, apart from the tool's."""
+    from provisioning.ide_env import make_ide_env
+
+    path = ROOT / ".venv-ide"
+    make_ide_env(path)
+    return path
+
+
+def passable(path: Path) -> None:
+    """Let the students' users and nginx's workers pass through pytest's private temporary
+    folders (0700) to the data folder, as they pass through /var/lib on a real host."""
+    for folder in [path, *path.parents]:
+        if folder == Path(tempfile.gettempdir()) or folder == folder.parent:
+            break
+        if folder.stat().st_uid == os.geteuid():
+            folder.chmod(folder.stat().st_mode | 0o111)
+
+
 @pytest.fixture(scope="session")
 def tool_server() -> Iterator[ServedApp]:
     holder = _LateApp()
@@ -55,6 +89,7 @@ def tool_server() -> Iterator[ServedApp]:
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp) -> Iterator[Settings]:
     data_dir = tmp_path_factory.mktemp("labpool-data")
+    passable(data_dir)
     db_url = os.environ.get("LABPOOL_TEST_DATABASE_URL")
     redis_url = os.environ.get("LABPOOL_TEST_REDIS_URL")
     embedded = None
@@ -72,6 +107,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp) -
         "LABPOOL_PUBLIC_URL": tool_server.url,
         "LABPOOL_QUEUE_NAME": f"labpool-test-{os.getpid()}",
         "LABPOOL_MACHINE_START_TIMEOUT_S": "90",
+        "LABPOOL_IDE_ENV": str(ide_env()),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the RQ worker and in-process jobs read their settings from here

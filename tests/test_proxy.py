@@ -38,7 +38,7 @@ from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
 from provisioning.models import Machine
 from provisioning.routes import ACTIVITY_KEY, last_activity, publish_route, withdraw_route
-from tests.conftest import run_worker_burst
+from tests.conftest import passable, run_worker_burst
 from tests.fakeplatform import FakePlatform, ServedApp
 from tests.nginx import Nginx, free_port, nginx_binary
 
@@ -256,15 +256,23 @@ def test_a_student_reaches_their_notebook_through_the_proxy(proxied, platform, r
     })
     assert is_jupyterlab(steered)
 
-    # A kernel, created and driven through nginx with the browser's cookies only.
-    created = browser.post(f"{proxied.url}/ide/{machine_id}/api/kernels", json={"name": "python3"})
+    # A kernel, created and driven through nginx with the browser's cookies, as JupyterLab's
+    # page does it: from the tool's origin, with Jupyter's XSRF token from its cookie.
+    kernels = f"{proxied.url}/ide/{machine_id}/api/kernels"
+    xsrf = browser.cookies.get("_xsrf")
+    assert xsrf, "JupyterLab sets its XSRF cookie on the lab page"
+    # The IDE's own XSRF check is on behind the proxy: the token is not a "token login".
+    unchecked = browser.post(kernels, json={"name": "python3"}, headers={"Origin": proxied.url})
+    assert unchecked.status_code == 403 and "_xsrf" in unchecked.text
+    created = browser.post(kernels, json={"name": "python3"},
+                           headers={"Origin": proxied.url, "X-XSRFToken": xsrf})
     assert created.status_code == 201, created.text
     kernel_id = created.json()["id"]
     cookie = browser.cookies.get(IDE_COOKIE, path=f"/ide/{machine_id}/")
     assert cookie
     ws = websocket.create_connection(
         f"ws://127.0.0.1:{proxied.nginx.ports[0]}/ide/{machine_id}/api/kernels/{kernel_id}/channels",
-        cookie=f"{IDE_COOKIE}={cookie}", timeout=60,
+        cookie=f"{IDE_COOKIE}={cookie}", origin=proxied.url, timeout=60,
     )
     try:
         handshake = "\n".join(f"{k}: {v}" for k, v in (ws.getheaders() or {}).items())
@@ -272,10 +280,9 @@ def test_a_student_reaches_their_notebook_through_the_proxy(proxied, platform, r
     finally:
         ws.close()
     assert ran["result"] == "2"
-    home = LocalBackend(rt.settings.data_dir).home_folder(MachineSpec(
-        id=machine_id, ide_kind="jupyterlab", owner_id=machine.owner_id,
-        course_id=machine.course_id))
-    assert Path(ran["stdout"].strip()).resolve() == home.resolve()
+    # The notebook works in the student's home: /home/student inside the sandbox, which is
+    # their folder under the data folder on the host.
+    assert ran["stdout"].strip() == "/home/student"
 
     # The browser never saw the IDE's token: not in a URL, header, cookie, frame or body
     # (the lab page included: see test_the_lab_page_does_not_carry_the_ides_token).
@@ -286,7 +293,9 @@ def test_a_student_reaches_their_notebook_through_the_proxy(proxied, platform, r
 
 def test_the_lab_page_does_not_carry_the_ides_token(proxied, rt, tmp_path):
     machine_id, owner_id = 800000 + free_port(), 4343
-    backend = LocalBackend(tmp_path)
+    passable(tmp_path)
+    # Behind the proxy the IDE listens on a unix socket in its sandbox.
+    backend = LocalBackend(tmp_path, settings=dataclasses.replace(rt.settings, ide_proxy=True))
     spec = MachineSpec(id=machine_id, ide_kind="jupyterlab", owner_id=owner_id, course_id=1)
     started = backend.start(spec)
     spec = dataclasses.replace(spec, ref=started.ref, address=started.address,
@@ -300,6 +309,7 @@ def test_the_lab_page_does_not_carry_the_ides_token(proxied, rt, tmp_path):
         lab = requests.get(f"{proxied.url}/ide/{machine_id}/lab", headers={
             "Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"})
         assert is_jupyterlab(lab)
+        assert started.address.startswith("unix:")
         assert started.ide_token not in lab.text
     finally:
         withdraw_route(rt.redis, machine_id)

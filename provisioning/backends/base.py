@@ -8,6 +8,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioning.sandbox import Limits
+
 
 @dataclass(frozen=True)
 class MachineSpec:
@@ -20,6 +22,7 @@ class MachineSpec:
     ref: dict[str, Any] = field(default_factory=dict)
     address: str | None = None
     ide_token: str | None = None
+    limits: Limits | None = None  # the sandbox's (local backend)
 
     @property
     def base_url(self) -> str:
