@@ -20,11 +20,29 @@ def runtime() -> Runtime:
     return current_app.extensions["labpool"]
 
 
-def sign_in(user_id: int) -> None:
+STAFF_GRANTS_KEPT = 20  # courses a session remembers teaching (a teacher with many tabs)
+
+
+def sign_in(user_id: int, staff_course_id: int | None = None) -> None:
+    """Start the session of a launch. A staff launch also grants its course's class page for
+    this session, whatever the roster says later; grants of the same user's earlier launches
+    in this browser stay (one teacher, several courses in several tabs)."""
+    grants = session.get("staff", []) if session.get("uid") == user_id else []
     session.clear()
     session.permanent = True
     session["uid"] = user_id
     session["csrf"] = secrets.token_urlsafe(24)
+    if staff_course_id is not None:
+        grants = [c for c in grants if c != staff_course_id] + [staff_course_id]
+    if grants:
+        session["staff"] = grants[-STAFF_GRANTS_KEPT:]
+
+
+def staff_by_launch(course_id: int) -> bool:
+    """Did this session's launch carry a staff role for the course? (The session is signed
+    by the tool: only an accepted launch can have put the course there.)"""
+    grants = session.get("staff", [])
+    return isinstance(grants, list) and course_id in grants
 
 
 def current_user_id() -> int:
@@ -50,12 +68,16 @@ def check_csrf() -> None:
 
 
 def taught_activity(db: Session, activity_id: int) -> Activity:
-    """The activity, if the signed-in user teaches its course (checked in the database,
-    not trusted from the session)."""
+    """The activity, if the signed-in user teaches its course: a current enrolment with a
+    staff role (checked in the database), or a staff launch into the course in this session
+    (an administrator the roster does not list)."""
     activity = db.get(Activity, activity_id)
     if activity is None:
         raise Forbidden("No such activity.")
-    roles = enrolment_roles(db, current_user_id(), activity.course_id)
+    user_id = current_user_id()
+    if staff_by_launch(activity.course_id):
+        return activity
+    roles = enrolment_roles(db, user_id, activity.course_id)
     if roles is None or not is_staff(roles):
         raise Forbidden("Only the course's instructors can see this page.")
     return activity

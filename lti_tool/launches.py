@@ -4,6 +4,10 @@ enrolment and the activity, records the launch, and finds a learner their machin
 Claims used (LTI Core 1.3 §5.3–5.4): `sub`, `roles`, `context`, `resource_link`, optional
 `name`/`email` (Moodle sends them only if the admin shares them), and the NRPS claim's
 `context_memberships_url` (kept for roster sync).
+
+Names are stored on the enrolment as this launch carries them (none clears them): what a
+teacher sees follows what the course's own registration shares now, never what another
+registration of the same issuer shared.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, bindparam, func, insert, select, text
@@ -32,7 +37,13 @@ STAFF_ROLES = (
 NO_CONTEXT = ""  # launches without a context claim share one pseudo-course per platform
 
 
+# A staff launch grants the class page for as long as the session it signs in lasts, whatever
+# the roster says (Moodle's site admins launch as Administrator without being enrolled).
+LAUNCH_SESSION_S = 8 * 3600
+
+
 def is_staff(roles: list[str]) -> bool:
+    """The one rule for who teaches: an instructor or administrator role (LTI Core §A.2)."""
     return any(role in STAFF_ROLES for role in roles)
 
 
@@ -122,9 +133,10 @@ c AS (
     memberships_url = COALESCE(EXCLUDED.memberships_url, courses.memberships_url)
   RETURNING id),
 e AS (
-  INSERT INTO enrolments (course_id, user_id, roles, started_at, ended_at)
-  SELECT c.id, u.id, :roles, :now, NULL FROM c, u
-  ON CONFLICT (course_id, user_id) DO UPDATE SET roles = EXCLUDED.roles, ended_at = NULL
+  INSERT INTO enrolments (course_id, user_id, roles, started_at, ended_at, name, email)
+  SELECT c.id, u.id, :roles, :now, NULL, :name, :email FROM c, u
+  ON CONFLICT (course_id, user_id) DO UPDATE SET roles = EXCLUDED.roles, ended_at = NULL,
+    name = EXCLUDED.name, email = EXCLUDED.email
   RETURNING id),
 a AS (
   INSERT INTO activities (course_id, resource_link_id, title)
@@ -153,7 +165,7 @@ def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int,
     upsert(
         session, Enrolment,
         keys={"course_id": course_id, "user_id": user_id},
-        values={"roles": p["roles"], "ended_at": None},
+        values={"roles": p["roles"], "ended_at": None, "name": p["name"], "email": p["email"]},
     )
     activity_id = upsert(
         session, Activity,
@@ -186,6 +198,20 @@ def environment_of(session: Session, activity_id: int) -> Environment:
     return session.scalars(
         select(Environment).where(Environment.id == func.coalesce(chosen, default))
     ).one()
+
+
+def staff_launches(session: Session, course_id: int, since: datetime) -> dict[int, list[str]]:
+    """The users whose newest launch into this course since `since` carried a staff role, with
+    that launch's roles: their launch session grants the class page whatever the roster says."""
+    newest: dict[int, list[str]] = {}
+    for user_id, roles in session.execute(
+        select(Launch.user_id, Launch.roles)
+        .join(Activity, Activity.id == Launch.activity_id)
+        .where(Activity.course_id == course_id, Launch.at >= since)
+        .order_by(Launch.at, Launch.id)
+    ):
+        newest[user_id] = roles or []  # the last one wins
+    return {uid: roles for uid, roles in newest.items() if is_staff(roles)}
 
 
 def enrolment_roles(session: Session, user_id: int, course_id: int) -> list[str] | None:

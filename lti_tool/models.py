@@ -43,7 +43,9 @@ class Deployment(Base):
 
 
 class User(Base):
-    """A person as a platform knows them: keyed by (issuer, sub), never by name or email."""
+    """A person as a platform knows them: keyed by (issuer, sub), never by name or email.
+    `name`/`email` are the newest any registration of the issuer shared, for the admin's
+    CLI; teachers see the enrolment's (their own registration's) instead."""
 
     __tablename__ = "users"
     __table_args__ = (UniqueConstraint("issuer", "sub"),)
@@ -70,9 +72,18 @@ class Course(Base):
     title: Mapped[str] = mapped_column(Text, default="")
     # From the NRPS claim, for roster sync in a worker.
     memberships_url: Mapped[str | None] = mapped_column(Text)
+    # What the teacher's class page says about the conversation with the platform: the last
+    # roster sync that worked, and the last call that failed (cleared by the next success).
+    roster_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    platform_error: Mapped[str | None] = mapped_column(Text)
+    platform_error_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Enrolment(Base):
+    """A user in a course. `name`/`email` are what this course's registration shared (by
+    launch or roster): names are kept per course, hence per registration, so a registration
+    that does not share them never shows what another registration of the same issuer did."""
+
     __tablename__ = "enrolments"
     __table_args__ = (UniqueConstraint("course_id", "user_id"),)
 
@@ -82,6 +93,8 @@ class Enrolment(Base):
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    name: Mapped[str | None] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(255))
 
 
 class Activity(Base):

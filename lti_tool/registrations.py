@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
+from lti_tool.framing import forget_platform_origins
 from lti_tool.models import Deployment, Platform
 
 
@@ -60,4 +61,5 @@ def register_platform(
         if deployment_id not in known:
             platform.deployments.append(Deployment(deployment_id=deployment_id))
     session.flush()
+    forget_platform_origins()  # this process frames the new platform's pages at once
     return platform

@@ -3,21 +3,32 @@
 registration, so it runs in a worker with no launch at hand.
 
 Moodle pages only when `limit` is given and lists current members only (all `Active`):
-someone absent from the roster has left, and their enrolment is ended. The whole roster is
-fetched before anything is written: a failed page changes nothing. The platform's OAuth2
-access token is cached in Redis until shortly before it expires, shared by every job.
+someone absent from the roster has left, and their enrolment is ended — except a user whose
+launch into the course carried a staff role within a launch session (Moodle's site admins
+and category managers launch as Administrator without being enrolled): the roster never
+takes away what their launch granted, nor counts them as students. The whole roster is
+fetched before anything is written: a failed page changes nothing, and the failure is kept
+on the course (what failed, when, what to do) for the teacher's class page; the next
+success clears it. Names and emails are stored on the enrolment as the roster carries them.
+
+The platform's OAuth2 access token is cached in Redis until shortly before it expires, shared
+by every job, and keyed by issuer **and** client id: Moodle binds a token to the tool type
+(client id) that asked for it, and answers 401 when another tool type of the same site uses
+it (pylti1p3's own key hashes issuer and scopes only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import requests
-from pylti1p3.exception import LtiException
+from pylti1p3.exception import LtiException, LtiServiceException
 from pylti1p3.names_roles import NamesRolesProvisioningService
 from pylti1p3.registration import Registration
 from pylti1p3.service_connector import ServiceConnector
@@ -27,6 +38,7 @@ from sqlalchemy.orm import Session
 from config.db import transaction, upsert_many, utcnow
 from config.runtime import Runtime, current_runtime
 from jwks.keys import active_signing_key
+from lti_tool.launches import LAUNCH_SESSION_S, is_staff, staff_launches
 from lti_tool.models import Course, Enrolment, Platform, User
 
 log = logging.getLogger(__name__)
@@ -39,7 +51,14 @@ TOKEN_MARGIN_S = 60
 
 
 class RosterError(Exception):
-    """The roster could not be read; nothing was changed."""
+    """The roster could not be read; nothing was changed. `advice` tells a teacher what to do."""
+
+    def __init__(self, message: str, advice: str = ""):
+        super().__init__(message)
+        self.advice = advice
+
+    def for_teacher(self) -> str:
+        return f"{self}. {self.advice}".strip() if self.advice else f"{self}."
 
 
 class Member(TypedDict, total=False):
@@ -70,11 +89,23 @@ class ServiceRegistration(Registration):
 
 
 class CachedTokenConnector(ServiceConnector):
-    """pylti1p3's connector with the access token cached in Redis across jobs."""
+    """pylti1p3's connector with the access token cached in Redis across jobs, per
+    (issuer, client id, token URL, scopes)."""
 
     def __init__(self, registration: Registration, conn: redis.Redis, http: requests.Session):
         super().__init__(registration, http)
         self._redis = conn
+
+    def _scope_key(self, scopes) -> str:  # type: ignore[no-untyped-def, override]
+        reg = self._registration
+        parts = [reg.get_issuer() or "", reg.get_client_id() or "", reg.get_auth_token_url() or "",
+                 *sorted(scopes)]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def forget_access_token(self, scopes: list[str]) -> None:
+        """Drop a cached token the platform no longer accepts (a 401), so the next call asks
+        for a new one."""
+        self._redis.delete(TOKEN_KEY.format(self._scope_key(sorted(scopes))))
 
     def _get_cached_access_token(self, scope_key: str) -> str | None:
         raw = self._redis.get(TOKEN_KEY.format(scope_key))
@@ -119,19 +150,61 @@ def fetch_roster(
     seen: set[str] = set()
     members: list[Member] = []
     pages = 0
+    retried = False
     while url:
         if url in seen or pages >= MAX_PAGES:
-            raise RosterError(f"the platform's roster pages do not end (at page {pages})")
-        seen.add(url)
+            raise RosterError(f"the platform's roster pages do not end (at page {pages})",
+                              "Tell the site administrator: the platform's roster paging is "
+                              "broken.")
         try:
-            page, url = service.get_members_page(url)
+            page, next_url = service.get_members_page(url)
+        except LtiServiceException as exc:
+            status = exc.response.status_code
+            if status == 401 and not retried and isinstance(connector, CachedTokenConnector):
+                # A cached token the platform dropped early (tool type re-saved): ask once more.
+                connector.forget_access_token([NRPS_SCOPE])
+                retried = True
+                continue
+            raise _refusal(exc, pages + 1) from exc
         except (LtiException, requests.RequestException, ValueError) as exc:
-            raise RosterError(f"the platform refused the roster (page {pages + 1}): {exc}") from exc
+            raise RosterError(
+                f"the platform did not answer the roster request (page {pages + 1}): {exc}",
+                "Labpool tries again at the next hourly sync, or press “Sync roster now”.",
+            ) from exc
+        seen.add(url)
+        url = next_url
         pages += 1
         if not isinstance(page, list):
             raise RosterError(f"roster page {pages} is not a list of members")
         members.extend(_valid_member(m, pages) for m in page)
     return [m for m in members if m.get("status", "Active") == "Active"], pages
+
+
+def _refusal(exc: LtiServiceException, page: int) -> RosterError:
+    """A refusal by the platform, said so that a teacher (or the admin they ask) can act."""
+    status = exc.response.status_code
+    if "access token" in str(exc):
+        return RosterError(
+            f"the platform refused Labpool an access token (HTTP {status})",
+            "Ask the site administrator to check, in Moodle's “Manage tools”, that this tool "
+            "is active and its “Public keyset” URL is Labpool's /lti/jwks.json.",
+        )
+    if status in (401, 403):
+        return RosterError(
+            f"the platform refused the roster request (HTTP {status}, page {page})",
+            "Ask the site administrator to turn on “IMS LTI Names and Role Provisioning” for "
+            "this tool in Moodle; Labpool tries again at the next sync.",
+        )
+    if status == 404:
+        return RosterError(
+            f"the platform no longer knows this course's roster (HTTP 404, page {page})",
+            "Open the activity again from the course page: the launch brings the current "
+            "roster address.",
+        )
+    return RosterError(
+        f"the platform failed to answer the roster request (HTTP {status}, page {page})",
+        "Labpool tries again at the next hourly sync, or press “Sync roster now”.",
+    )
 
 
 def _valid_member(raw: Any, page: int) -> Member:
@@ -149,8 +222,8 @@ def _valid_member(raw: Any, page: int) -> Member:
 
 
 def apply_roster(session: Session, course: Course, issuer: str, members: list[Member]) -> int:
-    """Upsert users and enrolments; end the enrolments of those no longer listed. Returns
-    how many enrolments ended."""
+    """Upsert users and enrolments; end the enrolments of those no longer listed, except
+    staff whose launch session is still running. Returns how many enrolments ended."""
     now = utcnow()
     members = list({m["user_id"]: m for m in members}.values())  # a platform may repeat one
     user_ids = upsert_many(
@@ -159,34 +232,62 @@ def apply_roster(session: Session, course: Course, issuer: str, members: list[Me
           "last_seen_at": now} for m in members],
         update_columns=("name", "email"), keep_if_null=("name", "email"),
     )
+    staff = staff_launches(session, course.id, now - timedelta(seconds=LAUNCH_SESSION_S))
     upsert_many(
         session, Enrolment, ("course_id", "user_id"),
-        [{"course_id": course.id, "user_id": uid, "roles": m["roles"], "ended_at": None,
-          "started_at": now} for uid, m in zip(user_ids, members, strict=True)],
-        update_columns=("roles", "ended_at"),
+        # The roster is this registration's word on names now: a name it no longer shares
+        # is cleared. A staff launcher listed as a learner keeps the launch's roles.
+        [{"course_id": course.id, "user_id": uid, "ended_at": None, "started_at": now,
+          "roles": m["roles"] if is_staff(m["roles"]) or uid not in staff else staff[uid],
+          "name": m.get("name"), "email": m.get("email")}
+         for uid, m in zip(user_ids, members, strict=True)],
+        update_columns=("roles", "ended_at", "name", "email"),
     )
+    kept = set(user_ids) | set(staff)
     ended = session.execute(
         update(Enrolment)
         .where(Enrolment.course_id == course.id, Enrolment.ended_at.is_(None),
-               Enrolment.user_id.notin_(user_ids) if user_ids else True)
+               Enrolment.user_id.notin_(kept) if kept else True)
         .values(ended_at=now)
         .execution_options(synchronize_session=False)
     )
     return ended.rowcount
 
 
-def sync_course(rt: Runtime, course_id: int, page_size: int = PAGE_SIZE) -> SyncReport:
-    with rt.sessions() as session:
+def record_platform_error(rt: Runtime, course_id: int, message: str) -> None:
+    """Keep a failed platform call on the course, for the teacher's class page."""
+    with transaction(rt.sessions) as session:
         course = session.get(Course, course_id)
-        if course is None or not course.memberships_url:
-            raise RosterError("the course has no roster service (NRPS is off for the tool)")
-        platform = session.get_one(Platform, course.platform_id)
-        connector = connector_for(session, rt, platform)
-        url, issuer = course.memberships_url, platform.issuer
-    members, pages = fetch_roster(connector, url, page_size)
+        if course is not None:
+            course.platform_error = message[:2000]
+            course.platform_error_at = utcnow()
+
+
+def sync_course(rt: Runtime, course_id: int, page_size: int = PAGE_SIZE) -> SyncReport:
+    """Read the whole roster and apply it; a failure is recorded on the course and raised."""
+    try:
+        with rt.sessions() as session:
+            course = session.get(Course, course_id)
+            if course is None:
+                raise RosterError("the course no longer exists")
+            if not course.memberships_url:
+                raise RosterError(
+                    "the platform does not share this course's roster with Labpool",
+                    "Ask the site administrator to turn on “IMS LTI Names and Role "
+                    "Provisioning” for this tool in Moodle, then open the activity again.")
+            platform = session.get_one(Platform, course.platform_id)
+            connector = connector_for(session, rt, platform)
+            url, issuer = course.memberships_url, platform.issuer
+        members, pages = fetch_roster(connector, url, page_size)
+    except RosterError as exc:
+        log.warning("course %s roster sync failed: %s", course_id, exc)
+        record_platform_error(rt, course_id, f"Roster sync failed: {exc.for_teacher()}")
+        raise
     with transaction(rt.sessions) as session:
         course = session.get_one(Course, course_id)
         ended = apply_roster(session, course, issuer, members)
+        course.roster_synced_at = utcnow()
+        course.platform_error = course.platform_error_at = None
     report = SyncReport(members=len(members), ended=ended, pages=pages)
     log.info("course %s roster synced: %s", course_id, report)
     return report

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from lti_tool.auth import csrf_token, current_user_id, runtime, taught_activity
 from lti_tool.launches import environment_of, is_staff
 from lti_tool.models import Activity, Course, Enrolment, User
+from lti_tool.names import short_labels
 from provisioning.models import (
     ClassSession,
     Environment,
@@ -79,24 +80,36 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
         .order_by(Machine.id)
     ):
         newest[machine.owner_id] = machine  # the last one wins
-    members = session.execute(
-        select(User, Enrolment.roles)
+    enrolled = session.execute(
+        select(User, Enrolment)
         .join(Enrolment, Enrolment.user_id == User.id)
-        .where(Enrolment.course_id == activity.course_id, Enrolment.ended_at.is_(None))
+        .where(Enrolment.course_id == activity.course_id,
+               Enrolment.ended_at.is_(None) | User.id.in_(newest))
     ).all()
-    listed = {user.id for user, _ in members}
+    listed = {user.id for user, _ in enrolled}
     extra = session.scalars(select(User).where(User.id.in_(set(newest) - listed))).all()
+    people = [*enrolled, *((u, None) for u in extra)]
+    issuer = people[0][0].issuer if people else ""
+    labels = short_labels(runtime().settings.secret_key, issuer, [u.sub for u, _ in people])
     rows = []
     redis = runtime().redis
-    for user, roles in [*members, *((u, None) for u in extra)]:
+    for user, enrolment in people:
+        roles = None if enrolment is None or enrolment.ended_at else enrolment.roles
+        role = "left the course" if roles is None else ("teacher" if is_staff(roles) else "student")
+        # Only what this course's registration shared (the enrolment's), never User.name.
+        shown = (enrolment.name if enrolment else None) or (
+            f"{'Teacher' if role == 'teacher' else 'Student'} {labels[user.sub]}")
         machine = newest.get(user.id)
         seen = [t for t in (machine.last_activity_at if machine else None,) if t]
         if machine is not None and (proxied := last_activity(redis, machine.id)):
             seen.append(datetime.fromtimestamp(proxied).astimezone())
         rows.append({
             "user_id": user.id,
-            "student": user.name or f"user {user.sub}",
-            "role": "left the course" if roles is None else ("teacher" if is_staff(roles) else "student"),
+            "student": shown,
+            "named": bool(enrolment and enrolment.name),
+            "lms_user_id": user.sub,
+            "email": (enrolment.email or "") if enrolment else "",
+            "role": role,
             "machine": machine.id if machine else None,
             "state": machine.state.value if machine else "no machine",
             "since": _when(machine.state_changed_at) if machine else "",
@@ -129,9 +142,21 @@ def class_schedule(session: Session, activity: Activity) -> list[dict]:
     ]
 
 
+def platform_status(course: Course) -> dict:
+    """The conversation with the platform as the teacher needs it: when the roster was last
+    read, and the last failure (what, when, what to do) until a success clears it."""
+    return {
+        "roster_service": bool(course.memberships_url),
+        "roster_synced_at": _when(course.roster_synced_at),
+        "error": course.platform_error or "",
+        "error_at": _when(course.platform_error_at),
+    }
+
+
 def class_view(session: Session, activity: Activity) -> dict:
     environment = environment_of(session, activity.id)
     return {
+        "platform": platform_status(session.get_one(Course, activity.course_id)),
         "roster": class_roster(session, activity),
         "pool": pool_status(session, environment),
         "schedule": class_schedule(session, activity),

@@ -14,7 +14,10 @@ endpoints:
   client assertion, as in Moodle's ``mod/lti/token.php``: the assertion is checked against the
   tool's JWKS (``tool_jwks_url``, fetched and cached like Moodle's ``lti_verify_with_keyset``:
   any failure with the cached keyset refetches it once), the requested scopes are intersected
-  with the permitted ones, and a Bearer token living 3600 s is issued;
+  with the permitted ones, and a Bearer token living 3600 s is issued, bound to the tool type
+  of the client id that asked (a token used on another tool type's service URL gets 401, as in
+  Moodle's ``get_oauth_key_from_headers``). ``add_tool_type()`` adds a second tool type (own
+  client id and type id) on the same site, as an admin who configures the tool twice does;
 * ``GET /mod/lti/services.php/CourseSection/<course>/bindings/<type id>/memberships`` — the
   Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
   tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -512,6 +516,7 @@ class IssuedToken:
     type_id: str  #: the tool type (= deployment id) it is bound to
     issued_at: float
     expires_at: float
+    client_id: str = ""  #: the client id that asked for it
 
     @property
     def expired(self) -> bool:
@@ -625,6 +630,10 @@ class FakePlatform:
         self._tool_jwks_cache: Any = None
         self._tokens: dict[str, IssuedToken] = {}
         self._used_jtis: set[str] = set()
+        # Other tool types of this site (client id → type id), shared with their views.
+        self._other_tool_types: dict[str, str] = {}
+        #: Every call of a service URL: ``{"type_id", "token_client_id", "status"}``, in order.
+        self.service_calls: list[dict[str, Any]] = []
 
         # NRPS
         #: ``(path, query)`` of every request to a memberships URL, in order.
@@ -663,6 +672,31 @@ class FakePlatform:
 
     def __repr__(self) -> str:
         return f"<FakePlatform {self.url} client_id={self.client_id!r} kid={self.kid!r}>"
+
+    def add_tool_type(self, client_id: str | None = None, deployment_id: str = "2") -> FakePlatform:
+        """A second tool type on this same site (same issuer, keys, rosters and server), with
+        its own client id and type (= deployment) id: launches through the returned view carry
+        its ``aud``/deployment and its service URLs; its tokens are bound to it.
+
+        The view shares this platform's state (tokens, rosters, ``service_calls``); counters
+        such as ``tokens_issued`` are kept on this (the original) platform."""
+        view = copy.copy(self)
+        view.client_id = client_id or _moodle_client_id()
+        view.deployment_id = deployment_id
+        with self._lock:
+            self._other_tool_types[view.client_id] = deployment_id
+        return view
+
+    def _type_id_of(self, client_id: str) -> str | None:
+        """The tool type a client id belongs to (None: no tool of this site has it)."""
+        if client_id == self.client_id:
+            return self.deployment_id
+        with self._lock:
+            return self._other_tool_types.get(client_id)
+
+    def _type_ids(self) -> set[str]:
+        with self._lock:
+            return {self.deployment_id, *self._other_tool_types.values()}
 
     # ----------------------------------------------------------------- registration
 
@@ -1313,9 +1347,7 @@ class FakePlatform:
         with self._lock:
             now = time.time()
             self._tokens = {
-                value: IssuedToken(
-                    t.token, t.scopes, t.type_id, t.issued_at, min(t.expires_at, now)
-                )
+                value: dataclasses.replace(t, expires_at=min(t.expires_at, now))
                 for value, t in self._tokens.items()
             }
 
@@ -1324,15 +1356,19 @@ class FakePlatform:
         with self._lock:
             self._tool_jwks_cache = None
 
-    def _new_token(self, scopes: list[str], lifetime: int | None) -> IssuedToken:
+    def _new_token(
+        self, scopes: list[str], lifetime: int | None, *, type_id: str | None = None,
+        client_id: str | None = None,
+    ) -> IssuedToken:
         # Moodle: md5(uniqid(rand(), 1)), 32 hex characters.
         now = time.time()
         issued = IssuedToken(
             token=secrets.token_hex(16),
             scopes=tuple(scopes),
-            type_id=self.deployment_id,
+            type_id=type_id or self.deployment_id,
             issued_at=now,
             expires_at=now + (self.token_lifetime if lifetime is None else lifetime),
+            client_id=client_id or self.client_id,
         )
         self._tokens[issued.token] = issued
         self.tokens_issued += 1
@@ -1480,11 +1516,12 @@ class FakePlatform:
             return _token_error("invalid_request", "client_assertion is not a JWT")
         if not claims.get("sub"):
             return _token_error("invalid_request", "client_assertion has no sub")
-        if str(claims["sub"]) != self.client_id:
+        type_id = self._type_id_of(str(claims["sub"]))
+        if type_id is None:
             return _token_error("invalid_client", f"no tool has client id {claims['sub']!r}")
         problem = self._verify_with_tool_keyset(assertion, header, claims)
         if problem is None and self.strict_client_assertion:
-            problem = self._strict_assertion_problem(claims)
+            problem = self._strict_assertion_problem(claims, str(claims["sub"]))
         if problem is not None:
             return _token_error("invalid_client", problem)
         requested = form["scope"].split(" ")
@@ -1496,7 +1533,8 @@ class FakePlatform:
                     f"none of the requested scopes {requested} is permitted "
                     f"({self.permitted_scopes})",
                 )
-            issued = self._new_token(scopes, None)
+            issued = self._new_token(scopes, None, type_id=type_id,
+                                     client_id=str(claims["sub"]))
         body = {
             "access_token": issued.token,
             "token_type": "Bearer",
@@ -1506,10 +1544,13 @@ class FakePlatform:
         # token.php sets no Content-Type, so PHP's default goes out.
         return Response(json.dumps(body), 200, content_type="text/html; charset=UTF-8")
 
-    def _strict_assertion_problem(self, claims: Mapping[str, Any]) -> str | None:
+    def _strict_assertion_problem(
+        self, claims: Mapping[str, Any], client_id: str | None = None
+    ) -> str | None:
         """The RFC 7523 / LTI security checks Moodle 4.3 itself skips."""
-        if claims.get("iss") != self.client_id:
-            return f"iss must be the client id {self.client_id!r}, got {claims.get('iss')!r}"
+        client_id = client_id or self.client_id
+        if claims.get("iss") != client_id:
+            return f"iss must be the client id {client_id!r}, got {claims.get('iss')!r}"
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
         if self.token_url not in audiences:
@@ -1592,13 +1633,16 @@ class FakePlatform:
             # make the fake, not the tool, the bottleneck of a roster benchmark).
             roster = self._rosters.get(course_id)
         if fault is not None:
+            self._record_service_call(request, type_id, fault)
             return _service_error(request, fault, "injected by fail_roster_page")
         if not self._bearer_allows(request, type_id, SCOPE_NRPS):
+            self._record_service_call(request, type_id, 401)
             return _service_error(request, 401)
         if roster is None:
             return _service_error(request, 404, f"Not Found: Course {course_id} doesn't exist")
-        if type_id != self.deployment_id:
+        if type_id not in self._type_ids():
             return _service_error(request, 404)
+        self._record_service_call(request, type_id, 200)
         if request.headers.get("Accept", "") == LIS_MEMBERSHIP_MEDIA_TYPE:
             return _service_error(
                 request, 406, "FakePlatform does not serve the LTI 1.1 JSON-LD membership format"
@@ -1639,6 +1683,15 @@ class FakePlatform:
             content_type=f"{NRPS_MEDIA_TYPE}; charset=utf-8",
         )
 
+    def _record_service_call(self, request: Request, type_id: str, status: int) -> None:
+        authorization = request.headers.get("Authorization", "")
+        with self._lock:
+            token = self._tokens.get(authorization[len("Bearer "):].strip())
+            self.service_calls.append({
+                "type_id": type_id, "status": status,
+                "token_client_id": token.client_id if token else None,
+            })
+
     def _bearer_allows(self, request: Request, type_id: str, scope: str) -> bool:
         """Moodle's ``get_oauth_key_from_headers``: a known, unexpired Bearer token of this tool
         type holding the scope. Any failure is a 401 in Moodle."""
@@ -1677,7 +1730,7 @@ class FakePlatform:
                 "unsupported_response_type",
                 f"response_type must be 'id_token', got {params['response_type']!r}",
             )
-        if params["client_id"] != self.client_id:
+        if self._type_id_of(params["client_id"]) is None:
             return _auth_error("unauthorized_client", f"unknown client_id {params['client_id']!r}")
         redirect_uri = params["redirect_uri"]
         if redirect_uri not in self.registered_redirect_uris:
