@@ -13,6 +13,7 @@ from config.logging import configure_logging
 from config.runtime import runtime_for
 from config.settings import Settings, load_settings
 from lti_tool.errors import WebError
+from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
 from lti_tool.proxy_routes import ide_cookies, proxy_secret
 
@@ -32,7 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_SECURE=secure,
         SESSION_COOKIE_SAMESITE="None" if secure else "Lax",
         SESSION_COOKIE_PARTITIONED=secure,
-        PERMANENT_SESSION_LIFETIME=8 * 3600,
+        PERMANENT_SESSION_LIFETIME=LAUNCH_SESSION_S,  # a staff launch's grant lasts as long
         MAX_CONTENT_LENGTH=256 * 1024,
     )
     if settings.proxy_count:
@@ -50,13 +51,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         rt.redis, http, settings.platform_jwks_ttl_s
     )
 
-    from lti_tool import lti_routes, machine_routes, proxy_routes, teacher_actions, teacher_routes
+    from lti_tool import (
+        lti_routes,
+        machine_routes,
+        page_headers,
+        proxy_routes,
+        teacher_actions,
+        teacher_routes,
+    )
 
     app.register_blueprint(lti_routes.bp)
     app.register_blueprint(machine_routes.bp)
     app.register_blueprint(teacher_routes.bp)
     app.register_blueprint(teacher_actions.bp)
     app.register_blueprint(proxy_routes.bp)
+    page_headers.install(app)
 
     @app.errorhandler(WebError)
     def _web_error(exc: WebError):  # type: ignore[no-untyped-def]

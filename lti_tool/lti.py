@@ -25,7 +25,6 @@ import requests
 from flask import make_response
 from jwcrypto.jwk import JWK
 from pylti1p3.contrib.flask import FlaskMessageLaunch, FlaskOIDCLogin, FlaskRequest
-from pylti1p3.cookies_allowed_check import CookiesAllowedCheckPage
 from pylti1p3.deployment import Deployment as LtiDeployment
 from pylti1p3.exception import LtiException, LtiKeyException, LtiMessageValidationException
 from pylti1p3.launch_data_storage.base import LaunchDataStorage
@@ -34,6 +33,7 @@ from pylti1p3.tool_config import ToolConfAbstract
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from lti_tool.cookies import LabpoolCookieService, cookie_check_page
 from lti_tool.models import Platform
 
 KEY_PREFIX = "labpool:lti:"
@@ -247,18 +247,17 @@ def _rs256_key(keyset: dict, kid: str) -> dict | None:
 
 
 class LabpoolOIDCLogin(FlaskOIDCLogin):
-    """OIDC login initiation; the cookie-check page is the CookiesAllowedCheckPage of pylti1p3
-    (the Flask adapter expects a template we do not ship)."""
+    """OIDC login initiation with Labpool's cookies (always a SameSite attribute, see
+    `cookies.py`) and its cookie-check page (the Flask adapter expects a template we do not
+    ship)."""
+
+    def __init__(self, request: FlaskRequest, tool_config: Any, *, secure: bool):
+        super().__init__(request, tool_config,
+                         cookie_service=LabpoolCookieService(request, secure))
 
     def get_cookies_allowed_js_check(self):  # type: ignore[override]
         protocol, params = self.get_cookies_allowed_js_check_params()
-        page = CookiesAllowedCheckPage(
-            params, protocol,
-            self._cookies_unavailable_msg_main_text,
-            self._cookies_unavailable_msg_click_text,
-            self._cookies_check_loading_text,
-        )
-        return make_response(page.get_html())
+        return make_response(cookie_check_page(protocol, params))
 
 
 class LabpoolMessageLaunch(FlaskMessageLaunch):

@@ -56,7 +56,7 @@ def login():  # type: ignore[no-untyped-def]
             "The login request's target_link_uri is not this tool "
             f"(expected a URL under {rt.settings.public_url})."
         )
-    oidc = LabpoolOIDCLogin(FlaskRequest(), _tool_conf())
+    oidc = LabpoolOIDCLogin(FlaskRequest(), _tool_conf(), secure=rt.settings.is_production)
     oidc.set_launch_data_storage(RedisLaunchDataStorage(rt.redis))
     # A login's state and nonce are worth keeping only as long as the login can complete.
     oidc.set_launch_data_lifetime(LOGIN_LIFETIME_S)
@@ -101,7 +101,7 @@ def launch():  # type: ignore[no-untyped-def]
 
     with transaction(rt.sessions) as session:
         outcome = record_launch(session, platform.id, claims)
-    sign_in(outcome.user_id)
+    sign_in(outcome.user_id, staff_course_id=outcome.course_id if outcome.staff else None)
     if outcome.staff:
         if claims.get(NRPS_CLAIM):  # a teacher's visit refreshes the roster
             enqueue(rt.redis, rt.settings.queue_name, SYNC_JOB, outcome.course_id)

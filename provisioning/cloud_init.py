@@ -61,6 +61,9 @@ systemctl restart labpool-ide.service
 """
 # secrets.token_urlsafe's alphabet: nothing that could break out of the env file or the YAML.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+# 'self' and origins, space-separated: nothing that could end the CSP directive or the
+# Python string of the Jupyter config it is written into.
+_SOURCES = re.compile(r"'self'( [a-z]+://[A-Za-z0-9.:\[\]-]+)*")
 
 
 def ide_command(machine_id: int, ide_kind: str, port: int) -> str:
@@ -118,14 +121,18 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888) -> str:
-    """The `#cloud-config` document itself (plain text)."""
+def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888, *,
+                 frame_ancestors: str = "'self'") -> str:
+    """The `#cloud-config` document itself (plain text). `frame_ancestors`: who may frame the
+    IDE (`lti_tool.framing.frame_ancestors`: the tool and the registered platforms)."""
     if isinstance(machine_id, bool) or not isinstance(machine_id, int) or machine_id <= 0:
         raise ValueError(f"machine id must be a positive integer, not {machine_id!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be 1-65535, not {port!r}")
     if not _TOKEN.fullmatch(ide_token):
         raise ValueError("the IDE token must be 16-128 URL-safe characters")
+    if not _SOURCES.fullmatch(frame_ancestors):
+        raise ValueError(f"not a CSP source list: {frame_ancestors!r}")
     files = []
     if ide_kind != "code-server":
         files.append({"path": ENV_FILE, "owner": "root:root", "permissions": "0600",
@@ -134,7 +141,7 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
                   "permissions": "0644", "content": _unit(machine_id, ide_kind, port)})
     files += [
         {"path": "/etc/jupyter/jupyter_server_config.py", "owner": "root:root",
-         "permissions": "0644", "content": jupyter_server_config("frame-ancestors 'self'")},
+         "permissions": "0644", "content": jupyter_server_config(f"frame-ancestors {frame_ancestors}")},
         {"path": "/etc/udev/rules.d/90-labpool-home.rules", "owner": "root:root",
          "permissions": "0644", "content": HOME_UDEV_RULE},
         {"path": "/etc/systemd/system/labpool-home@.service", "owner": "root:root",
@@ -156,8 +163,9 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
     return f"#cloud-config\n# Labpool machine {machine_id}: {ide_kind} on port {port}\n{body}"
 
 
-def user_data(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888) -> str:
+def user_data(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888, *,
+              frame_ancestors: str = "'self'") -> str:
     """The user-data for Nova's `POST /servers`: the cloud-config, base64-encoded (Nova takes
     user_data only as base64, at most 64 KiB)."""
-    text = cloud_config(machine_id, ide_kind, ide_token, port)
+    text = cloud_config(machine_id, ide_kind, ide_token, port, frame_ancestors=frame_ancestors)
     return base64.b64encode(text.encode()).decode("ascii")

@@ -16,11 +16,19 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "MachineSpec", "Started", "backend_for", "openstack_backend_for"]
 
 
+def ide_frame_ancestors(settings: Settings) -> str:
+    """Who may frame an IDE: the tool and every registered platform (Moodle embeds the
+    activity, and the status page moves that same frame on to the IDE)."""
+    from lti_tool.framing import frame_ancestors
+
+    return frame_ancestors(settings)
+
+
 def backend_for(name: str, settings: Settings, environment: Environment | None = None) -> Backend:
     if name == "local":
         from provisioning.backends.local import LocalBackend
 
-        return LocalBackend(settings.data_dir)
+        return LocalBackend(settings.data_dir, frame_ancestors=ide_frame_ancestors(settings))
     if name == "openstack" and environment is not None:
         return openstack_backend_for(environment, settings)
     raise BackendUnavailable(f"backend {name!r} is not available here")
@@ -47,5 +55,6 @@ def openstack_backend_for(environment: Environment, settings: Settings) -> OpenS
         ide_port=environment.ide_port,
     )
     return OpenStackBackend(
-        settings.openstack_cloud, spec, api_timeout=settings.openstack_api_timeout_s
+        settings.openstack_cloud, spec, api_timeout=settings.openstack_api_timeout_s,
+        frame_ancestors=ide_frame_ancestors(settings),
     )

@@ -132,12 +132,16 @@ def token_digest(token: str) -> str:
 class OpenStackBackend(Backend):
     name = "openstack"
 
-    def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0):
+    def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0,
+                 frame_ancestors: str = "'self'"):
         """`cloud` names an entry of clouds.yaml; `api_timeout` bounds every request, so a
-        hung cloud costs a worker seconds, not forever (None: clouds.yaml's `api_timeout`)."""
+        hung cloud costs a worker seconds, not forever (None: clouds.yaml's `api_timeout`).
+        `frame_ancestors` is the IDE's CSP source list, baked into each server's user-data at
+        boot (a platform registered later is admitted by machines booted after it)."""
         self.cloud = cloud
         self.cloud_spec = cloud_spec
         self.api_timeout = api_timeout
+        self.frame_ancestors = frame_ancestors
 
     @property
     def _compute(self) -> Any:
@@ -305,7 +309,8 @@ class OpenStackBackend(Backend):
                 image_id=spec.image_id,
                 flavor_id=spec.flavor_id,
                 networks=[{"uuid": spec.network_id}],
-                user_data=cloud_init.user_data(machine.id, machine.ide_kind, token, spec.ide_port),
+                user_data=cloud_init.user_data(machine.id, machine.ide_kind, token, spec.ide_port,
+                                               frame_ancestors=self.frame_ancestors),
                 tags=["labpool", f"pool-{pool_id}", f"machine-{machine.id}"],
                 metadata={"labpool_machine": str(machine.id), TOKEN_DIGEST_KEY: token_digest(token)},
                 **extra,
