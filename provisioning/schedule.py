@@ -20,12 +20,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import JSON, column, func, select, table
 from sqlalchemy.orm import Session
 
+from lti_tool.launches import is_staff
 from provisioning.models import LIVE_STATES, ClassSession, Machine, WarmBoost
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))
 enrolments = table("enrolments", column("course_id"), column("user_id"), column("roles", JSON),
                    column("ended_at"))
-STAFF_MARKERS = ("#Instructor", "#Administrator", "Instructor")
 
 
 def session_is_on(meeting: ClassSession, now: datetime) -> bool:
@@ -51,7 +51,8 @@ def _around(today: date) -> Iterable[date]:
 
 
 def is_learner(roles: list[str] | None) -> bool:
-    return not any(str(role).endswith(STAFF_MARKERS) for role in roles or [])
+    """Not staff, by the one rule the launch uses (`lti_tool.launches.is_staff`)."""
+    return not is_staff([str(role) for role in roles or []])
 
 
 def scheduled_demand(session: Session, environment_id: int, now: datetime) -> tuple[int, bool]:
