@@ -18,7 +18,7 @@ from lti_tool.auth import current_user_id, runtime
 from lti_tool.errors import Forbidden
 from lti_tool.proxy_routes import IDE_COOKIE
 from provisioning.models import Environment, Machine, MachineState
-from provisioning.routes import publish_route
+from provisioning.routes import publish_route, withdraw_route
 from provisioning.triggers import nudge
 
 bp = Blueprint("machines", __name__)
@@ -104,6 +104,13 @@ def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
 LANDING = {"jupyterlab": "lab", "terminal": "terminals/1", "code-server": ""}
 
 
+def _still_assigned(machine_id: int, address: str) -> bool:
+    with runtime().sessions() as session:
+        machine = session.get(Machine, machine_id)
+        return bool(machine and machine.state is MachineState.assigned
+                    and machine.address == address)
+
+
 @bp.get("/machines/<int:machine_id>/open")
 def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
     """Hand the owner their IDE. Behind the proxy: publish the machine's route, set the
@@ -124,6 +131,10 @@ def open_ide(machine_id: int):  # type: ignore[no-untyped-def]
     else:
         assert owner_id is not None
         publish_route(rt.redis, machine_id, owner_id, address, token, ide_kind)
+        if not _still_assigned(machine_id, address):
+            # A stop slipped in between: its withdrawal may have run before this publish.
+            withdraw_route(rt.redis, machine_id)
+            return redirect(url_for("machines.status_page", machine_id=machine_id), 303)
         response = redirect(f"/ide/{machine_id}/{LANDING[ide_kind]}", 303)
         secure = rt.settings.is_production
         response.set_cookie(

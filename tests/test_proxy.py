@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -495,3 +494,52 @@ def test_code_server_machines_get_the_path_below_their_prefix(proxied, echo_mach
                           headers={"Cookie": f"{IDE_COOKIE}={cookie}"})
     assert answer.status_code == 200
     assert proxied.echo_app.seen[-1]["path"] == "/static/x.js?v=1"
+
+
+def test_writes_and_websockets_from_another_origin_are_refused(proxied, echo_machine, rt):
+    """The proxy keeps the browser's protections: a page on another origin (even of the same
+    site, e.g. another port of this host) riding on the student's cookie gets nothing that
+    changes state, and no WebSocket; the tool's own origin gets both."""
+    machine_id, owner_id, _ = echo_machine
+    url = f"{proxied.url}/ide/{machine_id}/api/terminals"
+    cookie = {"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"}
+    foreign = f"http://127.0.0.1:{free_port()}"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    ws_path = f"/ide/{machine_id}/terminals/websocket/1"
+
+    # A plain read first, so that nginx caches a "yes" for this cookie: the cache must not
+    # carry it over to a foreign write.
+    assert requests.get(url, headers=cookie).status_code == 200
+    seen = len(proxied.echo_app.seen)
+    assert requests.post(url, headers={**cookie, "Origin": foreign}).status_code == 403
+    assert requests.post(url, headers=cookie).status_code == 403  # no Origin: not the tool's
+    assert requests.delete(url, headers={**cookie, "Origin": foreign}).status_code == 403
+    assert requests.get(url, headers={**cookie, "Sec-Fetch-Site": "cross-site"}).status_code == 403
+    status, _ = raw_get(proxied.nginx.ports[0], ws_path, {**cookie, **upgrade, "Origin": foreign})
+    assert status == 403
+    status, _ = raw_get(proxied.nginx.ports[0], ws_path, {**cookie, **upgrade})
+    assert status == 403
+    assert len(proxied.echo_app.seen) == seen  # none of them reached the machine
+
+    same = {**cookie, "Origin": proxied.url, "Sec-Fetch-Site": "same-origin"}
+    assert requests.post(url, headers=same).status_code == 200
+    status, _ = raw_get(proxied.nginx.ports[0], ws_path, {**same, **upgrade})
+    assert status != 403  # through to the machine (the echo server is no WebSocket peer)
+    assert len(proxied.echo_app.seen) == seen + 2
+    assert proxied.echo_app.seen[-2]["x-labpool-token"] == echo_machine[2]
+
+
+def test_a_route_expires_unless_used(proxied, echo_machine, rt):
+    """A route left behind (a stop racing a hand-over) cannot outlive its machine for long:
+    it carries a TTL, renewed by every request that passes."""
+    from provisioning.routes import ROUTE_KEY, ROUTE_TTL_S
+
+    machine_id, owner_id, _ = echo_machine
+    key = ROUTE_KEY.format(machine_id)
+    assert 0 < rt.redis.ttl(key) <= ROUTE_TTL_S
+    rt.redis.expire(key, 30)
+    cookie = {"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"}
+    time.sleep(AUTH_CACHE_S + 0.2)
+    assert requests.get(f"{proxied.url}/ide/{machine_id}/x", headers=cookie).status_code == 200
+    assert rt.redis.ttl(key) > 30
