@@ -33,6 +33,7 @@ import click
 from config.redis import EmbeddedRedis
 from config.settings import Settings, load_settings
 from lti_tool.cli import moodle_values, prepare
+from provisioning.sandbox import Isolation, host_isolation
 
 
 def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
@@ -86,16 +87,16 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def plan(settings: Settings, nginx: str | None) -> tuple[Settings, list[str]]:
+def plan(
+    settings: Settings, nginx: str | None, isolation: Isolation | None = None,
+) -> tuple[Settings, list[str]]:
     """How to serve: the settings the children get (behind nginx: the tool on a loopback
     port, IDEs through the proxy) and the warnings to print. Raises CannotServe when the
     public URL is reachable by others and students could not be kept apart."""
-    from provisioning.sandbox import host_isolation
-
     warnings: list[str] = []
     local_only = is_loopback(settings.public_url)
     if settings.backend == "local":
-        problems = host_isolation().problems
+        problems = (isolation or host_isolation()).problems
         if problems and not local_only:
             raise CannotServe(
                 "Labpool will not serve students' machines on this host at "
