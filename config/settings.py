@@ -78,6 +78,11 @@ class Settings:
     @property
     def listen_host(self) -> str:
         if self.listen:
+    # The local backend: the Python environment its IDEs run on (default: DATA_DIR/ide-env,
+    # made by `labpool ide-env`), and the group nginx's workers run in (they open the IDEs'
+    # sockets).
+    ide_env: Path | None = None
+    proxy_group: str = "www-data"
             return self.listen.rpartition(":")[0] or "127.0.0.1"
         return urlsplit(self.public_url).hostname or "127.0.0.1"
 
@@ -104,6 +109,10 @@ class Settings:
     def effective_redis_url(self) -> str:
         return self.redis_url or f"unix://{self.embedded_redis_socket.resolve()}"
 
+    @property
+    def ide_env_dir(self) -> Path:
+        return (self.ide_env or self.data_dir / "ide-env").resolve()
+
 
 _FIELDS = {f.name for f in dataclasses.fields(Settings) if f.name != "extra"}
 _PARSERS = {
@@ -120,6 +129,7 @@ _PARSERS = {
     "cloud_start_timeout_s": int,
     "max_concurrent_creates": int,
     "orphan_grace_s": int,
+    "ide_env": Path,
     "reconcile_interval_s": int,
     "idle_check_interval_s": int,
     "roster_sync_interval_s": int,

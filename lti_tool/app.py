@@ -15,7 +15,7 @@ from config.settings import Settings, load_settings
 from lti_tool.errors import WebError
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
-from lti_tool.proxy_routes import ide_cookies, proxy_secret
+from lti_tool.proxy_routes import ide_cookies, origin_of, proxy_secret
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["labpool.registrations"] = RegistrationCache(ttl_s=30)
     app.extensions["labpool.proxy_secret"] = proxy_secret(settings)
     app.extensions["labpool.ide_cookies"] = ide_cookies(settings)
+    app.extensions["labpool.public_origin"] = origin_of(settings.public_url)
     app.extensions["labpool.platform_keys"] = PlatformKeys(
         rt.redis, http, settings.platform_jwks_ttl_s
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -27,12 +28,25 @@ def prepare(settings: Settings) -> Runtime:
     from jwks.keys import ensure_keys
     from migrations import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    protect_data_dir(settings)
     upgrade(settings.database_url)
     rt = runtime_for(settings)
     with transaction(rt.sessions) as session:
         ensure_keys(session, settings.secret_key)
     return rt
+
+
+def protect_data_dir(settings: Settings) -> None:
+    """Files the tool makes are its own (umask 077); the data folder is closed to others:
+    0700, or 0711 when root runs students' sandboxes (their user must pass through it to the
+    folders bound into the sandbox; nothing in it can be listed, and what is not bound is
+    0600/0700)."""
+    os.umask(0o077)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)
+    database = settings.database_url.removeprefix("sqlite:///")
+    if database != settings.database_url and Path(database).exists():
+        Path(database).chmod(0o600)
 
 
 def moodle_values(settings: Settings) -> list[tuple[str, str]]:
@@ -65,6 +79,19 @@ def demo() -> None:
     from lti_tool.runner import serve
 
     sys.exit(serve(_settings(), demo=True))
+
+
+@main.command("ide-env")
+def ide_env() -> None:
+    """Make (or check) the Python environment students' IDEs run on (local backend)."""
+    from provisioning.ide_env import IdeEnvError, make_ide_env
+
+    settings = _settings()
+    try:
+        python = make_ide_env(settings.ide_env_dir, echo=click.echo)
+    except IdeEnvError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"IDE environment ready: {python}")
 
 
 @main.command()

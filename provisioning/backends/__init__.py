@@ -28,7 +28,9 @@ def backend_for(name: str, settings: Settings, environment: Environment | None =
     if name == "local":
         from provisioning.backends.local import LocalBackend
 
-        return LocalBackend(settings.data_dir, frame_ancestors=ide_frame_ancestors(settings))
+        return LocalBackend(
+            settings.data_dir, frame_ancestors=ide_frame_ancestors(settings), settings=settings
+        )
     if name == "openstack" and environment is not None:
         return openstack_backend_for(environment, settings)
     raise BackendUnavailable(f"backend {name!r} is not available here")
