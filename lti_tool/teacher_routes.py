@@ -28,6 +28,7 @@ from provisioning.models import (
     StudentVolume,
 )
 from provisioning.routes import last_activity
+from provisioning.sandbox import host_isolation
 
 bp = Blueprint("teacher", __name__)
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -167,11 +168,15 @@ def class_view(session: Session, activity: Activity) -> dict:
 def class_page(activity_id: int):  # type: ignore[no-untyped-def]
     with runtime().sessions() as session:
         activity = taught_activity(session, activity_id)
+        environment = environment_of(session, activity.id)
         return render_template(
             "class.html",
             activity=activity,
             course=session.get_one(Course, activity.course_id),
-            environment=environment_of(session, activity.id),
+            environment=environment,
+            # Said where the teacher looks, not only on the server's console.
+            isolation_problems=host_isolation().problems if environment.backend == "local"
+            else [],
             environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
             view=class_view(session, activity),
             weekdays=WEEKDAYS,
