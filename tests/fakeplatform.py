@@ -634,6 +634,10 @@ class FakePlatform:
         self._other_tool_types: dict[str, str] = {}
         #: Every call of a service URL: ``{"type_id", "token_client_id", "status"}``, in order.
         self.service_calls: list[dict[str, Any]] = []
+        # Pages a browser test asks the platform to serve (path → HTML): a course page that
+        # frames the activity, Moodle's launch.php. Served from the platform's own address,
+        # so Chromium sees them on the platform's origin (and on loopback, like the tool).
+        self._pages: dict[str, str] = {}
 
         # NRPS
         #: ``(path, query)`` of every request to a memberships URL, in order.
@@ -686,6 +690,13 @@ class FakePlatform:
         with self._lock:
             self._other_tool_types[view.client_id] = deployment_id
         return view
+
+    def serve_page(self, path: str, html_text: str) -> str:
+        """Serve ``html_text`` at ``GET <platform>/<path>`` (query strings ignored); returns
+        the page's URL."""
+        with self._lock:
+            self._pages[path] = html_text
+        return self.url + path
 
     def _type_id_of(self, client_id: str) -> str | None:
         """The tool type a client id belongs to (None: no tool of this site has it)."""
@@ -1472,6 +1483,10 @@ class FakePlatform:
         handler = routes.get(request.path)
         if handler is None and request.path.startswith(self.SERVICES_PATH + "/"):
             handler = self._services_endpoint
+        with self._lock:
+            page = self._pages.get(request.path) if request.method == "GET" else None
+        if handler is None and page is not None:
+            return Response(page, 200, mimetype="text/html")(environ, start_response)
         response = handler(request) if handler else _json_response({"error": "not_found"}, 404)
         return response(environ, start_response)
 
