@@ -80,9 +80,11 @@ DEFAULT_SCHEMA = "labpool_bench"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 QUEUE_NAME = "bench"
 DUMMY_ADDRESS = "127.0.0.1:9"  # the discard port: never contacted, the launch only finds it
-# Keys the benchmark's tools write (labpool's launch storage and JWKS cache, the bare tool's
-# storage, the queue of the warm-up's start jobs).
-OWN_KEY_PATTERNS = ("labpool:lti:*", "labpool:platform-jwks:*", "bench:bare:*")
+# Keys the benchmark's tools write (labpool's launch storage, JWKS cache and rate counters,
+# the bare tool's storage, the queue of the warm-up's start jobs).
+OWN_KEY_PATTERNS = (
+    "labpool:lti:*", "labpool:platform-jwks:*", "labpool:rate:*", "bench:bare:*"
+)
 
 SIZES = {
     # students, sequential launches per tool, concurrent launches per tool
@@ -635,6 +637,10 @@ def _run(
         "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{labpool_port}",
         "LABPOOL_QUEUE_NAME": QUEUE_NAME,
         "LABPOOL_WEB_WORKERS": str(args.workers),
+        # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
+        # Redis round trip is part of what is measured) but out of reach.
+        "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
+        "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
     })
     env.pop("LABPOOL_CONFIG", None)
     settings = load_settings(env)

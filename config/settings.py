@@ -43,6 +43,13 @@ class Settings:
     jwt_leeway_s: int = 10
     # How long the platform's JWKS is cached before it is fetched again.
     platform_jwks_ttl_s: int = 3600
+    # Requests per client address and window (0: no limit). A classroom often shares one
+    # public address (NAT), so these fit a class of 300 opening the activity in one minute,
+    # twice each (a framed login that checks cookies costs two).
+    rate_limit_window_s: int = 60
+    login_rate_limit: int = 1200
+    launch_rate_limit: int = 1200
+    teacher_action_rate_limit: int = 120
     # How long a retired tool key is still published after a rotation.
     key_grace_s: int = 7 * 24 * 3600
     # Machines that are not ready after this long are marked as failed.
@@ -66,6 +73,11 @@ class Settings:
     ide_proxy: bool = False
     # Lifetime of the signed cookie that lets a browser through to one machine.
     ide_cookie_max_age_s: int = 4 * 3600
+    # The local backend: the Python environment its IDEs run on (default: DATA_DIR/ide-env,
+    # made by `labpool ide-env`), and the group nginx's workers run in (they open the IDEs'
+    # sockets).
+    ide_env: Path | None = None
+    proxy_group: str = "www-data"
     web_workers: int = 2
     queue_name: str = "labpool"
     log_level: str = "INFO"
@@ -78,11 +90,6 @@ class Settings:
     @property
     def listen_host(self) -> str:
         if self.listen:
-    # The local backend: the Python environment its IDEs run on (default: DATA_DIR/ide-env,
-    # made by `labpool ide-env`), and the group nginx's workers run in (they open the IDEs'
-    # sockets).
-    ide_env: Path | None = None
-    proxy_group: str = "www-data"
             return self.listen.rpartition(":")[0] or "127.0.0.1"
         return urlsplit(self.public_url).hostname or "127.0.0.1"
 
@@ -98,6 +105,10 @@ class Settings:
         return self.public_url.rstrip("/") + path
 
     @property
+    def ide_env_dir(self) -> Path:
+        return (self.ide_env or self.data_dir / "ide-env").resolve()
+
+    @property
     def uses_embedded_redis(self) -> bool:
         return not self.redis_url
 
@@ -109,17 +120,18 @@ class Settings:
     def effective_redis_url(self) -> str:
         return self.redis_url or f"unix://{self.embedded_redis_socket.resolve()}"
 
-    @property
-    def ide_env_dir(self) -> Path:
-        return (self.ide_env or self.data_dir / "ide-env").resolve()
-
 
 _FIELDS = {f.name for f in dataclasses.fields(Settings) if f.name != "extra"}
 _PARSERS = {
     "data_dir": Path,
+    "ide_env": Path,
     "proxy_count": int,
     "jwt_leeway_s": int,
     "platform_jwks_ttl_s": int,
+    "rate_limit_window_s": int,
+    "login_rate_limit": int,
+    "launch_rate_limit": int,
+    "teacher_action_rate_limit": int,
     "key_grace_s": int,
     "machine_start_timeout_s": int,
     "web_workers": int,
@@ -129,7 +141,6 @@ _PARSERS = {
     "cloud_start_timeout_s": int,
     "max_concurrent_creates": int,
     "orphan_grace_s": int,
-    "ide_env": Path,
     "reconcile_interval_s": int,
     "idle_check_interval_s": int,
     "roster_sync_interval_s": int,
@@ -196,6 +207,11 @@ def _complete(settings: Settings) -> Settings:
         )
     if settings.listen and not settings.listen.rpartition(":")[2].isdigit():
         raise SettingsError(f"LABPOOL_LISTEN: host:port, got {settings.listen!r}")
+    if settings.rate_limit_window_s < 1:
+        raise SettingsError(f"LABPOOL_RATE_LIMIT_WINDOW_S: at least 1, got {settings.rate_limit_window_s}")
+    for name in ("login_rate_limit", "launch_rate_limit", "teacher_action_rate_limit"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)}: 0 (no limit) or more, got {getattr(settings, name)}")
     if settings.backend not in ("local", "openstack"):
         raise SettingsError(f"LABPOOL_BACKEND: 'local' or 'openstack', got {settings.backend!r}")
 

@@ -6,7 +6,8 @@ and LTI Core 1.3 §5.3/§5.4 (required message claims).
 
 pylti1p3 2.0 accepts an id_token without `exp`/`iat`, ignores `aud`/`azp`, never consumes the
 nonce (a replayed launch passes), checks the nonce before the signature (so a forged token
-could burn a nonce), and fetches the platform's JWKS on every launch. `LabpoolMessageLaunch`
+could burn a nonce), and fetches the platform's JWKS on every launch (`PlatformKeys` caches
+it instead). `LabpoolMessageLaunch`
 re-orders the checks and adds the missing ones; see `../shared/MOODLE.md`.
 """
 
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import redis
@@ -92,7 +94,6 @@ class RegistrationCache:
 
     def __init__(self, ttl_s: float = 30.0):
         self._ttl = ttl_s
-        self._pems: dict[tuple[str, str], bytes] = {}
         self._entries: dict[tuple[str, str | None], tuple[float, KnownPlatform]] = {}
         self._lock = threading.Lock()
 
@@ -192,20 +193,35 @@ class DatabaseToolConf(ToolConfAbstract[FlaskRequest]):
 
 
 class PlatformKeys:
-    """The platforms' JWKS, cached in Redis and refetched at most once per `kid` miss."""
+    """The platforms' JWKS, cached in Redis for `ttl_s`, refetched when a launch names a kid
+    the cached set lacks (platforms rotate keys) — at most once per JWKS URL per
+    `REFETCH_GUARD_S`, whatever the kid, so forged launches with random kids cannot turn
+    into a stream of requests to the platform.
 
-    REFETCH_GUARD_S = 10  # an attacker's random kids must not turn into a fetch storm
+    Each process keeps the PEMs it converted (converting a JWK costs more than checking the
+    signature), but only as long as Redis still holds the very key set they came from: every
+    lookup reads the cached set and compares it with the one the PEMs were made from, so a
+    key the platform removed stops working as soon as the cached set expires, is cleared or
+    is refetched (by any process)."""
+
+    REFETCH_GUARD_S = 10
 
     def __init__(self, conn: redis.Redis, http: requests.Session, ttl_s: int):
         self._redis = conn
         self._http = http
         self._ttl = ttl_s
-        self._pems: dict[tuple[str, str], bytes] = {}
+        # JWKS URL → (the cached key set's bytes, {kid: PEM} converted from that set)
+        self._pems: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+        self._lock = threading.Lock()
 
     def _cache_key(self, url: str) -> str:
         return JWKS_PREFIX + hashlib.sha256(url.encode()).hexdigest()
 
-    def _fetch(self, url: str) -> dict:
+    def refetch_guard_key(self, url: str) -> str:
+        """Set while a refetch of `url` is barred (one per URL per REFETCH_GUARD_S)."""
+        return self._cache_key(url) + ":refetched"
+
+    def _fetch(self, url: str) -> bytes:
         try:
             resp = self._http.get(url, timeout=5)
             resp.raise_for_status()
@@ -214,29 +230,46 @@ class PlatformKeys:
             raise LtiKeyException(f"Cannot fetch the platform's keys from {url}: {exc}") from exc
         if not isinstance(keyset, dict) or not isinstance(keyset.get("keys"), list):
             raise LtiKeyException(f"The platform's key set at {url} is not a JWKS")
-        self._redis.set(self._cache_key(url), json.dumps(keyset), ex=self._ttl)
-        return keyset
+        raw = json.dumps(keyset).encode()
+        self._redis.set(self._cache_key(url), raw, ex=self._ttl)
+        return raw
 
     def public_key_pem(self, url: str, kid: str) -> bytes:
-        # Converting a JWK to PEM costs more than the signature check; a key's PEM never
-        # changes, so each process converts it once.
-        pem = self._pems.get((url, kid))
+        """The PEM of the platform's RS256 key `kid`, or LtiKeyException. One Redis GET when
+        the key set is cached and this process converted the key already."""
+        guard = self.refetch_guard_key(url)
+        raw = self._redis.get(self._cache_key(url))
+        if raw is None:  # expired or cleared: fetch, and that fetch counts as this interval's
+            raw = self._fetch(url)
+            self._redis.set(guard, 1, ex=self.REFETCH_GUARD_S)
+            return self._require(self._pem_from(url, raw, kid), kid)
+        pem = self._pem_from(url, raw, kid)
+        if pem is None and self._redis.set(guard, 1, nx=True, ex=self.REFETCH_GUARD_S):
+            pem = self._pem_from(url, self._fetch(url), kid)
+        return self._require(pem, kid)
+
+    @staticmethod
+    def _require(pem: bytes | None, kid: str) -> bytes:
         if pem is None:
-            pem = self._load_pem(url, kid)
-            self._pems[(url, kid)] = pem
+            raise LtiKeyException(f"The platform has no RS256 key with kid {kid!r}")
         return pem
 
-    def _load_pem(self, url: str, kid: str) -> bytes:
-        cached = self._redis.get(self._cache_key(url))
-        keyset = json.loads(cached) if cached else self._fetch(url)
-        key = _rs256_key(keyset, kid)
-        if key is None and cached:
-            guard = self._cache_key(url) + ":refetched:" + kid
-            if self._redis.set(guard, 1, nx=True, ex=self.REFETCH_GUARD_S):
-                key = _rs256_key(self._fetch(url), kid)
+    def _pem_from(self, url: str, raw: bytes, kid: str) -> bytes | None:
+        with self._lock:
+            made_from, pems = self._pems.get(url, (b"", {}))
+            if made_from != raw:  # another key set: nothing converted from the old one holds
+                pems = {}
+                self._pems[url] = (raw, pems)
+            pem = pems.get(kid)
+        if pem is not None:
+            return pem
+        key = _rs256_key(json.loads(raw), kid)
         if key is None:
-            raise LtiKeyException(f"The platform has no RS256 key with kid {kid!r}")
-        return JWK.from_json(json.dumps(key)).export_to_pem()
+            return None
+        pem = JWK.from_json(json.dumps(key)).export_to_pem()
+        with self._lock:
+            pems[kid] = pem
+        return pem
 
 
 def _rs256_key(keyset: dict, kid: str) -> dict | None:
@@ -244,6 +277,28 @@ def _rs256_key(keyset: dict, kid: str) -> dict | None:
         if key.get("kid") == kid and key.get("kty") == "RSA" and key.get("alg", "RS256") == "RS256":
             return key
     return None
+
+
+def is_url_of_tool(url: str, public_url: str) -> bool:
+    """Is `url` a page of the tool at `public_url`: same scheme, host and port, and a path at
+    or below the tool's? Compared parsed, not as strings: a string prefix lets
+    `http://127.0.0.1:8080.evil.example/` pass for `http://127.0.0.1:8080`."""
+    try:
+        got, ours = urlsplit(url), urlsplit(public_url)
+        got_port, our_port = got.port, ours.port
+    except ValueError:  # a port that is not a number, or brackets that do not close
+        return False
+    default = {"http": 80, "https": 443}
+    if got.scheme.lower() not in default or got.username is not None or got.password is not None:
+        return False
+    base = ours.path.rstrip("/")
+    return (
+        got.scheme.lower() == ours.scheme.lower()
+        and (got.hostname or "") == (ours.hostname or "")
+        and (got_port or default[got.scheme.lower()]) == (our_port or default[ours.scheme.lower()])
+        and (got.path == base or got.path.startswith(base + "/"))
+        and ".." not in got.path.split("/")
+    )
 
 
 class LabpoolOIDCLogin(FlaskOIDCLogin):

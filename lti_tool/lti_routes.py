@@ -23,7 +23,9 @@ from lti_tool.lti import (
     LabpoolMessageLaunch,
     LabpoolOIDCLogin,
     RedisLaunchDataStorage,
+    is_url_of_tool,
 )
+from lti_tool.rate_limits import rate_limited
 from lti_tool.roster import SYNC_JOB
 from provisioning.queue import enqueue
 from provisioning.triggers import machine_wanted
@@ -47,11 +49,14 @@ def _tool_conf() -> DatabaseToolConf:
 
 
 @bp.route("/lti/login", methods=["GET", "POST"])
+@rate_limited("login", "login_rate_limit")
 def login():  # type: ignore[no-untyped-def]
+    """Every check that can refuse the login runs before pylti1p3 stores the login's nonce
+    (its only write), so a refused login leaves nothing in Redis but the rate counter."""
     rt = runtime()
     launch_url = rt.settings.url("/lti/launch")
     target = request.values.get("target_link_uri", "")
-    if not target.startswith(rt.settings.public_url):
+    if not is_url_of_tool(target, rt.settings.public_url):
         raise LaunchRejected(
             "The login request's target_link_uri is not this tool "
             f"(expected a URL under {rt.settings.public_url})."
@@ -71,6 +76,7 @@ def login():  # type: ignore[no-untyped-def]
 
 
 @bp.post("/lti/launch")
+@rate_limited("launch", "launch_rate_limit")
 def launch():  # type: ignore[no-untyped-def]
     rt = runtime()
     tool_conf = _tool_conf()

@@ -16,6 +16,7 @@ from lti_tool.auth import check_csrf, current_user_id, runtime, taught_activity
 from lti_tool.errors import WebError
 from lti_tool.launches import environment_of
 from lti_tool.models import Course
+from lti_tool.rate_limits import check_rate_limit
 from lti_tool.roster import SYNC_JOB
 from provisioning.claims import machine_for_learner
 from provisioning.models import (
@@ -33,6 +34,8 @@ from provisioning.schedule import class_size
 from provisioning.triggers import machine_wanted, pool_of, reconcile_soon
 
 bp = Blueprint("teacher_actions", __name__)
+# Every action here is a POST that may enqueue work or touch many machines.
+bp.before_request(lambda: check_rate_limit("teacher", "teacher_action_rate_limit"))
 WARM_NOW_FOR = timedelta(hours=2)
 IDLE_AFTER = timedelta(minutes=10)
 

@@ -3,6 +3,7 @@ short page that says why, and write nothing; good ones with odd but legal claims
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import pytest
@@ -109,6 +110,23 @@ def test_login_for_a_foreign_target_is_refused(tool, platform, browser):
     assert "target_link_uri" in response.text
 
 
+@pytest.mark.parametrize("evil", [
+    "{tool}.evil.example/lti/launch",  # the tool's URL as a string prefix of another host
+    "{tool}0/lti/launch",  # another port
+    "{tool}@evil.example/lti/launch",  # the tool's host:port as user info
+    "https://{hostport}/lti/launch",  # another scheme
+    "{tool}/lti/../../evil",
+])
+def test_login_for_a_target_that_only_looks_like_the_tool_is_refused(evil, tool, platform, rt, browser):
+    form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
+    form["target_link_uri"] = evil.format(tool=tool.url, hostport=tool.url.split("//")[1])
+    before = set(rt.redis.keys("labpool:lti:*"))
+    response = browser.post(f"{tool.url}/lti/login", data=form, allow_redirects=False)
+    assert response.status_code == 400
+    assert "target_link_uri" in response.text
+    assert set(rt.redis.keys("labpool:lti:*")) == before  # no state, no nonce
+
+
 def test_framed_login_gets_the_cookie_check_page(tool, platform, browser):
     form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
     framed = browser.post(
@@ -183,8 +201,21 @@ def test_name_is_kept_when_a_later_launch_does_not_share_it(tool, platform, rt, 
     assert user.name == "Ada Lovelace"
 
 
+def assert_refused_without_writes(response: requests.Response, rt, before, reason: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert reason in response.text
+    assert count_rows(rt) == before
+
+
+def _forget_refetch_guards(rt) -> None:  # type: ignore[no-untyped-def]
+    """An earlier test's refetch (within the guard interval) must not bar this test's."""
+    for key in rt.redis.scan_iter("labpool:platform-jwks:*:refetched"):
+        rt.redis.delete(key)
+
+
 def test_platform_key_rotation_costs_one_jwks_refetch(tool, platform, rt, browser):
     platform.launch(browser, tool.url, platform.learner())  # JWKS now cached
+    _forget_refetch_guards(rt)
     fetches = platform.jwks_fetches
     platform.launch(browser, tool.url, platform.learner())
     assert platform.jwks_fetches == fetches  # cached: no fetch per launch
@@ -194,11 +225,63 @@ def test_platform_key_rotation_costs_one_jwks_refetch(tool, platform, rt, browse
         rotated = platform.launch(browser, tool.url, platform.learner())
         assert rotated.launch_response.status_code == 303
         assert platform.jwks_fetches == fetches + 1
-        # An attacker's random kids do not turn into a fetch per request.
+        # Unknown kids right after that refetch cost no fetch at all (one per URL per interval).
         for kid in ("bogus-1", "bogus-2"):
             bad = platform.launch(browser, tool.url, platform.learner(), header={"kid": kid})
             assert bad.launch_response.status_code == 400
-        assert platform.jwks_fetches <= fetches + 3
+        assert platform.jwks_fetches == fetches + 1
+    finally:
+        platform.publish_keys()
+
+
+def test_random_kids_cost_at_most_one_jwks_fetch_per_interval(tool, platform, rt, browser):
+    """Forged launches with a new kid each are refused without a fetch of certs.php each."""
+    platform.launch(browser, tool.url, platform.learner())  # JWKS now cached
+    _forget_refetch_guards(rt)
+    fetches, before = platform.jwks_fetches, count_rows(rt)
+    for _ in range(40):
+        kid = secrets.token_hex(10)
+        bad = platform.launch(browser, tool.url, platform.learner(), header={"kid": kid})
+        assert_refused_without_writes(bad.launch_response, rt, before, "no RS256 key")
+    assert platform.jwks_fetches - fetches <= 1
+
+
+def test_a_key_the_platform_removed_is_refused_once_the_cached_key_set_is_gone(
+    tool, platform, rt, browser
+):
+    """This process converted the old key to PEM; that must not outlive the key set."""
+    old = platform.keys[-1]
+    assert platform.launch(browser, tool.url, platform.learner()).launch_response.status_code == 303
+    new_kid = platform.rotate_key(retire_old=True)  # certs.php now lists the new key only
+    try:
+        signed_with_old = {"sign_with": old.private_key, "header": {"kid": old.kid}}
+        still_cached = platform.launch(browser, tool.url, platform.learner(), **signed_with_old)
+        assert still_cached.launch_response.status_code == 303  # within the cache's lifetime
+
+        for key in rt.redis.scan_iter("labpool:platform-jwks:*"):
+            rt.redis.delete(key)  # the cached key set expires (or an admin clears it)
+        before = count_rows(rt)
+        refused = platform.launch(browser, tool.url, platform.learner(), **signed_with_old)
+        assert_refused_without_writes(refused.launch_response, rt, before, "no RS256 key")
+        accepted = platform.launch(browser, tool.url, platform.learner())
+        assert accepted.header["kid"] == new_kid
+        assert accepted.launch_response.status_code == 303
+    finally:
+        platform.publish_keys()
+
+
+def test_a_key_set_refetched_for_a_new_kid_drops_the_removed_key(tool, platform, rt, browser):
+    old = platform.keys[-1]
+    assert platform.launch(browser, tool.url, platform.learner()).launch_response.status_code == 303
+    _forget_refetch_guards(rt)
+    platform.rotate_key(retire_old=True)
+    try:
+        # The new kid is not in the cached set: one refetch, which no longer lists the old key.
+        assert platform.launch(browser, tool.url, platform.learner()).launch_response.status_code == 303
+        before = count_rows(rt)
+        refused = platform.launch(browser, tool.url, platform.learner(),
+                                  sign_with=old.private_key, header={"kid": old.kid})
+        assert_refused_without_writes(refused.launch_response, rt, before, "no RS256 key")
     finally:
         platform.publish_keys()
 
