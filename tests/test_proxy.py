@@ -543,3 +543,73 @@ def test_a_route_expires_unless_used(proxied, echo_machine, rt):
     time.sleep(AUTH_CACHE_S + 0.2)
     assert requests.get(f"{proxied.url}/ide/{machine_id}/x", headers=cookie).status_code == 200
     assert rt.redis.ttl(key) > 30
+
+
+ATTACK_PAGE = """<!doctype html><title>a page on another origin of this site</title><script>
+window.results = {};
+const ide = %(ide)s;
+fetch(ide + "api/terminals", {method: "POST", credentials: "include", mode: "no-cors"})
+  .then(() => { results.post = "sent"; }, () => { results.post = "failed"; });
+const ws = new WebSocket(ide.replace("http", "ws") + "terminals/websocket/1");
+ws.onopen = () => { results.ws = "open"; ws.send(JSON.stringify(["stdin", "touch ~/pwned\\r"])); };
+ws.onerror = () => { results.ws = "refused"; };
+</script>"""
+
+OWN_PAGE_SCRIPT = """async (ide) => {
+  const xsrf = document.cookie.split("; ").find(c => c.startsWith("_xsrf=")).slice(6);
+  const r = await fetch(ide + "api/terminals", {method: "POST", credentials: "include",
+                                                headers: {"X-XSRFToken": xsrf}});
+  return r.status;
+}"""
+
+
+def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_ide(
+    proxied, platform, rt, browser
+):
+    """Seen before: a page on another origin of the same site, with only the student's cookie,
+    created a terminal in the student's IDE and ran a command in it. Now Chromium, holding the
+    student's cookies, loads such a page: its POST and its WebSocket are refused by the proxy,
+    and no terminal exists. The student's own page (the tool's origin) still opens one."""
+    from tests.test_browser import CHROMIUM_ARGS, _chromium_and_playwright
+
+    sync_playwright, chromium = _chromium_and_playwright()
+    machine_id = launch_through_nginx(proxied, platform, browser, sub="77")
+    run_worker_burst(rt.settings)
+    assert is_jupyterlab(open_ide(proxied, browser, machine_id))
+    ide = f"{proxied.url}/ide/{machine_id}/"
+    terminals = f"{ide}api/terminals"
+    cookies = [
+        {"name": c.name, "value": c.value or "", "domain": "127.0.0.1", "path": c.path,
+         "httpOnly": c.name != "_xsrf", "sameSite": "Lax"}
+        for c in browser.cookies if c.path.startswith(("/ide/", "/"))
+    ]
+    # A real server on another port of this host: another origin of the same site (a page
+    # Playwright made up would count as a public page, which Chromium already keeps away
+    # from loopback addresses).
+    attack = Response(ATTACK_PAGE % {"ide": json.dumps(ide)}, mimetype="text/html")
+    with ServedApp(attack) as attacker_site, sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = chrome.new_context()
+            context.add_cookies(cookies)
+            page = context.new_page()
+            page.goto(f"{attacker_site.url}/attack.html")
+            page.wait_for_function("window.results.post && window.results.ws", timeout=15_000)
+            results = page.evaluate("window.results")
+            assert results["ws"] == "refused", results
+            # They did reach the proxy, which refused them there.
+            refused = [line for line in proxied.nginx.access_log().splitlines()
+                       if f"/ide/{machine_id}/" in line and '" 403 ' in line]
+            assert len(refused) == 2, refused
+            assert browser.get(terminals).json() == []  # nothing was created
+
+            own = context.new_page()
+            own.goto(f"{ide}lab")
+            assert own.evaluate(OWN_PAGE_SCRIPT, ide) == 200
+            assert len(browser.get(terminals).json()) == 1
+        finally:
+            chrome.close()
+    home = LocalBackend(rt.settings.data_dir, settings=rt.settings).home_folder(MachineSpec(
+        id=machine_id, ide_kind="jupyterlab", owner_id=machine_row(rt, machine_id).owner_id,
+        course_id=machine_row(rt, machine_id).course_id))
+    assert not (home / "pwned").exists()
