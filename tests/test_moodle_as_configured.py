@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 from config.db import transaction, utcnow
 from config.runtime import Runtime
 from lti_tool.cookies import LabpoolCookieService
-from lti_tool.framing import frame_ancestors, origin_of
+from lti_tool.framing import forget_platform_origins, frame_ancestors, origin_of
 from lti_tool.models import Course, Enrolment, Launch, Platform, User
 from lti_tool.names import short_labels
 from lti_tool.registrations import register_platform
@@ -216,9 +216,11 @@ def test_the_ide_csp_admits_the_tool_and_every_registered_platform(
 
     cloud_env = Environment(name="cloud", backend="openstack", ide_kind="jupyterlab",
                             image_id="img", flavor_id="flv", network_id="net", ide_port=8888)
-    cloud = openstack_backend_for(cloud_env, rt.settings)
-    assert cloud.frame_ancestors == ancestors
-    document = cloud_config(7, "jupyterlab", "t" * 32, frame_ancestors=cloud.frame_ancestors)
+    forget_platform_origins()
+    with transaction(rt.sessions):  # as `labpool volumes delete` asks, holding SQLite's lock
+        cloud = openstack_backend_for(cloud_env, rt.settings)  # reads nothing yet: no wait
+    assert cloud.frame_ancestors() == ancestors
+    document = cloud_config(7, "jupyterlab", "t" * 32, frame_ancestors=cloud.frame_ancestors())
     assert f"frame-ancestors {ancestors}" in document
     with pytest.raises(ValueError):
         cloud_config(7, "jupyterlab", "t" * 32, frame_ancestors="'self'; script-src *")

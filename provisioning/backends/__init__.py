@@ -58,5 +58,5 @@ def openstack_backend_for(environment: Environment, settings: Settings) -> OpenS
     )
     return OpenStackBackend(
         settings.openstack_cloud, spec, api_timeout=settings.openstack_api_timeout_s,
-        frame_ancestors=ide_frame_ancestors(settings),
+        frame_ancestors=lambda: ide_frame_ancestors(settings),  # read when a server boots
     )

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -133,20 +133,27 @@ class OpenStackBackend(Backend):
     name = "openstack"
 
     def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0,
-                 frame_ancestors: str = "'self'"):
+                 frame_ancestors: str | Callable[[], str] = "'self'"):
         """`cloud` names an entry of clouds.yaml; `api_timeout` bounds every request, so a
         hung cloud costs a worker seconds, not forever (None: clouds.yaml's `api_timeout`).
-        `frame_ancestors` is the IDE's CSP source list, baked into each server's user-data at
-        boot (a platform registered later is admitted by machines booted after it)."""
+        `frame_ancestors` is the IDE's CSP source list (or what computes it, asked only when
+        a server is created: it reads the database, which a caller inside a transaction must
+        not be made to wait for), baked into each server's user-data at boot (a platform
+        registered later is admitted by machines booted after it)."""
         self.cloud = cloud
         self.cloud_spec = cloud_spec
         self.api_timeout = api_timeout
-        self.frame_ancestors = frame_ancestors
+        self._frame_ancestors = frame_ancestors
 
     @property
     def _compute(self) -> Any:
         with self._errors("connect to the cloud"):
             return connection_for(self.cloud, self.api_timeout).compute
+
+    def frame_ancestors(self) -> str:
+        """Who may frame this backend's IDEs (CSP source list)."""
+        value = self._frame_ancestors
+        return value if isinstance(value, str) else value()
 
     # -- the Backend interface ------------------------------------------------------------
     def start(self, machine: MachineSpec) -> Started:
@@ -310,7 +317,7 @@ class OpenStackBackend(Backend):
                 flavor_id=spec.flavor_id,
                 networks=[{"uuid": spec.network_id}],
                 user_data=cloud_init.user_data(machine.id, machine.ide_kind, token, spec.ide_port,
-                                               frame_ancestors=self.frame_ancestors),
+                                               frame_ancestors=self.frame_ancestors()),
                 tags=["labpool", f"pool-{pool_id}", f"machine-{machine.id}"],
                 metadata={"labpool_machine": str(machine.id), TOKEN_DIGEST_KEY: token_digest(token)},
                 **extra,
