@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import secrets
 import tomllib
@@ -56,6 +57,10 @@ class Settings:
     machine_start_timeout_s: int = 120
     # The openstack backend: the clouds.yaml entry (or OS_CLIENT_CONFIG_FILE's) to use.
     openstack_cloud: str = "openstack"
+    # Addresses (or CIDRs) that may reach a cloud machine's IDE port: the nginx host(s) and
+    # the workers (they check each IDE's health), as the machines see them on their network.
+    # Comma- or space-separated; the environment's security group admits these alone.
+    proxy_addresses: tuple[str, ...] = ()
     openstack_api_timeout_s: int = 30
     # A cloud machine whose IDE has not answered by then is replaced.
     cloud_start_timeout_s: int = 900
@@ -138,6 +143,7 @@ _PARSERS = {
     "ide_proxy": lambda v: v if isinstance(v, bool) else _bool(v),
     "ide_cookie_max_age_s": int,
     "openstack_api_timeout_s": int,
+    "proxy_addresses": lambda v: _addresses(v),
     "cloud_start_timeout_s": int,
     "max_concurrent_creates": int,
     "orphan_grace_s": int,
@@ -146,6 +152,16 @@ _PARSERS = {
     "roster_sync_interval_s": int,
     "max_consecutive_failures": int,
 }
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """IP addresses or CIDRs (a TOML list or a comma/space-separated string), normalized;
+    a bare address is one host (/32, /128)."""
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    networks = [ipaddress.ip_network(str(item).strip(), strict=False) for item in items]
+    if any(n.prefixlen == 0 for n in networks):
+        raise ValueError("a /0 admits everyone")
+    return tuple(str(n) for n in networks)
 
 
 def _bool(value: str) -> bool:

@@ -157,17 +157,34 @@ def env() -> None:
 @click.option("--warm-target", type=int, default=0, show_default=True)
 @click.option("--max-size", type=int, default=50, show_default=True)
 def env_add(name: str, **options: object) -> None:
-    """Define an environment (a cloud one gets its pool)."""
-    from provisioning.environments import EnvironmentRejected, add_environment
+    """Define an environment (a cloud one gets its pool, and a security group whose IDE port
+    admits LABPOOL_PROXY_ADDRESSES alone: created, or the --security-group ones checked)."""
+    from provisioning.environments import EnvironmentRejected, add_secured_environment
 
     rt = prepare(_settings())
     options["security_groups"] = list(options["security_groups"])  # type: ignore[call-overload]
     try:
-        with transaction(rt.sessions) as session:
-            environment = add_environment(session, name=name, **options)  # type: ignore[arg-type]
-            click.echo(f"environment {environment.name} ({environment.backend}) added")
+        added, backend, groups = add_secured_environment(rt.sessions, rt.settings, name=name,
+                                                         **options)
     except EnvironmentRejected as exc:
         raise click.ClickException(str(exc)) from exc
+    click.echo(f"environment {added} ({backend}) added"
+               + (f"; security groups {', '.join(groups)}" if groups else ""))
+
+
+@env.command("check")
+@click.argument("name")
+def env_check(name: str) -> None:
+    """Check a cloud environment's security groups again (one without gets its own)."""
+    from provisioning.environments import EnvironmentRejected, recheck_security_groups
+
+    rt = prepare(_settings())
+    try:
+        groups = recheck_security_groups(rt.sessions, rt.settings, name)
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"environment {name}: security groups {', '.join(groups)} admit the IDE port "
+               "from the proxy alone")
 
 
 @env.command("list")

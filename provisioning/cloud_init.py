@@ -15,12 +15,19 @@ starts `labpool-home@<disk>.service` when a second virtio disk appears: it forma
 if it is blank, mounts it on /home/student, and restarts the IDE there.
 The golden image provides `jupyter` (with JupyterLab) and `code-server` on systemd's PATH
 (/usr/local/bin or /usr/bin; a bare name in ExecStart needs systemd 239 or later).
+
+Every IDE refuses a request without the machine's token on the machine itself (the security
+group is the second wall, not the only one): Jupyter checks `JUPYTER_TOKEN`; code-server,
+whose own login is a cookie form, listens on 127.0.0.1 behind the IDE guard
+(`provisioning/ide_guard.py`, written here, run by /usr/bin/python3 as a systemd
+DynamicUser), which admits only requests with `Authorization: token <the machine's token>`.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 
 import yaml
 
@@ -28,6 +35,9 @@ from provisioning.ide_config import jupyter_server_config
 
 IDE_KINDS = ("jupyterlab", "code-server", "terminal")
 UNIT_NAME = "labpool-ide.service"
+GUARD_UNIT_NAME = "labpool-ide-guard.service"
+GUARD_SCRIPT = "/usr/local/lib/labpool/ide_guard.py"
+GUARD_SOURCE = (Path(__file__).parent / "ide_guard.py").read_text()
 ENV_FILE = "/etc/labpool/ide.env"
 HOME_SCRIPT = "/usr/local/sbin/labpool-mount-home"
 # Any virtio disk after the root disk is the student's volume (only one is ever attached).
@@ -78,14 +88,44 @@ def ide_command(machine_id: int, ide_kind: str, port: int) -> str:
                 f" --ServerApp.base_url={base_url} --ServerApp.terminals_enabled=True")
     if ide_kind == "code-server":
         # code-server has no base URL option: the proxy strips /ide/<id>/ before passing the
-        # request on. `--auth none` because the proxy authenticates, and the security group
-        # admits this port from the proxy's address alone.
-        return f"code-server --bind-addr 0.0.0.0:{port} --auth none"
+        # request on. `--auth none` on loopback only: the guard on `port` checks the token.
+        return f"code-server --bind-addr 127.0.0.1:{guarded_port(port)} --auth none"
     raise ValueError(f"unknown IDE kind {ide_kind!r}; expected one of {IDE_KINDS}")
 
 
+def guarded_port(port: int) -> int:
+    """Where code-server listens on 127.0.0.1, behind the guard on `port`."""
+    return port + 1 if port < 65535 else port - 1
+
+
+def _guard_unit(machine_id: int, port: int) -> str:
+    """The guard runs as a throw-away system user (DynamicUser): the student cannot stop it
+    or take its port; systemd reads the root-only env file for it."""
+    lines = [
+        "[Unit]",
+        f"Description=Labpool IDE guard of machine {machine_id}: token check in front of the IDE",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "DynamicUser=yes",
+        f"EnvironmentFile={ENV_FILE}",
+        f"ExecStart=/usr/bin/python3 {GUARD_SCRIPT} 0.0.0.0:{port} 127.0.0.1:{guarded_port(port)}",
+        "Restart=always",
+        "RestartSec=2",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _unit(machine_id: int, ide_kind: str, port: int) -> str:
-    uses_token = ide_kind != "code-server"
+    uses_token = ide_kind != "code-server"  # code-server's token is the guard's business
     lines = [
         "[Unit]",
         f"Description=Labpool IDE ({ide_kind}) of machine {machine_id}",
@@ -133,12 +173,17 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
         raise ValueError("the IDE token must be 16-128 URL-safe characters")
     if not _SOURCES.fullmatch(frame_ancestors):
         raise ValueError(f"not a CSP source list: {frame_ancestors!r}")
-    files = []
-    if ide_kind != "code-server":
-        files.append({"path": ENV_FILE, "owner": "root:root", "permissions": "0600",
-                      "content": f"JUPYTER_TOKEN={ide_token}\n"})
-    files.append({"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
-                  "permissions": "0644", "content": _unit(machine_id, ide_kind, port)})
+    guarded = ide_kind == "code-server"
+    variable = "IDE_GUARD_TOKEN" if guarded else "JUPYTER_TOKEN"
+    files = [{"path": ENV_FILE, "owner": "root:root", "permissions": "0600",
+              "content": f"{variable}={ide_token}\n"},
+             {"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
+              "permissions": "0644", "content": _unit(machine_id, ide_kind, port)}]
+    if guarded:
+        files += [{"path": GUARD_SCRIPT, "owner": "root:root", "permissions": "0644",
+                   "content": GUARD_SOURCE},
+                  {"path": f"/etc/systemd/system/{GUARD_UNIT_NAME}", "owner": "root:root",
+                   "permissions": "0644", "content": _guard_unit(machine_id, port)}]
     files += [
         {"path": "/etc/jupyter/jupyter_server_config.py", "owner": "root:root",
          "permissions": "0644", "content": jupyter_server_config(f"frame-ancestors {frame_ancestors}")},
@@ -157,6 +202,7 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
         "write_files": files,
         # runcmd runs in the final stage, after the `student` user exists.
         "runcmd": ["systemctl daemon-reload", "udevadm control --reload",
+                   *([f"systemctl enable --now {GUARD_UNIT_NAME}"] if guarded else []),
                    f"systemctl enable --now {UNIT_NAME}"],
     }
     body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)

@@ -3,9 +3,14 @@ defines them."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.db import transaction
+from config.settings import Settings
+from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, IdeKind, Pool
 
 
@@ -59,6 +64,62 @@ def add_environment(
         session.add(Pool(environment_id=env.id, warm_target=warm_target, max_size=max_size))
         session.flush()
     return env
+
+
+def add_secured_environment(sessions: sessionmaker[Session], settings: Settings, *,
+                            name: str, **options: Any) -> tuple[str, str, list[str]]:
+    """`add_environment` as `labpool env add` does it: a cloud environment's security groups
+    are first created or checked (see `backends.security_groups`) and stored as the ids its
+    machines boot with. Returns (name, backend, group ids). Refused (EnvironmentRejected),
+    nothing is stored; the cloud keeps only a group Labpool created for it, which a retry
+    finds and checks again."""
+    from provisioning.backends.security_groups import secure_ide_port
+
+    with sessions() as session:  # a dry run: the definition's own mistakes come first
+        draft = add_environment(session, name=name, **options)
+        on_cloud, ide_port = draft.backend == "openstack", draft.ide_port or 8888
+        session.rollback()
+    groups = list(options.get("security_groups") or [])
+    if on_cloud:
+        try:
+            groups = secure_ide_port(_cloud(settings), environment_name=name, groups=groups,
+                                     ide_port=ide_port, proxy_addresses=settings.proxy_addresses)
+        except ProvisioningError as exc:
+            raise EnvironmentRejected(f"environment {name!r} not added: {exc}") from exc
+    with transaction(sessions) as session:
+        environment = add_environment(session, name=name, **{**options, "security_groups": groups})
+        return environment.name, environment.backend, list(environment.security_groups)
+
+
+def recheck_security_groups(sessions: sessionmaker[Session], settings: Settings,
+                            name: str) -> list[str]:
+    """Check a cloud environment's security groups again (after an admin changed them, or
+    for one defined before Labpool checked them; one without groups gets its own) and
+    store the ids. Refused: EnvironmentRejected, and the stored groups stay as they were."""
+    from provisioning.backends.security_groups import secure_ide_port
+
+    with sessions() as session:
+        environment = session.scalars(select(Environment).where(Environment.name == name)).first()
+        if environment is None or environment.backend != "openstack":
+            raise EnvironmentRejected(f"no cloud environment named {name!r}")
+        groups, ide_port = list(environment.security_groups or []), environment.ide_port
+    try:
+        ids = secure_ide_port(_cloud(settings), environment_name=name, groups=groups, ide_port=ide_port,
+                              proxy_addresses=settings.proxy_addresses)
+    except ProvisioningError as exc:
+        raise EnvironmentRejected(f"environment {name!r}: {exc}") from exc
+    with transaction(sessions) as session:
+        environment = session.scalars(select(Environment).where(Environment.name == name)).one()
+        environment.security_groups = ids
+    return ids
+
+
+def _cloud(settings: Settings) -> Any:
+    """The cloud, for its security groups only (no image or flavor needed)."""
+    from provisioning.backends.openstack import CloudSpec, OpenStackBackend
+
+    return OpenStackBackend(settings.openstack_cloud, CloudSpec("", "", ""),
+                            api_timeout=settings.openstack_api_timeout_s)
 
 
 def _check_pool_sizes(warm_target: int, max_size: int) -> None:

@@ -472,7 +472,8 @@ def test_token_from_user_data() -> None:
     token = secrets.token_urlsafe(32)
     assert token_from_user_data(cloud_init.user_data(7, "jupyterlab", token)) == token
     assert token_from_user_data(cloud_init.user_data(7, "terminal", token, port=9000)) == token
-    assert token_from_user_data(cloud_init.user_data(7, "code-server", token)) is None
+    # code-server's guard reads the same file, under its own name.
+    assert token_from_user_data(cloud_init.user_data(7, "code-server", token)) == token
     encoded = base64.b64encode(f"export JUPYTER_TOKEN='{token}'\n".encode()).decode()
     assert token_from_user_data(b64(
         "#cloud-config\nwrite_files:\n- path: /etc/other\n  content: JUPYTER_TOKEN=nope\n"
@@ -689,3 +690,121 @@ def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         assert not answers(address, 12, token)
         assert not workdir.exists()
     assert ide_threads(port) == []
+
+
+# -- Neutron security groups, and the stub IDEs enforcing them ---------------------------------
+def neutron_error(call: Any) -> tuple[int, str]:
+    with pytest.raises(os_exc.HttpException) as caught:
+        call()
+    return caught.value.status_code, str(caught.value.details)
+
+
+def test_security_groups_are_validated_like_neutron(conn: Any, cloud: FakeCloud) -> None:
+    network = conn.network
+    # The project's default group: members reach each other, egress open.
+    (default,) = list(network.security_groups(name="default"))
+    rules = list(network.security_group_rules(security_group_id=default.id))
+    assert sorted((r.direction, r.ether_type, r.remote_group_id) for r in rules) == [
+        ("egress", "IPv4", None), ("egress", "IPv6", None),
+        ("ingress", "IPv4", default.id), ("ingress", "IPv6", default.id)]
+
+    group = network.create_security_group(name="ide", description="IDE port")
+    assert [(r.direction, r.remote_ip_prefix) for r in
+            network.security_group_rules(security_group_id=group.id)] == [
+        ("egress", None), ("egress", None)]  # Neutron's defaults for a new group
+    rule = network.create_security_group_rule(
+        security_group_id=group.id, direction="ingress", ether_type="IPv4", protocol="tcp",
+        port_range_min=8888, port_range_max=8888, remote_ip_prefix="10.0.0.5")
+    assert rule.remote_ip_prefix == "10.0.0.5/32"  # stored normalized
+    assert network.get_security_group_rule(rule.id).port_range_max == 8888
+
+    def add(**values: Any) -> Any:
+        body = dict(security_group_id=group.id, direction="ingress", ether_type="IPv4")
+        body.update(values)
+        return lambda: network.create_security_group_rule(**body)
+
+    before = len(cloud.state.security_group_rules)
+    assert neutron_error(add(protocol="tcp", port_range_min=8888, port_range_max=8888,
+                             remote_ip_prefix="10.0.0.5/32")) == (
+        409, f"Security group rule already exists. Rule id is {rule.id}.")
+    assert neutron_error(add(port_range_min=22, port_range_max=22))[0] == 400  # no protocol
+    assert neutron_error(add(protocol="tcp", port_range_min=90, port_range_max=80))[0] == 400
+    assert neutron_error(add(protocol="tcp", port_range_min=0, port_range_max=80))[0] == 400
+    assert neutron_error(add(remote_ip_prefix="::/0")) == (
+        400, "Conflicting value ethertype IPv4 for CIDR ::/0")
+    assert neutron_error(add(remote_ip_prefix="10.0.0.0/8", remote_group_id=group.id))[0] == 400
+    assert neutron_error(add(remote_ip_prefix="10.0.0.300/32"))[0] == 400
+    assert neutron_error(add(protocol="carrier-pigeon"))[0] == 400
+    assert neutron_error(add(direction="sideways"))[0] == 400
+    assert neutron_error(add(security_group_id="no-such-group"))[0] == 404
+    assert len(cloud.state.security_group_rules) == before  # refused: nothing stored
+
+    # Nova takes groups by name or id; an unknown one is refused; one in use cannot go.
+    server = create(conn, "in-ide", security_groups=[{"name": "ide"}])
+    assert cloud.server(server.id)["security_groups"] == [{"name": "ide"}]
+    assert neutron_error(lambda: create(conn, "x", security_groups=[{"name": "nope"}]))[0] == 400
+    assert neutron_error(lambda: network.delete_security_group(group.id))[0] == 409
+    conn.compute.delete_server(server.id)
+    network.delete_security_group(group.id)
+    assert network.find_security_group("ide") is None
+    assert not [r for r in cloud.state.security_group_rules.values()
+                if r["security_group_id"] == group.id]
+
+
+def connect_from(source: str, address: str, path: str, token: str) -> int | None:
+    """GET ``path`` from a socket bound to ``source`` (another machine's fixed IP plays that
+    machine); the status code, or None when the connection is refused or reset."""
+    host, port = address.rsplit(":", 1)
+    request = (f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: token {token}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        sock.bind((source, 0))
+        try:
+            sock.connect((host, int(port)))
+            sock.sendall(request)
+            head = sock.recv(4096)
+        except (ConnectionError, TimeoutError):
+            return None
+        return int(head.split()[1]) if head else None
+
+
+def test_stub_ides_answer_only_the_sources_their_security_groups_admit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeCloud(ide="stub", enforce_security_groups=True) as fake:
+        use_cloud(fake, tmp_path, monkeypatch)
+        conn = openstack.connect(cloud="fake")
+        group = conn.network.create_security_group(name="labpool-ide")
+        conn.network.create_security_group_rule(
+            security_group_id=group.id, direction="ingress", ether_type="IPv4",
+            protocol="tcp", port_range_min=8888, port_range_max=8888,
+            remote_ip_prefix="127.0.0.1/32")  # the proxy's address in tests
+        tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3, 4)}
+        servers = {mid: wait_active(conn, create_machine(
+            conn, mid, tokens[mid], security_groups=[{"name": group.id}])) for mid in (1, 2)}
+        servers |= {mid: wait_active(conn, create_machine(conn, mid, tokens[mid]))
+                    for mid in (3, 4)}  # no group: Nova puts them in `default`
+        address = {mid: ide_address(server) for mid, server in servers.items()}
+        ip = {mid: a.rsplit(":", 1)[0] for mid, a in address.items()}
+        status = "/ide/{}/api/status"
+
+        # Machine 1 (the proxy's rule only): the proxy gets in, another student's machine
+        # does not, even holding the token.
+        assert connect_from("127.0.0.1", address[1], status.format(1), tokens[1]) == 200
+        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None
+        assert connect_from(ip[3], address[1], status.format(1), tokens[1]) is None
+        # Machine 3 (default group): its fellow member 4 gets in, the proxy does not.
+        assert connect_from(ip[4], address[3], status.format(3), tokens[3]) == 200
+        assert connect_from("127.0.0.1", address[3], status.format(3), tokens[3]) is None
+        assert connect_from(ip[1], address[3], status.format(3), tokens[3]) is None
+
+        # The rules are read as stored, when the connection comes: opening the port to the
+        # private network lets machine 2 in; deleting that rule shuts it out again.
+        wide = conn.network.create_security_group_rule(
+            security_group_id=group.id, direction="ingress", ether_type="IPv4",
+            protocol="tcp", port_range_min=8000, port_range_max=9000,
+            remote_ip_prefix="127.1.0.0/16")
+        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) == 200
+        conn.network.delete_security_group_rule(wide.id)
+        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None
+        conn.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,19 +26,22 @@ from config.runtime import Runtime
 from lti_tool.models import Activity, Course, Platform, User
 from provisioning.backends.openstack import forget_connections
 from provisioning.claims import claim_warm_machine
-from provisioning.environments import add_environment
+from provisioning.environments import add_environment, add_secured_environment
 from provisioning.jobs import reconcile_all
-from provisioning.models import Machine, MachineState, Pool
+from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.reconciler import reconcile_pool
 from tests.conftest import run_worker_burst
 from tests.fakecloud import FakeCloud
 
 S = MachineState
+PROXY = "127.0.0.1/32"  # where the proxy and the workers reach the fake's machines from
 
 
 @pytest.fixture
 def cloud(tmp_path, monkeypatch) -> Any:
-    with FakeCloud(boot_time=0.2, max_instances=40, ide="stub") as fake:
+    # The stubs answer only whom their server's security groups admit (see make_pool).
+    with FakeCloud(boot_time=0.2, max_instances=40, ide="stub",
+                   enforce_security_groups=True) as fake:
         monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
         monkeypatch.setenv("LABPOOL_OPENSTACK_CLOUD", "fake")  # for RQ workers
         forget_connections()
@@ -49,20 +53,24 @@ def cloud(tmp_path, monkeypatch) -> Any:
 def crt(rt: Runtime, cloud) -> Runtime:  # type: ignore[no-untyped-def]
     """The runtime, pointed at the fake cloud, with short timeouts."""
     settings = dataclasses.replace(
-        rt.settings, openstack_cloud="fake", cloud_start_timeout_s=20, orphan_grace_s=0
+        rt.settings, openstack_cloud="fake", cloud_start_timeout_s=20, orphan_grace_s=0,
+        proxy_addresses=(PROXY,),
     )
     return Runtime(settings=settings, sessions=rt.sessions, redis=rt.redis)
 
 
 def make_pool(rt: Runtime, warm: int = 0, max_size: int = 20) -> tuple[int, int]:
-    with transaction(rt.sessions) as session:
-        env = add_environment(
-            session, name=f"cloud-{uuid.uuid4().hex[:6]}", backend="openstack",
-            image_id="img-golden", flavor_id="m1.small", network_id="net-private",
-            warm_target=warm, max_size=max_size,
-        )
-        pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
-        return env.id, pool_id
+    """A cloud environment as `labpool env add` makes it: with its own security group,
+    whose IDE port admits the proxy (and workers: this test process, at 127.0.0.1) alone."""
+    name, _, _ = add_secured_environment(
+        rt.sessions, rt.settings, name=f"cloud-{uuid.uuid4().hex[:6]}", backend="openstack",
+        image_id="img-golden", flavor_id="m1.small", network_id="net-private",
+        warm_target=warm, max_size=max_size,
+    )
+    with rt.sessions() as session:
+        env_id = session.scalar(select(Environment.id).where(Environment.name == name))
+        pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env_id))
+        return env_id, pool_id
 
 
 def states(rt: Runtime, env_id: int, owned: bool | None = None) -> dict[str, int]:
@@ -129,6 +137,33 @@ def test_launch_on_a_cloud_pool_ends_on_a_machine_whose_ide_answers(tool, platfo
                           headers={"Authorization": f"token {token}"}, timeout=5)
     assert answer.status_code == 200
     assert machines_per_server(cloud) == {f"machine-{machine_id}": 1}
+
+
+def test_a_machines_ide_refuses_another_machine_and_admits_the_proxy(crt, cloud):
+    """Another student's machine, at its private address, cannot reach a machine's IDE even
+    with its token: the environment's security group admits the proxy's address alone."""
+    env_id, pool_id = make_pool(crt, warm=2)
+    passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 2)
+    with crt.sessions() as session:
+        (mine, other) = session.scalars(select(Machine).where(Machine.environment_id == env_id)
+                                        .order_by(Machine.id)).all()
+    host, port = mine.address.rsplit(":", 1)
+    request = (f"GET /ide/{mine.id}/api/status HTTP/1.1\r\nHost: {mine.address}\r\n"
+               f"Authorization: token {mine.ide_token}\r\nConnection: close\r\n\r\n").encode()
+
+    def status_from(source: str) -> bytes:
+        with socket.socket() as sock:
+            sock.settimeout(2)
+            sock.bind((source, 0))
+            try:
+                sock.connect((host, int(port)))
+                sock.sendall(request)
+                return sock.recv(100)
+            except ConnectionError:
+                return b"refused"
+
+    assert status_from(other.address.rsplit(":", 1)[0]) in (b"", b"refused")
+    assert status_from("127.0.0.1").startswith(b"HTTP/1.1 200")
 
 
 def test_machines_are_ready_only_when_the_ide_answers(crt, cloud):

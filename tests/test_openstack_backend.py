@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +19,7 @@ from typing import Any
 
 import openstack
 import pytest
+import requests
 import yaml
 
 from provisioning.backends.base import MachineSpec
@@ -56,6 +62,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]
 
 @pytest.fixture
 def backend(fake: FakeCloud) -> Iterator[OpenStackBackend]:
+    with fake.state.lock:  # Nova looks the group up in Neutron
+        fake.state.add_security_group("labpool-ide")
     spec = CloudSpec(image_id="img-1", flavor_id="m1.small", network_id=fake.config.network_id,
                      security_groups=["labpool-ide"], key_name="ops")
     yield OpenStackBackend("fake", spec)
@@ -93,7 +101,8 @@ def decoded(user_data_b64: str) -> str:
 def test_user_data_is_a_small_cloud_config_that_starts_the_ide(kind: str) -> None:
     text = decoded(user_data(42, kind, TOKEN, port=8888))
     assert text.startswith("#cloud-config\n") and text == cloud_config(42, kind, TOKEN)
-    assert len(text) < 4000  # Nova allows 64 KiB; small documents boot fast
+    # Nova allows 64 KiB; small documents boot fast (code-server's carries its guard).
+    assert len(text) < (12000 if kind == "code-server" else 4000)
     document = yaml.safe_load(text)
     assert set(document) == {"users", "write_files", "runcmd"}  # no mounts, no packages
     assert document["users"][1] == {"name": "student", "gecos": "Labpool student",
@@ -110,8 +119,16 @@ def test_user_data_is_a_small_cloud_config_that_starts_the_ide(kind: str) -> Non
     (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert TOKEN not in exec_start  # argv is visible to `ps`
     if kind == "code-server":
-        assert exec_start == "ExecStart=code-server --bind-addr 0.0.0.0:8888 --auth none"
-        assert TOKEN not in text and "/etc/labpool/ide.env" not in files
+        # code-server on loopback only; its guard holds the IDE port and the token.
+        assert exec_start == "ExecStart=code-server --bind-addr 127.0.0.1:8889 --auth none"
+        assert "EnvironmentFile" not in unit
+        env = files["/etc/labpool/ide.env"]
+        assert env["content"] == f"IDE_GUARD_TOKEN={TOKEN}\n" and env["permissions"] == "0600"
+        guard = files["/etc/systemd/system/labpool-ide-guard.service"]["content"].splitlines()
+        assert "ExecStart=/usr/bin/python3 /usr/local/lib/labpool/ide_guard.py 0.0.0.0:8888 " \
+               "127.0.0.1:8889" in guard
+        assert {"DynamicUser=yes", "EnvironmentFile=/etc/labpool/ide.env"} <= set(guard)
+        assert "systemctl enable --now labpool-ide-guard.service" in document["runcmd"]
     else:
         assert "--ip=0.0.0.0 --port=8888 --no-browser --ServerApp.base_url=/ide/42/" in exec_start
         assert exec_start.startswith("ExecStart=jupyter lab" if kind == "jupyterlab"
@@ -348,7 +365,8 @@ def ide_stub() -> Iterator[str]:
         def do_GET(self) -> None:
             ok = (self.path == "/ide/42/api/status"
                   and self.headers.get("Authorization") == f"token {TOKEN}")
-            ok = ok or self.path == "/healthz"  # code-server's
+            ok = ok or (self.path == "/healthz"  # code-server's, behind its guard
+                        and self.headers.get("Authorization") == f"token {TOKEN}")
             self.send_response(200 if ok else 403)
             self.end_headers()
 
@@ -368,10 +386,312 @@ def test_health_asks_the_ide_with_its_token(backend: OpenStackBackend, ide_stub:
     assert not backend.health(machine(42, address=ide_stub, ide_token="wrong-" + TOKEN))
     assert not backend.health(machine(43, address=ide_stub, ide_token=TOKEN))
     assert not backend.health(machine(42, address="", ide_token=TOKEN))
-    assert backend.health(machine(42, ide_kind="code-server", address=ide_stub))
+    assert backend.health(machine(42, ide_kind="code-server", address=ide_stub, ide_token=TOKEN))
+    assert not backend.health(machine(42, ide_kind="code-server", address=ide_stub))
 
 
 def test_health_is_false_while_the_machine_does_not_answer(backend: OpenStackBackend) -> None:
     with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
         address = f"127.0.0.1:{closed.server_address[1]}"
     assert not backend.health(machine(42, address=address, ide_token=TOKEN))
+
+
+# -- code-server's guard, run for real from the user-data ------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def code_server() -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """A stand-in for code-server (no auth of its own): records what reaches it; answers
+    /healthz, and upgrades /ws to an echo stream."""
+    seen: list[dict[str, str]] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:])}
+            seen.append({"target": lines[0].split()[1], **headers})
+            if lines[0].split()[1] == "/ws":
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n")
+                while data := conn.recv(4096):
+                    conn.sendall(data.upper())
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nalive")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1], seen
+    listener.close()
+
+
+def test_code_server_refuses_requests_without_the_machines_token(
+        code_server: tuple[int, list[dict[str, str]]]) -> None:
+    """The guard the user-data writes, started as its systemd unit says (addresses changed
+    to free loopback ports), in front of a code-server stand-in."""
+    upstream_port, seen = code_server
+    document = yaml.safe_load(cloud_config(42, "code-server", TOKEN))
+    files = {f["path"]: f["content"] for f in document["write_files"]}
+    unit = files["/etc/systemd/system/labpool-ide-guard.service"]
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    python, script, listen, upstream = exec_start.removeprefix("ExecStart=").split()
+    assert (python, script, listen, upstream) == (
+        "/usr/bin/python3", "/usr/local/lib/labpool/ide_guard.py", "0.0.0.0:8888",
+        "127.0.0.1:8889")
+    env_file = dict(line.split("=", 1) for line in
+                    files["/etc/labpool/ide.env"].splitlines())
+    script_path = Path(tempfile.mkdtemp()) / "ide_guard.py"
+    script_path.write_text(files[script])
+    port = free_port()
+    guard = subprocess.Popen(
+        [sys.executable, str(script_path), f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}"],
+        env={"PATH": os.environ.get("PATH", ""), **env_file})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                requests.get(url, timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and guard.poll() is None
+                time.sleep(0.05)
+
+        def get(path: str, authorization: str | None) -> requests.Response:
+            headers = {"Authorization": authorization} if authorization else {}
+            return requests.get(url + path, headers=headers, timeout=5)
+
+        # Another machine on the network, without the token or with a wrong one: refused
+        # on the machine itself, and nothing reaches code-server.
+        for wrong in (None, "", f"token {TOKEN[:-1]}", "token ", f"Basic {TOKEN}",
+                      f"token wrong-{TOKEN}"):
+            assert get("/healthz", wrong).status_code == 403, wrong
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # two headers: refused
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: token {TOKEN}\r\n"
+                         f"Authorization: token {TOKEN}\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 403")
+        assert seen == []
+
+        # The proxy's request (nginx adds `Authorization: token <ide token>`): through, without
+        # the token, one request per connection.
+        answer = get("/healthz", f"token {TOKEN}")
+        assert (answer.status_code, answer.text) == (200, "alive")
+        (request,) = seen
+        assert request["target"] == "/healthz" and "authorization" not in request
+        assert request["connection"] == "close"
+
+        # A WebSocket upgrade with the token becomes a byte stream both ways.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nAuthorization: token {TOKEN}\r\n\r\n".encode())
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                reply += sock.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 101")
+            sock.sendall(b"hello")
+            assert sock.recv(100) == b"HELLO"
+        assert seen[-1]["connection"] == "upgrade"
+    finally:
+        guard.terminate()
+        guard.wait(timeout=10)
+
+
+# -- the environment's security group ---------------------------------------------------------
+PROXY = "10.0.0.5"
+
+
+@pytest.fixture
+def admin(fake: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """`labpool env …` against the fake cloud, with the proxy at 10.0.0.5."""
+    from click.testing import CliRunner
+
+    from lti_tool.cli import main
+
+    monkeypatch.setenv("LABPOOL_OPENSTACK_CLOUD", "fake")
+    monkeypatch.setenv("LABPOOL_PROXY_ADDRESSES", PROXY)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args))
+
+    yield run
+    forget_connections()
+
+
+def env_add(admin: Any, fake: FakeCloud, name: str, *extra: str) -> Any:
+    return admin("env", "add", name, "--backend", "openstack", "--image", "img-1",
+                 "--flavor", "m1.small", "--network", fake.config.network_id, *extra)
+
+
+def stored_environment(rt: Any, name: str) -> Any:
+    from sqlalchemy import select
+
+    from provisioning.models import Environment, Pool
+
+    with rt.sessions() as session:
+        env = session.scalars(select(Environment).where(Environment.name == name)).first()
+        pools = session.scalars(select(Pool).join(Environment)
+                                .where(Environment.name == name)).all()
+        return (None if env is None else (list(env.security_groups), len(pools)))
+
+
+def rules_of(fake: FakeCloud, group_id: str) -> list[tuple[Any, ...]]:
+    keys = ("direction", "ethertype", "protocol", "port_range_min", "port_range_max",
+            "remote_ip_prefix", "remote_group_id")
+    with fake.state.lock:
+        return sorted((tuple(r[k] for k in keys) for r in fake.state.security_group_rules.values()
+                       if r["security_group_id"] == group_id), key=str)
+
+
+def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
+        admin: Any, fake: FakeCloud, rt: Any) -> None:
+    result = env_add(admin, fake, "lab")
+    assert result.exit_code == 0, result.output
+    (group_id,), pools = stored_environment(rt, "lab")
+    assert pools == 1
+    assert fake.state.security_groups[group_id]["name"] == "labpool-lab"
+    assert rules_of(fake, group_id) == sorted([
+        ("egress", "IPv4", None, None, None, None, None),  # Neutron's defaults
+        ("egress", "IPv6", None, None, None, None, None),
+        ("ingress", "IPv4", "tcp", 8888, 8888, "10.0.0.5/32", None)], key=str)
+
+    # Its machines boot into that group alone (not `default`).
+    from provisioning.backends import openstack_backend_for
+    from provisioning.models import Environment
+
+    with rt.sessions() as session:
+        environment = session.scalars(select_env("lab")).one()
+    backend = openstack_backend_for(environment, dataclasses.replace(rt.settings,
+                                                                     openstack_cloud="fake"))
+    backend.start(machine(5))
+    (server,) = fake.servers()
+    assert server["security_groups"] == [{"name": "labpool-lab"}]
+    with fake.state.lock:
+        assert fake.state.servers[server["id"]].security_group_ids == [group_id]
+        assert fake.state.admits(server["id"], PROXY, 8888)
+        assert not fake.state.admits(server["id"], "10.0.0.6", 8888)
+    assert isinstance(environment, Environment)
+
+    # Checking again finds it as it was; nothing new is created.
+    result = admin("env", "check", "lab")
+    assert result.exit_code == 0, result.output
+    assert len(fake.state.security_groups) == 2  # default + labpool-lab
+
+
+def select_env(name: str) -> Any:
+    from sqlalchemy import select
+
+    from provisioning.models import Environment
+
+    return select(Environment).where(Environment.name == name)
+
+
+def open_group(fake: FakeCloud, name: str, **rule: Any) -> str:
+    """A group with the proxy's rule and one more ingress rule on the IDE port."""
+    with fake.state.lock:
+        fake.state.default_security_group()  # as any first look at the groups makes it
+        group = fake.state.add_security_group(name)
+        fake.state.add_security_group_rule(
+            security_group_id=group["id"], protocol="tcp", port_range_min=8888,
+            port_range_max=8888, remote_ip_prefix=f"{PROXY}/32")
+        if rule:
+            values = dict(protocol="tcp", port_range_min=8888, port_range_max=8888)
+            values.update(rule)
+            if values.get("remote_group_id") == "itself":
+                values["remote_group_id"] = group["id"]
+            fake.state.add_security_group_rule(security_group_id=group["id"], **values)
+        return str(group["id"])
+
+
+@pytest.mark.parametrize("rule, said", [
+    (dict(remote_ip_prefix="0.0.0.0/0"), "from 0.0.0.0/0"),
+    (dict(description="no remote at all"), "from anywhere (0.0.0.0/0)"),
+    (dict(protocol=None, port_range_min=None, port_range_max=None,
+          remote_ip_prefix="0.0.0.0/0"), "from 0.0.0.0/0"),  # every protocol and port
+    (dict(remote_ip_prefix="10.0.0.0/16"), "from 10.0.0.0/16"),  # the private network
+    (dict(remote_group_id="itself"), "(machines)"),  # the VMs themselves
+    (dict(port_range_min=8000, port_range_max=9000, remote_ip_prefix="192.0.2.0/24"),
+     "from 192.0.2.0/24"),
+    (dict(ethertype="IPv6", remote_ip_prefix="::/0"), "from ::/0"),
+])
+def test_env_add_refuses_a_group_that_admits_the_ide_port_from_elsewhere_and_stores_nothing(
+        admin: Any, fake: FakeCloud, rt: Any, rule: dict[str, Any], said: str) -> None:
+    open_group(fake, "wide", **rule)
+    groups_before = set(fake.state.security_groups)
+    result = env_add(admin, fake, "lab", "--security-group", "wide")
+    assert result.exit_code != 0
+    assert "security group" in result.output and said in result.output
+    assert "admits the IDE port (TCP 8888)" in result.output
+    assert stored_environment(rt, "lab") is None  # no environment, no pool
+    assert set(fake.state.security_groups) == groups_before  # nothing made in the cloud
+    assert fake.servers() == []
+
+
+def test_env_add_accepts_a_named_group_closed_but_for_the_proxy(
+        admin: Any, fake: FakeCloud, rt: Any) -> None:
+    # SSH from anywhere is the admin's business; the IDE port is ours.
+    group_id = open_group(fake, "mine", port_range_min=22, port_range_max=22,
+                          remote_ip_prefix="0.0.0.0/0")
+    result = env_add(admin, fake, "lab", "--security-group", "mine")
+    assert result.exit_code == 0, result.output
+    assert stored_environment(rt, "lab") == ([group_id], 1)  # stored by id
+
+
+def test_env_add_refuses_groups_that_shut_the_proxy_out_or_do_not_exist(
+        admin: Any, fake: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with fake.state.lock:
+        fake.state.add_security_group("closed")
+    result = env_add(admin, fake, "lab", "--security-group", "closed")
+    assert result.exit_code != 0 and "from the proxy's address 10.0.0.5/32" in result.output
+    result = env_add(admin, fake, "lab", "--security-group", "no-such-group")
+    assert result.exit_code != 0 and "no security group 'no-such-group'" in result.output
+    result = env_add(admin, fake, "lab", "--security-group", "default")  # members reach it
+    assert result.exit_code != 0 and "(machines)" in result.output
+    monkeypatch.delenv("LABPOOL_PROXY_ADDRESSES")
+    result = env_add(admin, fake, "lab")
+    assert result.exit_code != 0 and "LABPOOL_PROXY_ADDRESSES is not set" in result.output
+    assert stored_environment(rt, "lab") is None
+    assert sorted(g["name"] for g in fake.state.security_groups.values()) == ["closed", "default"]
+
+
+def test_a_broken_rule_in_the_clouds_answer_is_refused_clearly(
+        admin: Any, fake: FakeCloud, rt: Any) -> None:
+    group_id = open_group(fake, "odd")
+    with fake.state.lock:
+        rule = next(r for r in fake.state.security_group_rules.values()
+                    if r["security_group_id"] == group_id and r["direction"] == "ingress")
+        rule["remote_ip_prefix"] = "somewhere"
+    result = env_add(admin, fake, "lab", "--security-group", "odd")
+    assert result.exit_code != 0
+    assert "cannot be read" in result.output and "Traceback" not in result.output
+    assert stored_environment(rt, "lab") is None
+
+
+def test_a_failed_rule_removes_the_group_labpool_made(
+        admin: Any, fake: FakeCloud, rt: Any) -> None:
+    fake.fail_next("POST", "/networking/v2.0/security-group-rules", 500)
+    result = env_add(admin, fake, "lab")
+    assert result.exit_code != 0 and "it will try again" in result.output
+    assert stored_environment(rt, "lab") is None
+    assert [g["name"] for g in fake.state.security_groups.values()] == ["default"]
+    result = env_add(admin, fake, "lab")  # the retry makes it whole
+    assert result.exit_code == 0, result.output

@@ -150,6 +150,16 @@ class OpenStackBackend(Backend):
         with self._errors("connect to the cloud"):
             return connection_for(self.cloud, self.api_timeout).compute
 
+    @property
+    def network(self) -> Any:
+        """openstacksdk's network (Neutron) proxy, for the environment's security groups."""
+        with self._errors("connect to the cloud"):
+            return connection_for(self.cloud, self.api_timeout).network
+
+    def cloud_errors(self, action: str, *, creating: bool = False) -> Any:
+        """The context that turns openstacksdk's errors into ours (see `_errors`)."""
+        return self._errors(action, creating=creating)
+
     def frame_ancestors(self) -> str:
         """Who may frame this backend's IDEs (CSP source list)."""
         value = self._frame_ancestors
@@ -202,14 +212,14 @@ class OpenStackBackend(Backend):
         """Does the IDE answer, with its token, at its base URL (no redirects followed)?"""
         if not machine.address:
             return False
-        if machine.ide_kind == "code-server":
-            # No base URL and no token of its own (the proxy strips the prefix).
-            url, headers = f"http://{machine.address}/healthz", {}
-        elif machine.ide_token:
-            url = f"http://{machine.address}{machine.base_url}api/status"
-            headers = {"Authorization": f"token {machine.ide_token}"}
-        else:
+        if not machine.ide_token:
             return False
+        headers = {"Authorization": f"token {machine.ide_token}"}
+        if machine.ide_kind == "code-server":
+            # No base URL (the proxy strips the prefix); the token is for the machine's guard.
+            url = f"http://{machine.address}/healthz"
+        else:
+            url = f"http://{machine.address}{machine.base_url}api/status"
         try:
             resp = requests.get(url, headers=headers, timeout=2, allow_redirects=False)
         except requests.RequestException:

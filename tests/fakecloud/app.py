@@ -1,7 +1,9 @@
 """The WSGI application: routing, request log, latency, injected faults, token check,
-Nova microversion negotiation, then the handler from ``identity``/``compute``/``volume``.
+Nova microversion negotiation, then the handler from ``identity``/``compute``/``network``/
+``volume``.
 
-URL layout follows devstack: ``/identity``, ``/compute/v2.1``, ``/volume/v3/{project_id}``.
+URL layout follows devstack: ``/identity``, ``/compute/v2.1``, ``/networking/v2.0``,
+``/volume/v3/{project_id}``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from . import compute, identity, volume
+from . import compute, identity, network, volume
 from .replies import Reply, json_reply
 from .state import ApiError, CloudState, LoggedRequest, LostResponse, nova_error
 
@@ -41,6 +43,16 @@ ROUTES: list[tuple[str, list[str], Handler, bool]] = [
     ("/compute/v2.1/servers/<server_id>/os-volume_attachments/<volume_id>", ["DELETE"],
      compute.detach_volume, True),
     ("/compute/v2.1/limits", ["GET"], compute.limits, True),
+    ("/networking/", ["GET"], network.versions, False),
+    ("/networking/v2.0/", ["GET"], network.version, True),
+    ("/networking/v2.0/security-groups", ["GET"], network.list_groups, True),
+    ("/networking/v2.0/security-groups", ["POST"], network.create_group, True),
+    ("/networking/v2.0/security-groups/<group_id>", ["GET"], network.show_group, True),
+    ("/networking/v2.0/security-groups/<group_id>", ["DELETE"], network.delete_group, True),
+    ("/networking/v2.0/security-group-rules", ["GET"], network.list_rules, True),
+    ("/networking/v2.0/security-group-rules", ["POST"], network.create_rule, True),
+    ("/networking/v2.0/security-group-rules/<rule_id>", ["GET"], network.show_rule, True),
+    ("/networking/v2.0/security-group-rules/<rule_id>", ["DELETE"], network.delete_rule, True),
     ("/volume/", ["GET"], volume.versions, False),
     ("/volume/v3/", ["GET"], volume.version, False),
     ("/volume/v3/<project_id>/volumes", ["GET"], volume.list_volumes, True),
@@ -125,6 +137,8 @@ class FakeCloudApp:
         message = rule.message or f"fakecloud: injected HTTP {rule.status}"
         if service == "identity":
             return ApiError(rule.status, "error", message, rule.headers)
+        if service == "networking":
+            return ApiError(rule.status, "NeutronError", message, rule.headers)
         return nova_error(rule.status, message, rule.headers)
 
     def _check_token(self, req: Request, base: str, args: dict[str, Any]) -> None:

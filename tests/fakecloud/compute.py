@@ -216,13 +216,20 @@ def create_server(state: CloudState, req: Request, base: str) -> Reply:
     flavor = dict(cfg.flavors[flavor_id]) if cfg.flavors is not None else dict(DEFAULT_FLAVOR)
     state.check_quota(flavor)
     now = state.now()
-    groups = [g.get("name", "default") for g in server.get("security_groups") or [{"name": "default"}]]
+    asked = server.get("security_groups") or [{"name": "default"}]
+    if not isinstance(asked, list) or not all(isinstance(g, dict) and isinstance(g.get("name"), str)
+                                              for g in asked):
+        raise nova_error(400, "Invalid input for field/attribute security_groups.")
+    # Nova asks Neutron for each group, by name or id (an unknown one is a 400).
+    resolved = list({g["id"]: g for g in (state.resolve_security_group(a["name"])
+                                          for a in asked)}.values())
+    groups = [g["name"] for g in resolved]
     record = FakeServer(
         id=str(uuid.uuid4()), seq=state.next_seq(), name=server["name"], image_id=image_id,
         flavor_id=flavor_id, flavor=flavor, networks=server.get("networks"),
         user_data=server.get("user_data"), metadata=dict(server.get("metadata") or {}),
         tags=list(dict.fromkeys(server.get("tags") or [])), key_name=server.get("key_name"),
-        security_groups=groups, created=now, ready_at=now + cfg.boot_time,
+        security_groups=groups, security_group_ids=[g["id"] for g in resolved], created=now, ready_at=now + cfg.boot_time,
         address=state.free_address(), changed=now)
     if state.error_next_creates:
         record.fault_message = state.error_next_creates.pop(0)

@@ -12,6 +12,15 @@ guarded by the token its user-data writes to ``/etc/labpool/ide.env`` (``JUPYTER
 * ``jupyterlab``: a real ``python -m jupyterlab`` per server, in its own session (process
   group) with a temporary HOME/root dir, killed with its group when the server goes.
 
+With ``enforce_security_groups=True`` a stub answers only connections whose source address
+its server's security groups admit on the IDE port: the rules stored through the Neutron API
+(``network.py``), evaluated by ``CloudState.admits``. The source is the TCP peer address: a
+test plays "another student's machine" by binding its client socket to that server's fixed
+IP (any 127.0.0.0/8 address can be bound on Linux) before connecting; an unbound client
+connects from 127.0.0.1 (the kernel's source for ``lo``), which is where the proxy and the
+workers run in tests. A refused connection is reset at once (Neutron would drop its packets).
+JupyterLab IDEs listen directly on the fixed IP: groups are not enforced for them.
+
 ``IdeManager.reconcile`` brings IDEs in line with the servers: up when ``ACTIVE``, down on
 delete (``DELETED``), vanish and ``ERROR``. It runs after every API request (so a client that
 sees ``ACTIVE`` finds the IDE listening), after ``FakeCloud``'s fault methods, and every 50 ms
@@ -57,6 +66,7 @@ from .state import CloudState
 log = logging.getLogger(__name__)
 
 ENV_FILE = "/etc/labpool/ide.env"
+TOKEN_VARIABLES = ("JUPYTER_TOKEN", "IDE_GUARD_TOKEN")
 TICK = 0.05  # seconds between reconciles of the ticker thread
 _MACHINE_TAG = re.compile(r"machine-([A-Za-z0-9_.-]+)")
 _AUTH = re.compile(r"(?:token|bearer)\s+(\S+)", re.IGNORECASE)
@@ -73,8 +83,9 @@ _FLOCK = "@hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 
 
 # -- reading user-data and tags ---------------------------------------------------------
 def token_from_user_data(user_data: str | None) -> str | None:
-    """``JUPYTER_TOKEN`` from the ``write_files`` entry for ``/etc/labpool/ide.env`` of a
-    base64 ``#cloud-config`` (None when anything is missing or malformed)."""
+    """The IDE token from the ``write_files`` entry for ``/etc/labpool/ide.env`` of a base64
+    ``#cloud-config``: ``JUPYTER_TOKEN``, or code-server's guard's ``IDE_GUARD_TOKEN``
+    (None when anything is missing or malformed)."""
     if not user_data:
         return None
     try:
@@ -95,9 +106,17 @@ def token_from_user_data(user_data: str | None) -> str | None:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]
-            if sep and key.strip() == "JUPYTER_TOKEN" and value:
+            if sep and key.strip() in TOKEN_VARIABLES and value:
                 return value
     return None
+
+
+def _is_code_server(user_data: str | None) -> bool:
+    """Does the user-data start code-server (behind its guard, which the stub then plays)?"""
+    try:
+        return b"IDE_GUARD_TOKEN=" in base64.b64decode(user_data or "")
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _file_content(entry: dict[str, Any]) -> str | None:
@@ -163,9 +182,14 @@ class StubIde:
     """One server's stub: an asyncio server on the shared loop. Only touched on that loop."""
 
     def __init__(self, server_id: str, machine_id: str, token: str,
-                 clock: Callable[[], float], hung: bool):
+                 clock: Callable[[], float], hung: bool,
+                 admits: Callable[[str], bool] = lambda source: True,
+                 code_server: bool = False):
         self.server_id = server_id
-        self.base_url = f"/ide/{machine_id}/"
+        self.admits = admits  # may a connection from this source address reach the port?
+        # code-server (behind its guard) has no base URL: the proxy strips /ide/<id>.
+        self.code_server = code_server
+        self.base_url = "/" if code_server else f"/ide/{machine_id}/"
         self.token = token.encode()
         self.clock = clock
         self.started = self.last_activity = clock()
@@ -199,6 +223,13 @@ class StubIde:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        if not self.admits(str(peer[0]) if peer else ""):
+            # The security group does not admit this source: Neutron would drop the packets
+            # (the client times out); the fake resets the connection so tests need not wait.
+            self.tasks.discard(task)
+            writer.transport.abort()
+            return
         try:
             while True:
                 try:
@@ -249,6 +280,9 @@ class StubIde:
             if api:
                 return 403, "application/json", b'{"message": "Forbidden", "reason": null}'
             return 403, "text/plain", b"403: Forbidden"
+        if self.code_server and path == "/healthz":
+            body = {"status": "alive", "lastHeartbeat": int(self.last_activity * 1000)}
+            return 200, "application/json", json.dumps(body).encode()
         if path == self.base_url + "api/status":
             body = {"started": _iso(self.started), "last_activity": _iso(self.last_activity),
                     "connections": 0, "kernels": 0}
@@ -457,18 +491,26 @@ class IdeManager:
             self._skipped[server_id] = f"no {missing}"
             return
         if self.mode == "stub":
-            self._launch_stub(server_id, machine_id, token, ip)
+            self._launch_stub(server_id, machine_id, token, ip,
+                              code_server=_is_code_server(user_data))
+        elif _is_code_server(user_data):
+            log.warning("fakecloud: server %s runs code-server: no IDE in jupyterlab mode",
+                        server_id)
+            self._skipped[server_id] = "code-server (jupyterlab mode runs JupyterLab only)"
         else:
             self._launch_jupyterlab(server_id, machine_id, token, ip)
 
-    def _launch_stub(self, server_id: str, machine_id: str, token: str, ip: str) -> None:
+    def _launch_stub(self, server_id: str, machine_id: str, token: str, ip: str,
+                     code_server: bool = False) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((ip, self.port))
             sock.setblocking(False)
             stub = StubIde(server_id, machine_id, token, self.state.config.clock,
-                           hung=server_id in self._hung)
+                           hung=server_id in self._hung,
+                           admits=lambda source: self.admits(server_id, source),
+                           code_server=code_server)
             self._run(stub.open(sock))
         except OSError as exc:
             sock.close()
@@ -532,6 +574,17 @@ class IdeManager:
     def _run(self, coro: Any) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def admits(self, server_id: str, source: str) -> bool:
+        """Do the server's security groups, as Neutron stored them, admit a TCP connection
+        from ``source`` to the IDE port? Always, unless the cloud enforces groups."""
+        with self.state.lock:
+            if not self.state.config.enforce_security_groups:
+                return True
+            try:
+                return self.state.admits(server_id, source, self.port)
+            except ValueError:  # not an IP address (a unix socket cannot reach a VM)
+                return False
 
     # -- faults and inspection --------------------------------------------------------
     def hang(self, server_id: str, hung: bool) -> None:

@@ -78,6 +78,7 @@ def _catalog(state: CloudState, base: str) -> list[dict[str, Any]]:
     volume_url = f"{base}/volume/v3/{state.config.project_id}"
     return [service("compute", "nova", f"{base}/compute/v2.1"),
             service("identity", "keystone", f"{base}/identity"),
+            service("network", "neutron", f"{base}/networking"),
             service("block-storage", "cinder", volume_url),
             service("volumev3", "cinderv3", volume_url)]
 

@@ -41,8 +41,12 @@ class ApiError(Exception):
         self.key = key
         self.message = message
         self.headers = headers or {}
+        self.neutron_type = "HTTPBadRequest"  # the ``type`` of a NeutronError
 
     def body(self) -> dict[str, Any]:
+        if self.key == "NeutronError":
+            return {"NeutronError": {"type": self.neutron_type, "message": self.message,
+                                     "detail": ""}}
         if self.key == "error":  # Keystone
             return {"error": {"code": self.status, "message": self.message,
                               "title": _KEYSTONE_TITLES.get(self.status, "Error")}}
@@ -129,6 +133,10 @@ class Config:
     clock: Callable[[], float] = time.time
     ide: str = "none"  # what answers on an ACTIVE server: IDE_MODES (see ide.py)
     ide_port: int = 8888  # where it listens, on the server's fixed IP
+    # Stub IDEs answer only the source addresses their server's security groups admit (see
+    # ``CloudState.admits``); others get their connection reset. Off by default: a server
+    # booted without a group lands in ``default``, which admits only its own members.
+    enforce_security_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.ide not in IDE_MODES:
@@ -155,7 +163,7 @@ class FakeServer:
     metadata: dict[str, str]
     tags: list[str]
     key_name: str | None
-    security_groups: list[str]
+    security_groups: list[str]  # names, as Nova shows them
     created: float
     ready_at: float
     address: int
@@ -165,6 +173,7 @@ class FakeServer:
     gone_at: float | None = None
     changed: float = 0.0
     volumes: list[str] = field(default_factory=list)
+    security_group_ids: list[str] = field(default_factory=list)  # resolved at create
 
     def status(self, now: float) -> str:
         if self.deleted_at is not None:
@@ -232,6 +241,9 @@ class CloudState:
         self.servers: dict[str, FakeServer] = {}
         self.tombstones: dict[str, tuple[FakeServer, float]] = {}  # id -> (server, deleted at)
         self.volumes: dict[str, FakeVolume] = {}
+        # Neutron: id -> group {id, name, description, stateful, _created}; id -> rule.
+        self.security_groups: dict[str, dict[str, Any]] = {}
+        self.security_group_rules: dict[str, dict[str, Any]] = {}
         self.tokens: dict[str, Token] = {}
         self.fail_rules: list[FailRule] = []
         self.error_next_creates: list[str] = []
@@ -317,6 +329,95 @@ class CloudState:
                     self.fail_rules.remove(rule)
                 return rule
         return None
+
+    # -- security groups (Neutron) ------------------------------------------------------
+    def add_security_group(self, name: str, description: str = "",
+                           stateful: bool = True) -> dict[str, Any]:
+        """A new group with Neutron's two default egress rules."""
+        group = {"id": str(uuid.uuid4()), "name": name, "description": description,
+                 "stateful": stateful, "_created": self.now()}
+        self.security_groups[group["id"]] = group
+        for ethertype in ("IPv4", "IPv6"):
+            self.add_security_group_rule(security_group_id=group["id"], direction="egress",
+                                         ethertype=ethertype)
+        return group
+
+    def add_security_group_rule(self, **values: Any) -> dict[str, Any]:
+        rule = {"id": str(uuid.uuid4()), "security_group_id": "", "direction": "ingress",
+                "ethertype": "IPv4", "protocol": None, "port_range_min": None,
+                "port_range_max": None, "remote_ip_prefix": None, "remote_group_id": None,
+                "remote_address_group_id": None, "description": "", "_created": self.now()}
+        rule.update(values)
+        self.security_group_rules[rule["id"]] = rule
+        return rule
+
+    def find_duplicate_rule(self, rule: dict[str, Any]) -> str | None:
+        keys = ("security_group_id", "direction", "ethertype", "protocol", "port_range_min",
+                "port_range_max", "remote_ip_prefix", "remote_group_id")
+        for other in self.security_group_rules.values():
+            if all(other[k] == rule[k] for k in keys):
+                return str(other["id"])
+        return None
+
+    def default_security_group(self) -> dict[str, Any]:
+        """The project's ``default`` group, made on first need as Neutron does: its members
+        reach each other (ingress from ``remote_group_id`` = itself), egress is open."""
+        for group in self.security_groups.values():
+            if group["name"] == "default":
+                return group
+        group = self.add_security_group("default", "Default security group")
+        for ethertype in ("IPv4", "IPv6"):
+            self.add_security_group_rule(security_group_id=group["id"], direction="ingress",
+                                         ethertype=ethertype, remote_group_id=group["id"])
+        return group
+
+    def resolve_security_group(self, name_or_id: str) -> dict[str, Any]:
+        """Nova's lookup of a server's group: by id, else by name (must be unique)."""
+        if name_or_id == "default":
+            return self.default_security_group()
+        if name_or_id in self.security_groups:
+            return self.security_groups[name_or_id]
+        named = [g for g in self.security_groups.values() if g["name"] == name_or_id]
+        if len(named) > 1:
+            raise nova_error(409, f"Multiple security_group matches found for name "
+                                  f"'{name_or_id}', use an ID to be more specific.")
+        if not named:
+            raise nova_error(400, f"Security group {name_or_id} not found for project "
+                                  f"{self.config.project_id}.")
+        return named[0]
+
+    def admits(self, server_id: str, source: str, port: int, protocol: str = "tcp") -> bool:
+        """Would Neutron let a packet from ``source`` to ``port`` of the server in? Ingress
+        rules of the server's groups are a union of allows: a rule matches by ethertype,
+        protocol (none = any), port range (none = all), and remote: an IP prefix that holds
+        the source, a group one of whose member servers has the source as fixed IP, or
+        neither (anyone). Unknown servers admit nothing."""
+        self.sweep()
+        server = self.servers.get(server_id)
+        if server is None:
+            return False
+        address = ipaddress.ip_address(source)
+        number = {"tcp": "6", "udp": "17"}.get(protocol, protocol)
+        for rule in self.security_group_rules.values():
+            if (rule["security_group_id"] not in server.security_group_ids
+                    or rule["direction"] != "ingress"
+                    or rule["ethertype"] != f"IPv{address.version}"
+                    or rule["protocol"] not in (None, protocol, number)):
+                continue
+            low, high = rule["port_range_min"], rule["port_range_max"]
+            if low is not None and not low <= port <= (high if high is not None else low):
+                continue
+            if rule["remote_ip_prefix"]:
+                if address in ipaddress.ip_network(rule["remote_ip_prefix"]):
+                    return True
+            elif rule["remote_group_id"]:
+                members = (s for s in self.servers.values()
+                           if rule["remote_group_id"] in s.security_group_ids)
+                if any(s.ip == source for s in members):
+                    return True
+            else:
+                return True
+        return False
 
     # -- tokens --------------------------------------------------------------------
     def issue_token(self, methods: list[str]) -> tuple[str, Token]:
