@@ -114,13 +114,16 @@ http {{
 
 def direct_block(port: int, upstream: str, token: str) -> str:
     """The template's /ide/ location without auth_request (same maps, same headers)."""
+    from provisioning.ide_http import nginx_upstream
+
     return f"""
     # bench: nginx straight to the machine, no auth
     server {{
         listen 127.0.0.1:{port};
         location /ide/ {{
-            set $bench_upstream "{upstream}";
+            set $bench_upstream "{nginx_upstream(upstream)}";
             proxy_pass http://$bench_upstream;
+            proxy_set_header X-Labpool-Token "{token}";
             proxy_set_header Authorization "token {token}";
             proxy_set_header Cookie $labpool_upstream_cookie;
             proxy_set_header Host $host;
@@ -212,7 +215,7 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
     from config.settings import load_settings
     from lti_tool.app import create_app
     from lti_tool.proxy_routes import IDE_COOKIE, PROXY_HEADER, proxy_secret
-    from provisioning.routes import route_and_touch
+    from provisioning.routes import route_for_owner
 
     settings = load_settings(env)
     app = create_app(settings)
@@ -243,7 +246,7 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
     conn = app.extensions["labpool"].redis
     start = time.perf_counter()
     for _ in range(calls):
-        route_and_touch(conn, machine_id)
+        route_for_owner(conn, machine_id, OWNER_ID)
     redis_rt = (time.perf_counter() - start) / calls
     ms = [v * 1000 for v in spent]
     return {
@@ -257,11 +260,14 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
 # --------------------------------------------------------------------------- main
 
 
-def start_jupyterlab(data_dir: Path, machine_id: int) -> tuple[Any, Any]:
+def start_jupyterlab(settings: Any, machine_id: int) -> tuple[Any, Any]:
+    """A real JupyterLab as `labpool run` starts it: sandboxed, on a unix socket."""
     from provisioning.backends.base import MachineSpec
     from provisioning.backends.local import LocalBackend
+    from provisioning.ide_env import make_ide_env
 
-    backend = LocalBackend(data_dir)
+    make_ide_env(settings.ide_env_dir)
+    backend = LocalBackend(settings.data_dir, settings=settings)
     spec = MachineSpec(id=machine_id, ide_kind="jupyterlab", owner_id=OWNER_ID, course_id=1)
     started = backend.start(spec)
     spec = dataclasses.replace(spec, ref=started.ref, address=started.address,
@@ -301,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from provisioning.routes import ACTIVITY_KEY, ROUTE_KEY, publish_route
 
     work = Path(tempfile.mkdtemp(prefix="labpool-bench-proxy-"))
+    work.chmod(0o711)  # the sandbox's user and nginx's workers pass through to the data
     machine_id = 700000 + secrets.randbelow(100000)
     cached_port, uncached_port, direct_port, tool_port = (free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABPOOL_")}
@@ -313,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "LABPOOL_PROXY_COUNT": "1",
         "LABPOOL_LISTEN": f"127.0.0.1:{tool_port}",
         "LABPOOL_LOG_LEVEL": "WARNING",
+        # The students' IDE environment, shared with the tests (made once, ~30 s).
+        "LABPOOL_IDE_ENV": str(Path(__file__).resolve().parent.parent / ".venv-ide"),
     })
     from config.settings import load_settings
 
@@ -322,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The machine.
         if args.upstream == "jupyterlab":
-            backend, spec = start_jupyterlab(work / "data", machine_id)
+            backend, spec = start_jupyterlab(settings, machine_id)
             machine = (backend, spec)
             address, token = spec.address, spec.ide_token
             upstream_note = "a real JupyterLab (local backend), GET /ide/<id>/api/status"
@@ -336,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         publish_route(conn, machine_id, OWNER_ID, address, token)
         cookie = ide_cookies(settings).dumps({"u": OWNER_ID, "m": machine_id})
 
-        # The tool (auth upstream), and the two proxies.
+        # The tool (auth upstream; its database migrated, as `labpool run` does), and the two
+        # proxies.
+        from lti_tool.cli import prepare
+
+        prepare(settings)
         (work / "logs").mkdir(parents=True)
         tool = Gunicorn.start("tool", "wsgi:app", tool_port, env, args.workers, args.threads,
                               work / "logs")

@@ -88,6 +88,7 @@ class LocalBackend(Backend):
         python = sandbox.python_for_ide(self.ide_env)
         # The data folder stays closed: passable (the sandbox's folders are bound from
         # inside it) but never listable.
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o711)
         account = None
         if isolation.own_users:
