@@ -162,10 +162,15 @@ def upsert_many(
         else stmt.excluded[name]
         for name in update_columns
     } or {keys[0]: stmt.excluded[keys[0]]}
+    # Each returned row names its keys: RETURNING's order is not the rows' order for rows that
+    # hit a conflict (seen on PostgreSQL with SQLAlchemy 2.1, `sort_by_parameter_order`
+    # notwithstanding), and a roster sync that paired ids with the wrong members gave one
+    # student another's roles.
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update).returning(
-        table.c.id, sort_by_parameter_order=True
+        table.c.id, *(table.c[name] for name in keys)
     )
-    ids: list[int] = []
+    found: dict[tuple[Any, ...], int] = {}
     for start in range(0, len(rows), batch):
-        ids.extend(session.scalars(stmt, rows[start:start + batch]).all())
-    return ids
+        for row_id, *key in session.execute(stmt, rows[start:start + batch]):
+            found[tuple(key)] = row_id
+    return [found[tuple(row[name] for name in keys)] for row in rows]

@@ -333,3 +333,27 @@ def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
         session.execute(update(WarmBoost).where(WarmBoost.activity_id == big)
                         .values(until=datetime.now(UTC) - timedelta(seconds=1)))
     assert reconcile_pool(crt, pool_id).target == 1
+
+
+def test_upserted_ids_follow_the_rows_even_when_the_rows_already_exist(rt):
+    """A roster sync pairs each member with the id upsert_many returns; on PostgreSQL the
+    RETURNING order of conflicting rows is not the rows' order, which once gave a student
+    the roles of the teacher listed before them."""
+    from config.db import upsert_many, utcnow
+    from lti_tool.models import User
+
+    def upsert(subs: list[str]) -> list[int]:
+        with transaction(rt.sessions) as session:
+            return upsert_many(
+                session, User, ("issuer", "sub"),
+                [{"issuer": "https://order.example", "sub": sub, "name": None, "email": None,
+                  "last_seen_at": utcnow()} for sub in subs],
+                update_columns=("name", "email"), keep_if_null=("name", "email"))
+
+    first = dict(zip(["50", "3", "7"], upsert(["50", "3", "7"]), strict=True))
+    again = dict(zip(["7", "3", "50", "9"], upsert(["7", "3", "50", "9"]), strict=True))
+    assert {sub: again[sub] for sub in first} == first
+    with rt.sessions() as session:
+        stored = dict(session.execute(
+            select(User.sub, User.id).where(User.issuer == "https://order.example")).all())
+    assert stored == again
