@@ -156,6 +156,16 @@ def env() -> None:
 @click.option("--volume-size", "volume_size_gb", type=int, default=10, show_default=True)
 @click.option("--warm-target", type=int, default=0, show_default=True)
 @click.option("--max-size", type=int, default=50, show_default=True)
+@click.option("--memory-mb", type=int, default=2048, show_default=True,
+              help="Sandbox limit (local): address space of each process, MB; 0: none.")
+@click.option("--max-processes", type=int, default=256, show_default=True,
+              help="Sandbox limit (local): processes and threads of the student; 0: none.")
+@click.option("--max-open-files", type=int, default=1024, show_default=True,
+              help="Sandbox limit (local): open files per process; 0: none.")
+@click.option("--max-file-size-mb", type=int, default=1024, show_default=True,
+              help="Sandbox limit (local): the largest file a process may write, MB; 0: none.")
+@click.option("--cpu-seconds", type=int, default=0, show_default=True,
+              help="Sandbox limit (local): CPU seconds per process; 0: none.")
 def env_add(name: str, **options: object) -> None:
     """Define an environment (a cloud one gets its pool, and a security group whose IDE port
     admits LABPOOL_PROXY_ADDRESSES alone: created, or the --security-group ones checked)."""

@@ -34,6 +34,11 @@ def add_environment(
     idle_timeout_s: int = 3600,
     warm_target: int = 0,
     max_size: int = 50,
+    memory_mb: int = 2048,
+    max_processes: int = 256,
+    max_open_files: int = 1024,
+    max_file_size_mb: int = 1024,
+    cpu_seconds: int = 0,
 ) -> Environment:
     """Define an environment; a cloud environment gets its pool at once."""
     if not name.strip():
@@ -53,10 +58,15 @@ def add_environment(
     if session.scalar(select(Environment.id).where(Environment.name == name)) is not None:
         raise EnvironmentRejected(f"an environment named {name!r} exists already")
     _check_pool_sizes(warm_target, max_size)
+    limits = {"memory_mb": memory_mb, "max_processes": max_processes,
+              "max_open_files": max_open_files, "max_file_size_mb": max_file_size_mb,
+              "cpu_seconds": cpu_seconds}
+    _check_limits(limits)
     env = Environment(
         name=name, backend=backend, ide_kind=kind, image_id=image_id, flavor_id=flavor_id,
         network_id=network_id, network_name=network_name, security_groups=security_groups or [],
         key_name=key_name, volume_size_gb=volume_size_gb, idle_timeout_s=idle_timeout_s,
+        **limits,
     )
     session.add(env)
     session.flush()
@@ -64,6 +74,20 @@ def add_environment(
         session.add(Pool(environment_id=env.id, warm_target=warm_target, max_size=max_size))
         session.flush()
     return env
+
+
+# Below these a JupyterLab cannot start (it reserves address space, runs threads, opens
+# files); 0 means no limit.
+LIMIT_FLOORS = {"memory_mb": 512, "max_processes": 32, "max_open_files": 64,
+                "max_file_size_mb": 1, "cpu_seconds": 60}
+
+
+def _check_limits(limits: dict[str, int]) -> None:
+    for name, value in limits.items():
+        if value < 0 or 0 < value < LIMIT_FLOORS[name]:
+            raise EnvironmentRejected(
+                f"{name.replace('_', '-')} must be 0 (no limit) or at least "
+                f"{LIMIT_FLOORS[name]}, not {value}")
 
 
 def add_secured_environment(sessions: sessionmaker[Session], settings: Settings, *,

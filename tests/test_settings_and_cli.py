@@ -91,3 +91,22 @@ def test_moodle_values_are_the_tool_urls(rt):
     assert f"Initiate login URL:    {base}/lti/login" in output
     assert f"Public keyset:         {base}/lti/jwks.json" in output
     assert f"Redirection URI(s):    {base}/lti/launch" in output
+
+
+def test_env_add_sets_the_sandbox_limits_and_refuses_ones_an_ide_cannot_start_under(rt):
+    from sqlalchemy import select
+
+    from provisioning.models import Environment
+
+    runner = CliRunner()
+    added = runner.invoke(main, ["env", "add", "small", "--memory-mb", "1024",
+                                 "--max-processes", "64", "--cpu-seconds", "3600"])
+    assert added.exit_code == 0, added.output
+    refused = runner.invoke(main, ["env", "add", "tiny", "--memory-mb", "16"])
+    assert refused.exit_code != 0 and "memory-mb must be 0 (no limit) or at least 512" in refused.output
+    with rt.sessions() as session:
+        small = session.scalars(select(Environment).where(Environment.name == "small")).one()
+        assert session.scalars(select(Environment).where(Environment.name == "tiny")).first() is None
+    limits = small.limits
+    assert (limits.memory_mb, limits.processes, limits.open_files, limits.cpu_seconds) == (1024, 64, 1024, 3600)
+    assert f"--as={1024 * 1024 * 1024}" in limits.prlimit_args()
