@@ -844,8 +844,8 @@ def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
          servers: list[Gunicorn], rdb: RedisDb, drivers: list[Driver]) -> int:
     from config.db import transaction
     from config.settings import load_settings
-    from lti_tool.cli import prepare
     from lti_tool.registrations import register_platform
+    from lti_tool.startup import prepare
     from provisioning.triggers import reconcile_soon
     from tests.fakecloud import FakeCloud
 

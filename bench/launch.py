@@ -441,7 +441,7 @@ def _step_patches(timer: StepTimer, engine: Any) -> list[Any]:
     from pylti1p3.message_launch import MessageLaunch
 
     import lti_tool.lti as lti
-    import lti_tool.lti_routes as routes
+    import lti_tool.web.lti_routes as routes
     from bench import bare_tool
 
     original_transaction = routes.transaction
@@ -487,7 +487,7 @@ def profile_breakdown(
     from sqlalchemy import event
 
     from bench import bare_tool
-    from lti_tool.app import create_app
+    from lti_tool.web.app import create_app
 
     timer = StepTimer()
     labpool_holder, bare_holder = _LateApp(), _LateApp()
@@ -619,8 +619,8 @@ def _run(
     from bench import bare_tool
     from config.db import transaction
     from config.settings import load_settings
-    from lti_tool.cli import prepare
     from lti_tool.registrations import register_platform
+    from lti_tool.startup import prepare
 
     setup_started = time.perf_counter()
     if args.db == "postgres":

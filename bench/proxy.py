@@ -213,8 +213,8 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
     Redis round trip), a whole request through Flask's test client, and the bare Redis
     round trip for comparison."""
     from config.settings import load_settings
-    from lti_tool.app import create_app
-    from lti_tool.proxy_routes import IDE_COOKIE, PROXY_HEADER, proxy_secret
+    from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER, proxy_secret
+    from lti_tool.web.app import create_app
     from provisioning.routes import route_for_owner
 
     settings = load_settings(env)
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Redis at {args.redis_url} is not reachable: {exc}", file=sys.stderr)
         return 2
 
+    from lti_tool.ide_access import IDE_COOKIE, ide_cookies
     from lti_tool.nginx import render_standalone
-    from lti_tool.proxy_routes import IDE_COOKIE, ide_cookies
     from provisioning.routes import ACTIVITY_KEY, ROUTE_KEY, publish_route
 
     work = Path(tempfile.mkdtemp(prefix="labpool-bench-proxy-"))
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The tool (auth upstream; its database migrated, as `labpool run` does), and the two
         # proxies.
-        from lti_tool.cli import prepare
+        from lti_tool.startup import prepare
 
         prepare(settings)
         (work / "logs").mkdir(parents=True)

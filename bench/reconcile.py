@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     from config.db import engine_for
     from config.runtime import Runtime
     from config.settings import load_settings
-    from lti_tool.cli import prepare
+    from lti_tool.startup import prepare
     from provisioning.models import Machine, MachineState
     from tests.fakecloud import FakeCloud
 

@@ -5,7 +5,7 @@
 The fake Moodle (tests/fakeplatform.py) serves its token endpoint and the NRPS memberships
 endpoint over HTTP, paging like Moodle (`limit`/`from`, `Link: rel="next"`); the tool's JWKS
 (for the client assertion) is served by the tool's own app on loopback. Labpool's real code
-runs unchanged: `lti_tool.roster.sync_course` (pylti1p3's ServiceConnector and NRPS service,
+runs unchanged: `lti_tool.services.nrps.sync_course` (pylti1p3's ServiceConnector and NRPS service,
 the Redis-cached access token, batched upserts). Measured: a first sync (everyone new), a
 second one (nothing changed), and a third after 10% left and 10% joined; wall time, pages,
 and database statements (counted on the engine).
@@ -74,11 +74,11 @@ def _run(size: int, db_url: str, data_dir: Path) -> int:
         })
         from config.db import engine_for, transaction
         from config.settings import load_settings
-        from lti_tool.app import create_app
-        from lti_tool.cli import prepare
         from lti_tool.models import Course, Enrolment
         from lti_tool.registrations import register_platform
-        from lti_tool.roster import sync_course
+        from lti_tool.services.nrps import sync_course
+        from lti_tool.startup import prepare
+        from lti_tool.web.app import create_app
 
         rt = prepare(load_settings())
         holder.app = create_app(rt.settings)

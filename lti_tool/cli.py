@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -12,8 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from config.db import transaction
-from config.runtime import Runtime, runtime_for
 from config.settings import Settings, SettingsError, load_settings
+from lti_tool.registrations import moodle_values
+from lti_tool.startup import prepare
 
 
 def _settings() -> Settings:
@@ -21,43 +21,6 @@ def _settings() -> Settings:
         return load_settings()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def prepare(settings: Settings) -> Runtime:
-    """Make the data folder, apply migrations and make sure the tool has its keys."""
-    from jwks.keys import ensure_keys
-    from migrations import upgrade
-
-    protect_data_dir(settings)
-    upgrade(settings.database_url)
-    rt = runtime_for(settings)
-    with transaction(rt.sessions) as session:
-        ensure_keys(session, settings.secret_key)
-    return rt
-
-
-def protect_data_dir(settings: Settings) -> None:
-    """Files the tool makes are its own (umask 077); the data folder is closed to others:
-    0700, or 0711 when root runs students' sandboxes (their user must pass through it to the
-    folders bound into the sandbox; nothing in it can be listed, and what is not bound is
-    0600/0700)."""
-    os.umask(0o077)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.data_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)
-    database = settings.database_url.removeprefix("sqlite:///")
-    if database != settings.database_url and Path(database).exists():
-        Path(database).chmod(0o600)
-
-
-def moodle_values(settings: Settings) -> list[tuple[str, str]]:
-    return [
-        ("Tool URL", settings.url("/lti/launch")),
-        ("LTI version", "LTI 1.3"),
-        ("Public key type", "Keyset URL"),
-        ("Public keyset", settings.url("/lti/jwks.json")),
-        ("Initiate login URL", settings.url("/lti/login")),
-        ("Redirection URI(s)", settings.url("/lti/launch")),
-    ]
 
 
 @click.group()
@@ -104,7 +67,7 @@ def worker(burst: bool) -> None:
     # Everything a job needs, imported once: machines point at users and courses (every
     # table must be in the metadata), and the reconciler brings openstacksdk.
     import lti_tool.models  # noqa: F401
-    import lti_tool.roster  # noqa: F401
+    import lti_tool.services.nrps  # noqa: F401
     import provisioning.reconciler  # noqa: F401
 
     settings = _settings()
@@ -124,7 +87,7 @@ def cron() -> None:
     import redis
     from rq.cron import CronScheduler
 
-    from lti_tool.roster import sync_all_courses_job
+    from lti_tool.services.nrps import sync_all_courses_job
     from provisioning.jobs import reconcile_all, release_idle_job
 
     settings = _settings()

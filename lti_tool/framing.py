@@ -29,19 +29,29 @@ ORIGINS_TTL_S = 30.0  # a platform registered a moment ago may frame us within t
 # (`;`, `,`, spaces) or quote a keyword.
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
 _cache: dict[str, tuple[float, tuple[str, ...]]] = {}
 _lock = threading.Lock()
 
 
 def origin_of(url: str) -> str | None:
-    """`scheme://host[:port]` of an http(s) URL, or None if it is not one a CSP can name."""
+    """`scheme://host[:port]` of an http(s) URL, normalised (lower case, default port
+    dropped), or None if it is not one a CSP can name. The one origin rule: framing and the
+    proxy's Origin check both use it."""
     try:
         parts = urlsplit(url.strip())
+        port = parts.port
     except ValueError:
         return None
-    if parts.scheme not in ("http", "https") or not _HOST.match(parts.netloc or ""):
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not _HOST.match(parts.netloc or ""):
         return None
-    return f"{parts.scheme}://{parts.netloc.lower()}"
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS[scheme]) else \
+        f"{scheme}://{host}:{port}"
 
 
 def platform_origins(sessions: sessionmaker[Session], url_key: str = "") -> tuple[str, ...]:

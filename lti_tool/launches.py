@@ -23,28 +23,18 @@ from sqlalchemy.orm import Session
 
 from config.db import UTCDateTime, upsert, utcnow
 from lti_tool.models import Activity, Course, Enrolment, Launch, User
+from lti_tool.roles import is_staff
 from provisioning.claims import machine_for_learner
 from provisioning.models import Environment, Machine
 
 CLAIM = "https://purl.imsglobal.org/spec/lti/claim/"
 NRPS_CLAIM = "https://purl.imsglobal.org/spec/lti-nrps/claim/namesroleservice"
-STAFF_ROLES = (
-    "http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor",
-    "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator",
-    "http://purl.imsglobal.org/vocab/lis/v2/system/person#Administrator",
-    "Instructor",  # LTI Core §A.2.3.1 allows the short form of context roles
-)
 NO_CONTEXT = ""  # launches without a context claim share one pseudo-course per platform
 
 
 # A staff launch grants the class page for as long as the session it signs in lasts, whatever
 # the roster says (Moodle's site admins launch as Administrator without being enrolled).
 LAUNCH_SESSION_S = 8 * 3600
-
-
-def is_staff(roles: list[str]) -> bool:
-    """The one rule for who teaches: an instructor or administrator role (LTI Core §A.2)."""
-    return any(role in STAFF_ROLES for role in roles)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from config.settings import Settings
-from lti_tool.proxy_routes import proxy_secret
+from lti_tool.ide_access import proxy_secret
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.template"
 

@@ -63,3 +63,14 @@ def register_platform(
     session.flush()
     forget_platform_origins()  # this process frames the new platform's pages at once
     return platform
+
+
+def moodle_values(settings: Settings) -> list[tuple[str, str]]:
+    return [
+        ("Tool URL", settings.url("/lti/launch")),
+        ("LTI version", "LTI 1.3"),
+        ("Public key type", "Keyset URL"),
+        ("Public keyset", settings.url("/lti/jwks.json")),
+        ("Initiate login URL", settings.url("/lti/login")),
+        ("Redirection URI(s)", settings.url("/lti/launch")),
+    ]

@@ -32,7 +32,8 @@ import click
 
 from config.redis import EmbeddedRedis
 from config.settings import Settings, load_settings
-from lti_tool.cli import moodle_values, prepare
+from lti_tool.registrations import moodle_values
+from lti_tool.startup import prepare
 from provisioning.sandbox import Isolation, host_isolation
 
 
@@ -142,7 +143,7 @@ def _start_nginx(settings: Settings, binary: str, prefix: Path) -> subprocess.Po
 
 
 def serve(settings: Settings, demo: bool) -> int:
-    from lti_tool.cli import protect_data_dir
+    from lti_tool.startup import protect_data_dir
     from provisioning.ide_env import IdeEnvError, make_ide_env
 
     protect_data_dir(settings)
@@ -176,8 +177,8 @@ def serve(settings: Settings, demo: bool) -> int:
     practice = None
     if demo:
         from config.db import transaction
-        from lti_tool.practice_platform import PracticePlatform
         from lti_tool.registrations import register_platform
+        from lti_tool.web.practice_platform import PracticePlatform
 
         practice = PracticePlatform(
             settings.data_dir, settings.public_url,

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import JSON, column, func, select, table
 from sqlalchemy.orm import Session
 
-from lti_tool.launches import is_staff
+from lti_tool.roles import is_staff
 from provisioning.models import LIVE_STATES, ClassSession, Machine, WarmBoost
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))

@@ -123,14 +123,14 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp) -
 
 @pytest.fixture(scope="session")
 def rt(settings: Settings) -> Runtime:
-    from lti_tool.cli import prepare
+    from lti_tool.startup import prepare
 
     return prepare(settings)
 
 
 @pytest.fixture(scope="session")
 def tool(rt: Runtime, tool_server: ServedApp) -> ServedApp:
-    from lti_tool.app import create_app
+    from lti_tool.web.app import create_app
 
     tool_server.holder.app = create_app(rt.settings)  # type: ignore[attr-defined]
     return tool_server.start()

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from config.db import transaction
 from config.runtime import Runtime
 from lti_tool.models import Activity, Course, Enrolment, User
-from lti_tool.roster import RosterError, sync_course
+from lti_tool.services.nrps import RosterError, sync_course
 from provisioning.backends.openstack import forget_connections
 from provisioning.environments import add_environment
 from provisioning.idle import release_idle_machines

@@ -147,7 +147,7 @@ def test_state_cookie_is_secure_and_samesite_none_behind_an_https_proxy(rt, plat
     """Behind a TLS-terminating proxy (ProxyFix), the launch cookies can cross Moodle's iframe."""
     import dataclasses
 
-    from lti_tool.app import create_app
+    from lti_tool.web.app import create_app
 
     https = dataclasses.replace(rt.settings, proxy_count=1)
     client = create_app(https).test_client()

@@ -15,12 +15,12 @@ from sqlalchemy import delete, select, update
 
 from config.db import transaction, utcnow
 from config.runtime import Runtime
-from lti_tool.cookies import LabpoolCookieService
 from lti_tool.framing import forget_platform_origins, frame_ancestors, origin_of
 from lti_tool.models import Course, Enrolment, Launch, Platform, User
 from lti_tool.names import short_labels
 from lti_tool.registrations import register_platform
-from lti_tool.roster import RosterError, sync_course
+from lti_tool.services.nrps import RosterError, sync_course
+from lti_tool.web.cookies import LabpoolCookieService
 from provisioning.backends import backend_for, openstack_backend_for
 from provisioning.cloud_init import cloud_config
 from provisioning.ide_config import jupyter_server_config

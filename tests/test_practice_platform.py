@@ -10,7 +10,7 @@ import jwt
 import pytest
 import requests
 
-from lti_tool.practice_platform import CLIENT_ID, DEPLOYMENT_ID, PracticePlatform
+from lti_tool.web.practice_platform import CLIENT_ID, DEPLOYMENT_ID, PracticePlatform
 
 TOOL_URL = "http://127.0.0.1:9"  # nothing listens there; the tool itself is not needed
 LTI = "https://purl.imsglobal.org/spec/lti/claim/"

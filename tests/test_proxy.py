@@ -32,7 +32,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from werkzeug.wrappers import Request, Response
 
 from config.runtime import Runtime
-from lti_tool.proxy_routes import IDE_COOKIE, PROXY_HEADER, proxy_secret
+from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER, proxy_secret
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
 from provisioning.models import Machine
@@ -98,7 +98,7 @@ def proxied(
 ) -> Iterator[Proxied]:
     """The tool behind nginx on its own public URL (same database, Redis and platform
     registration as the `tool` fixture), nginx's auth cache at AUTH_CACHE_S."""
-    from lti_tool.app import create_app
+    from lti_tool.web.app import create_app
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -593,12 +593,13 @@ def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_id
             context = chrome.new_context()
             context.add_cookies(cookies)
             page = context.new_page()
+            logged_before = len(proxied.nginx.access_log())
             page.goto(f"{attacker_site.url}/attack.html")
             page.wait_for_function("window.results.post && window.results.ws", timeout=15_000)
             results = page.evaluate("window.results")
             assert results["ws"] == "refused", results
             # They did reach the proxy, which refused them there.
-            refused = [line for line in proxied.nginx.access_log().splitlines()
+            refused = [line for line in proxied.nginx.access_log()[logged_before:].splitlines()
                        if f"/ide/{machine_id}/" in line and '" 403 ' in line]
             assert len(refused) == 2, refused
             assert browser.get(terminals).json() == []  # nothing was created

@@ -1,5 +1,5 @@
 """Rate limits per client address on the LTI login and launch and on the teacher actions
-(lti_tool/rate_limits.py), and what a refused login leaves in Redis: nothing but the counter.
+(lti_tool/web/rate_limits.py), and what a refused login leaves in Redis: nothing but the counter.
 
 Each test builds its own app from the session's settings with small limits and counts its
 requests from addresses no other test uses, so the shared tool's counters are not touched.
@@ -23,7 +23,7 @@ def _address() -> str:
 
 
 def _client(rt: Runtime, **limits: int):  # type: ignore[no-untyped-def]
-    from lti_tool.app import create_app
+    from lti_tool.web.app import create_app
 
     settings = dataclasses.replace(rt.settings, rate_limit_window_s=LONG_WINDOW_S, **limits)
     return create_app(settings).test_client()

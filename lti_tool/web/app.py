@@ -12,10 +12,11 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from config.logging import configure_logging
 from config.runtime import runtime_for
 from config.settings import Settings, load_settings
-from lti_tool.errors import WebError
+from lti_tool.framing import origin_of
+from lti_tool.ide_access import ide_cookies, proxy_secret
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
-from lti_tool.proxy_routes import ide_cookies, origin_of, proxy_secret
+from lti_tool.web.errors import WebError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         rt.redis, http, settings.platform_jwks_ttl_s
     )
 
-    from lti_tool import (
+    from lti_tool.web import (
         lti_routes,
         machine_routes,
         page_headers,

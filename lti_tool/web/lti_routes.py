@@ -15,18 +15,13 @@ from pylti1p3.exception import LtiException, OIDCException
 
 from config.db import transaction
 from jwks.keys import published_jwks
-from lti_tool.auth import runtime, sign_in
-from lti_tool.errors import LaunchRejected
 from lti_tool.launches import NRPS_CLAIM, record_launch
-from lti_tool.lti import (
-    DatabaseToolConf,
-    LabpoolMessageLaunch,
-    LabpoolOIDCLogin,
-    RedisLaunchDataStorage,
-    is_url_of_tool,
-)
-from lti_tool.rate_limits import rate_limited
-from lti_tool.roster import SYNC_JOB
+from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
+from lti_tool.services.nrps import SYNC_JOB
+from lti_tool.web.auth import runtime, sign_in
+from lti_tool.web.errors import LaunchRejected
+from lti_tool.web.launch_messages import LabpoolMessageLaunch, LabpoolOIDCLogin
+from lti_tool.web.rate_limits import rate_limited
 from provisioning.queue import enqueue
 from provisioning.triggers import machine_wanted
 

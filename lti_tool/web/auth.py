@@ -10,9 +10,10 @@ from flask import current_app, request, session
 from sqlalchemy.orm import Session
 
 from config.runtime import Runtime
-from lti_tool.errors import Forbidden, NotSignedIn
-from lti_tool.launches import enrolment_roles, is_staff
+from lti_tool.launches import enrolment_roles
 from lti_tool.models import Activity
+from lti_tool.roles import is_staff
+from lti_tool.web.errors import Forbidden, NotSignedIn
 
 
 def runtime() -> Runtime:

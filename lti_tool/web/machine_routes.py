@@ -14,9 +14,9 @@ from flask import Blueprint, current_app, jsonify, redirect, render_template, ur
 from sqlalchemy.orm import Session
 
 from config.db import utcnow
-from lti_tool.auth import current_user_id, runtime
-from lti_tool.errors import Forbidden
-from lti_tool.proxy_routes import IDE_COOKIE
+from lti_tool.ide_access import IDE_COOKIE
+from lti_tool.web.auth import current_user_id, runtime
+from lti_tool.web.errors import Forbidden
 from provisioning.models import Environment, Machine, MachineState
 from provisioning.routes import publish_route, withdraw_route
 from provisioning.triggers import nudge

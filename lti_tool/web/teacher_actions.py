@@ -12,12 +12,12 @@ from flask import Blueprint, flash, redirect, request, url_for
 from sqlalchemy import select
 
 from config.db import transaction, upsert, utcnow
-from lti_tool.auth import check_csrf, current_user_id, runtime, taught_activity
-from lti_tool.errors import WebError
 from lti_tool.launches import environment_of
 from lti_tool.models import Course
-from lti_tool.rate_limits import check_rate_limit
-from lti_tool.roster import SYNC_JOB
+from lti_tool.services.nrps import SYNC_JOB
+from lti_tool.web.auth import check_csrf, current_user_id, runtime, taught_activity
+from lti_tool.web.errors import WebError
+from lti_tool.web.rate_limits import check_rate_limit
 from provisioning.claims import machine_for_learner
 from provisioning.models import (
     LIVE_STATES,

@@ -11,43 +11,36 @@ fetched before anything is written: a failed page changes nothing, and the failu
 on the course (what failed, when, what to do) for the teacher's class page; the next
 success clears it. Names and emails are stored on the enrolment as the roster carries them.
 
-The platform's OAuth2 access token is cached in Redis until shortly before it expires, shared
-by every job, and keyed by issuer **and** client id: Moodle binds a token to the tool type
-(client id) that asked for it, and answers 401 when another tool type of the same site uses
-it (pylti1p3's own key hashes issuer and scopes only).
+The platform's access token comes from the shared connector (`lti_tool/services/connector.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis
 import requests
 from pylti1p3.exception import LtiException, LtiServiceException
 from pylti1p3.names_roles import NamesRolesProvisioningService
-from pylti1p3.registration import Registration
 from pylti1p3.service_connector import ServiceConnector
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from config.db import transaction, upsert_many, utcnow
 from config.runtime import Runtime, current_runtime
-from jwks.keys import active_signing_key
-from lti_tool.launches import LAUNCH_SESSION_S, is_staff, staff_launches
+from lti_tool.launches import LAUNCH_SESSION_S, staff_launches
 from lti_tool.models import Course, Enrolment, Platform, User
+from lti_tool.roles import is_staff
+from lti_tool.services.connector import CachedTokenConnector, connector_for
 
 log = logging.getLogger(__name__)
 
 NRPS_SCOPE = "https://purl.imsglobal.org/spec/lti-nrps/scope/contextmembership.readonly"
 PAGE_SIZE = 100
 MAX_PAGES = 1000  # a platform whose "next" never ends does not hold a worker forever
-TOKEN_KEY = "labpool:access-token:{}"
-TOKEN_MARGIN_S = 60
 
 
 class RosterError(Exception):
@@ -74,63 +67,6 @@ class SyncReport:
     members: int
     ended: int
     pages: int
-
-
-class ServiceRegistration(Registration):
-    """pylti1p3 derives the `kid` from the public key; ours are database rows with their own
-    kid, which the client assertion must name so the platform finds the key in our JWKS."""
-
-    def __init__(self, kid: str):
-        super().__init__()
-        self._labpool_kid = kid
-
-    def get_kid(self) -> str | None:
-        return self._labpool_kid
-
-
-class CachedTokenConnector(ServiceConnector):
-    """pylti1p3's connector with the access token cached in Redis across jobs, per
-    (issuer, client id, token URL, scopes)."""
-
-    def __init__(self, registration: Registration, conn: redis.Redis, http: requests.Session):
-        super().__init__(registration, http)
-        self._redis = conn
-
-    def _scope_key(self, scopes) -> str:  # type: ignore[no-untyped-def, override]
-        reg = self._registration
-        parts = [reg.get_issuer() or "", reg.get_client_id() or "", reg.get_auth_token_url() or "",
-                 *sorted(scopes)]
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-    def forget_access_token(self, scopes: list[str]) -> None:
-        """Drop a cached token the platform no longer accepts (a 401), so the next call asks
-        for a new one."""
-        self._redis.delete(TOKEN_KEY.format(self._scope_key(sorted(scopes))))
-
-    def _get_cached_access_token(self, scope_key: str) -> str | None:
-        raw = self._redis.get(TOKEN_KEY.format(scope_key))
-        return raw.decode() if raw else None
-
-    def _cache_access_token(self, scope_key: str, access_token: str, expires_in: float) -> None:
-        ttl = int(expires_in or 0) - TOKEN_MARGIN_S
-        if ttl > 0:
-            self._redis.set(TOKEN_KEY.format(scope_key), access_token, ex=ttl)
-
-
-def connector_for(session: Session, rt: Runtime, platform: Platform) -> CachedTokenConnector:
-    key = active_signing_key(session, rt.settings.secret_key)
-    registration = (
-        ServiceRegistration(key.kid)
-        .set_issuer(platform.issuer)
-        .set_client_id(platform.client_id)
-        .set_auth_token_url(platform.token_url)
-        .set_auth_login_url(platform.auth_url)
-        .set_key_set_url(platform.jwks_url)
-        .set_tool_private_key(key.private_pem)
-    )
-    http = requests.Session()
-    http.headers["User-Agent"] = "Labpool LTI tool"
-    return CachedTokenConnector(registration, rt.redis, http)
 
 
 def with_limit(url: str, limit: int) -> str:
@@ -310,4 +246,4 @@ def sync_all_courses_job() -> int:
     return len(ids)
 
 
-SYNC_JOB = "lti_tool.roster.sync_course_job"
+SYNC_JOB = "lti_tool.services.nrps.sync_course_job"

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from flask import Response, jsonify, render_template, request
 
-from lti_tool.auth import runtime
+from lti_tool.web.auth import runtime
 
 log = logging.getLogger(__name__)
 

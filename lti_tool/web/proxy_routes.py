@@ -21,39 +21,21 @@ provisioning/ide_config.py).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
-from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature
 
-from config.settings import Settings
+from lti_tool.framing import origin_of
+from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER
 from provisioning.ide_http import nginx_upstream
 from provisioning.routes import route_for_owner
 
 bp = Blueprint("proxy", __name__)
 
-IDE_COOKIE = "labpool_ide"
-PROXY_HEADER = "X-Labpool-Proxy"
 IDE_PATH = re.compile(r"^/ide/(\d+)/")
 SAFE_METHODS = ("GET", "HEAD")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def origin_of(url: str) -> str | None:
-    """scheme://host[:port] of a URL, normalised (lower case, default port dropped)."""
-    try:
-        parts = urlsplit(url.strip().lower())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        return None
-    netloc = parts.hostname if port in (None, DEFAULT_PORTS[parts.scheme]) else \
-        f"{parts.hostname}:{port}"
-    return f"{parts.scheme}://{netloc}"
 
 
 def foreign_request(headers: object, public_origin: str) -> str | None:
@@ -69,15 +51,6 @@ def foreign_request(headers: object, public_origin: str) -> str | None:
     if origin_of(get("Origin", "")) != public_origin:
         return "websocket from another origin" if upgrade else "write from another origin"
     return None
-
-
-def proxy_secret(settings: Settings) -> str:
-    """The header value nginx proves itself with (rendered into its config)."""
-    return hmac.new(settings.secret_key.encode(), b"labpool ide proxy", hashlib.sha256).hexdigest()
-
-
-def ide_cookies(settings: Settings) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(settings.secret_key, salt="labpool ide cookie")
 
 
 def _deny(status: int) -> Response:

@@ -15,10 +15,11 @@ from flask import Blueprint, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from lti_tool.auth import csrf_token, current_user_id, runtime, taught_activity
-from lti_tool.launches import environment_of, is_staff
+from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Course, Enrolment, User
 from lti_tool.names import short_labels
+from lti_tool.roles import is_staff
+from lti_tool.web.auth import csrf_token, current_user_id, runtime, taught_activity
 from provisioning.models import (
     ClassSession,
     Environment,
