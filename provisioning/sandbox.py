@@ -10,7 +10,7 @@ Student code is hostile. Each machine's IDE runs
   folder, the database, the keys, the Redis socket, other homes or the tool's virtualenv.
   The IDE itself runs on its own Python environment (`provisioning/ide_env.py`), read-only;
 - with per-process limits (`prlimit`): address space, processes, open files, file size and,
-  if asked, CPU seconds. These machines have no cgroup v2 controllers (shared/ISOLATION.md),
+  if asked, CPU seconds. These machines have no cgroup v2 controllers (docs/isolation.md),
   so limits are rlimits; a whole-sandbox memory total would need cgroups.
 
 The IDE listens on a unix socket in a folder bound into the sandbox; nginx (whose workers
@@ -60,7 +60,7 @@ class Limits:
 
     def prlimit_args(self) -> list[str]:
         # Plain byte counts: prlimit's size suffixes are not what they look like
-        # (shared/ISOLATION.md: `--as=2G` set a 2-byte limit).
+        # (docs/isolation.md: `--as=2G` set a 2-byte limit).
         args = []
         if self.memory_mb:
             args.append(f"--as={self.memory_mb * 1024 * 1024}")

@@ -24,11 +24,11 @@ endpoints:
   ``Link: <…?limit=L&from=N>; rel="next"`` header.
 
 The messages are not invented. Claims start from the id_tokens captured from a real Moodle 4.3
-in ``/work/shared/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,
+in ``tests/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,
 ``launch_deep_linking.json``; the login form from ``login_initiation.json``; see the README.md
 there) and are re-signed with the fake's own RSA key after substituting ``iss``, ``aud`` (a plain
 string, as Moodle sends it), ``deployment_id``, ``sub``, ``nonce``, ``iat``, ``exp = iat + 60``
-and ``target_link_uri``. Background on Moodle's behaviour: ``/work/shared/MOODLE.md``.
+and ``target_link_uri``. Background on Moodle's behaviour: ``docs/moodle.md``.
 
 ``FakePlatform.launch()`` drives the whole exchange the way a browser would, with one
 ``requests.Session``: POST the login initiation form to ``<tool>/lti/login`` → follow the tool's
@@ -204,7 +204,6 @@ def _find_fixtures_dir() -> Path:
     candidates = [
         os.environ.get("LABPOOL_MOODLE_FIXTURES", ""),
         str(Path(__file__).resolve().parent / "fixtures" / "moodle-4.3"),
-        "/work/shared/fixtures/moodle-4.3",
     ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "launch_learner.json").is_file():
@@ -213,7 +212,7 @@ def _find_fixtures_dir() -> Path:
 
 
 #: Where the captured Moodle 4.3 messages live ($LABPOOL_MOODLE_FIXTURES,
-#: tests/fixtures/moodle-4.3 or /work/shared/fixtures/moodle-4.3, first one found).
+#: else tests/fixtures/moodle-4.3, in the repository).
 FIXTURES_DIR = _find_fixtures_dir()
 
 

@@ -1,6 +1,6 @@
 """The fake cloud (tests/fakecloud) driven through the real openstacksdk.
 
-These tests pin the contract in shared/OPENSTACK.md ("The fake cloud (tests)"): the requests
+These tests pin the contract in docs/openstack.md ("The fake cloud"): the requests
 openstacksdk 4.22 really makes and the answers and exceptions it turns them into.
 """
 

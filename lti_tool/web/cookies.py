@@ -2,7 +2,7 @@
 browser will not keep them.
 
 pylti1p3's Flask cookie service gives the state cookie `SameSite=None; Secure` only when the
-request looks like https, and no SameSite at all otherwise (see ../shared/MOODLE.md,
+request looks like https, and no SameSite at all otherwise (see docs/moodle.md,
 "Cookies"). Labpool also looks at its public URL, like its own session cookie:
 https (the URL, or the request through ProxyFix) → `Secure; SameSite=None; Partitioned` (a third-party cookie inside Moodle's iframe,
 kept per top-level site by CHIPS); plain http (single-server trials) → `SameSite=Lax`, which

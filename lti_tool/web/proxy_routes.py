@@ -1,5 +1,5 @@
 """The IDE proxy's auth check, asked by nginx (`auth_request`) before every request to
-`/ide/<machine id>/…` (see deploy/nginx.conf.template and shared/OPENSTACK.md, "The proxy").
+`/ide/<machine id>/…` (see deploy/nginx.conf.template and docs/openstack.md, "The IDE proxy").
 
 The browser holds a signed, short-lived, HttpOnly cookie bound to (user, machine), scoped to
 the machine's path. The check verifies it, compares its machine with the one in the path,

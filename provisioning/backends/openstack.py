@@ -11,7 +11,7 @@ A server carries its machine: name `labpool-m<id>`, tags `labpool`, `pool-<pool 
 lists the machine's servers before it creates one, and the reconciler sees a whole pool in
 one paged list (`list_pool_servers`).
 
-Nova's answers mapped to our errors (see shared/OPENSTACK.md): 403 at create is a quota
+Nova's answers mapped to our errors (see docs/openstack.md): 403 at create is a quota
 (`QuotaExceeded`), 409 a task-state conflict (`CloudConflict`, retry later), 5xx, 429,
 timeouts and refused connections `CloudUnavailable` (retry with backoff); "no valid host"
 comes later, as the server in ERROR with a fault, which `refresh` reports.
