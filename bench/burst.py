@@ -1,7 +1,7 @@
 """Class-start burst benchmark: a whole class opens the activity within a minute, against the
 real tool (gunicorn), real RQ workers and the periodic trigger, on the fake OpenStack cloud.
 
-    .venv/bin/python bench/burst.py [--quick] [--scenario warm|cold|both] [--poll S]
+    .venv/bin/python bench/burst.py [--quick | --smoke] [--scenario warm|cold|both] [--poll S]
                                     [--interval S] [--db postgres|sqlite] [--keep-logs DIR]
 
 300 students (60 with `--quick`) launch within 60 s (15 s), start times spread evenly over the
@@ -50,6 +50,9 @@ Every process is stopped at the end. Loopback only.
 
 Ends with `RESULT warm_p95_s=… cold_p95_s=… double_assignments=… orphans=…`.
 Target: warm p95 ≤ 1.5 s.
+
+`--smoke` (what `.ci/run` runs): 4 students within 2 s, 1 s boots, both scenarios, every
+process and check above, in well under a minute; it proves the benchmark runs.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ from bench.launch import (  # noqa: E402
     percentile,
     postgres_reachable,
     reset_schema,
+    size_mode,
     table,
 )
 from tests.fakeplatform import FakePlatform, FakePlatformError  # noqa: E402
@@ -100,6 +104,7 @@ DEFAULT_SCHEMA = "labpool_bench_burst"
 QUEUE_NAME = "bench-burst"
 SIZES = {
     # students, window s, boot time s
+    "smoke": (4, 2.0, 1.0),
     "quick": (60, 15.0, 5.0),
     "full": (300, 60.0, 30.0),
 }
@@ -758,7 +763,10 @@ def _p(values: list[float], p: float, scale: float = 1.0, fmt: str = "{:.2f}") -
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="60 students, 15 s, 5 s boots")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="60 students, 15 s, 5 s boots")
+    size.add_argument("--smoke", action="store_true",
+                      help="4 students, 2 s, 1 s boots: does the benchmark still run (CI)")
     parser.add_argument("--students", type=int, default=None)
     parser.add_argument("--window", type=float, default=None, help="seconds the launches span")
     parser.add_argument("--boot-time", type=float, default=None, help="fake server boot, s")
@@ -783,7 +791,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "jobs.tsv (every RQ job seen: function, enqueued, started, ended, "
                         "result)")
     args = parser.parse_args(argv)
-    students, window, boot = SIZES["quick" if args.quick else "full"]
+    students, window, boot = SIZES[size_mode(args)]
     args.students = args.students or students
     args.window = args.window if args.window is not None else window
     args.boot_time = args.boot_time if args.boot_time is not None else boot
@@ -983,7 +991,8 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
            setup_s: float, import_s: float, one_pass: tuple[float, float, Any], dead: list[str],
            total_s: float) -> None:
     n = args.students
-    print(f"Burst benchmark{' (quick)' if args.quick else ''}: {n} students launch within "
+    mode = size_mode(args)
+    print(f"Burst benchmark{'' if mode == 'full' else f' ({mode})'}: {n} students launch within "
           f"{args.window:.0f} s, servers boot in {args.boot_time:.0f} s; gunicorn "
           f"{args.workers} workers × {args.threads} threads, {args.rq_workers} RQ workers, "
           f"cron every {args.interval} s; state polled every {args.poll} s; "

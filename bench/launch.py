@@ -2,7 +2,7 @@
 ready machine, against `labpool` under gunicorn and, in the same run, against a bare
 pylti1p3 tool that only validates (`bench/bare_tool.py`).
 
-    .venv/bin/python bench/launch.py [--quick] [--db postgres|sqlite] [--profile]
+    .venv/bin/python bench/launch.py [--quick | --smoke] [--db postgres|sqlite] [--profile]
 
 Each launch is what a browser does when a student clicks the activity in Moodle, with a
 fresh `requests.Session` (no cookies): POST the login initiation to `<tool>/lti/login`, GET
@@ -33,6 +33,9 @@ tools served by werkzeug in this process, functions wrapped with timers).
 
 Ends with `RESULT launches_per_s=… p95_ms=… overhead_ratio=…` (labpool's throughput, its
 tool-side p95, and the ratio above). Target: overhead_ratio ≤ 1.25.
+
+`--smoke` (what `.ci/run` runs): 2 learners, a handful of launches, the same code path, a
+few seconds; its numbers mean nothing, it proves the benchmark still runs.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ OWN_KEY_PATTERNS = (
 
 SIZES = {
     # students, sequential launches per tool, concurrent launches per tool
+    "smoke": (2, 4, 8),
     "quick": (10, 80, 160),
     "full": (50, 600, 1500),
 }
@@ -555,7 +559,10 @@ def profile_breakdown(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, a few seconds: does the benchmark still run (CI)")
     parser.add_argument("--db", choices=("postgres", "sqlite"), default=None,
                         help="default: postgres if reachable, else sqlite")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
@@ -571,11 +578,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also break the server time down by step (in-process)")
     args = parser.parse_args(argv)
-    students, seq, conc = SIZES["quick" if args.quick else "full"]
+    students, seq, conc = SIZES[size_mode(args)]
     args.students = args.students or students
     args.sequential = args.sequential or seq
     args.concurrent = args.concurrent or conc
     return args
+
+
+def size_mode(args: argparse.Namespace) -> str:
+    """`smoke`, `quick` or `full`, from the benchmark's --smoke / --quick flags."""
+    return "smoke" if getattr(args, "smoke", False) else "quick" if args.quick else "full"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -711,7 +723,7 @@ def _run(
                 raise BenchError(f"{target.name} accepted an id_token with a foreign signature")
 
         # Warm every worker thread of both tools (imports, pools, JWKS cache).
-        warm = 4 * args.workers * args.threads
+        warm = (1 if args.smoke else 4) * args.workers * args.threads
         for target in targets:
             run_concurrent(platform, target, students, warm, args.clients)
         with rt.sessions() as session:
@@ -760,7 +772,8 @@ def _run(
     })
     conc_rows, conc = summary_rows(concurrent)
 
-    print(f"Launch benchmark{' (quick)' if args.quick else ''}: {len(students)} learners "
+    mode = size_mode(args)
+    print(f"Launch benchmark{'' if mode == 'full' else f' ({mode})'}: {len(students)} learners "
           f"with an assigned machine; database {args.db}; gunicorn {args.workers} workers × "
           f"{args.threads} threads per tool; {os.cpu_count()} CPUs")
     print(f"setup {setup_s:.1f} s, measurement {measure_s:.1f} s; platform JWKS fetches: "

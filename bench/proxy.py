@@ -2,7 +2,8 @@
 a request to a student's IDE, against nginx passing the same request straight to the
 machine.
 
-    .venv/bin/python bench/proxy.py [--quick] [--upstream static|jupyterlab] [--clients N]
+    .venv/bin/python bench/proxy.py [--quick | --smoke] [--upstream static|jupyterlab]
+                                    [--clients N]
 
 Three ways to the same machine, in the same run, with the same client:
 
@@ -31,6 +32,9 @@ Ends with `RESULT added_p50_ms=… uncached_added_p50_ms=… rps=…`: p50(auth,
 p50(direct), the same for uncached, and requests/s through the cached proxy. Target:
 added_p50_ms < 2.
 
+`--smoke` (what `.ci/run` runs): 100 requests per target and half a second of load, the same
+code path in a few seconds; it proves the benchmark runs, its numbers mean little.
+
 Needs nginx with auth_request (Debian's nginx-light) and Redis (default
 `redis://127.0.0.1:6379/13`; only the benchmark's own keys are written and deleted). The
 tool's database is SQLite in a temporary folder (`/proxy/auth` does no SQL). Loopback only.
@@ -58,13 +62,21 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from bench.launch import BenchError, Gunicorn, free_port, percentile, table  # noqa: E402
+from bench.launch import (  # noqa: E402
+    BenchError,
+    Gunicorn,
+    free_port,
+    percentile,
+    size_mode,
+    table,
+)
 from tests.nginx import Nginx, NginxError, nginx_binary  # noqa: E402
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
 OWNER_ID = 7
 SIZES = {
     # sequential requests per target, seconds of concurrent load per target, in-process calls
+    "smoke": (100, 0.5, 100),
     "quick": (1500, 3.0, 2000),
     "full": (10000, 10.0, 20000),
 }
@@ -283,14 +295,17 @@ def start_jupyterlab(settings: Any, machine_id: int) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, a few seconds: does the benchmark still run (CI)")
     parser.add_argument("--upstream", choices=("static", "jupyterlab"), default="static")
     parser.add_argument("--clients", type=int, default=4, help="client processes for rps")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS)
     args = parser.parse_args(argv)
-    sequential, load_s, auth_calls = SIZES["quick" if args.quick else "full"]
+    sequential, load_s, auth_calls = SIZES[size_mode(args)]
 
     if nginx_binary() is None:
         print("nginx is not installed (apt-get install nginx-light)", file=sys.stderr)
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {upstream_note}")
         print(f"tool: gunicorn {args.workers} workers x {args.threads} threads; nginx: 1 worker "
               f"each; {os.cpu_count()} CPUs; {sequential} sequential requests per target, "
-              f"{args.clients} client processes x {load_s:.0f} s per target")
+              f"{args.clients} client processes x {load_s:g} s per target")
         latencies = run_sequential(targets, sequential)
         ctx = multiprocessing.get_context("fork")
         throughput: dict[str, tuple[float, list[float]]] = {}

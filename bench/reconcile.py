@@ -1,7 +1,7 @@
 """Reconcile benchmark: one reconciler pass (`provisioning.reconciler.reconcile_pool`) over a
 pool of 10,000 machines (2,000 with `--quick`), against the fake OpenStack cloud.
 
-    .venv/bin/python bench/reconcile.py [--quick] [--db postgres|sqlite] [--machines N]
+    .venv/bin/python bench/reconcile.py [--quick | --smoke] [--db postgres|sqlite] [--machines N]
 
 Setup: one cloud environment and its pool; half of the machines `ready` (unowned, the warm
 pool: `warm_target` is exactly that many, so the pass has nothing to create or stop) and half
@@ -31,6 +31,9 @@ end), or `--db sqlite` in a temporary folder. Redis is not used by a pass. Loopb
 
 Ends with `RESULT seconds=… list_calls=… queries=…` for the steady pass.
 Target: ≤ 2 s, and one list call per page of servers.
+
+`--smoke` (what `.ci/run` runs): 200 machines in pages of 100, the same passes and checks in a
+few seconds.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ from bench.launch import (  # noqa: E402
     in_schema,
     postgres_reachable,
     reset_schema,
+    size_mode,
     table,
 )
 
 DEFAULT_SCHEMA = "labpool_bench_reconcile"
 PAGE_SIZE = 1000
-SIZES = {"quick": 2000, "full": 10000}
+SIZES = {"smoke": 200, "quick": 2000, "full": 10000}
+SMOKE_PAGE_SIZE = 100  # two pages even at the smoke size: the paging path runs too
 TARGET_S = 2.0
 LIST_ROUTE = ("GET", "/compute/v2.1/servers/detail")
 
@@ -346,7 +351,10 @@ def db_states(rt: Any, env_id: int) -> dict[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2,000 machines, under a minute")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="2,000 machines, under a minute")
+    size.add_argument("--smoke", action="store_true",
+                      help="200 machines in pages of 100, a few seconds: does it still run (CI)")
     parser.add_argument("--machines", type=int, default=None)
     parser.add_argument("--db", choices=("postgres", "sqlite"), default=None,
                         help="default: postgres if reachable, else sqlite")
@@ -354,7 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schema", default=DEFAULT_SCHEMA,
                         help="PostgreSQL schema the benchmark owns (dropped at start and end)")
     args = parser.parse_args(argv)
-    args.machines = args.machines or SIZES["quick" if args.quick else "full"]
+    args.machines = args.machines or SIZES[size_mode(args)]
+    args.page_size = SMOKE_PAGE_SIZE if args.smoke else PAGE_SIZE
     if args.machines < 200:
         parser.error("--machines: at least 200 (1 % must be at least one machine)")
     return args
@@ -418,12 +427,13 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     rt: Runtime = prepare(settings)
 
     # boot_time: servers created by the repair pass stay in BUILD (no health check falls due).
-    with FakeCloud(ide="none", max_limit=PAGE_SIZE, max_instances=-1, boot_time=3600) as cloud:
+    with FakeCloud(ide="none", max_limit=args.page_size, max_instances=-1,
+                   boot_time=3600) as cloud:
         os.environ["OS_CLIENT_CONFIG_FILE"] = str(cloud.write_clouds_yaml(data_dir))
         fleet = populate(rt, cloud, n)
         setup_s = time.perf_counter() - setup_started
         meter = Meter(engine_for(database_url), cloud)
-        pages = math.ceil(n / PAGE_SIZE)
+        pages = math.ceil(n / args.page_size)
 
         warm = measured_pass("warm-up", rt, fleet.pool_id, meter, cloud)
         _check_quiet(warm, n)
@@ -493,9 +503,10 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
             " ".join(f"{verb} {count}" for verb, count in sorted(m.statements.items())),
         ])
 
-    print(f"Reconcile benchmark{' (quick)' if args.quick else ''}: one pool of {n} machines "
+    mode = size_mode(args)
+    print(f"Reconcile benchmark{'' if mode == 'full' else f' ({mode})'}: one pool of {n} machines "
           f"({n - n // 2} assigned, {n // 2} ready = warm target), one server each in the fake "
-          f"cloud (page size {PAGE_SIZE}); database {args.db}; {os.cpu_count()} CPUs")
+          f"cloud (page size {args.page_size}); database {args.db}; {os.cpu_count()} CPUs")
     print(f"setup {setup_s:.1f} s (rows inserted, servers put into the fake's memory); the "
           f"warm-up pass is not measured (openstacksdk connection: identity discovery, token, "
           f"compute discovery; SQL compilation)")

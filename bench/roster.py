@@ -1,6 +1,6 @@
 """Roster benchmark: sync a 5,000-member course roster from a fake Moodle in pages of 100.
 
-    .venv/bin/python bench/roster.py [--quick] [--db postgres|sqlite]
+    .venv/bin/python bench/roster.py [--quick | --smoke] [--db postgres|sqlite]
 
 The fake Moodle (tests/fakeplatform.py) serves its token endpoint and the NRPS memberships
 endpoint over HTTP, paging like Moodle (`limit`/`from`, `Link: rel="next"`); the tool's JWKS
@@ -11,6 +11,8 @@ second one (nothing changed), and a third after 10% left and 10% joined; wall ti
 and database statements (counted on the engine).
 
 Target: ≤ 5 s for 5,000 members. Ends with `RESULT seconds=… queries=…` (the first sync).
+`--quick`: 1,000 members; `--smoke` (what `.ci/run` runs): 250 members, three pages, the same
+code path in a few seconds.
 """
 
 from __future__ import annotations
@@ -34,43 +36,54 @@ from bench.launch import (  # noqa: E402
     in_schema,
     postgres_reachable,
     reset_schema,
+    size_mode,
     table,
 )
 from tests.fakeplatform import FakePlatform, ServedApp  # noqa: E402
 
 SCHEMA = "labpool_bench_roster"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+SIZES = {"smoke": 250, "quick": 1000, "full": 5000}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 members instead of 5,000")
+    size_group = parser.add_mutually_exclusive_group()
+    size_group.add_argument("--quick", action="store_true",
+                            help="1,000 members instead of 5,000")
+    size_group.add_argument("--smoke", action="store_true",
+                            help="250 members, a few seconds: does the benchmark still run (CI)")
     parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES,
+                        help="database in which the benchmark owns the schema " + SCHEMA)
+    parser.add_argument("--redis-url", default=REDIS_URL,
+                        help="db 14 is flushed at start and end; another loses only the "
+                        "benchmark's own keys")
     args = parser.parse_args(argv)
-    size = 1000 if args.quick else 5000
+    size = SIZES[size_mode(args)]
 
     with tempfile.TemporaryDirectory(prefix="labpool-roster-") as tmp:
-        if args.db == "postgres" and postgres_reachable(DEFAULT_POSTGRES):
-            reset_schema(DEFAULT_POSTGRES, SCHEMA)
-            db_url = in_schema(DEFAULT_POSTGRES, SCHEMA)
+        if args.db == "postgres" and postgres_reachable(args.postgres_url):
+            reset_schema(args.postgres_url, SCHEMA)
+            db_url = in_schema(args.postgres_url, SCHEMA)
         else:
             db_url = f"sqlite:///{tmp}/labpool.db"
-        cleaner = RedisCleaner(REDIS_URL)
+        cleaner = RedisCleaner(args.redis_url)
         cleaner.clean()
         try:
-            return _run(size, db_url, Path(tmp))
+            return _run(size, db_url, Path(tmp), args.redis_url)
         finally:
             cleaner.clean()
             if db_url.startswith("postgresql"):
-                reset_schema(DEFAULT_POSTGRES, SCHEMA, create=False)
+                reset_schema(args.postgres_url, SCHEMA, create=False)
 
 
-def _run(size: int, db_url: str, data_dir: Path) -> int:
+def _run(size: int, db_url: str, data_dir: Path, redis_url: str) -> int:
     holder = _LateApp()
     with ServedApp(holder) as tool:
         os.environ.update({
             "LABPOOL_DATA_DIR": str(data_dir), "LABPOOL_DATABASE_URL": db_url,
-            "LABPOOL_REDIS_URL": REDIS_URL, "LABPOOL_PUBLIC_URL": tool.url,
+            "LABPOOL_REDIS_URL": redis_url, "LABPOOL_PUBLIC_URL": tool.url,
         })
         from config.db import engine_for, transaction
         from config.settings import load_settings
