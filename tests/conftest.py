@@ -1,17 +1,27 @@
 """Shared fixtures: a real tool (our Flask app on a loopback HTTP server) backed by
 PostgreSQL and Redis when `LABPOOL_TEST_DATABASE_URL` / `LABPOOL_TEST_REDIS_URL` are set
 (`.ci/run` sets them), else SQLite and an embedded Redis; a fake Moodle registered with it;
-and a real RQ worker that tests run in burst mode when they want machines started.
+and a real RQ worker that tests run in burst mode when they want machines started; the fake
+OpenStack (`cloud`, configured per module or test with `@pytest.mark.fake_cloud(...)`).
+
+Tests that need a program from outside the virtualenv carry a marker (`nginx`, `browser`,
+`sandbox`; pyproject.toml lists them). One rule for a missing one: with CI=true (`.ci/run`,
+which installs them all) the test fails; in a developer's run it is skipped. Either way the
+message says what to install.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +33,9 @@ from config.db import transaction
 from config.redis import EmbeddedRedis
 from config.runtime import Runtime
 from config.settings import Settings, load_settings
+from tests.fakecloud import FakeCloud
 from tests.fakeplatform import FakePlatform, ServedApp
+from tests.nginx import nginx_binary
 
 TABLES_CLEARED_BETWEEN_TESTS = ("launches", "machines", "activities", "enrolments", "courses", "users")
 
@@ -55,6 +67,71 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if config.option.basetemp and f"labpool-pytest-{os.getpid()}" in str(config.option.basetemp):
         shutil.rmtree(config.option.basetemp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- outside tools
+
+@dataclass(frozen=True)
+class Need:
+    """Something a marked test needs from the host, and how to get it."""
+
+    what: str
+    present: Callable[[], bool]
+    install: str
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium ($LABPOOL_TEST_CHROMIUM, else `chromium` on PATH); Playwright's own
+    browser downloads are never used."""
+    found = os.environ.get("LABPOOL_TEST_CHROMIUM") or shutil.which("chromium")
+    return found if found and Path(found).is_file() else None
+
+
+@functools.cache
+def _isolation() -> Any:
+    from provisioning.sandbox import host_isolation
+
+    return host_isolation()
+
+
+_APT = "apt-get update && apt-get install -y"
+NEEDS: dict[str, tuple[Need, ...]] = {
+    "nginx": (Need("nginx", lambda: nginx_binary() is not None, f"{_APT} nginx-light"),),
+    "browser": (
+        Need("Chromium", lambda: chromium_path() is not None,
+             f"{_APT} chromium (or set LABPOOL_TEST_CHROMIUM to a Chromium binary)"),
+        Need("the Python package playwright",
+             lambda: importlib.util.find_spec("playwright") is not None,
+             ".venv/bin/pip install -e '.[test]' (do NOT run `playwright install`: the tests "
+             "drive Debian's chromium)"),
+    ),
+    "sandbox": (
+        Need("root", lambda: _isolation().own_users,
+             "run the tests as root (each student's IDE runs as its own OS user)"),
+        Need("a working bubblewrap", lambda: _isolation().sandbox,
+             f"{_APT} bubblewrap (installed but failing: this host or container does not "
+             "allow user namespaces)"),
+        Need("prlimit", lambda: _isolation().prlimit is not None, f"{_APT} util-linux"),
+    ),
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The one rule for a missing tool: fail under CI=true, skip otherwise, and say what to
+    install either way."""
+    missing = [need for marker, needs in NEEDS.items() if item.get_closest_marker(marker)
+               for need in needs if not need.present()]
+    if not missing:
+        return
+    message = "needs " + "; ".join(f"{need.what} ({need.install})" for need in missing)
+    if in_ci():
+        pytest.fail(f"{message} [CI=true: every tool must be installed]", pytrace=False)
+    pytest.skip(message)
 
 
 def ide_env() -> Path:
@@ -177,6 +254,38 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
 def browser() -> Iterator[requests.Session]:
     with requests.Session() as session:
         yield session
+
+
+@pytest.fixture
+def cloud(request: pytest.FixtureRequest, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+    """The fake OpenStack (tests/fakecloud), the only cloud openstacksdk sees as `cloud="fake"`
+    (here and in RQ workers this test starts). Configure it with
+    `@pytest.mark.fake_cloud(boot_time=0.2, ide="stub", ...)`: any `FakeCloud` keyword; the
+    test's own mark overrides its module's, key by key."""
+    from provisioning.backends.openstack import forget_connections
+
+    options: dict[str, Any] = {}
+    for mark in reversed(list(request.node.iter_markers("fake_cloud"))):
+        options.update(mark.kwargs)
+    folder = tmp_path / "fake-cloud"
+    folder.mkdir()
+    with FakeCloud(**options) as fake:
+        port = fake.port
+        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(folder)))
+        for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("LABPOOL_OPENSTACK_CLOUD", "fake")
+        forget_connections()  # cached connections point at an earlier test's cloud
+        yield fake
+        forget_connections()
+    assert fake_cloud_threads(port) == [], "stop() must end every IDE thread of the cloud"
+
+
+def fake_cloud_threads(port: int) -> list[str]:
+    """Names of the threads that run the IDEs of the fake cloud on `port`."""
+    prefix = f"fakecloud-ide:{port}-"
+    return sorted(t.name[len(prefix):] for t in threading.enumerate() if t.name.startswith(prefix))
 
 
 def run_worker_burst(settings: Settings, timeout: float = 120) -> str:

@@ -15,14 +15,14 @@ from config.db import transaction
 from config.runtime import Runtime
 from lti_tool.models import Activity, Course, Enrolment, User
 from lti_tool.services.nrps import RosterError, sync_course
-from provisioning.backends.openstack import forget_connections
 from provisioning.environments import add_environment
 from provisioning.idle import release_idle_machines
 from provisioning.models import ClassSession, Machine, MachineState, Pool, WarmBoost
 from provisioning.reconciler import reconcile_pool
 from tests.conftest import run_worker_burst
-from tests.fakecloud import FakeCloud
 from tests.test_launch import machine_id_of, wait_for_state
+
+pytestmark = pytest.mark.fake_cloud(boot_time=0.1, max_instances=20, ide="stub")  # for `cloud`
 
 S = MachineState
 
@@ -146,13 +146,10 @@ def test_idle_release_keeps_the_students_files(tool, platform, rt, browser):
 # --- the schedule -------------------------------------------------------------------------
 
 @pytest.fixture
-def cloud_rt(rt, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    with FakeCloud(boot_time=0.1, max_instances=20, ide="stub") as fake:
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
-        forget_connections()
-        settings = dataclasses.replace(rt.settings, openstack_cloud="fake", orphan_grace_s=0)
-        yield Runtime(settings, rt.sessions, rt.redis), fake
-        forget_connections()
+def cloud_rt(rt, cloud):  # type: ignore[no-untyped-def]
+    """The runtime pointed at `cloud` (conftest.py; configured by this module's mark)."""
+    settings = dataclasses.replace(rt.settings, openstack_cloud="fake", orphan_grace_s=0)
+    return Runtime(settings, rt.sessions, rt.redis), cloud
 
 
 def test_the_schedule_warms_the_pool_for_the_class_and_shrinks_it_after(cloud_rt):

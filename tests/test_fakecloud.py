@@ -32,32 +32,21 @@ import requests
 from openstack import exceptions as os_exc
 
 from provisioning import cloud_init
+from tests.conftest import fake_cloud_threads
 from tests.fakecloud import NO_VALID_HOST, FakeCloud
 from tests.fakecloud.ide import token_from_user_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # openstacksdk warns about its own deprecations on nearly every call; that is not ours.
+BOOT = 0.2
+# `cloud` (conftest.py) is the fake cloud; tests that need another one say so with their own
+# fake_cloud mark.
 pytestmark = [
     pytest.mark.filterwarnings(f"ignore::openstack.warnings.{name}")
     for name in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning", "RemovedInSDK60Warning")
-]
-BOOT = 0.2
-
-
-def use_cloud(fake: FakeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCloud:
-    """Point openstacksdk (``cloud="fake"``) at ``fake`` and at nothing else."""
-    path = fake.write_clouds_yaml(tmp_path)
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
-    for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
-        monkeypatch.delenv(name)
-    return fake
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
-    with FakeCloud(boot_time=BOOT, max_instances=50) as fake:
-        yield use_cloud(fake, tmp_path, monkeypatch)
+] + [pytest.mark.fake_cloud(boot_time=BOOT, max_instances=50)]
+STUB_IDES = pytest.mark.fake_cloud(max_instances=60, ide="stub")
 
 
 @pytest.fixture
@@ -115,20 +104,17 @@ def test_user_data_must_be_base64(conn: Any) -> None:
                                    user_data="#!/bin/sh\necho not encoded\n")
 
 
-def test_unknown_image_or_flavor_is_400(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    flavors = {"m1.small": {"vcpus": 2, "ram": 4096, "disk": 20}}
-    with FakeCloud(images={"img-1"}, flavors=flavors) as fake:
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
-        conn = openstack.connect(cloud="fake")
-        with pytest.raises(os_exc.BadRequestException, match="Image nope could not be found"):
-            conn.compute.create_server(name="x", image_id="nope", flavor_id="m1.small",
-                                       networks="none")
-        with pytest.raises(os_exc.BadRequestException, match="Flavor m9 could not be found"):
-            conn.compute.create_server(name="x", image_id="img-1", flavor_id="m9",
-                                       networks="none")
-        ok = conn.compute.create_server(name="x", image_id="img-1", flavor_id="m1.small",
-                                        networks="none")
-        assert conn.compute.get_server(ok.id).flavor.ram == 4096
+@pytest.mark.fake_cloud(images={"img-1"}, flavors={"m1.small": {"vcpus": 2, "ram": 4096, "disk": 20}})
+def test_unknown_image_or_flavor_is_400(conn: Any) -> None:
+    with pytest.raises(os_exc.BadRequestException, match="Image nope could not be found"):
+        conn.compute.create_server(name="x", image_id="nope", flavor_id="m1.small",
+                                   networks="none")
+    with pytest.raises(os_exc.BadRequestException, match="Flavor m9 could not be found"):
+        conn.compute.create_server(name="x", image_id="img-1", flavor_id="m9",
+                                   networks="none")
+    ok = conn.compute.create_server(name="x", image_id="img-1", flavor_id="m1.small",
+                                    networks="none")
+    assert conn.compute.get_server(ok.id).flavor.ram == 4096
 
 
 # -- listing --------------------------------------------------------------------------
@@ -286,24 +272,22 @@ def test_lost_create_response_leaves_server(cloud: FakeCloud, conn: Any, mode: s
     assert len(cloud.servers()) == 2
 
 
-def test_delete_delay_shows_deleted_then_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with FakeCloud(delete_time=0.3) as fake:
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
-        conn = openstack.connect(cloud="fake")
-        server = create(conn, "slow")
-        conn.compute.delete_server(server)
-        assert conn.compute.get_server(server.id).status == "DELETED"
-        assert fake.count("GET", "/compute/v2.1/limits") == 0
-        assert conn.compute.get_limits().absolute.instances_used == 1  # not freed yet
-        # The sdk's wait_for_delete already returns on status DELETED; wait for the 404.
-        deadline = time.monotonic() + 5
-        with pytest.raises(os_exc.NotFoundException):
-            while time.monotonic() < deadline:
-                conn.compute.get_server(server.id)
-                time.sleep(0.05)
-        assert conn.compute.get_limits().absolute.instances_used == 0
-        with pytest.raises(os_exc.NotFoundException):
-            conn.compute.delete_server(server, ignore_missing=False)
+@pytest.mark.fake_cloud(delete_time=0.3)
+def test_delete_delay_shows_deleted_then_gone(cloud: FakeCloud, conn: Any) -> None:
+    server = create(conn, "slow")
+    conn.compute.delete_server(server)
+    assert conn.compute.get_server(server.id).status == "DELETED"
+    assert cloud.count("GET", "/compute/v2.1/limits") == 0
+    assert conn.compute.get_limits().absolute.instances_used == 1  # not freed yet
+    # The sdk's wait_for_delete already returns on status DELETED; wait for the 404.
+    deadline = time.monotonic() + 5
+    with pytest.raises(os_exc.NotFoundException):
+        while time.monotonic() < deadline:
+            conn.compute.get_server(server.id)
+            time.sleep(0.05)
+    assert conn.compute.get_limits().absolute.instances_used == 0
+    with pytest.raises(os_exc.NotFoundException):
+        conn.compute.delete_server(server, ignore_missing=False)
 
 
 # -- auth -----------------------------------------------------------------------------
@@ -413,27 +397,6 @@ def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # -- IDEs on the servers ----------------------------------------------------------------
-def ide_threads(port: int) -> list[str]:
-    """Names of the threads that run the IDEs of the fake cloud on ``port``."""
-    prefix = f"fakecloud-ide:{port}-"
-    return sorted(t.name[len(prefix):] for t in threading.enumerate() if t.name.startswith(prefix))
-
-
-@pytest.fixture
-def ide_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
-    with FakeCloud(boot_time=BOOT, max_instances=60, ide="stub") as fake:
-        port = fake.port
-        yield use_cloud(fake, tmp_path, monkeypatch)
-    assert ide_threads(port) == []  # stop() ends the stub loop and the ticker
-
-
-@pytest.fixture
-def ide_conn(ide_cloud: FakeCloud) -> Iterator[openstack.connection.Connection]:
-    connection = openstack.connect(cloud="fake")
-    yield connection
-    connection.close()
-
-
 def create_machine(conn: openstack.connection.Connection, machine_id: int, token: str,
                    **extra: Any) -> Any:
     """A server as the openstack backend creates it: cloud-init user-data and tags."""
@@ -484,19 +447,20 @@ def test_token_from_user_data() -> None:
         assert token_from_user_data(junk) is None
 
 
-def test_stub_ide_answers_once_active_and_only_with_its_token(ide_cloud: FakeCloud,
-                                                              ide_conn: Any) -> None:
+@STUB_IDES
+def test_stub_ide_answers_once_active_and_only_with_its_token(cloud: FakeCloud,
+                                                              conn: Any) -> None:
     token = secrets.token_urlsafe(32)
-    created = create_machine(ide_conn, 7, token)
-    address = ide_cloud.ide_address(created.id)
+    created = create_machine(conn, 7, token)
+    address = cloud.ide_address(created.id)
     assert address.startswith("127.1.") and address.endswith(":8888")
-    assert not ide_cloud.ide_running(created.id)
+    assert not cloud.ide_running(created.id)
     assert not answers(address, 7, token)  # BUILD: nothing listens yet
 
-    server = wait_active(ide_conn, created)
+    server = wait_active(conn, created)
     assert ide_address(server) == address
     # Seen ACTIVE through the API means the IDE already listens (no sleep needed).
-    assert ide_cloud.ide_running(server.id)
+    assert cloud.ide_running(server.id)
     answer = ide_get(address, "/ide/7/api/status", token)
     assert answer.status_code == 200
     status = answer.json()
@@ -519,88 +483,93 @@ def test_stub_ide_answers_once_active_and_only_with_its_token(ide_cloud: FakeClo
             assert answer.status_code == 200
 
 
-def test_stub_ide_comes_up_without_api_calls(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+@STUB_IDES
+def test_stub_ide_comes_up_without_api_calls(cloud: FakeCloud, conn: Any) -> None:
     token = secrets.token_urlsafe(32)
-    server = create_machine(ide_conn, 3, token)
-    address = ide_cloud.ide_address(server.id)
-    ide_cloud.reset_counters()
+    server = create_machine(conn, 3, token)
+    address = cloud.ide_address(server.id)
+    cloud.reset_counters()
     deadline = time.monotonic() + BOOT + 2
-    while not ide_cloud.ide_running(server.id) and time.monotonic() < deadline:
+    while not cloud.ide_running(server.id) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ide_get(address, "/ide/3/api/status", token).status_code == 200
-    assert ide_cloud.request_log == []  # the ticker did it
+    assert cloud.request_log == []  # the ticker did it
 
 
-def test_stub_ide_stops_on_delete_vanish_and_error(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+@STUB_IDES
+def test_stub_ide_stops_on_delete_vanish_and_error(cloud: FakeCloud, conn: Any) -> None:
     tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3)}
-    servers = {mid: wait_active(ide_conn, create_machine(ide_conn, mid, tokens[mid])) for mid in tokens}
+    servers = {mid: wait_active(conn, create_machine(conn, mid, tokens[mid])) for mid in tokens}
     addresses = {mid: ide_address(s) for mid, s in servers.items()}
     assert len(set(addresses.values())) == 3
     for mid, address in addresses.items():
         assert ide_get(address, f"/ide/{mid}/api/status", tokens[mid]).status_code == 200
 
-    ide_conn.compute.delete_server(servers[1])
-    assert not ide_cloud.ide_running(servers[1].id)
+    conn.compute.delete_server(servers[1])
+    assert not cloud.ide_running(servers[1].id)
     assert not answers(addresses[1], 1, tokens[1])
-    ide_cloud.vanish_server(servers[2].id)
+    cloud.vanish_server(servers[2].id)
     assert not answers(addresses[2], 2, tokens[2])
-    ide_cloud.error_server(servers[3].id, "Host compute-3 went away")
-    assert not ide_cloud.ide_running(servers[3].id)
+    cloud.error_server(servers[3].id, "Host compute-3 went away")
+    assert not cloud.ide_running(servers[3].id)
     assert not answers(addresses[3], 3, tokens[3])
-    assert ide_conn.compute.get_server(servers[3].id).status == "ERROR"
+    assert conn.compute.get_server(servers[3].id).status == "ERROR"
 
     # Freed addresses are handed out again (unless a parallel fake cloud took them since).
     token = secrets.token_urlsafe(32)
-    reborn = wait_active(ide_conn, create_machine(ide_conn, 4, token))
+    reborn = wait_active(conn, create_machine(conn, 4, token))
     assert ide_address(reborn) != addresses[3]  # still held: ERROR servers keep their IPs
     assert ide_get(ide_address(reborn), "/ide/4/api/status", token).status_code == 200
 
 
-def test_stub_ide_hang(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+@STUB_IDES
+def test_stub_ide_hang(cloud: FakeCloud, conn: Any) -> None:
     token = secrets.token_urlsafe(32)
-    server = wait_active(ide_conn, create_machine(ide_conn, 5, token))
+    server = wait_active(conn, create_machine(conn, 5, token))
     address = ide_address(server)
     assert ide_get(address, "/ide/5/api/status", token).status_code == 200
 
-    ide_cloud.ide_hang(server.id)
+    cloud.ide_hang(server.id)
     with pytest.raises(requests.ReadTimeout):  # connected, but no answer
         ide_get(address, "/ide/5/api/status", token, timeout=0.3)
-    assert ide_cloud.ide_running(server.id)
-    assert ide_conn.compute.get_server(server.id).status == "ACTIVE"
-    ide_cloud.ide_hang(server.id, False)
+    assert cloud.ide_running(server.id)
+    assert conn.compute.get_server(server.id).status == "ACTIVE"
+    cloud.ide_hang(server.id, False)
     assert ide_get(address, "/ide/5/api/status", token).status_code == 200
 
     # Hung before it boots: ACTIVE, but the IDE never answers.
-    doomed = create_machine(ide_conn, 6, token)
-    ide_cloud.ide_hang(doomed.id)
-    doomed = wait_active(ide_conn, doomed)
+    doomed = create_machine(conn, 6, token)
+    cloud.ide_hang(doomed.id)
+    doomed = wait_active(conn, doomed)
     with pytest.raises(requests.ReadTimeout):
         ide_get(ide_address(doomed), "/ide/6/api/status", token, timeout=0.3)
-    ide_conn.compute.delete_server(doomed)  # a hung stub goes down like any other
+    conn.compute.delete_server(doomed)  # a hung stub goes down like any other
     assert not answers(ide_address(doomed), 6, token)
 
 
-def test_server_without_token_gets_no_ide(ide_cloud: FakeCloud, ide_conn: Any,
+@STUB_IDES
+def test_server_without_token_gets_no_ide(cloud: FakeCloud, conn: Any,
                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="tests.fakecloud.ide")
-    server = wait_active(ide_conn, create(ide_conn, "bare", tags=["labpool", "machine-9"]))
-    assert not ide_cloud.ide_running(server.id)
-    assert "JUPYTER_TOKEN" in (ide_cloud.ide_skipped(server.id) or "")
+    server = wait_active(conn, create(conn, "bare", tags=["labpool", "machine-9"]))
+    assert not cloud.ide_running(server.id)
+    assert "JUPYTER_TOKEN" in (cloud.ide_skipped(server.id) or "")
     assert not answers(ide_address(server), 9, "whatever")
     assert any(server.id in r.getMessage() and "no IDE" in r.getMessage() for r in caplog.records)
-    untagged = wait_active(ide_conn, ide_conn.compute.create_server(
+    untagged = wait_active(conn, conn.compute.create_server(
         name="untagged", image_id="img-1", flavor_id="m1.small", networks="none",
         user_data=cloud_init.user_data(9, "jupyterlab", secrets.token_urlsafe(32))))
-    assert "machine-<id>" in (ide_cloud.ide_skipped(untagged.id) or "")
+    assert "machine-<id>" in (cloud.ide_skipped(untagged.id) or "")
 
 
-def test_fifty_stub_ides_at_once(ide_cloud: FakeCloud, ide_conn: Any) -> None:
+@STUB_IDES
+def test_fifty_stub_ides_at_once(cloud: FakeCloud, conn: Any) -> None:
     tokens = {mid: secrets.token_urlsafe(32) for mid in range(100, 150)}
     for mid, token in tokens.items():
-        create_machine(ide_conn, mid, token)
+        create_machine(conn, mid, token)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        servers = list(ide_conn.compute.servers(tags="labpool,pool-1"))
+        servers = list(conn.compute.servers(tags="labpool,pool-1"))
         if len(servers) == 50 and all(s.status == "ACTIVE" for s in servers):
             break
         time.sleep(0.05)
@@ -613,15 +582,16 @@ def test_fifty_stub_ides_at_once(ide_cloud: FakeCloud, ide_conn: Any) -> None:
 
     with ThreadPoolExecutor(max_workers=25) as pool:
         assert list(pool.map(check, tokens)) == [200] * 50
-    assert ide_threads(ide_cloud.port) == ["stubs", "ticker"]  # not one per server
+    assert fake_cloud_threads(cloud.port) == ["stubs", "ticker"]  # not one per server
 
-    ide_cloud.stop()  # every stub goes, with the threads (the fixture checks those)
+    cloud.stop()  # every stub goes, with the threads (the fixture checks those)
     assert not any(answers(ide_address(s), mid, tokens[mid]) for mid, s in by_machine.items())
 
 
-def test_ide_addresses_skip_busy_ports_and_other_clouds(ide_cloud: FakeCloud,
-                                                       ide_conn: Any) -> None:
-    first = ide_cloud.ide_address(create_machine(ide_conn, 1, secrets.token_urlsafe(32)).id)
+@STUB_IDES
+def test_ide_addresses_skip_busy_ports_and_other_clouds(cloud: FakeCloud,
+                                                       conn: Any) -> None:
+    first = cloud.ide_address(create_machine(conn, 1, secrets.token_urlsafe(32)).id)
     ip = ipaddress.ip_address(first.split(":")[0])
     squatters = []
     try:
@@ -639,7 +609,7 @@ def test_ide_addresses_skip_busy_ports_and_other_clouds(ide_cloud: FakeCloud,
         with FakeCloud(ide="stub") as other:  # another cloud, alive at the same time
             with other.state.lock:
                 theirs = f"{ipaddress.ip_address(other.state.free_address())}:8888"
-            second = ide_cloud.ide_address(create_machine(ide_conn, 2, secrets.token_urlsafe(32)).id)
+            second = cloud.ide_address(create_machine(conn, 2, secrets.token_urlsafe(32)).id)
         assert len({first, second, theirs}) == 3
         assert not {first, second, theirs} & busy
     finally:
@@ -647,49 +617,46 @@ def test_ide_addresses_skip_busy_ports_and_other_clouds(ide_cloud: FakeCloud,
             squatter.close()
 
 
-def test_jupyterlab_ide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.fake_cloud(ide="jupyterlab")
+def test_jupyterlab_ide(cloud: FakeCloud, conn: Any) -> None:
     token = secrets.token_urlsafe(32)
-    with FakeCloud(ide="jupyterlab") as fake:
-        use_cloud(fake, tmp_path, monkeypatch)
-        conn, port = openstack.connect(cloud="fake"), fake.port
-        assert ide_threads(port) == ["ticker"]
-        server = wait_active(conn, create_machine(conn, 12, token))
-        address = ide_address(server)
-        assert fake.ide_running(server.id)
-        deadline, answer = time.monotonic() + 30, None
-        while time.monotonic() < deadline and not (answer is not None and answer.ok):
-            with contextlib.suppress(requests.ConnectionError):  # not listening yet
-                answer = ide_get(address, "/ide/12/api/status", token, timeout=1)
-            time.sleep(0.1)
-        workdir = fake.ide_workdir(server.id)
-        assert workdir is not None
-        log = (workdir / "jupyterlab.log").read_text(errors="replace")
-        assert answer is not None and answer.status_code == 200, log
-        assert {"started", "last_activity", "connections", "kernels"} <= set(answer.json())
-        assert ide_get(address, "/ide/12/api/status").status_code == 403
-        assert ide_get(address, "/ide/12/api/status", "wrong-" + token).status_code == 403
+    assert fake_cloud_threads(cloud.port) == ["ticker"]  # no stub loop
+    server = wait_active(conn, create_machine(conn, 12, token))
+    address = ide_address(server)
+    assert cloud.ide_running(server.id)
+    deadline, answer = time.monotonic() + 30, None
+    while time.monotonic() < deadline and not (answer is not None and answer.ok):
+        with contextlib.suppress(requests.ConnectionError):  # not listening yet
+            answer = ide_get(address, "/ide/12/api/status", token, timeout=1)
+        time.sleep(0.1)
+    workdir = cloud.ide_workdir(server.id)
+    assert workdir is not None
+    log = (workdir / "jupyterlab.log").read_text(errors="replace")
+    assert answer is not None and answer.status_code == 200, log
+    assert {"started", "last_activity", "connections", "kernels"} <= set(answer.json())
+    assert ide_get(address, "/ide/12/api/status").status_code == 403
+    assert ide_get(address, "/ide/12/api/status", "wrong-" + token).status_code == 403
 
-        fake.ide_hang(server.id)  # SIGSTOP: the kernel still accepts, nobody answers
-        with pytest.raises(requests.ReadTimeout):
-            ide_get(address, "/ide/12/api/status", token, timeout=0.5)
-        fake.ide_hang(server.id, False)
-        assert ide_get(address, "/ide/12/api/status", token).status_code == 200
+    cloud.ide_hang(server.id)  # SIGSTOP: the kernel still accepts, nobody answers
+    with pytest.raises(requests.ReadTimeout):
+        ide_get(address, "/ide/12/api/status", token, timeout=0.5)
+    cloud.ide_hang(server.id, False)
+    assert ide_get(address, "/ide/12/api/status", token).status_code == 200
 
-        fake.ide_hang(server.id)
-        groups = fake.ide_pids()
-        assert len(groups) == 1
-        conn.compute.delete_server(server)  # even a stopped JupyterLab goes, with its group
-        assert not fake.ide_running(server.id)
-        deadline = time.monotonic() + 10
-        while fake.ide_pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert fake.ide_pids() == []
-        for pgid in groups:
-            with pytest.raises(ProcessLookupError):
-                os.killpg(pgid, 0)
-        assert not answers(address, 12, token)
-        assert not workdir.exists()
-    assert ide_threads(port) == []
+    cloud.ide_hang(server.id)
+    groups = cloud.ide_pids()
+    assert len(groups) == 1
+    conn.compute.delete_server(server)  # even a stopped JupyterLab goes, with its group
+    assert not cloud.ide_running(server.id)
+    deadline = time.monotonic() + 10
+    while cloud.ide_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cloud.ide_pids() == []
+    for pgid in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+    assert not answers(address, 12, token)
+    assert not workdir.exists()
 
 
 # -- Neutron security groups, and the stub IDEs enforcing them ---------------------------------
@@ -769,42 +736,39 @@ def connect_from(source: str, address: str, path: str, token: str) -> int | None
         return int(head.split()[1]) if head else None
 
 
+@pytest.mark.fake_cloud(ide="stub", enforce_security_groups=True)
 def test_stub_ides_answer_only_the_sources_their_security_groups_admit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with FakeCloud(ide="stub", enforce_security_groups=True) as fake:
-        use_cloud(fake, tmp_path, monkeypatch)
-        conn = openstack.connect(cloud="fake")
-        group = conn.network.create_security_group(name="labpool-ide")
-        conn.network.create_security_group_rule(
-            security_group_id=group.id, direction="ingress", ether_type="IPv4",
-            protocol="tcp", port_range_min=8888, port_range_max=8888,
-            remote_ip_prefix="127.0.0.1/32")  # the proxy's address in tests
-        tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3, 4)}
-        servers = {mid: wait_active(conn, create_machine(
-            conn, mid, tokens[mid], security_groups=[{"name": group.id}])) for mid in (1, 2)}
-        servers |= {mid: wait_active(conn, create_machine(conn, mid, tokens[mid]))
-                    for mid in (3, 4)}  # no group: Nova puts them in `default`
-        address = {mid: ide_address(server) for mid, server in servers.items()}
-        ip = {mid: a.rsplit(":", 1)[0] for mid, a in address.items()}
-        status = "/ide/{}/api/status"
+        cloud: FakeCloud, conn: Any) -> None:
+    group = conn.network.create_security_group(name="labpool-ide")
+    conn.network.create_security_group_rule(
+        security_group_id=group.id, direction="ingress", ether_type="IPv4",
+        protocol="tcp", port_range_min=8888, port_range_max=8888,
+        remote_ip_prefix="127.0.0.1/32")  # the proxy's address in tests
+    tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3, 4)}
+    servers = {mid: wait_active(conn, create_machine(
+        conn, mid, tokens[mid], security_groups=[{"name": group.id}])) for mid in (1, 2)}
+    servers |= {mid: wait_active(conn, create_machine(conn, mid, tokens[mid]))
+                for mid in (3, 4)}  # no group: Nova puts them in `default`
+    address = {mid: ide_address(server) for mid, server in servers.items()}
+    ip = {mid: a.rsplit(":", 1)[0] for mid, a in address.items()}
+    status = "/ide/{}/api/status"
 
-        # Machine 1 (the proxy's rule only): the proxy gets in, another student's machine
-        # does not, even holding the token.
-        assert connect_from("127.0.0.1", address[1], status.format(1), tokens[1]) == 200
-        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None
-        assert connect_from(ip[3], address[1], status.format(1), tokens[1]) is None
-        # Machine 3 (default group): its fellow member 4 gets in, the proxy does not.
-        assert connect_from(ip[4], address[3], status.format(3), tokens[3]) == 200
-        assert connect_from("127.0.0.1", address[3], status.format(3), tokens[3]) is None
-        assert connect_from(ip[1], address[3], status.format(3), tokens[3]) is None
+    # Machine 1 (the proxy's rule only): the proxy gets in, another student's machine
+    # does not, even holding the token.
+    assert connect_from("127.0.0.1", address[1], status.format(1), tokens[1]) == 200
+    assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None
+    assert connect_from(ip[3], address[1], status.format(1), tokens[1]) is None
+    # Machine 3 (default group): its fellow member 4 gets in, the proxy does not.
+    assert connect_from(ip[4], address[3], status.format(3), tokens[3]) == 200
+    assert connect_from("127.0.0.1", address[3], status.format(3), tokens[3]) is None
+    assert connect_from(ip[1], address[3], status.format(3), tokens[3]) is None
 
-        # The rules are read as stored, when the connection comes: opening the port to the
-        # private network lets machine 2 in; deleting that rule shuts it out again.
-        wide = conn.network.create_security_group_rule(
-            security_group_id=group.id, direction="ingress", ether_type="IPv4",
-            protocol="tcp", port_range_min=8000, port_range_max=9000,
-            remote_ip_prefix="127.1.0.0/16")
-        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) == 200
-        conn.network.delete_security_group_rule(wide.id)
-        assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None
-        conn.close()
+    # The rules are read as stored, when the connection comes: opening the port to the
+    # private network lets machine 2 in; deleting that rule shuts it out again.
+    wide = conn.network.create_security_group_rule(
+        security_group_id=group.id, direction="ingress", ether_type="IPv4",
+        protocol="tcp", port_range_min=8000, port_range_max=9000,
+        remote_ip_prefix="127.1.0.0/16")
+    assert connect_from(ip[2], address[1], status.format(1), tokens[1]) == 200
+    conn.network.delete_security_group_rule(wide.id)
+    assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None

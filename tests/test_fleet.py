@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import openstack
 import psutil
@@ -24,29 +23,19 @@ from sqlalchemy import func, select, update
 from config.db import transaction
 from config.runtime import Runtime
 from lti_tool.models import Activity, Course, Platform, User
-from provisioning.backends.openstack import forget_connections
 from provisioning.claims import claim_warm_machine
 from provisioning.environments import add_environment, add_secured_environment
 from provisioning.jobs import reconcile_all
 from provisioning.models import Environment, Machine, MachineState, Pool
 from provisioning.reconciler import reconcile_pool
 from tests.conftest import run_worker_burst
-from tests.fakecloud import FakeCloud
 
 S = MachineState
 PROXY = "127.0.0.1/32"  # where the proxy and the workers reach the fake's machines from
-
-
-@pytest.fixture
-def cloud(tmp_path, monkeypatch) -> Any:
-    # The stubs answer only whom their server's security groups admit (see make_pool).
-    with FakeCloud(boot_time=0.2, max_instances=40, ide="stub",
-                   enforce_security_groups=True) as fake:
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(fake.write_clouds_yaml(tmp_path)))
-        monkeypatch.setenv("LABPOOL_OPENSTACK_CLOUD", "fake")  # for RQ workers
-        forget_connections()
-        yield fake
-        forget_connections()
+# `cloud` (conftest.py): the stubs answer only whom their server's security groups admit (see
+# make_pool).
+pytestmark = pytest.mark.fake_cloud(boot_time=0.2, max_instances=40, ide="stub",
+                                    enforce_security_groups=True)
 
 
 @pytest.fixture

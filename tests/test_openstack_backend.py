@@ -38,11 +38,11 @@ from provisioning.cloud_init import cloud_config, user_data
 from provisioning.errors import BackendUnavailable
 from tests.fakecloud import NO_VALID_HOST, FakeCloud
 
+BOOT = 0.2
 pytestmark = [
     pytest.mark.filterwarnings(f"ignore::openstack.warnings.{name}")
     for name in ("OpenStackDeprecationWarning", "RemovedInSDK50Warning", "RemovedInSDK60Warning")
-]
-BOOT = 0.2
+] + [pytest.mark.fake_cloud(boot_time=BOOT, max_instances=10)]  # for `cloud` (conftest.py)
 POOL = 7
 TOKEN = "k3y-for-machine-42_" + "x" * 24
 DETAIL = ("GET", "/compute/v2.1/servers/detail")
@@ -52,19 +52,10 @@ FORBIDDEN = ("LABPOOL_", "OS_", "password", "labpool-secret", "appcred-secret", 
 
 
 @pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
-    with FakeCloud(boot_time=BOOT, max_instances=10) as cloud:
-        monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(cloud.write_clouds_yaml(tmp_path)))
-        for name in [k for k in os.environ if k.startswith("OS_") and k != "OS_CLIENT_CONFIG_FILE"]:
-            monkeypatch.delenv(name)
-        yield cloud
-
-
-@pytest.fixture
-def backend(fake: FakeCloud) -> Iterator[OpenStackBackend]:
-    with fake.state.lock:  # Nova looks the group up in Neutron
-        fake.state.add_security_group("labpool-ide")
-    spec = CloudSpec(image_id="img-1", flavor_id="m1.small", network_id=fake.config.network_id,
+def backend(cloud: FakeCloud) -> Iterator[OpenStackBackend]:
+    with cloud.state.lock:  # Nova looks the group up in Neutron
+        cloud.state.add_security_group("labpool-ide")
+    spec = CloudSpec(image_id="img-1", flavor_id="m1.small", network_id=cloud.config.network_id,
                      security_groups=["labpool-ide"], key_name="ops")
     yield OpenStackBackend("fake", spec)
     forget_connections()  # the next test's fake cloud listens on another port
@@ -151,31 +142,31 @@ def test_user_data_refuses_what_could_break_the_document() -> None:
 
 # -- start and refresh ----------------------------------------------------------------------
 def test_start_creates_one_tagged_server_that_boots_the_ide(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
     started = backend.start(machine(42))
     assert started.address == ""  # known once the server has booted: see refresh
     assert len(started.ide_token) >= 40
-    (server,) = fake.servers()
+    (server,) = cloud.servers()
     assert started.ref == {"server_id": server["id"], "pool_id": POOL}
     assert server["name"] == "labpool-m42"
     assert server["tags"] == ["labpool", f"pool-{POOL}", "machine-42"]
     assert server["metadata"] == {"labpool_machine": "42",
                                   TOKEN_DIGEST_KEY: token_digest(started.ide_token)}
-    assert server["networks"] == [{"uuid": fake.config.network_id}]
+    assert server["networks"] == [{"uuid": cloud.config.network_id}]
     assert server["key_name"] == "ops"
     assert server["security_groups"] == [{"name": "labpool-ide"}]
     text = decoded(server["user_data"])
     assert text.startswith("#cloud-config")
     assert f"JUPYTER_TOKEN={started.ide_token}" in text
-    for word in (*FORBIDDEN, fake.url):
+    for word in (*FORBIDDEN, cloud.url):
         assert word.lower() not in text.lower()
     # It looked before it created, and asked for no floating IP: two compute calls.
-    assert fake.count(*DETAIL) == 1 and fake.count(*CREATE) == 1
-    assert not any("floating" in r.path or "network" in r.path for r in fake.request_log)
+    assert cloud.count(*DETAIL) == 1 and cloud.count(*CREATE) == 1
+    assert not any("floating" in r.path or "network" in r.path for r in cloud.request_log)
 
 
 def test_refresh_reports_build_then_active_with_the_ide_address(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
     spec = started_spec(machine(42), backend)
     assert backend.refresh(spec) == ("BUILD", None, None)
     assert backend.poll(spec)
@@ -185,55 +176,55 @@ def test_refresh_reports_build_then_active_with_the_ide_address(
     assert backend.poll(spec)
 
 
-def test_a_connection_is_made_once_per_process(fake: FakeCloud, backend: OpenStackBackend) -> None:
+def test_a_connection_is_made_once_per_process(cloud: FakeCloud, backend: OpenStackBackend) -> None:
     other = OpenStackBackend("fake", backend.cloud_spec)
     backend.quota_headroom()
     other.quota_headroom()
     assert connection_for("fake") is connection_for("fake")
-    assert fake.count("POST", "/identity/v3/auth/tokens") == 1
+    assert cloud.count("POST", "/identity/v3/auth/tokens") == 1
 
 
 @pytest.mark.parametrize("mode", ["502", "reset"])
 def test_a_retried_start_after_a_lost_answer_adopts_the_server(
-        fake: FakeCloud, backend: OpenStackBackend, mode: str) -> None:
+        cloud: FakeCloud, backend: OpenStackBackend, mode: str) -> None:
     spec = machine(42, ide_token=TOKEN)  # the job wrote the token before calling the cloud
-    fake.lose_next_create_response(mode)
+    cloud.lose_next_create_response(mode)
     with pytest.raises(CloudUnavailable, match="will try again"):
         backend.start(spec)
-    (lost,) = fake.servers()
+    (lost,) = cloud.servers()
 
     again = backend.start(spec)
     assert again.ref["server_id"] == lost["id"] and again.ide_token == TOKEN
-    assert [s["id"] for s in fake.servers()] == [lost["id"]]
-    assert fake.count(*CREATE) == 1
+    assert [s["id"] for s in cloud.servers()] == [lost["id"]]
+    assert cloud.count(*CREATE) == 1
 
 
 def test_a_retry_that_does_not_know_the_token_replaces_the_server(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.lose_next_create_response()
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.lose_next_create_response()
     with pytest.raises(CloudUnavailable):
         backend.start(machine(42))
-    (lost,) = fake.servers()
+    (lost,) = cloud.servers()
 
     again = backend.start(machine(42))  # a new token: nobody could open the first server's IDE
-    (server,) = fake.servers()
+    (server,) = cloud.servers()
     assert server["id"] == again.ref["server_id"] != lost["id"]
     assert server["metadata"][TOKEN_DIGEST_KEY] == token_digest(again.ide_token)
 
 
-def test_a_retry_replaces_a_server_that_failed(fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.error_next_create()
+def test_a_retry_replaces_a_server_that_failed(cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.error_next_create()
     first = started_spec(machine(42, ide_token=TOKEN), backend)
     wait_for_state(backend, first, "ERROR")
     again = backend.start(machine(42, ide_token=TOKEN))
-    assert [s["id"] for s in fake.servers()] == [again.ref["server_id"]]
+    assert [s["id"] for s in cloud.servers()] == [again.ref["server_id"]]
     assert again.ref["server_id"] != first.ref["server_id"]
 
 
 # -- failures -------------------------------------------------------------------------------
 def test_a_server_in_error_reports_the_clouds_fault(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.error_next_create()
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.error_next_create()
     spec = started_spec(machine(42), backend)
     assert backend.poll(spec)  # still BUILD
     assert wait_for_state(backend, spec, "ERROR") == ("ERROR", None, NO_VALID_HOST)
@@ -242,63 +233,63 @@ def test_a_server_in_error_reports_the_clouds_fault(
     assert (view.status, view.fault, view.machine_id) == ("ERROR", NO_VALID_HOST, 42)
 
 
-def test_a_vanished_server_is_gone(fake: FakeCloud, backend: OpenStackBackend) -> None:
+def test_a_vanished_server_is_gone(cloud: FakeCloud, backend: OpenStackBackend) -> None:
     spec = started_spec(machine(42), backend)
     assert backend.poll(spec)
-    fake.vanish_server(spec.ref["server_id"])
+    cloud.vanish_server(spec.ref["server_id"])
     assert not backend.poll(spec)
     assert backend.refresh(spec) == ("gone", None, None)
 
 
 def test_quota_exceeded_reads_well_and_names_no_secret(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.set_quota(1)
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.set_quota(1)
     backend.start(machine(1))
     with pytest.raises(QuotaExceeded) as err:
         backend.start(machine(2))
     message = str(err.value)
     assert message == ("The cloud's quota is used up: Quota exceeded for instances: "
                        "Requested 1, but already used 1 of 1 instances")
-    assert len(fake.servers()) == 1
+    assert len(cloud.servers()) == 1
 
 
-def test_a_conflict_is_cloud_conflict(fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.fail_next("POST", "/compute/v2.1/servers", 409, message="task_state is not None")
+def test_a_conflict_is_cloud_conflict(cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.fail_next("POST", "/compute/v2.1/servers", 409, message="task_state is not None")
     with pytest.raises(CloudConflict, match="refused to create the machine's server for now: "
                                             "task_state is not None"):
         backend.start(machine(42))
     spec = started_spec(machine(42), backend)
-    fake.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
+    cloud.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
     with pytest.raises(CloudConflict, match="task_state deleting"):
         backend.stop(spec)
 
 
 def test_server_errors_and_timeouts_are_cloud_unavailable(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.fail_next("POST", "/compute/v2.1/servers", 503)
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.fail_next("POST", "/compute/v2.1/servers", 503)
     with pytest.raises(CloudUnavailable, match="failed when Labpool tried to create"):
         backend.start(machine(42))
-    fake.fail_next("GET", "/compute/v2.1/servers/detail", 500)
+    cloud.fail_next("GET", "/compute/v2.1/servers/detail", 500)
     with pytest.raises(CloudUnavailable):
         backend.list_pool_servers(POOL)
-    assert fake.servers() == []
+    assert cloud.servers() == []
 
     forget_connections()
     impatient = OpenStackBackend("fake", backend.cloud_spec, api_timeout=0.3)
     impatient.quota_headroom()  # connects while the cloud is quick
-    fake.set_latency(0.6)
+    cloud.set_latency(0.6)
     with pytest.raises(CloudUnavailable, match="did not answer in time"):
         impatient.quota_headroom()
-    fake.set_latency(0)
+    cloud.set_latency(0)
 
-    fake.stop()
+    cloud.stop()
     with pytest.raises(CloudUnavailable, match="could not be reached"):
         impatient.list_pool_servers(POOL)
 
 
 def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.config.password = "rotated-elsewhere"
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.config.password = "rotated-elsewhere"
     with pytest.raises(BackendUnavailable, match="refused Labpool's credentials") as err:
         backend.start(machine(42))
     assert "secret" not in str(err.value) and "rotated" not in str(err.value)
@@ -310,22 +301,22 @@ def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
 
 # -- the pool as a whole ----------------------------------------------------------------------
 def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
     for machine_id in range(1, 8):
         backend.start(machine(machine_id))
     backend.start(machine(100, pool_id=POOL + 1))
     untagged = openstack.connect(cloud="fake").compute.create_server(
         name="by-hand", image_id="img-1", flavor_id="m1.small", networks="none",
         tags=["labpool", f"pool-{POOL}"])
-    fake.config.max_limit = 3
-    fake.reset_counters()
+    cloud.config.max_limit = 3
+    cloud.reset_counters()
 
     views = backend.list_pool_servers(POOL)
     assert sorted((v.machine_id or 0) for v in views) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert next(v for v in views if v.machine_id is None).server_id == untagged.id
     assert all(v.status == "BUILD" and v.created is not None for v in views)
-    assert fake.count(*DETAIL) == 3  # 8 servers, 3 a page: no request per server
-    assert sum(fake.counts.values()) == 3
+    assert cloud.count(*DETAIL) == 3  # 8 servers, 3 a page: no request per server
+    assert sum(cloud.counts.values()) == 3
 
     time.sleep(BOOT + 0.05)
     views = backend.list_pool_servers(POOL)
@@ -333,27 +324,27 @@ def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
     assert all(v.address and v.address.endswith(":8888") for v in views if v.machine_id)
 
 
-def test_quota_headroom_follows_usage(fake: FakeCloud, backend: OpenStackBackend) -> None:
-    fake.set_quota(5)
+def test_quota_headroom_follows_usage(cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud.set_quota(5)
     assert backend.quota_headroom() == 5
     backend.start(machine(1))
     backend.start(machine(2))
     assert backend.quota_headroom() == 3
-    fake.set_quota(-1)
+    cloud.set_quota(-1)
     assert backend.quota_headroom() is None
 
 
 def test_stop_deletes_the_server_and_a_second_stop_is_fine(
-        fake: FakeCloud, backend: OpenStackBackend) -> None:
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
     spec = started_spec(machine(42), backend)
     backend.stop(spec)
-    assert fake.servers() == []
+    assert cloud.servers() == []
     backend.stop(spec)
     assert not backend.poll(spec)
 
     backend.start(machine(43))  # its server id never got recorded
     backend.stop(machine(43))
-    assert fake.servers() == []
+    assert cloud.servers() == []
 
 
 # -- health -----------------------------------------------------------------------------------
@@ -521,7 +512,7 @@ PROXY = "10.0.0.5"
 
 
 @pytest.fixture
-def admin(fake: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def admin(cloud: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """`labpool env …` against the fake cloud, with the proxy at 10.0.0.5."""
     from click.testing import CliRunner
 
@@ -537,9 +528,9 @@ def admin(fake: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator
     forget_connections()
 
 
-def env_add(admin: Any, fake: FakeCloud, name: str, *extra: str) -> Any:
+def env_add(admin: Any, cloud: FakeCloud, name: str, *extra: str) -> Any:
     return admin("env", "add", name, "--backend", "openstack", "--image", "img-1",
-                 "--flavor", "m1.small", "--network", fake.config.network_id, *extra)
+                 "--flavor", "m1.small", "--network", cloud.config.network_id, *extra)
 
 
 def stored_environment(rt: Any, name: str) -> Any:
@@ -554,22 +545,22 @@ def stored_environment(rt: Any, name: str) -> Any:
         return (None if env is None else (list(env.security_groups), len(pools)))
 
 
-def rules_of(fake: FakeCloud, group_id: str) -> list[tuple[Any, ...]]:
+def rules_of(cloud: FakeCloud, group_id: str) -> list[tuple[Any, ...]]:
     keys = ("direction", "ethertype", "protocol", "port_range_min", "port_range_max",
             "remote_ip_prefix", "remote_group_id")
-    with fake.state.lock:
-        return sorted((tuple(r[k] for k in keys) for r in fake.state.security_group_rules.values()
+    with cloud.state.lock:
+        return sorted((tuple(r[k] for k in keys) for r in cloud.state.security_group_rules.values()
                        if r["security_group_id"] == group_id), key=str)
 
 
 def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
-        admin: Any, fake: FakeCloud, rt: Any) -> None:
-    result = env_add(admin, fake, "lab")
+        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    result = env_add(admin, cloud, "lab")
     assert result.exit_code == 0, result.output
     (group_id,), pools = stored_environment(rt, "lab")
     assert pools == 1
-    assert fake.state.security_groups[group_id]["name"] == "labpool-lab"
-    assert rules_of(fake, group_id) == sorted([
+    assert cloud.state.security_groups[group_id]["name"] == "labpool-lab"
+    assert rules_of(cloud, group_id) == sorted([
         ("egress", "IPv4", None, None, None, None, None),  # Neutron's defaults
         ("egress", "IPv6", None, None, None, None, None),
         ("ingress", "IPv4", "tcp", 8888, 8888, "10.0.0.5/32", None)], key=str)
@@ -583,18 +574,18 @@ def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
     backend = openstack_backend_for(environment, dataclasses.replace(rt.settings,
                                                                      openstack_cloud="fake"))
     backend.start(machine(5))
-    (server,) = fake.servers()
+    (server,) = cloud.servers()
     assert server["security_groups"] == [{"name": "labpool-lab"}]
-    with fake.state.lock:
-        assert fake.state.servers[server["id"]].security_group_ids == [group_id]
-        assert fake.state.admits(server["id"], PROXY, 8888)
-        assert not fake.state.admits(server["id"], "10.0.0.6", 8888)
+    with cloud.state.lock:
+        assert cloud.state.servers[server["id"]].security_group_ids == [group_id]
+        assert cloud.state.admits(server["id"], PROXY, 8888)
+        assert not cloud.state.admits(server["id"], "10.0.0.6", 8888)
     assert isinstance(environment, Environment)
 
     # Checking again finds it as it was; nothing new is created.
     result = admin("env", "check", "lab")
     assert result.exit_code == 0, result.output
-    assert len(fake.state.security_groups) == 2  # default + labpool-lab
+    assert len(cloud.state.security_groups) == 2  # default + labpool-lab
 
 
 def select_env(name: str) -> Any:
@@ -605,12 +596,12 @@ def select_env(name: str) -> Any:
     return select(Environment).where(Environment.name == name)
 
 
-def open_group(fake: FakeCloud, name: str, **rule: Any) -> str:
+def open_group(cloud: FakeCloud, name: str, **rule: Any) -> str:
     """A group with the proxy's rule and one more ingress rule on the IDE port."""
-    with fake.state.lock:
-        fake.state.default_security_group()  # as any first look at the groups makes it
-        group = fake.state.add_security_group(name)
-        fake.state.add_security_group_rule(
+    with cloud.state.lock:
+        cloud.state.default_security_group()  # as any first look at the groups makes it
+        group = cloud.state.add_security_group(name)
+        cloud.state.add_security_group_rule(
             security_group_id=group["id"], protocol="tcp", port_range_min=8888,
             port_range_max=8888, remote_ip_prefix=f"{PROXY}/32")
         if rule:
@@ -618,7 +609,7 @@ def open_group(fake: FakeCloud, name: str, **rule: Any) -> str:
             values.update(rule)
             if values.get("remote_group_id") == "itself":
                 values["remote_group_id"] = group["id"]
-            fake.state.add_security_group_rule(security_group_id=group["id"], **values)
+            cloud.state.add_security_group_rule(security_group_id=group["id"], **values)
         return str(group["id"])
 
 
@@ -634,64 +625,64 @@ def open_group(fake: FakeCloud, name: str, **rule: Any) -> str:
     (dict(ethertype="IPv6", remote_ip_prefix="::/0"), "from ::/0"),
 ])
 def test_env_add_refuses_a_group_that_admits_the_ide_port_from_elsewhere_and_stores_nothing(
-        admin: Any, fake: FakeCloud, rt: Any, rule: dict[str, Any], said: str) -> None:
-    open_group(fake, "wide", **rule)
-    groups_before = set(fake.state.security_groups)
-    result = env_add(admin, fake, "lab", "--security-group", "wide")
+        admin: Any, cloud: FakeCloud, rt: Any, rule: dict[str, Any], said: str) -> None:
+    open_group(cloud, "wide", **rule)
+    groups_before = set(cloud.state.security_groups)
+    result = env_add(admin, cloud, "lab", "--security-group", "wide")
     assert result.exit_code != 0
     assert "security group" in result.output and said in result.output
     assert "admits the IDE port (TCP 8888)" in result.output
     assert stored_environment(rt, "lab") is None  # no environment, no pool
-    assert set(fake.state.security_groups) == groups_before  # nothing made in the cloud
-    assert fake.servers() == []
+    assert set(cloud.state.security_groups) == groups_before  # nothing made in the cloud
+    assert cloud.servers() == []
 
 
 def test_env_add_accepts_a_named_group_closed_but_for_the_proxy(
-        admin: Any, fake: FakeCloud, rt: Any) -> None:
+        admin: Any, cloud: FakeCloud, rt: Any) -> None:
     # SSH from anywhere is the admin's business; the IDE port is ours.
-    group_id = open_group(fake, "mine", port_range_min=22, port_range_max=22,
+    group_id = open_group(cloud, "mine", port_range_min=22, port_range_max=22,
                           remote_ip_prefix="0.0.0.0/0")
-    result = env_add(admin, fake, "lab", "--security-group", "mine")
+    result = env_add(admin, cloud, "lab", "--security-group", "mine")
     assert result.exit_code == 0, result.output
     assert stored_environment(rt, "lab") == ([group_id], 1)  # stored by id
 
 
 def test_env_add_refuses_groups_that_shut_the_proxy_out_or_do_not_exist(
-        admin: Any, fake: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    with fake.state.lock:
-        fake.state.add_security_group("closed")
-    result = env_add(admin, fake, "lab", "--security-group", "closed")
+        admin: Any, cloud: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with cloud.state.lock:
+        cloud.state.add_security_group("closed")
+    result = env_add(admin, cloud, "lab", "--security-group", "closed")
     assert result.exit_code != 0 and "from the proxy's address 10.0.0.5/32" in result.output
-    result = env_add(admin, fake, "lab", "--security-group", "no-such-group")
+    result = env_add(admin, cloud, "lab", "--security-group", "no-such-group")
     assert result.exit_code != 0 and "no security group 'no-such-group'" in result.output
-    result = env_add(admin, fake, "lab", "--security-group", "default")  # members reach it
+    result = env_add(admin, cloud, "lab", "--security-group", "default")  # members reach it
     assert result.exit_code != 0 and "(machines)" in result.output
     monkeypatch.delenv("LABPOOL_PROXY_ADDRESSES")
-    result = env_add(admin, fake, "lab")
+    result = env_add(admin, cloud, "lab")
     assert result.exit_code != 0 and "LABPOOL_PROXY_ADDRESSES is not set" in result.output
     assert stored_environment(rt, "lab") is None
-    assert sorted(g["name"] for g in fake.state.security_groups.values()) == ["closed", "default"]
+    assert sorted(g["name"] for g in cloud.state.security_groups.values()) == ["closed", "default"]
 
 
 def test_a_broken_rule_in_the_clouds_answer_is_refused_clearly(
-        admin: Any, fake: FakeCloud, rt: Any) -> None:
-    group_id = open_group(fake, "odd")
-    with fake.state.lock:
-        rule = next(r for r in fake.state.security_group_rules.values()
+        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    group_id = open_group(cloud, "odd")
+    with cloud.state.lock:
+        rule = next(r for r in cloud.state.security_group_rules.values()
                     if r["security_group_id"] == group_id and r["direction"] == "ingress")
         rule["remote_ip_prefix"] = "somewhere"
-    result = env_add(admin, fake, "lab", "--security-group", "odd")
+    result = env_add(admin, cloud, "lab", "--security-group", "odd")
     assert result.exit_code != 0
     assert "cannot be read" in result.output and "Traceback" not in result.output
     assert stored_environment(rt, "lab") is None
 
 
 def test_a_failed_rule_removes_the_group_labpool_made(
-        admin: Any, fake: FakeCloud, rt: Any) -> None:
-    fake.fail_next("POST", "/networking/v2.0/security-group-rules", 500)
-    result = env_add(admin, fake, "lab")
+        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    cloud.fail_next("POST", "/networking/v2.0/security-group-rules", 500)
+    result = env_add(admin, cloud, "lab")
     assert result.exit_code != 0 and "it will try again" in result.output
     assert stored_environment(rt, "lab") is None
-    assert [g["name"] for g in fake.state.security_groups.values()] == ["default"]
-    result = env_add(admin, fake, "lab")  # the retry makes it whole
+    assert [g["name"] for g in cloud.state.security_groups.values()] == ["default"]
+    result = env_add(admin, cloud, "lab")  # the retry makes it whole
     assert result.exit_code == 0, result.output
