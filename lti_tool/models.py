@@ -108,6 +108,11 @@ class Activity(Base):
     resource_link_id: Mapped[str] = mapped_column(String(255))
     title: Mapped[str] = mapped_column(Text, default="")
     environment_id: Mapped[int | None] = mapped_column(ForeignKey("environments.id"))
+    # The launch's AGS claim (LTI AGS 2.0 §3.1): the scopes the platform grants for grades,
+    # its line items container and, when the activity has a grade item, that line item.
+    ags_scope: Mapped[list[str] | None] = mapped_column(JSON)
+    ags_lineitems: Mapped[str | None] = mapped_column(Text)
+    ags_lineitem: Mapped[str | None] = mapped_column(Text)
 
 
 class Launch(Base):

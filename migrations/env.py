@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-import jwks.models  # noqa: F401  (registers tables)
+import grading.models  # noqa: F401  (registers tables)
+import jwks.models  # noqa: F401
 import lti_tool.models  # noqa: F401
 import provisioning.models  # noqa: F401
 from config.db import Base, engine_for

@@ -1,0 +1,151 @@
+"""Graded work: assignments of an activity, students' submissions, grades, and the outbox of
+scores owed to the platform's gradebook (LTI Assignment and Grade Services).
+
+The outbox is a table, not a queue: a grade and the row saying "send this score" are written
+in one transaction, so losing Redis or a worker never loses a grade; a job or the periodic
+pass sends what the table says is owed (after hypothesis/lms's `lms/tasks/grading.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from config.db import Base, UTCDateTime, utcnow
+
+
+class LatePolicy(enum.StrEnum):
+    refuse = "refuse"  # after the due date a submission is refused
+    mark_late = "mark_late"  # accepted, flagged late for the teacher
+
+
+class AssignmentSource(enum.StrEnum):
+    files = "files"  # released as uploaded
+    nbgrader = "nbgrader"  # nbgrader source notebooks: the student version is generated at publish
+    git = "git"  # a folder of a git repository (not built yet)
+
+
+class Assignment(Base):
+    """Work of an activity. `name` is the folder it gets in each student's home (a safe file
+    name, unique in the activity); `lineitem_url` is the platform's grade item for it, when
+    the activity's own (from the launch's AGS claim) is not the one (see grading.lineitems)."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("activity_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(Text, default="")
+    max_score: Mapped[float] = mapped_column(Float, default=10.0)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    late_policy: Mapped[LatePolicy] = mapped_column(
+        Enum(LatePolicy, native_enum=False, length=16), default=LatePolicy.mark_late)
+    source: Mapped[AssignmentSource] = mapped_column(
+        Enum(AssignmentSource, native_enum=False, length=16), default=AssignmentSource.files)
+    # Where the teacher's files are kept, and the student version made from them at publish.
+    source_path: Mapped[str | None] = mapped_column(Text)
+    release_path: Mapped[str | None] = mapped_column(Text)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lineitem_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def published(self) -> bool:
+        return self.published_at is not None
+
+
+class Submission(Base):
+    """One submitted version, never changed: a resubmission is a new row (version + 1); the
+    newest is the current one."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (UniqueConstraint("assignment_id", "user_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # server time
+    checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the stored archive
+    file_count: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    storage_path: Mapped[str] = mapped_column(Text)
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class GradeSource(enum.StrEnum):
+    manual = "manual"
+    auto = "auto"
+
+
+class Grade(Base):
+    """A student's current grade for an assignment (the newest one entered wins)."""
+
+    __tablename__ = "grades"
+    __table_args__ = (UniqueConstraint("assignment_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[GradeSource] = mapped_column(
+        Enum(GradeSource, native_enum=False, length=16), default=GradeSource.manual)
+    graded_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    graded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ScoreStatus(enum.StrEnum):
+    pending = "pending"  # owed: sent when next_attempt_at has come
+    sent = "sent"  # the platform accepted it
+    failed = "failed"  # the platform refused it (or retries ran out): the teacher sees why
+    superseded = "superseded"  # a newer grade for the same student and line item replaced it
+
+
+class ScoreOutbox(Base):
+    """A score owed to the platform: what to send (copied from the grade, so the row alone is
+    enough to send it), where, and how the sending goes.
+
+    `timestamp` is the score's timestamp as last claimed for sending (whole seconds): it is
+    written before the POST, so a later send for the same (line item, platform user) always
+    picks a strictly newer one, even after a crash between the POST and its commit."""
+
+    __tablename__ = "score_outbox"
+    __table_args__ = (
+        Index("ix_score_outbox_due", "status", "next_attempt_at"),
+        Index("ix_score_outbox_target", "platform_user_id", "lineitem_url"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(
+        ForeignKey("assignments.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    grade_id: Mapped[int | None] = mapped_column(ForeignKey("grades.id", ondelete="SET NULL"))
+    platform_id: Mapped[int] = mapped_column(ForeignKey("platforms.id", ondelete="CASCADE"))
+    platform_user_id: Mapped[str] = mapped_column(String(255))  # the launch's `sub`
+    lineitem_url: Mapped[str | None] = mapped_column(Text)  # None until a line item is found
+    score_given: Mapped[float] = mapped_column(Float)
+    score_maximum: Mapped[float] = mapped_column(Float)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[ScoreStatus] = mapped_column(
+        Enum(ScoreStatus, native_enum=False, length=16), default=ScoreStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
