@@ -128,7 +128,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                for need in needs if not need.present()]
     if not missing:
         return
-    message = "needs " + "; ".join(f"{need.what} ({need.install})" for need in missing)
+    message = "needs " + "; and ".join(f"{need.what}: {need.install}" for need in missing)
     if in_ci():
         pytest.fail(f"{message} [CI=true: every tool must be installed]", pytrace=False)
     pytest.skip(message)

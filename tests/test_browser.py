@@ -9,23 +9,20 @@ auto-submitting id_token form, and ends where the tool sends it. So the tool's c
 state, session) go through a real browser's cookie rules.
 
 Needs Debian's ``chromium`` (at /usr/bin/chromium, or $LABPOOL_TEST_CHROMIUM) and the PyPI
-``playwright`` package (its driver only: browsers are never downloaded). `.ci/run` installs
-both; the test fails, rather than skips, without them.
+``playwright`` package (its driver only: browsers are never downloaded): the ``browser`` marker
+(conftest.py's rule: under CI=true the test fails without them, otherwise it is skipped).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import shutil
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import run_worker_burst
+from tests.conftest import chromium_path, run_worker_burst
 from tests.fakeplatform import FakePlatform
 
 CHROMIUM_ARGS = [
@@ -42,24 +39,15 @@ IDE_TIMEOUT_MS = 45_000  # the worker starts a real JupyterLab, then the page po
 CLASS_TIMEOUT_MS = 30_000  # class.html polls class.json every 2 s
 
 
+pytestmark = pytest.mark.browser
+
+
 def _chromium_and_playwright() -> tuple[Any, str]:
-    """`sync_playwright` and Chromium's path, or a failure that says what to install."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(
-            "the browser test needs the Python package `playwright`: "
-            ".venv/bin/pip install -e '.[test]' (or: .venv/bin/pip install playwright); "
-            "do NOT run `playwright install`, the test uses Debian's chromium",
-            pytrace=False,
-        )
-    chromium = os.environ.get("LABPOOL_TEST_CHROMIUM") or shutil.which("chromium")
-    if not chromium or not Path(chromium).is_file():
-        pytest.fail(
-            "the browser test needs Chromium: apt-get update && apt-get install -y chromium "
-            "(or set LABPOOL_TEST_CHROMIUM to a Chromium binary)",
-            pytrace=False,
-        )
+    """`sync_playwright` and Chromium's path, for tests marked `browser` (which have both)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_path()
+    assert chromium is not None, "mark the test `browser`: conftest.py then checks for Chromium"
     return sync_playwright, chromium
 
 

@@ -16,10 +16,13 @@ import re
 import secrets
 import threading
 
+import pytest
+
 from tests.conftest import run_worker_burst
 from tests.fakeplatform import ServedApp
 from tests.test_browser import CHROMIUM_ARGS, IDE_TIMEOUT_MS, _chromium_and_playwright
 
+pytestmark = pytest.mark.browser
 FRAME_TIMEOUT_MS = 20_000
 
 

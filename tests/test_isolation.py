@@ -31,13 +31,10 @@ from config.runtime import Runtime
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
 from provisioning.ide_http import TOKEN_HEADER, _UnixConnection
-from provisioning.sandbox import Limits, host_isolation
+from provisioning.sandbox import Limits
 from tests.test_proxy import execute
 
-pytestmark = pytest.mark.skipif(
-    not host_isolation().complete,
-    reason="needs root, bubblewrap and prlimit (the single-server mode's full isolation)",
-)
+pytestmark = pytest.mark.sandbox  # root, bubblewrap, prlimit: conftest.py's rule
 
 ALICE, BOB = 910001, 910002
 LIMITS = Limits(memory_mb=1024, processes=96, open_files=256, file_size_mb=64)

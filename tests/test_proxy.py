@@ -39,9 +39,9 @@ from provisioning.models import Machine
 from provisioning.routes import ACTIVITY_KEY, last_activity, publish_route, withdraw_route
 from tests.conftest import passable, run_worker_burst
 from tests.fakeplatform import FakePlatform, ServedApp
-from tests.nginx import Nginx, free_port, nginx_binary
+from tests.nginx import Nginx, free_port
 
-pytestmark = pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
+pytestmark = pytest.mark.nginx  # without nginx: conftest.py's rule for a missing tool
 
 AUTH_CACHE_S = 1
 
@@ -563,6 +563,7 @@ OWN_PAGE_SCRIPT = """async (ide) => {
 }"""
 
 
+@pytest.mark.browser
 def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_ide(
     proxied, platform, rt, browser
 ):
