@@ -1,63 +1,13 @@
-"""A fake LTI 1.3 platform — a test double of Moodle 4.3 — for Labpool's tests.
-
-``FakePlatform`` runs a real HTTP server on loopback that mimics Moodle 4.3's ``mod/lti``
-endpoints:
-
-* ``GET /mod/lti/certs.php`` — the platform's public keyset (JWKS), like Moodle's certs.php;
-* ``GET|POST /mod/lti/auth.php`` — the OIDC authorization endpoint. Its checks follow Moodle's
-  ``mod/lti/auth.php`` (scope, response_type, client_id, registered redirect_uri, response_mode,
-  prompt, the single-use ``lti_message_hint``, ``login_hint`` = the launching user) and it
-  answers, like Moodle, an HTML page with an auto-submitting ``ltiAuthForm`` that POSTs
-  ``id_token`` and ``state`` to the tool's ``redirect_uri``. Unlike Moodle, every refusal is a
-  400 with a JSON reason (Moodle posts some errors back to the tool), so tests fail loudly;
-* ``POST /mod/lti/token.php`` — OAuth 2 ``client_credentials`` with a ``private_key_jwt``
-  client assertion, as in Moodle's ``mod/lti/token.php``: the assertion is checked against the
-  tool's JWKS (``tool_jwks_url``, fetched and cached like Moodle's ``lti_verify_with_keyset``:
-  any failure with the cached keyset refetches it once), the requested scopes are intersected
-  with the permitted ones, and a Bearer token living 3600 s is issued, bound to the tool type
-  of the client id that asked (a token used on another tool type's service URL gets 401, as in
-  Moodle's ``get_oauth_key_from_headers``). ``add_tool_type()`` adds a second tool type (own
-  client id and type id) on the same site, as an admin who configures the tool twice does;
-* ``GET /mod/lti/services.php/CourseSection/<course>/bindings/<type id>/memberships`` — the
-  Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
-  tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
-  ``Link: <…?limit=L&from=N>; rel="next"`` header.
-
-The messages are not invented. Claims start from the id_tokens captured from a real Moodle 4.3
-in ``tests/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,
-``launch_deep_linking.json``; the login form from ``login_initiation.json``; see the README.md
-there) and are re-signed with the fake's own RSA key after substituting ``iss``, ``aud`` (a plain
-string, as Moodle sends it), ``deployment_id``, ``sub``, ``nonce``, ``iat``, ``exp = iat + 60``
-and ``target_link_uri``. Background on Moodle's behaviour: ``docs/moodle.md``.
-
-``FakePlatform.launch()`` drives the whole exchange the way a browser would, with one
-``requests.Session``: POST the login initiation form to ``<tool>/lti/login`` → follow the tool's
-302 to the fake's auth.php over HTTP (so its validation runs, and the tool's ``nonce`` ends up in
-the id_token) → POST the auto-submitted form to the tool's launch URL. Keyword hooks produce the
-certification cases (missing claims, wrong/missing ``kid``, ``alg`` confusion, unsigned tokens,
-foreign keys, wrong state, missing state cookie, nonce replay, key rotation).
-
-Example::
-
-    with ServedApp(create_app()) as tool, FakePlatform(tool_url=tool.url) as platform, \
-            requests.Session() as browser:
-        register_in_tool(**platform.platform_add_args())   # the tool's own registration step
-        result = platform.launch(browser, tool.url, platform.learner())
-        assert result.launch_response.status_code == 200
-        assert platform.replay(browser, tool.url, result).status_code >= 400  # nonce replay
-"""
+"""``FakePlatform``: a Moodle 4.3 look-alike LTI 1.3 platform on loopback (its endpoints,
+the launch driver a browser would be, tokens, rosters). The package docstring
+(``tests/fakeplatform/__init__.py``) says what it mimics and how."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
-import functools
-import hashlib
-import hmac
 import html
 import json
-import os
 import re
 import secrets
 import string
@@ -67,363 +17,33 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import requests
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.wrappers import Request, Response
 
-__all__ = [
-    "ACCESS_TOKEN_LIFETIME",
-    "AGS",
-    "BASIC_OUTCOME",
-    "CLIENT_ASSERTION_TYPE",
-    "CONTEXT",
-    "CUSTOM",
-    "DEPLOYMENT_ID",
-    "DL_SETTINGS",
-    "FIXTURES_DIR",
-    "ID_TOKEN_LIFETIME",
-    "MESSAGE_TYPE",
-    "NRPS",
-    "RESOURCE_LINK",
-    "ROLES",
-    "ROLE_INSTITUTION_ADMIN",
-    "ROLE_INSTRUCTOR",
-    "ROLE_LEARNER",
-    "ROLE_SYSTEM_ADMIN",
-    "SCOPE_AGS_LINEITEM",
-    "SCOPE_AGS_LINEITEM_READONLY",
-    "SCOPE_AGS_RESULT_READONLY",
-    "SCOPE_AGS_SCORE",
-    "SCOPE_BASIC_OUTCOME",
-    "SCOPE_NRPS",
-    "TARGET_LINK_URI",
-    "VERSION",
-    "FakePlatform",
-    "FakePlatformError",
-    "IssuedToken",
-    "LIS_MEMBERSHIP_MEDIA_TYPE",
-    "LaunchResult",
-    "MOODLE_SCOPES",
-    "NRPS_MEDIA_TYPE",
-    "ServedApp",
-    "SigningKey",
-    "encode_jwt",
-    "foreign_private_key",
-    "jwk_thumbprint",
-    "load_fixture",
-    "parse_auto_submit_form",
-    "tool_public_jwk",
-    "without_email",
-    "without_name",
-    "without_personal_data",
-]
-
-# --------------------------------------------------------------------------- claim names
-
-_LTI = "https://purl.imsglobal.org/spec/lti/claim/"
-MESSAGE_TYPE = _LTI + "message_type"
-VERSION = _LTI + "version"
-DEPLOYMENT_ID = _LTI + "deployment_id"
-TARGET_LINK_URI = _LTI + "target_link_uri"
-ROLES = _LTI + "roles"
-CONTEXT = _LTI + "context"
-RESOURCE_LINK = _LTI + "resource_link"
-CUSTOM = _LTI + "custom"
-LAUNCH_PRESENTATION = _LTI + "launch_presentation"
-AGS = "https://purl.imsglobal.org/spec/lti-ags/claim/endpoint"
-NRPS = "https://purl.imsglobal.org/spec/lti-nrps/claim/namesroleservice"
-BASIC_OUTCOME = "https://purl.imsglobal.org/spec/lti-bo/claim/basicoutcome"
-DL_SETTINGS = "https://purl.imsglobal.org/spec/lti-dl/claim/deep_linking_settings"
-
-ROLE_LEARNER = "http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"
-ROLE_INSTRUCTOR = "http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"
-ROLE_SYSTEM_ADMIN = "http://purl.imsglobal.org/vocab/lis/v2/system/person#Administrator"
-ROLE_INSTITUTION_ADMIN = "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator"
-
-#: Moodle signs id_tokens with ``exp = iat + 60`` (mod/lti/locallib.php, lti_sign_jwt).
-ID_TOKEN_LIFETIME = 60
-#: Moodle's access tokens live ``LTI_ACCESS_TOKEN_LIFE`` = 3600 s.
-ACCESS_TOKEN_LIFETIME = 3600
-
-CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-SCOPE_AGS_LINEITEM = "https://purl.imsglobal.org/spec/lti-ags/scope/lineitem"
-SCOPE_AGS_LINEITEM_READONLY = "https://purl.imsglobal.org/spec/lti-ags/scope/lineitem.readonly"
-SCOPE_AGS_RESULT_READONLY = "https://purl.imsglobal.org/spec/lti-ags/scope/result.readonly"
-SCOPE_AGS_SCORE = "https://purl.imsglobal.org/spec/lti-ags/scope/score"
-SCOPE_NRPS = "https://purl.imsglobal.org/spec/lti-nrps/scope/contextmembership.readonly"
-SCOPE_BASIC_OUTCOME = "https://purl.imsglobal.org/spec/lti-bo/scope/basicoutcome"
-#: What a Moodle tool with AGS ("scores and line items"), NRPS and basic outcomes enabled may
-#: be granted (``lti_get_permitted_service_scopes``); ``FakePlatform.permitted_scopes``.
-MOODLE_SCOPES = (
-    SCOPE_AGS_LINEITEM,
-    SCOPE_AGS_LINEITEM_READONLY,
-    SCOPE_AGS_RESULT_READONLY,
-    SCOPE_AGS_SCORE,
+from .claims import (
+    _MEMBERSHIP_ROLE_PREFIX,
+    ACCESS_TOKEN_LIFETIME,
+    CLIENT_ASSERTION_TYPE,
+    CONTEXT,
+    LIS_MEMBERSHIP_MEDIA_TYPE,
+    MOODLE_SCOPES,
+    NRPS_MEDIA_TYPE,
+    RESOURCE_LINK,
     SCOPE_NRPS,
-    SCOPE_BASIC_OUTCOME,
+    TARGET_LINK_URI,
+    DropPath,
+    _drop_path,
+    load_fixture,
+    moodle_claims,
 )
-NRPS_MEDIA_TYPE = "application/vnd.ims.lti-nrps.v2.membershipcontainer+json"
-#: The LTI 1.1 JSON-LD format Moodle also serves on the memberships URL (not implemented here).
-LIS_MEMBERSHIP_MEDIA_TYPE = "application/vnd.ims.lis.v2.membershipcontainer+json"
-_MEMBERSHIP_ROLE_PREFIX = "http://purl.imsglobal.org/vocab/lis/v2/membership#"
-
-_NAME_CLAIMS = ("name", "given_name", "family_name", "middle_name")
-#: Top-level claim names accepted verbatim as keyword overrides (anything else must be a full
-#: claim URI, or go through ``extra=``), so a typo such as ``contextid=`` fails loudly.
-_PLAIN_CLAIMS = frozenset(
-    {
-        "iss",
-        "aud",
-        "sub",
-        "azp",
-        "nonce",
-        "iat",
-        "exp",
-        "nbf",
-        "jti",
-        "email",
-        "locale",
-        "picture",
-        "middle_name",
-        *_NAME_CLAIMS,
-    }
-)
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def _find_fixtures_dir() -> Path:
-    candidates = [
-        os.environ.get("LABPOOL_MOODLE_FIXTURES", ""),
-        str(Path(__file__).resolve().parent / "fixtures" / "moodle-4.3"),
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "launch_learner.json").is_file():
-            return Path(candidate)
-    return Path(candidates[-1])
-
-
-#: Where the captured Moodle 4.3 messages live ($LABPOOL_MOODLE_FIXTURES,
-#: else tests/fixtures/moodle-4.3, in the repository).
-FIXTURES_DIR = _find_fixtures_dir()
-
-
-@functools.cache
-def _load_fixture_cached(name: str) -> str:
-    path = FIXTURES_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Moodle fixture {path} not found; set LABPOOL_MOODLE_FIXTURES to the folder "
-            "holding the captured Moodle 4.3 messages"
-        )
-    return path.read_text(encoding="utf-8")
-
-
-def load_fixture(name: str) -> dict[str, Any]:
-    """A fresh copy of a captured Moodle 4.3 message, e.g. ``load_fixture("launch_learner.json")``."""
-    return json.loads(_load_fixture_cached(name))
-
-
-# --------------------------------------------------------------------------- keys and JWTs
-
-_KEY_LOCK = threading.Lock()
-_KEY_CACHE: dict[tuple[str, int], rsa.RSAPrivateKey] = {}
-
-
-def _cached_rsa_key(namespace: str, index: int) -> rsa.RSAPrivateKey:
-    """2048-bit RSA keys, generated once per process per (namespace, index)."""
-    with _KEY_LOCK:
-        key = _KEY_CACHE.get((namespace, index))
-        if key is None:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            _KEY_CACHE[(namespace, index)] = key
-        return key
-
-
-def foreign_private_key() -> rsa.RSAPrivateKey:
-    """An RSA key that no FakePlatform publishes: use it as ``sign_with=`` for bad signatures."""
-    return _cached_rsa_key("foreign", 0)
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_uint(value: int) -> str:
-    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    """One of the platform's RSA keys and its ``kid``."""
-
-    kid: str
-    private_key: rsa.RSAPrivateKey
-
-    @classmethod
-    def cached(cls, namespace: str, index: int) -> SigningKey:
-        key = _cached_rsa_key(namespace, index)
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        # Moodle's kids are 20 hex characters (fixtures: "6b7a862b702a73098958").
-        return cls(kid=hashlib.sha256(der).hexdigest()[:20], private_key=key)
-
-    @property
-    def public_pem(self) -> bytes:
-        """The public key as SubjectPublicKeyInfo PEM (``-----BEGIN PUBLIC KEY-----``)."""
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def public_jwk(self) -> dict[str, str]:
-        numbers = self.private_key.public_key().public_numbers()
-        return {
-            "kty": "RSA",
-            "alg": "RS256",
-            "use": "sig",
-            "kid": self.kid,
-            "n": _b64url_uint(numbers.n),
-            "e": _b64url_uint(numbers.e),
-        }
-
-
-_RSA_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-    "RS256": hashes.SHA256,
-    "RS384": hashes.SHA384,
-    "RS512": hashes.SHA512,
-}
-_HMAC_HASHES: dict[str, Callable[..., Any]] = {
-    "HS256": hashlib.sha256,
-    "HS384": hashlib.sha384,
-    "HS512": hashlib.sha512,
-}
-
-SignKey = rsa.RSAPrivateKey | bytes | None
-
-
-def jwk_thumbprint(public_key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
-    """The RFC 7638 SHA-256 thumbprint of an RSA key, base64url without padding.
-
-    This is the ``kid`` pylti1p3 puts in its client assertion header: ``Registration.get_kid()``
-    imports the tool's public key PEM with jwcrypto (``JWK.from_pem``), which sets ``kid`` to
-    this thumbprint. So a tool's JWKS must publish its key under this very kid.
-    """
-    if isinstance(public_key, rsa.RSAPrivateKey):
-        public_key = public_key.public_key()
-    numbers = public_key.public_numbers()
-    members = {"e": _b64url_uint(numbers.e), "kty": "RSA", "n": _b64url_uint(numbers.n)}
-    return _b64url(hashlib.sha256(_json_bytes(members)).digest())
-
-
-def tool_public_jwk(
-    key: rsa.RSAPublicKey | rsa.RSAPrivateKey, kid: str | None = None
-) -> dict[str, str]:
-    """The public JWK a pylti1p3 tool publishes (``Registration.get_jwk``): ``kid`` defaults to
-    the RFC 7638 thumbprint, ``alg`` RS256 (Moodle's php-jwt refuses keys without ``alg``)."""
-    public_key = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
-    numbers = public_key.public_numbers()
-    return {
-        "kty": "RSA",
-        "e": _b64url_uint(numbers.e),
-        "n": _b64url_uint(numbers.n),
-        "kid": kid if kid is not None else jwk_thumbprint(public_key),
-        "alg": "RS256",
-        "use": "sig",
-    }
-
-
-def encode_jwt(
-    claims: Mapping[str, Any], *, alg: str, key: SignKey, header: Mapping[str, Any]
-) -> str:
-    """Build a compact JWS by hand, so that tests control every byte.
-
-    ``alg`` selects how to sign (``RS256/384/512`` with an RSA private key, ``HS256/384/512``
-    with ``key`` as the HMAC secret, ``none`` for an empty signature); ``header`` is written
-    exactly as given, so it may even disagree with ``alg``. pyjwt is not used because it refuses
-    to build the attack tokens (HMAC with a PEM public key as secret).
-    """
-    signing_input = f"{_b64url(_json_bytes(dict(header)))}.{_b64url(_json_bytes(dict(claims)))}"
-    data = signing_input.encode("ascii")
-    if alg.lower() == "none":
-        signature = b""
-    elif alg in _RSA_HASHES:
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise TypeError(f"{alg} needs an RSA private key, got {type(key).__name__}")
-        signature = key.sign(data, padding.PKCS1v15(), _RSA_HASHES[alg]())
-    elif alg in _HMAC_HASHES:
-        if not isinstance(key, (bytes, bytearray)):
-            raise TypeError(f"{alg} needs bytes as HMAC secret, got {type(key).__name__}")
-        signature = hmac.new(bytes(key), data, _HMAC_HASHES[alg]).digest()
-    else:
-        raise ValueError(f"unsupported alg {alg!r}")
-    return f"{signing_input}.{_b64url(signature)}"
-
-
-# --------------------------------------------------------------------------- HTTP plumbing
-
-
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Werkzeug's handler without one log line per request (errors are still logged)."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-class ServedApp:
-    """Serve any WSGI app on ``127.0.0.1:<free port>`` from a daemon thread.
-
-    Usable for the tool under test too: ``with ServedApp(create_app()) as tool: tool.url``.
-    """
-
-    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server(
-            host, port, app, threaded=True, request_handler=_QuietRequestHandler
-        )
-        self.host = host
-        self.port: int = self._server.server_port
-        self.url = f"http://{host}:{self.port}"
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> Self:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"ServedApp:{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+from .jwt import _HMAC_HASHES, SigningKey, SignKey, _b64url_decode, _check_jwt, encode_jwt
+from .server import ServedApp
 
 
 class _FormParser(HTMLParser):
@@ -482,7 +102,7 @@ class LaunchResult:
         return self.auth_request.get("nonce")
 
 
-DropPath = str | Sequence[str]
+
 
 
 @dataclass
@@ -522,48 +142,10 @@ class IssuedToken:
         return self.expires_at <= time.time()
 
 
-def _drop_path(claims: dict[str, Any], path: DropPath) -> None:
-    keys = [path] if isinstance(path, str) else list(path)
-    target: Any = claims
-    for key in keys[:-1]:
-        target = target[key]
-    if not isinstance(target, dict) or keys[-1] not in target:
-        raise KeyError(f"drop={path!r}: no such claim in the id_token")
-    del target[keys[-1]]
-
-
-def _replace_in_strings(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str):
-        return value.replace(old, new)
-    if isinstance(value, list):
-        return [_replace_in_strings(item, old, new) for item in value]
-    if isinstance(value, dict):
-        return {key: _replace_in_strings(item, old, new) for key, item in value.items()}
-    return value
-
-
 def _moodle_client_id() -> str:
     """Moodle's client ids are ``random_string(15)``: 15 letters and digits."""
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(15))
-
-
-# --------------------------------------------------------------------------- claim helpers
-
-
-def without_name(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy without ``name``/``given_name``/``family_name``/``middle_name`` (not shared)."""
-    return {key: value for key, value in claims.items() if key not in _NAME_CLAIMS}
-
-
-def without_email(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy without ``email`` (Moodle sends it only if the admin shares it)."""
-    return {key: value for key, value in claims.items() if key != "email"}
-
-
-def without_personal_data(claims: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy with neither name nor email."""
-    return without_email(without_name(claims))
 
 
 # --------------------------------------------------------------------------- the platform
@@ -858,200 +440,14 @@ class FakePlatform:
         Extra override: ``dl_settings={...}`` merged into the deep linking settings claim.
         """
         return self._claims_from_fixture("launch_deep_linking.json", sub, overrides)
-
     def _claims_from_fixture(
         self, fixture_name: str, sub: str, overrides: dict[str, Any]
     ) -> dict[str, Any]:
-        """Moodle's captured claims re-targeted at this platform, then ``overrides`` applied.
-
-        Shortcuts (``None`` drops the claim): ``context_id``, ``context_label``,
-        ``context_title``, ``context`` (a dict, or None for a launch without context),
-        ``resource_link_id``, ``resource_link_title``, ``roles`` (list or one string),
-        ``name`` (also sets given/family name; None drops all names), ``given_name``,
-        ``family_name``, ``email``, ``custom``, ``message_type``, ``version``,
-        ``deployment_id`` (the claim only), ``lineitem_id`` (None: no line item), ``ags=False``,
-        ``nrps=False``, ``dl_settings``, ``extra={claim: value}``. Plain claims (``aud``,
-        ``azp``, ``nonce``, ``iat``, ``exp``…) and full claim URIs are set verbatim; an ``iat``
-        alone moves ``exp`` to ``iat + 60``. ``nonce`` is left out so the driver fills in the
-        tool's; ``target_link_uri`` is the tool's launch URL (None until a tool is known: the
-        driver fills it in).
-        """
-        fixture = load_fixture(fixture_name)["claims"]
-        claims: dict[str, Any] = _replace_in_strings(fixture, fixture["iss"], self.url)
-        overrides = dict(overrides)
-        now = int(time.time())
-        claims["iss"] = self.url
-        claims["aud"] = self.client_id
-        claims["sub"] = str(sub)
-        claims["iat"] = now
-        claims["exp"] = now + ID_TOKEN_LIFETIME
-        claims.pop("nonce", None)
-        claims[DEPLOYMENT_ID] = self.deployment_id
-        claims[TARGET_LINK_URI] = self.tool_launch_url
-
-        def take(name: str) -> tuple[bool, Any]:
-            return (name in overrides), overrides.pop(name, None)
-
-        # Personal data: shared only if the Moodle admin allows it.
-        given, value = take("name")
-        if given:
-            if value is None:
-                claims = without_name(claims)
-            else:
-                first, _, rest = str(value).partition(" ")
-                claims.update(name=value, given_name=first, family_name=rest)
-        for name in ("given_name", "family_name", "email"):
-            given, value = take(name)
-            if given:
-                if value is None:
-                    claims.pop(name, None)
-                else:
-                    claims[name] = value
-
-        given, value = take("roles")
-        if given:
-            if value is None:
-                claims.pop(ROLES, None)
-            else:
-                claims[ROLES] = [value] if isinstance(value, str) else list(value)
-
-        # Course (context) and activity (resource link).
-        given, value = take("context")
-        if given:
-            if value is None:
-                claims.pop(CONTEXT, None)
-            else:
-                claims[CONTEXT] = dict(value)
-        for short, key in (
-            ("context_id", "id"),
-            ("context_label", "label"),
-            ("context_title", "title"),
-        ):
-            given, value = take(short)
-            if given:
-                context = claims.setdefault(CONTEXT, {"type": ["CourseSection"]})
-                if value is None:
-                    context.pop(key, None)
-                else:
-                    context[key] = str(value)
-        if RESOURCE_LINK in claims:
-            for short, key in (("resource_link_id", "id"), ("resource_link_title", "title")):
-                given, value = take(short)
-                if given:
-                    if value is None:
-                        claims[RESOURCE_LINK].pop(key, None)
-                    else:
-                        claims[RESOURCE_LINK][key] = str(value)
-        else:
-            for short in ("resource_link_id", "resource_link_title"):
-                if short in overrides:
-                    raise TypeError(f"{short}= makes no sense for {fixture_name}")
-
-        given, value = take("custom")
-        if given:
-            if value is None:
-                claims.pop(CUSTOM, None)
-            else:
-                claims[CUSTOM] = dict(value)
-
-        # Service endpoints follow the course, the tool type (= deployment) and the activity.
-        lineitem_given, lineitem_id = take("lineitem_id")
-        self._moodle_service_urls(claims, fixture, lineitem_given, lineitem_id)
-        _, ags = take("ags")
-        if ags is False:
-            claims.pop(AGS, None)
-        _, nrps = take("nrps")
-        if nrps is False:
-            claims.pop(NRPS, None)
-        given, value = take("dl_settings")
-        if given:
-            if DL_SETTINGS not in claims:
-                raise TypeError(f"dl_settings= makes no sense for {fixture_name}")
-            claims[DL_SETTINGS].update(value or {})
-
-        for short, key in (
-            ("message_type", MESSAGE_TYPE),
-            ("version", VERSION),
-            ("deployment_id", DEPLOYMENT_ID),
-        ):
-            given, value = take(short)
-            if given:
-                if value is None:
-                    claims.pop(key, None)
-                else:
-                    claims[key] = value
-
-        _, extra = take("extra")
-        verbatim = dict(extra or {})
-        for name in list(overrides):
-            if name in _PLAIN_CLAIMS or "://" in name:
-                verbatim[name] = overrides.pop(name)
-        if overrides:
-            raise TypeError(f"unknown claim override(s): {sorted(overrides)}")
-        if "iat" in verbatim and "exp" not in verbatim and verbatim["iat"] is not None:
-            verbatim["exp"] = verbatim["iat"] + ID_TOKEN_LIFETIME
-        for name, value in verbatim.items():
-            if value is None:
-                claims.pop(name, None)
-            else:
-                claims[name] = value
-        return claims
-
-    def _moodle_service_urls(
-        self,
-        claims: dict[str, Any],
-        fixture: Mapping[str, Any],
-        lineitem_given: bool,
-        lineitem_id: Any,
-    ) -> None:
-        """Rebuild the URLs Moodle derives from course id, type id and activity instance."""
-        services = f"{self.url}/mod/lti/services.php"
-        type_id = self.deployment_id  # Moodle's deployment id is the tool type id
-        course = str(claims.get(CONTEXT, {}).get("id") or fixture[CONTEXT]["id"])
-        memberships = f"{services}/CourseSection/{course}/bindings/{type_id}/memberships"
-        if NRPS in claims:
-            claims[NRPS]["context_memberships_url"] = memberships
-        custom = claims.get(CUSTOM)
-        if isinstance(custom, dict):
-            if "context_memberships_url" in custom:
-                custom["context_memberships_url"] = memberships
-            if "context_title" in custom and claims.get(CONTEXT, {}).get("title"):
-                custom["context_title"] = claims[CONTEXT]["title"]
-        if AGS in claims:
-            ags = claims[AGS]
-            ags["lineitems"] = f"{services}/{course}/lineitems?type_id={type_id}"
-            if lineitem_given and lineitem_id is None:
-                ags.pop("lineitem", None)
-            elif lineitem_given or "lineitem" in ags:
-                if not lineitem_given:
-                    lineitem_id = ags["lineitem"].split("/lineitems/")[1].split("/")[0]
-                ags["lineitem"] = (
-                    f"{services}/{course}/lineitems/{lineitem_id}/lineitem?type_id={type_id}"
-                )
-        elif lineitem_given:
-            raise TypeError("lineitem_id= needs the AGS claim")
-        if DL_SETTINGS in claims:
-            sesskey = "".join(
-                secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
-            )
-            claims[DL_SETTINGS]["deep_link_return_url"] = (
-                f"{self.url}/mod/lti/contentitem_return.php?"
-                + urlencode({"course": course, "id": type_id, "sesskey": sesskey})
-            )
-        presentation = claims.get(LAUNCH_PRESENTATION)
-        if isinstance(presentation, dict) and "return_url" in presentation:
-            instance = str(claims.get(RESOURCE_LINK, {}).get("id", "1"))
-            sesskey = "".join(
-                secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
-            )
-            presentation["return_url"] = f"{self.url}/mod/lti/return.php?" + urlencode(
-                {
-                    "course": course,
-                    "launch_container": 4,
-                    "instanceid": instance,
-                    "sesskey": sesskey,
-                }
-            )
+        """Moodle's captured claims re-targeted at this platform (``claims.moodle_claims``:
+        the overrides it takes)."""
+        return moodle_claims(fixture_name, sub, overrides, issuer=self.url,
+                             client_id=self.client_id, deployment_id=self.deployment_id,
+                             target_link_uri=self.tool_launch_url)
 
     # ----------------------------------------------------------------- the launch driver
 
@@ -1850,69 +1246,3 @@ def _php_int(value: str | None) -> int:
     """PHP's ``(int)`` of a request parameter (Moodle's PARAM_INT): leading digits, else 0."""
     match = re.match(r"\s*([+-]?\d+)", value or "")
     return int(match.group(1)) if match else 0
-
-
-def _b64url_decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def _check_jwt(
-    token: str, header: Mapping[str, Any], claims: Mapping[str, Any], keyset: Any
-) -> str | None:
-    """What Moodle 4.3's ``JWT::decode($jwt, JWK::parseKeySet($keyset))`` (php-jwt 6) checks:
-    the keyset parses (every key needs ``alg``), the header's ``kid`` names a key whose
-    ``alg`` is the header's, the RSA signature holds, and ``nbf``/``iat``/``exp`` (when present,
-    no leeway). Returns php-jwt's message for the first failure, or None."""
-    if not isinstance(keyset, dict) or not isinstance(keyset.get("keys"), list):
-        return "JWK Set did not contain any keys"
-    keys: dict[str, Mapping[str, Any]] = {}
-    for index, jwk in enumerate(keyset["keys"]):
-        if not isinstance(jwk, dict) or not jwk:
-            return "JWK must not be empty"
-        if "kty" not in jwk:
-            return 'JWK must contain a "kty" parameter'
-        if "alg" not in jwk:
-            return 'JWK must contain an "alg" parameter'
-        if jwk["kty"] == "RSA" and jwk.get("d"):
-            return "RSA private keys are not supported"
-        keys[str(jwk.get("kid", index))] = jwk
-    if not keys:
-        return "JWK Set did not contain any keys"
-    alg = header.get("alg")
-    if not alg:
-        return "Empty algorithm"
-    kid = header.get("kid")
-    if not kid:
-        return '"kid" empty, unable to lookup correct key'
-    jwk = keys.get(str(kid))
-    if jwk is None:
-        return '"kid" invalid, unable to lookup correct key'
-    if jwk.get("alg") != alg:
-        return "Incorrect key for this algorithm"
-    if alg not in _RSA_HASHES or jwk.get("kty") != "RSA":
-        return "Algorithm not supported"
-    try:
-        public_key = rsa.RSAPublicNumbers(
-            int.from_bytes(_b64url_decode(jwk["e"]), "big"),
-            int.from_bytes(_b64url_decode(jwk["n"]), "big"),
-        ).public_key()
-        signing_input, _, signature = token.rpartition(".")
-        public_key.verify(
-            _b64url_decode(signature),
-            signing_input.encode("ascii"),
-            padding.PKCS1v15(),
-            _RSA_HASHES[alg](),
-        )
-    except (KeyError, ValueError, TypeError):
-        return "Signature verification failed (malformed key or signature)"
-    except InvalidSignature:
-        return "Signature verification failed"
-    now = int(time.time())
-    for name in ("nbf", "iat"):
-        value = claims.get(name)
-        if isinstance(value, (int, float)) and value > now:
-            return f"Cannot handle token with {name} prior to {int(value)} (now {now})"
-    exp = claims.get("exp")
-    if isinstance(exp, (int, float)) and now >= exp:
-        return "Expired token"
-    return None
