@@ -15,7 +15,7 @@ the other, each with its own cloud environment and pool (the activities are poin
 * **cold**: `warm_target` 0: every launch requests a machine, which a pass creates.
 
 Each student is a fresh `requests.Session` doing the full LTI 1.3 login + launch through a
-fake Moodle (`tests/fakeplatform.py`), then polling `GET /machines/<id>/state` every 0.25 s
+fake Moodle (`tests/fakeplatform/`), then polling `GET /machines/<id>/state` every 0.25 s
 (`--poll`; the status page itself polls every second) until `"ready": true` (or an error, or
 `--timeout`). A poll that gets no answer is retried after 3 s, as the page does; a failed
 launch is a failed student. Measured per student: launch start → ready. The students run in

@@ -6,7 +6,7 @@ pylti1p3 tool that only validates (`bench/bare_tool.py`).
 
 Each launch is what a browser does when a student clicks the activity in Moodle, with a
 fresh `requests.Session` (no cookies): POST the login initiation to `<tool>/lti/login`, GET
-the fake Moodle's auth.php (tests/fakeplatform.py: it checks the OIDC request and signs the
+the fake Moodle's auth.php (tests/fakeplatform/: it checks the OIDC request and signs the
 id_token), POST the id_token to `<tool>/lti/launch`, stop at the tool's 303 (the status page
 is not fetched). Times:
 

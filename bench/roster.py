@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/roster.py [--quick | --smoke] [--db postgres|sqlite]
 
-The fake Moodle (tests/fakeplatform.py) serves its token endpoint and the NRPS memberships
+The fake Moodle (tests/fakeplatform/) serves its token endpoint and the NRPS memberships
 endpoint over HTTP, paging like Moodle (`limit`/`from`, `Link: rel="next"`); the tool's JWKS
 (for the client assertion) is served by the tool's own app on loopback. Labpool's real code
 runs unchanged: `lti_tool.services.nrps.sync_course` (pylti1p3's ServiceConnector and NRPS service,
