@@ -66,6 +66,7 @@ def worker(burst: bool) -> None:
 
     # Everything a job needs, imported once: machines point at users and courses (every
     # table must be in the metadata), and the reconciler brings openstacksdk.
+    import grading.outbox  # noqa: F401
     import lti_tool.models  # noqa: F401
     import lti_tool.services.nrps  # noqa: F401
     import provisioning.reconciler  # noqa: F401
@@ -83,10 +84,11 @@ def worker(burst: bool) -> None:
 @main.command()
 def cron() -> None:
     """Run the periodic triggers (RQ's own cron scheduler): a reconciler pass per cloud pool,
-    the idle check, and the roster sync of every course."""
+    the idle check, the roster sync of every course, and the scores owed to gradebooks."""
     import redis
     from rq.cron import CronScheduler
 
+    from grading.outbox import DUE_PASS_INTERVAL_S, send_due_scores_job
     from lti_tool.services.nrps import sync_all_courses_job
     from provisioning.jobs import reconcile_all, release_idle_job
 
@@ -97,6 +99,9 @@ def cron() -> None:
     scheduler.register(reconcile_all, queue, interval=settings.reconcile_interval_s)
     scheduler.register(release_idle_job, queue, interval=settings.idle_check_interval_s)
     scheduler.register(sync_all_courses_job, queue, interval=settings.roster_sync_interval_s)
+    # Scores the outbox owes and whose time has come (retries, lost jobs): the database
+    # remembers them, this pass sends them.
+    scheduler.register(send_due_scores_job, queue, interval=DUE_PASS_INTERVAL_S)
     scheduler.start()
 
 

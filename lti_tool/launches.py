@@ -2,8 +2,10 @@
 enrolment and the activity, records the launch, and finds a learner their machine.
 
 Claims used (LTI Core 1.3 §5.3–5.4): `sub`, `roles`, `context`, `resource_link`, optional
-`name`/`email` (Moodle sends them only if the admin shares them), and the NRPS claim's
-`context_memberships_url` (kept for roster sync).
+`name`/`email` (Moodle sends them only if the admin shares them), the NRPS claim's
+`context_memberships_url` (kept for roster sync) and the AGS claim's `scope`, `lineitems` and
+`lineitem` (kept on the activity, so a worker can send grades; a launch without the claim
+keeps what an earlier one brought).
 
 Names are stored on the enrolment as this launch carries them (none clears them): what a
 teacher sees follows what the course's own registration shares now, never what another
@@ -29,6 +31,7 @@ from provisioning.models import Environment, Machine
 
 CLAIM = "https://purl.imsglobal.org/spec/lti/claim/"
 NRPS_CLAIM = "https://purl.imsglobal.org/spec/lti-nrps/claim/namesroleservice"
+AGS_CLAIM = "https://purl.imsglobal.org/spec/lti-ags/claim/endpoint"
 NO_CONTEXT = ""  # launches without a context claim share one pseudo-course per platform
 
 
@@ -66,6 +69,9 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     context = claims.get(CLAIM + "context") or {}
     link = claims[CLAIM + "resource_link"]
     nrps = claims.get(NRPS_CLAIM) or {}
+    ags = claims.get(AGS_CLAIM)
+    ags = ags if isinstance(ags, dict) else {}
+    scope = ags.get("scope")
 
     params = {
         "iss": claims["iss"], "sub": str(claims["sub"]),
@@ -76,6 +82,10 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         "memberships_url": _text(nrps.get("context_memberships_url"), 2000),
         "roles": roles, "resource_link_id": str(link["id"]),
         "link_title": _text(link.get("title"), 1000) or "", "now": now,
+        "ags_scope": [s for s in scope if isinstance(s, str)][:20]
+        if isinstance(scope, list) else None,
+        "ags_lineitems": _text(ags.get("lineitems"), 2000),
+        "ags_lineitem": _text(ags.get("lineitem"), 2000),
     }
     if session.get_bind().dialect.name == "postgresql":
         user_id, course_id, activity_id, environment_id = session.execute(
@@ -129,14 +139,19 @@ e AS (
     name = EXCLUDED.name, email = EXCLUDED.email
   RETURNING id),
 a AS (
-  INSERT INTO activities (course_id, resource_link_id, title)
-  SELECT c.id, :resource_link_id, :link_title FROM c
-  ON CONFLICT (course_id, resource_link_id) DO UPDATE SET title = EXCLUDED.title
+  INSERT INTO activities (course_id, resource_link_id, title, ags_scope, ags_lineitems,
+                          ags_lineitem)
+  SELECT c.id, :resource_link_id, :link_title, :ags_scope, :ags_lineitems, :ags_lineitem FROM c
+  ON CONFLICT (course_id, resource_link_id) DO UPDATE SET title = EXCLUDED.title,
+    ags_scope = COALESCE(EXCLUDED.ags_scope, activities.ags_scope),
+    ags_lineitems = COALESCE(EXCLUDED.ags_lineitems, activities.ags_lineitems),
+    ags_lineitem = COALESCE(EXCLUDED.ags_lineitem, activities.ags_lineitem)
   RETURNING id, environment_id)
 SELECT u.id, c.id, a.id,
        COALESCE(a.environment_id, (SELECT id FROM environments WHERE name = 'default'))
 FROM u, c, a, (SELECT count(*) FROM e) AS enrolled
-""").bindparams(bindparam("roles", type_=JSON), bindparam("now", type_=UTCDateTime))
+""").bindparams(bindparam("roles", type_=JSON), bindparam("ags_scope", type_=JSON(none_as_null=True)),
+               bindparam("now", type_=UTCDateTime))
 
 
 def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int, int]:
@@ -160,7 +175,9 @@ def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int,
     activity_id = upsert(
         session, Activity,
         keys={"course_id": course_id, "resource_link_id": p["resource_link_id"]},
-        values={"title": p["link_title"]},
+        values={"title": p["link_title"], "ags_scope": p["ags_scope"],
+                "ags_lineitems": p["ags_lineitems"], "ags_lineitem": p["ags_lineitem"]},
+        keep_if_null=("ags_scope", "ags_lineitems", "ags_lineitem"),
     )
     return user_id, course_id, activity_id, environment_of(session, activity_id).id
 
@@ -213,5 +230,3 @@ def enrolment_roles(session: Session, user_id: int, course_id: int) -> list[str]
             Enrolment.ended_at.is_(None),
         )
     ).first()
-
-

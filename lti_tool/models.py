@@ -110,7 +110,7 @@ class Activity(Base):
     environment_id: Mapped[int | None] = mapped_column(ForeignKey("environments.id"))
     # The launch's AGS claim (LTI AGS 2.0 §3.1): the scopes the platform grants for grades,
     # its line items container and, when the activity has a grade item, that line item.
-    ags_scope: Mapped[list[str] | None] = mapped_column(JSON)
+    ags_scope: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))  # NULL, not 'null'
     ags_lineitems: Mapped[str | None] = mapped_column(Text)
     ags_lineitem: Mapped[str | None] = mapped_column(Text)
 

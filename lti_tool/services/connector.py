@@ -45,6 +45,7 @@ class CachedTokenConnector(ServiceConnector):
     def __init__(self, registration: Registration, conn: redis.Redis, http: requests.Session):
         super().__init__(registration, http)
         self._redis = conn
+        self.http = http  # for services that read the status and reason themselves (AGS)
 
     def _scope_key(self, scopes) -> str:  # type: ignore[no-untyped-def, override]
         reg = self._registration

@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from lti_tool.web import (
+        grading_routes,
         lti_routes,
         machine_routes,
         page_headers,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(teacher_routes.bp)
     app.register_blueprint(teacher_actions.bp)
     app.register_blueprint(proxy_routes.bp)
+    app.register_blueprint(grading_routes.bp)
     page_headers.install(app)
 
     @app.errorhandler(WebError)
@@ -92,4 +94,3 @@ def create_app(settings: Settings | None = None) -> Flask:
         return {"ok": True}
 
     return app
-

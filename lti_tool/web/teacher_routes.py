@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from grading.assignments import activity_assignments
 from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Course, Enrolment, User
 from lti_tool.names import short_labels
@@ -180,6 +181,7 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             else [],
             environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
             view=class_view(session, activity),
+            assignments=activity_assignments(session, activity.id),
             weekdays=WEEKDAYS,
             csrf=csrf_token(),
         )

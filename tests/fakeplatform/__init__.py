@@ -18,6 +18,9 @@ endpoints:
   of the client id that asked (a token used on another tool type's service URL gets 401, as in
   Moodle's ``get_oauth_key_from_headers``). ``add_tool_type()`` adds a second tool type (own
   client id and type id) on the same site, as an admin who configures the tool twice does;
+* ``…/services.php/<course>/lineitems…`` — Assignment and Grade Services (line items and
+  scores with Moodle's 400/409 rules, a gradebook a test reads, outage switches):
+  ``platform.gradebook``, in ``ags.py``;
 * ``GET /mod/lti/services.php/CourseSection/<course>/bindings/<type id>/memberships`` — the
   Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
   tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
@@ -49,7 +52,7 @@ Example::
 The package: ``platform.py`` (``FakePlatform``, its endpoints and launch driver), ``server.py``
 (``ServedApp``, which also serves the tool under test), ``claims.py`` (claim names, the captured
 Moodle launches and the claims builder behind ``learner()``/``instructor()``/``deep_linking()``),
-``jwt.py`` (keys, JWKs, hand-built JWS). Import from the package: ``from tests.fakeplatform
+``jwt.py`` (keys, JWKs, hand-built JWS), ``ags.py`` (``FakeGradebook``: Moodle's grade services). Import from the package: ``from tests.fakeplatform
 import FakePlatform, ServedApp``.
 """
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.wrappers import Request, Response
 
+from .ags import FakeGradebook
 from .claims import (
     _MEMBERSHIP_ROLE_PREFIX,
     ACCESS_TOKEN_LIFETIME,
@@ -225,6 +226,10 @@ class FakePlatform:
         self.roster_requests: list[tuple[str, dict[str, str]]] = []
         self._rosters: dict[str, dict[str, Any]] = {}
         self._roster_faults: dict[int, int] = {}
+
+        # AGS: line items and scores (tests/fakeplatform/ags.py)
+        #: The gradebook: line items, stored grades, every score taken; its outage switches.
+        self.gradebook = FakeGradebook(self)
 
         self._server = ServedApp(self._wsgi_app)
         self.url: str = self._server.url  #: the issuer, e.g. ``http://127.0.0.1:PORT``
@@ -1015,6 +1020,8 @@ class FakePlatform:
     def _services_endpoint(self, request: Request) -> Response:
         """Moodle's mod/lti/services.php: route by path and Accept, then run the resource."""
         path = request.path[len(self.SERVICES_PATH) :]
+        if self.gradebook.handles(path):
+            return self.gradebook.endpoint(request, path, _service_error, self._bearer_allows)
         match = re.fullmatch(r"/CourseSection/([^/]+)/bindings/([^/]+)/memberships", path)
         accept = request.headers.get("Accept", "")
         formats = (LIS_MEMBERSHIP_MEDIA_TYPE, NRPS_MEDIA_TYPE)
