@@ -83,10 +83,12 @@ DEFAULT_SCHEMA = "labpool_bench"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 QUEUE_NAME = "bench"
 DUMMY_ADDRESS = "127.0.0.1:9"  # the discard port: never contacted, the launch only finds it
-# Keys the benchmark's tools write (labpool's launch storage, JWKS cache and rate counters,
-# the bare tool's storage, the queue of the warm-up's start jobs).
+# Keys the benchmarks' tools write (labpool's launch storage, JWKS cache and rate counters,
+# the LTI Advantage token cache of bench/roster.py, the bare tool's storage, the queue of the
+# warm-up's start jobs).
 OWN_KEY_PATTERNS = (
-    "labpool:lti:*", "labpool:platform-jwks:*", "labpool:rate:*", "bench:bare:*"
+    "labpool:lti:*", "labpool:platform-jwks:*", "labpool:rate:*", "labpool:access-token:*",
+    "bench:bare:*",
 )
 
 SIZES = {
