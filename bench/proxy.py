@@ -227,7 +227,7 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
     from config.settings import load_settings
     from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER, proxy_secret
     from lti_tool.web.app import create_app
-    from provisioning.routes import route_for_owner
+    from provisioning.proxy_table import route_for_owner
 
     settings = load_settings(env)
     app = create_app(settings)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lti_tool.ide_access import IDE_COOKIE, ide_cookies
     from lti_tool.nginx import render_standalone
-    from provisioning.routes import ACTIVITY_KEY, ROUTE_KEY, publish_route
+    from provisioning.proxy_table import ACTIVITY_KEY, ROUTE_KEY, publish_route
 
     work = Path(tempfile.mkdtemp(prefix="labpool-bench-proxy-"))
     work.chmod(0o711)  # the sandbox's user and nginx's workers pass through to the data

@@ -14,6 +14,7 @@ from config.db import transaction
 from config.settings import Settings, SettingsError, load_settings
 from lti_tool.registrations import moodle_values
 from lti_tool.startup import prepare
+from provisioning.backends import BACKENDS
 
 
 def _settings() -> Settings:
@@ -90,7 +91,8 @@ def cron() -> None:
 
     from grading.outbox import DUE_PASS_INTERVAL_S, send_due_scores_job
     from lti_tool.services.nrps import sync_all_courses_job
-    from provisioning.jobs import reconcile_all, release_idle_job
+    from provisioning.idle import release_idle_job
+    from provisioning.jobs import reconcile_all
 
     settings = _settings()
     conn = redis.Redis.from_url(settings.effective_redis_url)
@@ -112,7 +114,7 @@ def env() -> None:
 
 @env.command("add")
 @click.argument("name")
-@click.option("--backend", type=click.Choice(["local", "openstack"]), default="local")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="local")
 @click.option("--ide", "ide_kind", type=click.Choice(["jupyterlab", "code-server", "terminal"]),
               default="jupyterlab")
 @click.option("--image", "image_id", help="Golden image id (openstack).")
@@ -176,7 +178,8 @@ def env_list() -> None:
             .order_by(Environment.id)
         ):
             line = f"{environment.name}: {environment.ide_kind.value} on {environment.backend}"
-            if environment.backend == "openstack":
+            known = BACKENDS.get(environment.backend)
+            if known and known.capabilities.needs:  # it boots an image
                 line += f" (image {environment.image_id}, flavor {environment.flavor_id})"
             if pool is not None:
                 line += f"; pool warm {pool.warm_target} max {pool.max_size}"
@@ -238,7 +241,7 @@ def volumes_list() -> None:
 @click.confirmation_option(prompt="Delete this student's files for good?")
 def volumes_delete(volume_row_id: int) -> None:
     """Delete a student's volume (their files) from the cloud and the database."""
-    from provisioning.backends import openstack_backend_for
+    from provisioning.backends import backends_that, volumes_backend_for
     from provisioning.errors import ProvisioningError
     from provisioning.models import Environment, StudentVolume
 
@@ -249,10 +252,11 @@ def volumes_delete(volume_row_id: int) -> None:
             raise click.ClickException(f"no volume {volume_row_id}")
         if volume.status == "in-use":
             raise click.ClickException("the volume is attached; release the student's machine first")
-        env = session.scalars(select(Environment).where(Environment.backend == "openstack")).first()
+        env = session.scalars(select(Environment).where(
+            Environment.backend.in_(backends_that(lambda can: can.volumes)))).first()
         if volume.volume_id and env is not None:
             try:
-                openstack_backend_for(env, rt.settings).delete_volume(volume.volume_id)
+                volumes_backend_for(env, rt.settings).delete_volume(volume.volume_id)
             except ProvisioningError as exc:
                 raise click.ClickException(str(exc)) from exc
         session.delete(volume)

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from config.db import UTCDateTime, upsert, utcnow
 from lti_tool.models import Activity, Course, Enrolment, Launch, User
 from lti_tool.roles import is_staff
-from provisioning.claims import machine_for_learner
+from provisioning.claiming import machine_for_learner
 from provisioning.models import Environment, Machine
 
 CLAIM = "https://purl.imsglobal.org/spec/lti/claim/"

@@ -34,6 +34,7 @@ from config.redis import EmbeddedRedis
 from config.settings import Settings, load_settings
 from lti_tool.registrations import moodle_values
 from lti_tool.startup import prepare
+from provisioning.backends import capabilities
 from provisioning.sandbox import Isolation, host_isolation
 
 
@@ -96,7 +97,7 @@ def plan(
     public URL is reachable by others and students could not be kept apart."""
     warnings: list[str] = []
     local_only = is_loopback(settings.public_url)
-    if settings.backend == "local":
+    if capabilities(settings.backend).on_host:
         problems = (isolation or host_isolation()).problems
         if problems and not local_only:
             raise CannotServe(
@@ -149,7 +150,7 @@ def serve(settings: Settings, demo: bool) -> int:
     protect_data_dir(settings)
     nginx = nginx_binary()
     settings, warnings = plan(settings, nginx)
-    if settings.backend == "local":
+    if capabilities(settings.backend).on_host:
         try:
             make_ide_env(settings.ide_env_dir, echo=click.echo)
         except IdeEnvError as exc:

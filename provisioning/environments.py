@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import transaction
 from config.settings import Settings
+from provisioning.backends import BACKENDS, Capabilities
 from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, IdeKind, Pool
 
@@ -40,21 +41,27 @@ def add_environment(
     max_file_size_mb: int = 1024,
     cpu_seconds: int = 0,
 ) -> Environment:
-    """Define an environment; a cloud environment gets its pool at once."""
+    """Define an environment; a pooled (cloud) environment gets its pool at once. Refused
+    when its backend cannot run its IDE: accepted, every launch would fail."""
     if not name.strip():
         raise EnvironmentRejected("the environment needs a name")
-    if backend not in ("local", "openstack"):
-        raise EnvironmentRejected(f"backend must be 'local' or 'openstack', not {backend!r}")
+    if backend not in BACKENDS:
+        raise EnvironmentRejected(
+            f"backend must be {' or '.join(repr(b) for b in sorted(BACKENDS))}, not {backend!r}")
+    can = BACKENDS[backend].capabilities
     try:
         kind = IdeKind(ide_kind)
     except ValueError:
         kinds = ", ".join(k.value for k in IdeKind)
         raise EnvironmentRejected(f"IDE must be one of {kinds}, not {ide_kind!r}") from None
-    if backend == "openstack":
-        missing = [flag for flag, value in (("--image", image_id), ("--flavor", flavor_id),
-                                            ("--network", network_id)) if not value]
-        if missing:
-            raise EnvironmentRejected(f"an openstack environment needs {', '.join(missing)}")
+    if kind.value not in can.ide_kinds:
+        raise EnvironmentRejected(
+            f"the {backend} backend cannot run {kind.value}; it runs "
+            f"{', '.join(sorted(can.ide_kinds))}")
+    given = {"image_id": image_id, "flavor_id": flavor_id, "network_id": network_id}
+    missing = [flag for field, flag in can.needs if not given.get(field)]
+    if missing:
+        raise EnvironmentRejected(f"an {backend} environment needs {', '.join(missing)}")
     if session.scalar(select(Environment.id).where(Environment.name == name)) is not None:
         raise EnvironmentRejected(f"an environment named {name!r} exists already")
     _check_pool_sizes(warm_target, max_size)
@@ -70,7 +77,7 @@ def add_environment(
     )
     session.add(env)
     session.flush()
-    if backend == "openstack":
+    if can.pooled:
         session.add(Pool(environment_id=env.id, warm_target=warm_target, max_size=max_size))
         session.flush()
     return env
@@ -101,10 +108,10 @@ def add_secured_environment(sessions: sessionmaker[Session], settings: Settings,
 
     with sessions() as session:  # a dry run: the definition's own mistakes come first
         draft = add_environment(session, name=name, **options)
-        on_cloud, ide_port = draft.backend == "openstack", draft.ide_port or 8888
+        guarded, ide_port = _can(draft.backend).security_groups, draft.ide_port or 8888
         session.rollback()
     groups = list(options.get("security_groups") or [])
-    if on_cloud:
+    if guarded:
         try:
             groups = secure_ide_port(_cloud(settings), environment_name=name, groups=groups,
                                      ide_port=ide_port, proxy_addresses=settings.proxy_addresses)
@@ -124,7 +131,7 @@ def recheck_security_groups(sessions: sessionmaker[Session], settings: Settings,
 
     with sessions() as session:
         environment = session.scalars(select(Environment).where(Environment.name == name)).first()
-        if environment is None or environment.backend != "openstack":
+        if environment is None or not _can(environment.backend).security_groups:
             raise EnvironmentRejected(f"no cloud environment named {name!r}")
         groups, ide_port = list(environment.security_groups or []), environment.ide_port
     try:
@@ -136,6 +143,13 @@ def recheck_security_groups(sessions: sessionmaker[Session], settings: Settings,
         environment = session.scalars(select(Environment).where(Environment.name == name)).one()
         environment.security_groups = ids
     return ids
+
+
+def _can(backend: str) -> Capabilities:
+    entry = BACKENDS.get(backend)
+    if entry is None:  # a row written by a version that had this backend
+        raise EnvironmentRejected(f"backend {backend!r} is not available here")
+    return entry.capabilities
 
 
 def _cloud(settings: Settings) -> Any:

@@ -43,8 +43,9 @@ def ide_get(address: str, path: str, token: str, timeout: float = 2) -> tuple[in
     if address.startswith(UNIX):
         conn: http.client.HTTPConnection = _UnixConnection(address[len(UNIX):], timeout)
     else:
-        host, _, port = address.rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        # http.client parses `host:port` itself, and unwraps `[IPv6]:port` (a server on an
+        # IPv6-only cloud network) only when it parses.
+        conn = http.client.HTTPConnection(address, timeout=timeout)
     try:
         # Both headers: JupyterLab reads X-Labpool-Token; a cloud image's other IDEs and
         # older configurations read the standard one.

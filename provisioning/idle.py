@@ -10,35 +10,17 @@ happened for `idle_timeout_s`: no request through the proxy, no activity the IDE
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-import requests
 from sqlalchemy import column, select, table, tuple_
 
-from config.runtime import Runtime
+from config.runtime import Runtime, current_runtime
+from provisioning.activity import idle_among
+from provisioning.jobs import stop_machine_now
 from provisioning.models import Environment, Machine, MachineState
-from provisioning.routes import last_activity
 
 log = logging.getLogger(__name__)
 enrolments = table("enrolments", column("course_id"), column("user_id"), column("ended_at"))
-
-
-def ide_activity(address: str | None, machine_id: int, token: str | None) -> datetime | None:
-    """When the IDE last saw its user (Jupyter's /api/status); now if a browser is connected."""
-    if not address or not token:
-        return None
-    try:
-        resp = requests.get(f"http://{address}/ide/{machine_id}/api/status",
-                            headers={"Authorization": f"token {token}"}, timeout=2)
-        status = resp.json() if resp.status_code == 200 else {}
-    except (requests.RequestException, ValueError):
-        return None
-    if status.get("connections"):
-        return datetime.now().astimezone()
-    try:
-        return datetime.fromisoformat(str(status.get("last_activity")).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def machines_to_release(rt: Runtime, now: datetime) -> list[tuple[int, str]]:
@@ -56,37 +38,35 @@ def machines_to_release(rt: Runtime, now: datetime) -> list[tuple[int, str]]:
                    enrolments.c.ended_at.is_not(None))
         )} if pairs else set()
     chosen: list[tuple[int, str]] = []
+    maybe_idle: list[Machine] = []
+    timeouts: dict[int, timedelta] = {}
     for machine, env in rows:
         since = machine.assigned_at or machine.state_changed_at
         if (machine.course_id, machine.owner_id) in left:
             chosen.append((machine.id, "the student is no longer enrolled"))
-            continue
-        if now - since > timedelta(seconds=env.max_session_s):
+        elif now - since > timedelta(seconds=env.max_session_s):
             chosen.append((machine.id, "the maximum session length was reached"))
-            continue
-        idle_for = timedelta(seconds=env.idle_timeout_s)
-        seen = [t for t in (since, machine.last_activity_at) if t is not None]
-        proxied = last_activity(rt.redis, machine.id)
-        if proxied:
-            seen.append(datetime.fromtimestamp(proxied).astimezone())
-        if now - max(seen) <= idle_for:
-            continue
-        # The cheap signals say idle: ask the IDE before taking it away.
-        reported = ide_activity(machine.address, machine.id, machine.ide_token)
-        if reported is not None and now - reported <= idle_for:
-            continue
-        chosen.append((machine.id, f"no activity for {env.idle_timeout_s // 60} min"))
+        else:
+            maybe_idle.append(machine)
+            timeouts[machine.id] = timedelta(seconds=env.idle_timeout_s)
+    for machine in idle_among(rt.redis, maybe_idle, now, timeouts):
+        minutes = int(timeouts[machine.id].total_seconds()) // 60
+        chosen.append((machine.id, f"no activity for {minutes} min"))
     return chosen
 
 
 def release_idle_machines(rt: Runtime, now: datetime | None = None) -> list[int]:
     """Release what `machines_to_release` names; returns the machine ids."""
-    from provisioning.jobs import stop_machine_now
-
-    now = now or datetime.now().astimezone()
+    now = now or datetime.now(UTC)
     released = []
     for machine_id, why in machines_to_release(rt, now):
         log.info("releasing machine %s: %s", machine_id, why)
         if stop_machine_now(rt, machine_id, only_if=MachineState.assigned) == "stopped":
             released.append(machine_id)
     return released
+
+
+def release_idle_job() -> int:
+    """RQ cron job (`labpool cron`): release idle machines (their files stay). Here, not in
+    `provisioning.jobs`: the idle rules use the jobs' stop, never the other way round."""
+    return len(release_idle_machines(current_runtime()))

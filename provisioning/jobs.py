@@ -16,10 +16,17 @@ from sqlalchemy import select
 
 from config.db import transaction
 from config.runtime import Runtime, current_runtime
-from provisioning.backends import Backend, MachineSpec, Started, backend_for
+from provisioning.backends import (
+    MachineSpec,
+    OnDemandBackend,
+    Started,
+    backend_for,
+    backends_that,
+    on_demand_backend_for,
+)
 from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, Machine, MachineState
-from provisioning.routes import withdraw_route
+from provisioning.proxy_table import withdraw_route
 from provisioning.storage import volumes_released
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,7 @@ def start_machine(machine_id: int) -> str:
 
     deadline = started_at.timestamp() + rt.settings.machine_start_timeout_s
     try:
-        backend = backend_for(machine.backend, rt.settings)
+        backend = on_demand_backend_for(machine.backend, rt.settings)
         if time.time() >= deadline:
             # A start that was cut off (worker killed) and found again too late.
             backend.stop(spec)
@@ -95,7 +102,7 @@ def start_machine(machine_id: int) -> str:
     return "error"
 
 
-def _start_and_record(rt: Runtime, backend: Backend, spec: MachineSpec) -> MachineSpec | None:
+def _start_and_record(rt: Runtime, backend: OnDemandBackend, spec: MachineSpec) -> MachineSpec | None:
     """Start the machine and write where it is before anything else can go wrong."""
     started: Started = backend.start(spec)
     with transaction(rt.sessions) as session:
@@ -154,12 +161,14 @@ def stop_machine_now(rt: Runtime, machine_id: int, only_if: MachineState | None 
     return "stopped"
 
 
-def stop_all_machines(rt: Runtime, backend_name: str = "local") -> int:
-    """Stop every machine of a backend now, in this process (used when `labpool run` exits)."""
+def stop_all_machines(rt: Runtime) -> int:
+    """Stop every machine that runs on this host now, in this process (used when `labpool
+    run` exits: its processes would outlive it; cloud machines stay)."""
     with rt.sessions() as session:
         ids = session.scalars(
             select(Machine.id).where(
-                Machine.backend == backend_name, Machine.state != MachineState.stopped
+                Machine.backend.in_(backends_that(lambda can: can.on_host)),
+                Machine.state != MachineState.stopped,
             )
         ).all()
     for machine_id in ids:
@@ -189,7 +198,7 @@ def reconcile_pool_job(pool_id: int) -> str:
 
 
 def reconcile_all() -> int:
-    """The periodic trigger (run by `labpool cron`): a pass for every cloud pool."""
+    """The periodic trigger (run by `labpool cron`): a pass for every pool."""
     from provisioning.models import Pool
     from provisioning.triggers import reconcile_soon
 
@@ -197,15 +206,8 @@ def reconcile_all() -> int:
     with rt.sessions() as session:
         pool_ids = session.scalars(
             select(Pool.id).join(Environment, Environment.id == Pool.environment_id)
-            .where(Environment.backend == "openstack")
+            .where(Environment.backend.in_(backends_that(lambda can: can.pooled)))
         ).all()
     for pool_id in pool_ids:
         reconcile_soon(rt, pool_id)
     return len(pool_ids)
-
-
-def release_idle_job() -> int:
-    """RQ cron job: release idle machines (their files stay)."""
-    from provisioning.idle import release_idle_machines
-
-    return len(release_idle_machines(current_runtime()))

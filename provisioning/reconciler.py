@@ -22,33 +22,40 @@ pass finds the work again. One pass, in order:
 Cloud errors become what a teacher can read on the pool: quota (403) holds creation until
 headroom returns; 409 is retried next pass; 5xx and timeouts back off exponentially; machines
 failing in a row back off too, so a broken image cannot crash-loop.
+
+Every decision above is a pure function in `provisioning/reconcile_decisions.py`; this module
+reads the rows, lists the pool, makes the cloud calls those functions ask for and writes the
+outcome.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select, update
 
 from config.db import transaction, utcnow
 from config.runtime import Runtime
-from provisioning.backends import MachineSpec, openstack_backend_for
-from provisioning.backends.openstack import OpenStackBackend, ServerView
-from provisioning.errors import (
-    BackendUnavailable,
-    CloudConflict,
-    CloudUnavailable,
-    ProvisioningError,
-    QuotaExceeded,
-)
+from provisioning.backends import MachineSpec, PooledBackend, ServerView, pooled_backend_for
+from provisioning.errors import CloudConflict, CloudUnavailable, ProvisioningError, QuotaExceeded
 from provisioning.models import Environment, Machine, MachineState, Pool
-from provisioning.routes import withdraw_route
+from provisioning.proxy_table import withdraw_route
+from provisioning.reconcile_decisions import (
+    PoolHold,
+    Row,
+    after_pass,
+    backoff_delay,
+    create_outcome,
+    creates_back_off,
+    decide,
+    decide_creates,
+    decide_warm,
+    is_held,
+)
 from provisioning.schedule import boosted_target, scheduled_demand
 from provisioning.storage import attach_student_volumes, volumes_released
 
@@ -56,9 +63,6 @@ log = logging.getLogger(__name__)
 S = MachineState
 CAPACITY_STATES = (S.requested, S.starting, S.ready)
 PARALLEL_CLOUD_CALLS = 8
-# A machine `starting` without any server this long after its create was sent: the create
-# never reached the cloud.
-CREATE_GRACE = timedelta(seconds=60)
 
 
 @dataclass
@@ -80,20 +84,6 @@ class PassReport:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Row:
-    """A machine as the pass read it (no ORM objects held across cloud calls)."""
-
-    id: int
-    state: MachineState
-    owner_id: int | None
-    course_id: int | None
-    ref: dict[str, Any]
-    address: str | None
-    ide_token: str | None
-    since: datetime
-
-
 def _spec(row: Row, env: Environment, pool_id: int, *, address: str | None = None,
           token: str | None = None) -> MachineSpec:
     return MachineSpec(
@@ -104,7 +94,7 @@ def _spec(row: Row, env: Environment, pool_id: int, *, address: str | None = Non
 
 
 def reconcile_pool(
-    rt: Runtime, pool_id: int, backend: OpenStackBackend | None = None,
+    rt: Runtime, pool_id: int, backend: PooledBackend | None = None,
     clock: datetime | None = None,
 ) -> PassReport:
     """One pass over one pool. Safe to run concurrently with launches; run at most one pass
@@ -127,9 +117,9 @@ def reconcile_pool(
             )
         ]
     report.machines = len(rows)
-    backing_off = pool.backoff_until is not None and pool.backoff_until > now
+    backing_off = is_held(pool.backoff_until, now)
 
-    cloud = backend or openstack_backend_for(env, rt.settings)
+    cloud = backend or pooled_backend_for(env, rt.settings)
     try:
         servers = cloud.list_pool_servers(pool_id)
     except (CloudUnavailable, CloudConflict) as exc:
@@ -137,49 +127,10 @@ def reconcile_pool(
         report.held = str(exc)
         return report
     report.servers = len(servers)
-    by_machine: dict[int, list[ServerView]] = defaultdict(list)
-    for server in servers:
-        if server.machine_id is not None:
-            by_machine[server.machine_id].append(server)
-
-    timeout = timedelta(seconds=rt.settings.cloud_start_timeout_s)
-    failures: list[tuple[Row, str, list[ServerView]]] = []
-    to_check: list[tuple[Row, str]] = []
-    to_stop: list[Row] = []
-    to_requeue: list[int] = []
-    extras: list[ServerView] = []
-    live_ids = set()
-    for row in rows:
-        live_ids.add(row.id)
-        found = [s for s in by_machine.get(row.id, []) if s.status not in ("DELETED", "SOFT_DELETED")]
-        if len(found) > 1 and row.state is not S.stopping:
-            # Two servers for one machine (a create retried after its answer was lost):
-            # keep the most advanced, delete the others.
-            found.sort(key=lambda s: (s.status != "ACTIVE", s.status == "ERROR", s.created or now))
-            extras.extend(found[1:])
-            found = found[:1]
-        if row.state is S.stopping:
-            to_stop.append(row)
-        elif row.state is S.starting:
-            broken = [s for s in found if s.status == "ERROR"]
-            active = [s for s in found if s.status == "ACTIVE" and s.address]
-            if broken:
-                failures.append((row, broken[0].fault or "the server went to ERROR", found))
-            elif not found and row.ref.get("server_id"):
-                failures.append((row, "the cloud lost the machine's server", found))
-            elif not found and now - row.since > CREATE_GRACE:
-                # The create never happened (its answer was lost and no server has our tag):
-                # back in the queue, same machine row.
-                to_requeue.append(row.id)
-            elif now - row.since > timeout:
-                failures.append((row, f"the IDE did not answer within {timeout.seconds} s", found))
-            elif active:
-                to_check.append((row, active[0].address or ""))
-        elif row.state in (S.ready, S.assigned):
-            if not found:
-                failures.append((row, "the cloud lost the machine's server", found))
-            elif all(s.status == "ERROR" for s in found):
-                failures.append((row, found[0].fault or "the server went to ERROR", found))
+    actions = decide(rows, servers, now,
+                     start_timeout=timedelta(seconds=rt.settings.cloud_start_timeout_s),
+                     orphan_grace=timedelta(seconds=rt.settings.orphan_grace_s))
+    failures, to_check, to_stop = actions.failures, actions.to_check, actions.to_stop
 
     # 1. failures, 2. health checks, 3. stops
     with ThreadPoolExecutor(PARALLEL_CLOUD_CALLS) as pool_exec:
@@ -188,23 +139,16 @@ def reconcile_pool(
         ))
         list(pool_exec.map(lambda f: _delete_servers(cloud, f[2]), failures))
         list(pool_exec.map(lambda row: cloud.stop(_spec(row, env, pool_id)), to_stop))
-        list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), extras))
+        list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), actions.extras))
     up = [(row, address) for (row, address), ok in zip(to_check, healthy, strict=True) if ok]
     report.ready = _mark_up(rt, up)
-    report.volumes_attached = attach_student_volumes(rt, cloud, env, by_machine)
+    report.volumes_attached = attach_student_volumes(rt, cloud, env, actions.servers_by_machine)
     report.failed = _mark_failed(rt, [(row, reason) for row, reason, _ in failures])
     report.stopped = _mark_stopped(rt, [row.id for row in to_stop])
-    _requeue(rt, to_requeue)
+    _requeue(rt, actions.to_requeue)
 
-    # 4. orphans: servers no live machine owns (the database forgot them, or a machine was
-    # removed while its server stayed), after a grace period for creates still in flight.
-    grace = timedelta(seconds=rt.settings.orphan_grace_s)
-    orphans = [
-        s for s in servers
-        if (s.machine_id is None or s.machine_id not in live_ids)
-        and s.status not in ("DELETED", "SOFT_DELETED")
-        and (s.created is None or now - s.created > grace)
-    ]
+    # 4. orphans
+    orphans = actions.orphans
     if orphans:
         with ThreadPoolExecutor(PARALLEL_CLOUD_CALLS) as pool_exec:
             list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), orphans))
@@ -218,12 +162,12 @@ def reconcile_pool(
         report.held = pool.hold_note
     else:
         report.created, report.held = _create_requested(rt, cloud, pool, env, now)
-    _finish(rt, pool_id, now, report, failures=report.failed)
+    _finish(rt, pool_id, now, report)
     log.info("pool %s pass: %s", pool_id, report)
     return report
 
 
-def _delete_servers(cloud: OpenStackBackend, servers: list[ServerView]) -> None:
+def _delete_servers(cloud: PooledBackend, servers: list[ServerView]) -> None:
     for server in servers:
         try:
             cloud.stop(MachineSpec(id=server.machine_id or 0, ide_kind="jupyterlab", owner_id=None,
@@ -306,9 +250,6 @@ def _top_up_warm(
     with transaction(rt.sessions) as session:
         demand, in_session = scheduled_demand(session, env.id, clock)
         boost = boosted_target(session, env.id, clock)
-        report.target = max(pool.warm_target, demand, boost)
-        if in_session:
-            report.notes.append(f"class in session: {demand} student(s) without a machine yet")
         counts = dict(session.execute(
             select(Machine.state, func.count())
             .where(Machine.environment_id == env.id, Machine.owner_id.is_(None),
@@ -320,24 +261,22 @@ def _top_up_warm(
             select(func.count()).where(Machine.environment_id == env.id,
                                        Machine.state.in_(CAPACITY_STATES + (S.assigned,)))
         ) or 0
-        target = 0 if pool.paused else report.target
-        if warm < target:
-            room = max(0, pool.max_size - total)
-            add = min(target - warm, room)
+        change = decide_warm(floor=pool.warm_target, demand=demand, in_session=in_session,
+                             boost=boost, paused=pool.paused, max_size=pool.max_size, warm=warm,
+                             ready=counts.get(S.ready, 0), total=total)
+        report.target = change.target
+        report.notes.extend(change.notes)
+        if change.add:
             session.add_all(
-                Machine(environment_id=env.id, backend="openstack", state=S.requested)
-                for _ in range(add)
+                Machine(environment_id=env.id, backend=env.backend, state=S.requested)
+                for _ in range(change.add)
             )
-            if target - warm > room:
-                report.notes.append(f"max_size {pool.max_size} caps the warm pool")
-            return add
-        surplus = min(warm - target, counts.get(S.ready, 0))
-        if surplus > 0:
+        if change.stop > 0:
             ids = session.scalars(
                 select(Machine.id)
                 .where(Machine.environment_id == env.id, Machine.state == S.ready,
                        Machine.owner_id.is_(None))
-                .order_by(Machine.id.desc()).limit(surplus)
+                .order_by(Machine.id.desc()).limit(change.stop)
             ).all()
             # Conditional: a launch may claim one of them this very moment.
             session.execute(
@@ -346,11 +285,11 @@ def _top_up_warm(
                 .values(state=S.stopping, state_changed_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-        return 0
+        return change.add
 
 
 def _create_requested(
-    rt: Runtime, cloud: OpenStackBackend, pool: Pool, env: Environment, now: datetime
+    rt: Runtime, cloud: PooledBackend, pool: Pool, env: Environment, now: datetime
 ) -> tuple[int, str | None]:
     """Give `requested` machines servers: students' first, then warm ones."""
     with rt.sessions() as session:
@@ -360,33 +299,27 @@ def _create_requested(
             .order_by(Machine.owner_id.is_(None), Machine.id)
         ).all()
         building = session.scalar(
-            select(func.count()).where(Machine.backend == "openstack",
+            # The cap is per cloud: every pool of this backend counts.
+            select(func.count()).where(Machine.backend == env.backend,
                                        Machine.state == S.starting)
         ) or 0
     if not waiting:
         _set_quota_note(rt, pool.id, None)
         return 0, None
-    if pool.paused:
-        waiting = [w for w in waiting if w.owner_id is not None]
-    budget = max(0, rt.settings.max_concurrent_creates - building)
     try:
         headroom = cloud.quota_headroom()
     except (CloudUnavailable, CloudConflict) as exc:
         _back_off(rt, pool.id, now, f"The cloud is not answering: {exc}")
         return 0, str(exc)
-    if headroom is not None and headroom < len(waiting):
-        _set_quota_note(rt, pool.id, f"The cloud's quota allows {headroom} more machine(s); "
-                                     f"{len(waiting)} are waiting.")
-    else:
-        _set_quota_note(rt, pool.id, None)
-    if headroom is not None:
-        budget = min(budget, headroom)
-    chosen = waiting[:budget]
-    if not chosen:
-        return 0, "quota" if headroom == 0 else None
+    plan = decide_creates([(w.id, w.owner_id) for w in waiting], paused=pool.paused,
+                          building=building, max_concurrent=rt.settings.max_concurrent_creates,
+                          headroom=headroom)
+    _set_quota_note(rt, pool.id, plan.quota_note)
+    if not plan.chosen:
+        return 0, plan.held
 
     # requested → starting with a fresh IDE token, committed before any server exists.
-    tokens = {w.id: secrets.token_urlsafe(32) for w in chosen}
+    tokens = {machine_id: secrets.token_urlsafe(32) for machine_id in plan.chosen}
     claimed: list[Row] = []
     with transaction(rt.sessions) as session:
         for machine_id, token in tokens.items():
@@ -415,21 +348,17 @@ def _create_requested(
     held: str | None = None
     with transaction(rt.sessions) as session:
         for row, server_id, error in results:
-            if server_id is not None:
+            outcome = create_outcome(error)
+            if outcome == "created":
                 created += 1
                 session.execute(
                     update(Machine).where(Machine.id == row.id)
                     .values(backend_ref={"pool_id": pool.id, "server_id": server_id})
                     .execution_options(synchronize_session=False)
                 )
-                continue
-            if isinstance(error, CloudUnavailable):
-                # The create may have happened anyway: leave it `starting`, so the next
-                # pass adopts a server it finds by tag, or fails the machine at the timeout.
+            elif outcome == "starting":
                 held = held or str(error)
-                continue
-            if isinstance(error, (QuotaExceeded, CloudConflict)):
-                # Not created: back in the queue for a later pass.
+            elif outcome == "requeue":
                 session.execute(
                     update(Machine).where(Machine.id == row.id, Machine.state == S.starting)
                     .values(state=S.requested, ide_token=None, backend_ref=None)
@@ -446,7 +375,7 @@ def _create_requested(
         if isinstance(error, QuotaExceeded):
             _set_quota_note(rt, pool.id, str(error))
             break
-    if any(isinstance(e, (CloudUnavailable, BackendUnavailable)) for _, _, e in results):
+    if creates_back_off([e for _, _, e in results]):
         _back_off(rt, pool.id, now, held or "the cloud refused to create machines")
     return created, held
 
@@ -461,30 +390,18 @@ def _back_off(rt: Runtime, pool_id: int, now: datetime, why: str) -> None:
     with transaction(rt.sessions) as session:
         pool = session.get_one(Pool, pool_id, with_for_update=True)
         pool.consecutive_failures += 1
-        delay = min(15 * 2 ** min(pool.consecutive_failures, 8), 3600)
+        delay = backoff_delay(pool.consecutive_failures)
         pool.backoff_until = now + timedelta(seconds=delay)
         pool.hold_note = f"{why} (retrying in {delay} s)"
 
 
-def _finish(rt: Runtime, pool_id: int, now: datetime, report: PassReport, failures: int | None) -> None:
+def _finish(rt: Runtime, pool_id: int, now: datetime, report: PassReport) -> None:
     with transaction(rt.sessions) as session:
         pool = session.get_one(Pool, pool_id, with_for_update=True)
         pool.last_pass_at = now
-        if failures is None:
-            return
-        if report.ready and not failures:
-            pool.consecutive_failures = 0
-            if pool.backoff_until is None or pool.backoff_until <= now:
-                pool.hold_note = None
-        elif failures:
-            pool.consecutive_failures += failures
-            if pool.consecutive_failures >= rt.settings.max_consecutive_failures:
-                delay = min(30 * 2 ** (pool.consecutive_failures - rt.settings.max_consecutive_failures), 3600)
-                pool.backoff_until = now + timedelta(seconds=delay)
-                pool.hold_note = (
-                    f"{pool.consecutive_failures} machines failed in a row; creating more is "
-                    f"paused for {delay} s. Check the environment's image and flavor."
-                )
-        elif pool.backoff_until is not None and pool.backoff_until <= now:
-            pool.hold_note = None
-            pool.backoff_until = None
+        hold = after_pass(
+            PoolHold(pool.consecutive_failures, pool.backoff_until, pool.hold_note),
+            ready=report.ready, failures=report.failed, now=now,
+            max_consecutive=rt.settings.max_consecutive_failures)
+        pool.consecutive_failures = hold.consecutive_failures
+        pool.backoff_until, pool.hold_note = hold.backoff_until, hold.hold_note

@@ -18,7 +18,7 @@ from sqlalchemy import or_, select, tuple_, update
 
 from config.db import transaction
 from config.runtime import Runtime
-from provisioning.backends.openstack import OpenStackBackend, ServerView
+from provisioning.backends import ServerView, StudentVolumes
 from provisioning.errors import ProvisioningError
 from provisioning.models import Environment, Machine, MachineState, StudentVolume
 
@@ -27,7 +27,7 @@ PARALLEL_VOLUME_CALLS = 8
 
 
 def attach_student_volumes(
-    rt: Runtime, cloud: OpenStackBackend, env: Environment,
+    rt: Runtime, cloud: StudentVolumes, env: Environment,
     servers_by_machine: dict[int, list[ServerView]],
 ) -> int:
     """Give every assigned machine of the environment its student's volume; returns how
@@ -73,7 +73,7 @@ def attach_student_volumes(
         return sum(pool.map(settle, machines))
 
 
-def _create(rt: Runtime, cloud: OpenStackBackend, env: Environment, owner_id: int,
+def _create(rt: Runtime, cloud: StudentVolumes, env: Environment, owner_id: int,
             course_id: int) -> None:
     with transaction(rt.sessions) as session:
         volume = StudentVolume(owner_id=owner_id, course_id=course_id,
@@ -89,7 +89,7 @@ def _create(rt: Runtime, cloud: OpenStackBackend, env: Environment, owner_id: in
         session.get_one(StudentVolume, row_id).volume_id = volume_id
 
 
-def _attach(rt: Runtime, cloud: OpenStackBackend, volume: StudentVolume, machine_id: int,
+def _attach(rt: Runtime, cloud: StudentVolumes, volume: StudentVolume, machine_id: int,
             server_id: str) -> bool:
     assert volume.volume_id is not None
     status = cloud.volume_status(volume.volume_id)

@@ -8,6 +8,7 @@ import redis
 from sqlalchemy import select
 
 from config.runtime import Runtime
+from provisioning.backends import capabilities
 from provisioning.models import Machine, MachineState, Pool
 from provisioning.queue import RECONCILE_JOB, START_JOB, enqueue
 
@@ -30,11 +31,11 @@ def pool_of(rt: Runtime, environment_id: int) -> int | None:
 
 
 def machine_wanted(rt: Runtime, machine: Machine, how: str) -> None:
-    """After a launch: start a requested local machine; for a cloud pool, a requested
-    machine or a claimed warm one (to refill the pool) triggers a pass."""
+    """After a launch: start a requested on-demand machine; for a pool, a requested machine
+    or a claimed warm one (to refill the pool) triggers a pass."""
     if how not in ("requested", "claimed"):
         return
-    if machine.backend == "local":
+    if not capabilities(machine.backend).pooled:
         if how == "requested":
             enqueue(rt.redis, rt.settings.queue_name, START_JOB, machine.id)
         return
@@ -45,7 +46,7 @@ def machine_wanted(rt: Runtime, machine: Machine, how: str) -> None:
 
 def nudge(rt: Runtime, machine: Machine) -> None:
     """A machine that waits longer than it should: trigger whatever drives it again."""
-    if machine.backend == "local":
+    if not capabilities(machine.backend).pooled:
         enqueue(rt.redis, rt.settings.queue_name, START_JOB, machine.id)
     elif machine.state in (MachineState.requested, MachineState.starting):
         pool_id = pool_of(rt, machine.environment_id)

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 from config.db import transaction
 from config.runtime import Runtime
 from lti_tool.models import Activity, Course, Platform, User
-from provisioning.claims import claim_warm_machine
+from provisioning.claiming import claim_warm_machine
 from provisioning.environments import add_environment, add_secured_environment
 from provisioning.jobs import reconcile_all
 from provisioning.models import Environment, Machine, MachineState, Pool

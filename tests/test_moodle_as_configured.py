@@ -21,7 +21,7 @@ from lti_tool.names import short_labels
 from lti_tool.registrations import register_platform
 from lti_tool.services.nrps import RosterError, sync_course
 from lti_tool.web.cookies import LabpoolCookieService
-from provisioning.backends import backend_for, openstack_backend_for
+from provisioning.backends import backend_for
 from provisioning.cloud_init import cloud_config
 from provisioning.ide_config import jupyter_server_config
 from provisioning.models import Environment
@@ -218,7 +218,7 @@ def test_the_ide_csp_admits_the_tool_and_every_registered_platform(
                             image_id="img", flavor_id="flv", network_id="net", ide_port=8888)
     forget_platform_origins()
     with transaction(rt.sessions):  # as `labpool volumes delete` asks, holding SQLite's lock
-        cloud = openstack_backend_for(cloud_env, rt.settings)  # reads nothing yet: no wait
+        cloud = backend_for(cloud_env.backend, rt.settings, cloud_env)  # reads nothing yet
     assert cloud.frame_ancestors() == ancestors
     document = cloud_config(7, "jupyterlab", "t" * 32, frame_ancestors=cloud.frame_ancestors())
     assert f"frame-ancestors {ancestors}" in document

@@ -68,19 +68,24 @@ def machine(machine_id: int = 42, pool_id: int = POOL, **changes: Any) -> Machin
     return MachineSpec(**values)
 
 
-def started_spec(spec: MachineSpec, backend: OpenStackBackend) -> MachineSpec:
-    started = backend.start(spec)
-    return machine(spec.id, ide_kind=spec.ide_kind, ref=started.ref, ide_token=started.ide_token)
+def boot(backend: OpenStackBackend, spec: MachineSpec) -> MachineSpec:
+    """Create the machine's server as the reconciler does (its token chosen first); the
+    spec as the database then records it."""
+    spec = dataclasses.replace(spec, ide_token=spec.ide_token or TOKEN)
+    server_id = backend.create(spec)
+    return dataclasses.replace(spec, ref={**spec.ref, "server_id": server_id})
 
 
-def wait_for_state(backend: OpenStackBackend, spec: MachineSpec, state: str) -> Any:
+def wait_for_status(backend: OpenStackBackend, machine_id: int, status: str) -> Any:
+    """The machine's server as the pool's list shows it, once it has `status`."""
     deadline = time.monotonic() + 5
+    views: list[Any] = []
     while time.monotonic() < deadline:
-        status = backend.refresh(spec)
-        if status.state == state:
-            return status
+        views = [v for v in backend.list_pool_servers(POOL) if v.machine_id == machine_id]
+        if views and views[0].status == status:
+            return views[0]
         time.sleep(0.05)
-    raise AssertionError(f"machine {spec.id} never reached {state}: {status}")
+    raise AssertionError(f"machine {machine_id} never reached {status}: {views}")
 
 
 def decoded(user_data_b64: str) -> str:
@@ -140,40 +145,36 @@ def test_user_data_refuses_what_could_break_the_document() -> None:
         user_data(0, "jupyterlab", TOKEN)
 
 
-# -- start and refresh ----------------------------------------------------------------------
-def test_start_creates_one_tagged_server_that_boots_the_ide(
+# -- create and the pool's list -------------------------------------------------------------
+def test_create_boots_one_tagged_server_that_starts_the_ide(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    started = backend.start(machine(42))
-    assert started.address == ""  # known once the server has booted: see refresh
-    assert len(started.ide_token) >= 40
+    server_id = backend.create(machine(42, ide_token=TOKEN))
     (server,) = cloud.servers()
-    assert started.ref == {"server_id": server["id"], "pool_id": POOL}
+    assert server_id == server["id"]
     assert server["name"] == "labpool-m42"
     assert server["tags"] == ["labpool", f"pool-{POOL}", "machine-42"]
-    assert server["metadata"] == {"labpool_machine": "42",
-                                  TOKEN_DIGEST_KEY: token_digest(started.ide_token)}
+    assert server["metadata"] == {"labpool_machine": "42", TOKEN_DIGEST_KEY: token_digest(TOKEN)}
     assert server["networks"] == [{"uuid": cloud.config.network_id}]
     assert server["key_name"] == "ops"
     assert server["security_groups"] == [{"name": "labpool-ide"}]
     text = decoded(server["user_data"])
     assert text.startswith("#cloud-config")
-    assert f"JUPYTER_TOKEN={started.ide_token}" in text
+    assert f"JUPYTER_TOKEN={TOKEN}" in text
     for word in (*FORBIDDEN, cloud.url):
         assert word.lower() not in text.lower()
-    # It looked before it created, and asked for no floating IP: two compute calls.
-    assert cloud.count(*DETAIL) == 1 and cloud.count(*CREATE) == 1
+    # The caller has just listed the pool; no floating IP: one compute call.
+    assert cloud.count(*DETAIL) == 0 and cloud.count(*CREATE) == 1
     assert not any("floating" in r.path or "network" in r.path for r in cloud.request_log)
 
 
-def test_refresh_reports_build_then_active_with_the_ide_address(
+def test_the_pool_list_shows_build_then_active_with_the_ide_address(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    spec = started_spec(machine(42), backend)
-    assert backend.refresh(spec) == ("BUILD", None, None)
-    assert backend.poll(spec)
-    state, address, fault = wait_for_state(backend, spec, "ACTIVE")
-    host, port = address.rsplit(":", 1)
-    assert host.startswith("10.0.") and port == "8888" and fault is None
-    assert backend.poll(spec)
+    boot(backend, machine(42))
+    (view,) = backend.list_pool_servers(POOL)
+    assert (view.machine_id, view.status, view.address, view.fault) == (42, "BUILD", None, None)
+    view = wait_for_status(backend, 42, "ACTIVE")
+    host, port = view.address.rsplit(":", 1)
+    assert host.startswith("10.0.") and port == "8888" and view.fault is None
 
 
 def test_a_connection_is_made_once_per_process(cloud: FakeCloud, backend: OpenStackBackend) -> None:
@@ -185,68 +186,42 @@ def test_a_connection_is_made_once_per_process(cloud: FakeCloud, backend: OpenSt
 
 
 @pytest.mark.parametrize("mode", ["502", "reset"])
-def test_a_retried_start_after_a_lost_answer_adopts_the_server(
+def test_a_lost_create_answer_is_cloud_unavailable_and_the_server_carries_its_machine(
         cloud: FakeCloud, backend: OpenStackBackend, mode: str) -> None:
-    spec = machine(42, ide_token=TOKEN)  # the job wrote the token before calling the cloud
+    """The reconciler's next pass finds the server by its tags and adopts it (test_fleet)."""
     cloud.lose_next_create_response(mode)
     with pytest.raises(CloudUnavailable, match="will try again"):
-        backend.start(spec)
+        backend.create(machine(42, ide_token=TOKEN))
     (lost,) = cloud.servers()
-
-    again = backend.start(spec)
-    assert again.ref["server_id"] == lost["id"] and again.ide_token == TOKEN
-    assert [s["id"] for s in cloud.servers()] == [lost["id"]]
-    assert cloud.count(*CREATE) == 1
-
-
-def test_a_retry_that_does_not_know_the_token_replaces_the_server(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    cloud.lose_next_create_response()
-    with pytest.raises(CloudUnavailable):
-        backend.start(machine(42))
-    (lost,) = cloud.servers()
-
-    again = backend.start(machine(42))  # a new token: nobody could open the first server's IDE
-    (server,) = cloud.servers()
-    assert server["id"] == again.ref["server_id"] != lost["id"]
-    assert server["metadata"][TOKEN_DIGEST_KEY] == token_digest(again.ide_token)
-
-
-def test_a_retry_replaces_a_server_that_failed(cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    cloud.error_next_create()
-    first = started_spec(machine(42, ide_token=TOKEN), backend)
-    wait_for_state(backend, first, "ERROR")
-    again = backend.start(machine(42, ide_token=TOKEN))
-    assert [s["id"] for s in cloud.servers()] == [again.ref["server_id"]]
-    assert again.ref["server_id"] != first.ref["server_id"]
+    (view,) = backend.list_pool_servers(POOL)
+    assert (view.server_id, view.machine_id) == (lost["id"], 42)
+    assert lost["metadata"][TOKEN_DIGEST_KEY] == token_digest(TOKEN)
 
 
 # -- failures -------------------------------------------------------------------------------
 def test_a_server_in_error_reports_the_clouds_fault(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.error_next_create()
-    spec = started_spec(machine(42), backend)
-    assert backend.poll(spec)  # still BUILD
-    assert wait_for_state(backend, spec, "ERROR") == ("ERROR", None, NO_VALID_HOST)
-    assert not backend.poll(spec)
-    (view,) = backend.list_pool_servers(POOL)
-    assert (view.status, view.fault, view.machine_id) == ("ERROR", NO_VALID_HOST, 42)
+    boot(backend, machine(42))
+    view = wait_for_status(backend, 42, "ERROR")
+    assert (view.status, view.fault, view.machine_id, view.address) == (
+        "ERROR", NO_VALID_HOST, 42, None)
 
 
-def test_a_vanished_server_is_gone(cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    spec = started_spec(machine(42), backend)
-    assert backend.poll(spec)
+def test_a_vanished_server_leaves_the_pool_list(
+        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    spec = boot(backend, machine(42))
+    assert [v.machine_id for v in backend.list_pool_servers(POOL)] == [42]
     cloud.vanish_server(spec.ref["server_id"])
-    assert not backend.poll(spec)
-    assert backend.refresh(spec) == ("gone", None, None)
+    assert backend.list_pool_servers(POOL) == []
 
 
 def test_quota_exceeded_reads_well_and_names_no_secret(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.set_quota(1)
-    backend.start(machine(1))
+    boot(backend, machine(1))
     with pytest.raises(QuotaExceeded) as err:
-        backend.start(machine(2))
+        boot(backend, machine(2))
     message = str(err.value)
     assert message == ("The cloud's quota is used up: Quota exceeded for instances: "
                        "Requested 1, but already used 1 of 1 instances")
@@ -257,8 +232,8 @@ def test_a_conflict_is_cloud_conflict(cloud: FakeCloud, backend: OpenStackBacken
     cloud.fail_next("POST", "/compute/v2.1/servers", 409, message="task_state is not None")
     with pytest.raises(CloudConflict, match="refused to create the machine's server for now: "
                                             "task_state is not None"):
-        backend.start(machine(42))
-    spec = started_spec(machine(42), backend)
+        boot(backend, machine(42))
+    spec = boot(backend, machine(42))
     cloud.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
     with pytest.raises(CloudConflict, match="task_state deleting"):
         backend.stop(spec)
@@ -268,7 +243,7 @@ def test_server_errors_and_timeouts_are_cloud_unavailable(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.fail_next("POST", "/compute/v2.1/servers", 503)
     with pytest.raises(CloudUnavailable, match="failed when Labpool tried to create"):
-        backend.start(machine(42))
+        boot(backend, machine(42))
     cloud.fail_next("GET", "/compute/v2.1/servers/detail", 500)
     with pytest.raises(CloudUnavailable):
         backend.list_pool_servers(POOL)
@@ -291,20 +266,20 @@ def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.config.password = "rotated-elsewhere"
     with pytest.raises(BackendUnavailable, match="refused Labpool's credentials") as err:
-        backend.start(machine(42))
+        boot(backend, machine(42))
     assert "secret" not in str(err.value) and "rotated" not in str(err.value)
     with pytest.raises(BackendUnavailable, match="'nope' is not configured"):
         OpenStackBackend("nope", backend.cloud_spec).quota_headroom()
     with pytest.raises(BackendUnavailable, match="cannot run 'emacs' machines"):
-        backend.start(machine(42, ide_kind="emacs"))
+        boot(backend, machine(42, ide_kind="emacs"))
 
 
 # -- the pool as a whole ----------------------------------------------------------------------
 def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
     for machine_id in range(1, 8):
-        backend.start(machine(machine_id))
-    backend.start(machine(100, pool_id=POOL + 1))
+        boot(backend, machine(machine_id))
+    boot(backend, machine(100, pool_id=POOL + 1))
     untagged = openstack.connect(cloud="fake").compute.create_server(
         name="by-hand", image_id="img-1", flavor_id="m1.small", networks="none",
         tags=["labpool", f"pool-{POOL}"])
@@ -327,8 +302,8 @@ def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
 def test_quota_headroom_follows_usage(cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.set_quota(5)
     assert backend.quota_headroom() == 5
-    backend.start(machine(1))
-    backend.start(machine(2))
+    boot(backend, machine(1))
+    boot(backend, machine(2))
     assert backend.quota_headroom() == 3
     cloud.set_quota(-1)
     assert backend.quota_headroom() is None
@@ -336,14 +311,14 @@ def test_quota_headroom_follows_usage(cloud: FakeCloud, backend: OpenStackBacken
 
 def test_stop_deletes_the_server_and_a_second_stop_is_fine(
         cloud: FakeCloud, backend: OpenStackBackend) -> None:
-    spec = started_spec(machine(42), backend)
+    spec = boot(backend, machine(42))
     backend.stop(spec)
     assert cloud.servers() == []
     backend.stop(spec)
-    assert not backend.poll(spec)
+    assert backend.list_pool_servers(POOL) == []
 
-    backend.start(machine(43))  # its server id never got recorded
-    backend.stop(machine(43))
+    boot(backend, machine(43))
+    backend.stop(machine(43))  # its server id never got recorded: found by its tags
     assert cloud.servers() == []
 
 
@@ -566,14 +541,14 @@ def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
         ("ingress", "IPv4", "tcp", 8888, 8888, "10.0.0.5/32", None)], key=str)
 
     # Its machines boot into that group alone (not `default`).
-    from provisioning.backends import openstack_backend_for
+    from provisioning.backends import pooled_backend_for
     from provisioning.models import Environment
 
     with rt.sessions() as session:
         environment = session.scalars(select_env("lab")).one()
-    backend = openstack_backend_for(environment, dataclasses.replace(rt.settings,
-                                                                     openstack_cloud="fake"))
-    backend.start(machine(5))
+    backend = pooled_backend_for(environment, dataclasses.replace(rt.settings,
+                                                                  openstack_cloud="fake"))
+    backend.create(machine(5, ide_token=TOKEN))
     (server,) = cloud.servers()
     assert server["security_groups"] == [{"name": "labpool-lab"}]
     with cloud.state.lock:

@@ -36,7 +36,7 @@ from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER, proxy_secret
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
 from provisioning.models import Machine
-from provisioning.routes import ACTIVITY_KEY, last_activity, publish_route, withdraw_route
+from provisioning.proxy_table import ACTIVITY_KEY, last_activity, publish_route, withdraw_route
 from tests.conftest import passable, run_worker_burst
 from tests.fakeplatform import FakePlatform, ServedApp
 from tests.nginx import Nginx, free_port
@@ -533,7 +533,7 @@ def test_writes_and_websockets_from_another_origin_are_refused(proxied, echo_mac
 def test_a_route_expires_unless_used(proxied, echo_machine, rt):
     """A route left behind (a stop racing a hand-over) cannot outlive its machine for long:
     it carries a TTL, renewed by every request that passes."""
-    from provisioning.routes import ROUTE_KEY, ROUTE_TTL_S
+    from provisioning.proxy_table import ROUTE_KEY, ROUTE_TTL_S
 
     machine_id, owner_id, _ = echo_machine
     key = ROUTE_KEY.format(machine_id)

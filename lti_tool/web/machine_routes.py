@@ -17,8 +17,9 @@ from config.db import utcnow
 from lti_tool.ide_access import IDE_COOKIE
 from lti_tool.web.auth import current_user_id, runtime
 from lti_tool.web.errors import Forbidden
+from provisioning.backends import capabilities
 from provisioning.models import Environment, Machine, MachineState
-from provisioning.routes import publish_route, withdraw_route
+from provisioning.proxy_table import publish_route, withdraw_route
 from provisioning.triggers import nudge
 
 bp = Blueprint("machines", __name__)
@@ -51,8 +52,9 @@ def _nudge_if_stale(machine: Machine) -> None:
     Redis guard keeps a page of pollers from enqueueing it many times."""
     rt = runtime()
     age = utcnow() - machine.state_changed_at
-    if machine.backend != "local":
-        # A cloud machine becomes ready only when a reconciler pass sees its IDE answer:
+    pooled = capabilities(machine.backend).pooled
+    if pooled:
+        # A pooled machine becomes ready only when a reconciler pass sees its IDE answer:
         # waiting students ask for a pass (at most one queued per pool).
         stale = machine.state in (MachineState.requested, MachineState.starting) and (
             age > CLOUD_NUDGE_AFTER)
@@ -63,7 +65,7 @@ def _nudge_if_stale(machine: Machine) -> None:
         )
     if not stale:
         return
-    guard = CLOUD_NUDGE_AFTER if machine.backend != "local" else NUDGE_AFTER
+    guard = CLOUD_NUDGE_AFTER if pooled else NUDGE_AFTER
     if rt.redis.set(f"labpool:nudged:{machine.id}", 1, nx=True, ex=int(guard.seconds)):
         nudge(rt, machine)
 

@@ -30,7 +30,7 @@ from itsdangerous import BadSignature
 from lti_tool.framing import origin_of
 from lti_tool.ide_access import IDE_COOKIE, PROXY_HEADER
 from provisioning.ide_http import nginx_upstream
-from provisioning.routes import route_for_owner
+from provisioning.proxy_table import route_for_owner
 
 bp = Blueprint("proxy", __name__)
 

@@ -5,7 +5,7 @@ database, that the user teaches the course, and carries the session's CSRF token
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import Blueprint, flash, redirect, request, url_for
@@ -18,7 +18,8 @@ from lti_tool.services.nrps import SYNC_JOB
 from lti_tool.web.auth import check_csrf, current_user_id, runtime, taught_activity
 from lti_tool.web.errors import WebError
 from lti_tool.web.rate_limits import check_rate_limit
-from provisioning.claims import machine_for_learner
+from provisioning.activity import idle_among
+from provisioning.claiming import machine_for_learner
 from provisioning.models import (
     LIVE_STATES,
     ClassSession,
@@ -28,8 +29,8 @@ from provisioning.models import (
     Pool,
     WarmBoost,
 )
+from provisioning.proxy_table import withdraw_route
 from provisioning.queue import STOP_JOB, enqueue
-from provisioning.routes import last_activity, withdraw_route
 from provisioning.schedule import class_size
 from provisioning.triggers import machine_wanted, pool_of, reconcile_soon
 
@@ -37,6 +38,8 @@ bp = Blueprint("teacher_actions", __name__)
 # Every action here is a POST that may enqueue work or touch many machines.
 bp.before_request(lambda: check_rate_limit("teacher", "teacher_action_rate_limit"))
 WARM_NOW_FOR = timedelta(hours=2)
+# Shorter than the environment's idle timeout on purpose: the teacher asks now, for this
+# class; what counts as activity is the idle release's rule (`provisioning.activity`).
 IDLE_AFTER = timedelta(minutes=10)
 
 
@@ -101,11 +104,12 @@ def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
 
 @bp.post("/activities/<int:activity_id>/stop-idle")
 def stop_idle(activity_id: int):  # type: ignore[no-untyped-def]
-    """Release the class's machines nobody used for ten minutes (their files stay)."""
+    """Release the class's machines nobody used for ten minutes (their files stay). The
+    IDEs are asked outside any transaction; a machine that changed meanwhile is left."""
     check_csrf()
     rt = runtime()
     now = utcnow()
-    with transaction(rt.sessions) as session:
+    with rt.sessions() as session:
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
         machines = session.scalars(
@@ -113,12 +117,12 @@ def stop_idle(activity_id: int):  # type: ignore[no-untyped-def]
                                   Machine.environment_id == environment.id,
                                   Machine.state == MachineState.assigned)
         ).all()
-        idle = []
-        for machine in machines:
-            seen = [t for t in (machine.assigned_at, machine.last_activity_at) if t]
-            if (proxied := last_activity(rt.redis, machine.id)):
-                seen.append(datetime.fromtimestamp(proxied).astimezone())
-            if now - max(seen) > IDLE_AFTER:
+    candidates = [m.id for m in idle_among(rt.redis, machines, now, IDLE_AFTER)]
+    idle = []
+    with transaction(rt.sessions) as session:
+        for machine_id in candidates:
+            machine = session.get(Machine, machine_id, with_for_update=True)
+            if machine is not None and machine.state is MachineState.assigned:
                 machine.move_to(MachineState.stopping)
                 idle.append(machine.id)
     for machine_id in idle:

@@ -21,6 +21,8 @@ from lti_tool.models import Activity, Course, Enrolment, User
 from lti_tool.names import short_labels
 from lti_tool.roles import is_staff
 from lti_tool.web.auth import csrf_token, current_user_id, runtime, taught_activity
+from provisioning.activity import last_activity
+from provisioning.backends import capabilities
 from provisioning.models import (
     ClassSession,
     Environment,
@@ -29,7 +31,6 @@ from provisioning.models import (
     Pool,
     StudentVolume,
 )
-from provisioning.routes import last_activity
 from provisioning.sandbox import host_isolation
 
 bp = Blueprint("teacher", __name__)
@@ -103,9 +104,8 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
         shown = (enrolment.name if enrolment else None) or (
             f"{'Teacher' if role == 'teacher' else 'Student'} {labels[user.sub]}")
         machine = newest.get(user.id)
-        seen = [t for t in (machine.last_activity_at if machine else None,) if t]
-        if machine is not None and (proxied := last_activity(redis, machine.id)):
-            seen.append(datetime.fromtimestamp(proxied).astimezone())
+        # The idle rules' own reading (no IDE asked: one page, a whole class).
+        seen = last_activity(redis, machine) if machine is not None else None
         rows.append({
             "user_id": user.id,
             "student": shown,
@@ -116,7 +116,7 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
             "machine": machine.id if machine else None,
             "state": machine.state.value if machine else "no machine",
             "since": _when(machine.state_changed_at) if machine else "",
-            "last_activity": _when(max(seen)) if seen else "",
+            "last_activity": _when(seen),
             "error": (machine.error or "") if machine else "",
             "storage": _storage(environment, volumes.get(user.id)),
             "mine": user.id == current_user_id(),
@@ -126,7 +126,7 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
 
 
 def _storage(environment: Environment, volume: StudentVolume | None) -> str:
-    if environment.backend == "local":
+    if not capabilities(environment.backend).volumes:
         return "home folder"
     if volume is None:
         return "volume created at first launch"
@@ -177,8 +177,8 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             course=session.get_one(Course, activity.course_id),
             environment=environment,
             # Said where the teacher looks, not only on the server's console.
-            isolation_problems=host_isolation().problems if environment.backend == "local"
-            else [],
+            isolation_problems=host_isolation().problems
+            if capabilities(environment.backend).on_host else [],
             environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
             view=class_view(session, activity),
             assignments=activity_assignments(session, activity.id),

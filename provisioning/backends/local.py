@@ -24,15 +24,20 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from config.settings import Settings
 from provisioning import sandbox
-from provisioning.backends.base import Backend, MachineSpec, Started
+from provisioning.backends import BACKENDS
+from provisioning.backends.base import MachineSpec, OnDemandBackend, Started
 from provisioning.errors import BackendUnavailable
 from provisioning.ide_config import jupyter_server_config
 from provisioning.ide_http import UNIX, ide_get
+
+if TYPE_CHECKING:
+    from provisioning.models import Environment
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "ide.sock"
@@ -44,9 +49,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LocalBackend(Backend):
+class LocalBackend(OnDemandBackend):
     name = "local"
-    ide_kinds = frozenset({"jupyterlab"})
+    capabilities = BACKENDS[name].capabilities
 
     def __init__(
         self, data_dir: Path, frame_ancestors: str = "'self'", *,
@@ -58,6 +63,16 @@ class LocalBackend(Backend):
         self.use_socket = bool(settings and settings.ide_proxy)
         self.proxy_group = settings.proxy_group if settings else "www-data"
 
+    @classmethod
+    def for_environment(cls, settings: Settings, environment: Environment | None = None
+                        ) -> LocalBackend:
+        """Every local environment's machines run alike; the environment's limits come with
+        each machine (`MachineSpec.limits`)."""
+        from provisioning.backends import ide_frame_ancestors
+
+        return cls(settings.data_dir, frame_ancestors=ide_frame_ancestors(settings),
+                   settings=settings)
+
     def home_folder(self, machine: MachineSpec) -> Path:
         if machine.owner_id is None:
             return self.data_dir / "homes" / "unowned" / f"machine-{machine.id}"
@@ -67,7 +82,7 @@ class LocalBackend(Backend):
         return self.data_dir / "machines" / str(machine_id)
 
     def _command(self, machine: MachineSpec, python: Path, listen: list[str]) -> list[str]:
-        if machine.ide_kind not in self.ide_kinds:
+        if machine.ide_kind not in self.capabilities.ide_kinds:
             raise BackendUnavailable(
                 f"the local backend cannot run {machine.ide_kind!r} machines yet"
             )

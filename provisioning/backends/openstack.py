@@ -1,6 +1,10 @@
 """The `openstack` backend: each machine is a Nova server booted from a golden image, whose
 cloud-init user-data starts the IDE on the private network (no floating IP).
 
+Its machines are pooled: the reconciler sees a whole pool in one paged list and creates
+servers in batches (`PooledBackend`), so there is no per-machine start or poll here — a
+lost create is found by tag on the next pass (`provisioning/reconcile_decisions.py`).
+
 It talks to the cloud through openstacksdk's proxy layer (`conn.compute.*`: one request per
 call; the cloud layer adds lookups and floating IPs), with one `Connection` per process
 (RQ forks its work horses: a connection made before a fork is never reused after it).
@@ -8,13 +12,13 @@ call; the cloud layer adds lookups and floating IPs), with one `Connection` per 
 A server carries its machine: name `labpool-m<id>`, tags `labpool`, `pool-<pool id>`,
 `machine-<id>` (Nova filters lists by tags, never by metadata: microversion 2.26 to filter,
 2.52 to tag at create) and metadata `labpool_machine`. So every call is idempotent: a start
-lists the machine's servers before it creates one, and the reconciler sees a whole pool in
-one paged list (`list_pool_servers`).
+is preceded by the machine moving to `starting` in the database, and the reconciler finds
+by tag whatever a create left (`list_pool_servers`, one paged list for a whole pool).
 
 Nova's answers mapped to our errors (see docs/openstack.md): 403 at create is a quota
 (`QuotaExceeded`), 409 a task-state conflict (`CloudConflict`, retry later), 5xx, 429,
 timeouts and refused connections `CloudUnavailable` (retry with backoff); "no valid host"
-comes later, as the server in ERROR with a fault, which `refresh` reports.
+comes later, as the server in ERROR with a fault, which `list_pool_servers` reports.
 """
 
 from __future__ import annotations
@@ -24,21 +28,26 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import keystoneauth1.exceptions as ks_exc
 import openstack
 import openstack.connection
-import requests
 from openstack import exceptions as os_exc
 
+from config.settings import Settings
 from provisioning import cloud_init
-from provisioning.backends.base import Backend, MachineSpec, Started
+from provisioning.backends import BACKENDS
+from provisioning.backends.base import (
+    MachineSpec,
+    PooledBackend,
+    ServerView,
+    StudentVolumes,
+)
 from provisioning.errors import (
     BackendUnavailable,
     CloudConflict,
@@ -46,11 +55,17 @@ from provisioning.errors import (
     ProvisioningError,
     QuotaExceeded,
 )
+from provisioning.ide_http import ide_get
+
+if TYPE_CHECKING:
+    from provisioning.models import Environment
+
+__all__ = ["CloudSpec", "OpenStackBackend", "ServerView", "connection_for", "forget_connections",
+           "token_digest", "CloudConflict", "CloudUnavailable", "QuotaExceeded"]
 
 log = logging.getLogger(__name__)
 
-ACTIVE, BUILD, ERROR, GONE = "ACTIVE", "BUILD", "ERROR", "gone"
-_DEAD = frozenset({"ERROR", "DELETED", "SOFT_DELETED"})
+GONE = "gone"
 _MACHINE_TAG = re.compile(r"machine-([0-9]{1,18})")
 TOKEN_DIGEST_KEY = "labpool_ide_token_sha256"
 
@@ -68,26 +83,6 @@ class CloudSpec:
     # Nova keys a server's addresses by network *name*; when unset, the first fixed address
     # of any network is used (our servers have one NIC, on network_id).
     network_name: str | None = None
-
-
-class ServerStatus(NamedTuple):
-    """What the cloud says about one machine's server now."""
-
-    state: str  # ACTIVE, BUILD, ERROR, gone (or another Nova status, e.g. SHUTOFF)
-    address: str | None  # host:port of the IDE, once the server has a fixed address
-    fault: str | None  # Nova's fault message, e.g. "No valid host was found. …"
-
-
-@dataclass(frozen=True)
-class ServerView:
-    """One server of a pool as the reconciler sees it."""
-
-    server_id: str
-    machine_id: int | None  # from the `machine-<id>` tag; None if the tag is missing
-    status: str
-    address: str | None
-    fault: str | None
-    created: datetime | None
 
 
 # -- one Connection per process ---------------------------------------------------------
@@ -122,15 +117,16 @@ def forget_connections() -> None:
 
 
 def token_digest(token: str) -> str:
-    """A fingerprint of an IDE token, kept in the server's metadata so that a retried start
-    can tell whether the server it finds was booted with the token it knows. A SHA-256 of
-    256 random bits reveals nothing of the token."""
+    """A fingerprint of an IDE token, kept in the server's metadata so that an admin (or a
+    later check) can tell which token a server was booted with without the token itself. A
+    SHA-256 of 256 random bits reveals nothing of the token."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 # -- the backend ------------------------------------------------------------------------
-class OpenStackBackend(Backend):
+class OpenStackBackend(PooledBackend, StudentVolumes):
     name = "openstack"
+    capabilities = BACKENDS[name].capabilities
 
     def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0,
                  frame_ancestors: str | Callable[[], str] = "'self'"):
@@ -165,66 +161,52 @@ class OpenStackBackend(Backend):
         value = self._frame_ancestors
         return value if isinstance(value, str) else value()
 
-    # -- the Backend interface ------------------------------------------------------------
-    def start(self, machine: MachineSpec) -> Started:
-        """Boot the machine's server, or adopt the one an earlier attempt left.
+    @classmethod
+    def for_environment(cls, settings: Settings, environment: Environment | None
+                        ) -> OpenStackBackend:
+        """The cloud backend for an environment: its image, flavor and network, on the cloud
+        named by the settings."""
+        from provisioning.backends import ide_frame_ancestors
 
-        Adopted only if it is alive and was booted with `machine.ide_token` (so a caller that
-        writes the token before calling makes retries free); any other server of the machine
-        is useless (nobody knows its token, or it failed) and is deleted before a new one is
-        created. Does not wait: the address comes with `refresh`, once the server has one.
-        """
-        if machine.ide_kind not in cloud_init.IDE_KINDS:
-            raise BackendUnavailable(f"the openstack backend cannot run {machine.ide_kind!r} machines")
-        pool_id = _pool_id(machine)
-        token = machine.ide_token or secrets.token_urlsafe(32)
-        adopted = None
-        for server in self._servers_of_machine(machine.id):
-            if adopted is None and _usable(server, token):
-                adopted = server
-            elif server.status not in ("DELETED", "SOFT_DELETED"):
-                log.warning("machine %s: deleting unusable server %s (%s%s)", machine.id,
-                            server.id, server.status, f": {_fault(server)}" if _fault(server) else "")
-                self._delete(server.id)
-        if adopted is not None:
-            log.info("machine %s: adopting server %s from an earlier start", machine.id, adopted.id)
-            server_id, address = adopted.id, self._address(adopted) or ""
-        else:
-            server_id, address = self._create(machine, pool_id, token), ""
-        return Started(ref={"server_id": server_id, "pool_id": pool_id},
-                       address=address, ide_token=token)
+        if environment is None:
+            raise BackendUnavailable("the openstack backend needs the machine's environment")
+        missing = [name for name, _ in cls.capabilities.needs if not getattr(environment, name)]
+        if missing:
+            raise BackendUnavailable(f"environment {environment.name!r} lacks "
+                                     f"{', '.join(missing)} for the openstack backend")
+        spec = CloudSpec(
+            image_id=environment.image_id or "",
+            flavor_id=environment.flavor_id or "",
+            network_id=environment.network_id or "",
+            network_name=environment.network_name,
+            security_groups=list(environment.security_groups or []),
+            key_name=environment.key_name,
+            ide_port=environment.ide_port,
+        )
+        return cls(settings.openstack_cloud, spec, api_timeout=settings.openstack_api_timeout_s,
+                   # read when a server boots, not now (see __init__)
+                   frame_ancestors=lambda: ide_frame_ancestors(settings))
 
+    # -- the PooledBackend interface ------------------------------------------------------
     def create(self, machine: MachineSpec) -> str:
         """Boot a server for a machine the caller knows has none (the reconciler, which has
         just listed the pool); returns the server id. `machine.ide_token` must be set."""
-        if machine.ide_kind not in cloud_init.IDE_KINDS:
+        if machine.ide_kind not in self.capabilities.ide_kinds:
             raise BackendUnavailable(f"the openstack backend cannot run {machine.ide_kind!r} machines")
         if not machine.ide_token:
             raise ValueError("create() needs the machine's IDE token")
         return self._create(machine, _pool_id(machine), machine.ide_token)
 
-    def poll(self, machine: MachineSpec) -> bool:
-        """Is the server there, booting or running (not ERROR, not deleted)?"""
-        server = self._find(machine)
-        return server is not None and server.status not in _DEAD
-
     def health(self, machine: MachineSpec) -> bool:
-        """Does the IDE answer, with its token, at its base URL (no redirects followed)?"""
-        if not machine.address:
+        """Does the IDE answer, with its token, at its base URL (no redirects followed)?
+        `ide_get` sends the token as `Authorization: token …` too, which is what
+        code-server's guard (`provisioning/ide_guard.py`) reads."""
+        if not machine.address or not machine.ide_token:
             return False
-        if not machine.ide_token:
-            return False
-        headers = {"Authorization": f"token {machine.ide_token}"}
-        if machine.ide_kind == "code-server":
-            # No base URL (the proxy strips the prefix); the token is for the machine's guard.
-            url = f"http://{machine.address}/healthz"
-        else:
-            url = f"http://{machine.address}{machine.base_url}api/status"
-        try:
-            resp = requests.get(url, headers=headers, timeout=2, allow_redirects=False)
-        except requests.RequestException:
-            return False
-        return resp.status_code == 200
+        # code-server has no base URL (the proxy strips the prefix).
+        path = "/healthz" if machine.ide_kind == "code-server" else f"{machine.base_url}api/status"
+        status, _ = ide_get(machine.address, path, machine.ide_token)
+        return status == 200
 
     def stop(self, machine: MachineSpec) -> None:
         """Delete the machine's server; one that is already gone is fine. Without a server
@@ -235,14 +217,6 @@ class OpenStackBackend(Backend):
             return
         for server in self._servers_of_machine(machine.id):
             self._delete(server.id)
-
-    # -- extras for the jobs and the reconciler ---------------------------------------------
-    def refresh(self, machine: MachineSpec) -> ServerStatus:
-        """The server's state (ACTIVE, BUILD, ERROR or gone), its IDE address and its fault."""
-        server = self._find(machine)
-        if server is None or server.status in ("DELETED", "SOFT_DELETED"):
-            return ServerStatus(GONE, None, None)
-        return ServerStatus(str(server.status), self._address(server), _fault(server))
 
     def list_pool_servers(self, pool_id: int) -> list[ServerView]:
         """Every server of a pool: `GET /servers/detail?tags=…` page by page (Nova's page
@@ -338,17 +312,6 @@ class OpenStackBackend(Backend):
     def _servers_of_machine(self, machine_id: int) -> list[Any]:
         with self._errors("look for the machine's server"):
             return list(self._compute.servers(details=True, tags=f"labpool,machine-{machine_id}"))
-
-    def _find(self, machine: MachineSpec) -> Any | None:
-        server_id = _server_id(machine)
-        if not server_id:
-            found = self._servers_of_machine(machine.id)  # newest first
-            return next((s for s in found if s.status not in _DEAD), found[0] if found else None)
-        with self._errors("look at the machine's server"):
-            try:
-                return self._compute.get_server(server_id)
-            except os_exc.NotFoundException:
-                return None
 
     def _delete(self, server_id: str) -> None:
         with self._errors("delete the machine's server"):
@@ -447,12 +410,6 @@ def _pool_id(machine: MachineSpec) -> int:
 def _server_id(machine: MachineSpec) -> str | None:
     value = machine.ref.get("server_id")
     return value if isinstance(value, str) and value else None
-
-
-def _usable(server: Any, token: str) -> bool:
-    metadata = server.metadata if isinstance(server.metadata, dict) else {}
-    return (server.status not in _DEAD
-            and secrets.compare_digest(str(metadata.get(TOKEN_DIGEST_KEY, "")), token_digest(token)))
 
 
 def _machine_id(server: Any) -> int | None:
