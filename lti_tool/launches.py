@@ -7,6 +7,12 @@ Claims used (LTI Core 1.3 §5.3–5.4): `sub`, `roles`, `context`, `resource_lin
 `lineitem` (kept on the activity, so a worker can send grades; a launch without the claim
 keeps what an earlier one brought).
 
+A deep-linked activity's launches carry the `labpool_environment` (and `labpool_assignment`)
+custom parameters (LTI Core §5.4.6; LTI Deep Linking 2.0 §3.1, lti_tool/deep_linking.py):
+the activity takes them in the same statement when it has none yet (a teacher's later
+choice on the class page wins); an id that names nothing, or another course's assignment,
+is ignored and the default kept.
+
 Names are stored on the enrolment as this launch carries them (none clears them): what a
 teacher sees follows what the course's own registration shares now, never what another
 registration of the same issuer shared.
@@ -20,10 +26,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, bindparam, func, insert, select, text
+from sqlalchemy import JSON, Integer, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from config.db import UTCDateTime, upsert, utcnow
+from lti_tool.deep_linking import CUSTOM_ASSIGNMENT, CUSTOM_ENVIRONMENT, id_in_custom
 from lti_tool.models import Activity, Course, Enrolment, Launch, User
 from lti_tool.roles import is_staff
 from provisioning.claiming import machine_for_learner
@@ -82,6 +89,8 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         "memberships_url": _text(nrps.get("context_memberships_url"), 2000),
         "roles": roles, "resource_link_id": str(link["id"]),
         "link_title": _text(link.get("title"), 1000) or "", "now": now,
+        "custom_environment": id_in_custom(claims, CUSTOM_ENVIRONMENT),
+        "custom_assignment": id_in_custom(claims, CUSTOM_ASSIGNMENT),
         "ags_scope": [s for s in scope if isinstance(s, str)][:20]
         if isinstance(scope, list) else None,
         "ags_lineitems": _text(ags.get("lineitems"), 2000),
@@ -139,10 +148,18 @@ e AS (
     name = EXCLUDED.name, email = EXCLUDED.email
   RETURNING id),
 a AS (
-  INSERT INTO activities (course_id, resource_link_id, title, ags_scope, ags_lineitems,
+  INSERT INTO activities (course_id, resource_link_id, environment_id, assignment_id,
+                          title, ags_scope, ags_lineitems,
                           ags_lineitem)
-  SELECT c.id, :resource_link_id, :link_title, :ags_scope, :ags_lineitems, :ags_lineitem FROM c
-  ON CONFLICT (course_id, resource_link_id) DO UPDATE SET title = EXCLUDED.title,
+  SELECT c.id, :resource_link_id,
+    (SELECT id FROM environments WHERE id = :custom_environment),
+    (SELECT s.id FROM assignments s JOIN activities t ON t.id = s.activity_id
+     WHERE s.id = :custom_assignment AND t.course_id = c.id),
+    :link_title, :ags_scope, :ags_lineitems, :ags_lineitem FROM c
+  ON CONFLICT (course_id, resource_link_id) DO UPDATE SET
+    environment_id = COALESCE(activities.environment_id, EXCLUDED.environment_id),
+    assignment_id = COALESCE(activities.assignment_id, EXCLUDED.assignment_id),
+    title = EXCLUDED.title,
     ags_scope = COALESCE(EXCLUDED.ags_scope, activities.ags_scope),
     ags_lineitems = COALESCE(EXCLUDED.ags_lineitems, activities.ags_lineitems),
     ags_lineitem = COALESCE(EXCLUDED.ags_lineitem, activities.ags_lineitem)
@@ -150,7 +167,10 @@ a AS (
 SELECT u.id, c.id, a.id,
        COALESCE(a.environment_id, (SELECT id FROM environments WHERE name = 'default'))
 FROM u, c, a, (SELECT count(*) FROM e) AS enrolled
-""").bindparams(bindparam("roles", type_=JSON), bindparam("ags_scope", type_=JSON(none_as_null=True)),
+""").bindparams(bindparam("roles", type_=JSON),
+               bindparam("custom_environment", type_=Integer),
+               bindparam("custom_assignment", type_=Integer),
+               bindparam("ags_scope", type_=JSON(none_as_null=True)),
                bindparam("now", type_=UTCDateTime))
 
 
@@ -179,7 +199,23 @@ def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int,
                 "ags_lineitems": p["ags_lineitems"], "ags_lineitem": p["ags_lineitem"]},
         keep_if_null=("ags_scope", "ags_lineitems", "ags_lineitem"),
     )
+    if p["custom_environment"] is not None or p["custom_assignment"] is not None:
+        session.execute(_CUSTOM_CHOICE, {**p, "course_id": course_id, "activity_id": activity_id})
     return user_id, course_id, activity_id, environment_of(session, activity_id).id
+
+
+# What the PostgreSQL statement's activity upsert does with a deep-linked activity's custom
+# parameters, for SQLite (run only when the launch carries one).
+_CUSTOM_CHOICE = text("""
+UPDATE activities SET
+  environment_id = COALESCE(environment_id,
+    (SELECT id FROM environments WHERE id = :custom_environment)),
+  assignment_id = COALESCE(assignment_id,
+    (SELECT s.id FROM assignments s JOIN activities t ON t.id = s.activity_id
+     WHERE s.id = :custom_assignment AND t.course_id = :course_id))
+WHERE id = :activity_id
+""").bindparams(bindparam("custom_environment", type_=Integer),
+               bindparam("custom_assignment", type_=Integer))
 
 
 _environments: dict[int, tuple[float, Environment]] = {}

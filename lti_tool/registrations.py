@@ -73,4 +73,6 @@ def moodle_values(settings: Settings) -> list[tuple[str, str]]:
         ("Public keyset", settings.url("/lti/jwks.json")),
         ("Initiate login URL", settings.url("/lti/login")),
         ("Redirection URI(s)", settings.url("/lti/launch")),
+        # With "Supports Deep Linking (Content-Item Message)" ticked: "Select content".
+        ("Content Selection URL", settings.url("/lti/launch")),
     ]

@@ -286,13 +286,6 @@ def test_a_key_set_refetched_for_a_new_kid_drops_the_removed_key(tool, platform,
         platform.publish_keys()
 
 
-def test_deep_linking_request_says_it_is_not_built_yet(tool, platform, rt, browser):
-    result = platform.launch(browser, tool.url, platform.deep_linking())
-    assert result.launch_response.status_code == 501
-    assert "deep linking" in result.launch_response.text.lower()
-    assert count_rows(rt) == NOTHING
-
-
 def test_context_claim_shapes(platform):
     """Guard for the fixtures' shape the tests above rely on."""
     claims = platform.learner()

@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from lti_tool.web import (
+        deep_link_routes,
         grading_routes,
         lti_routes,
         machine_routes,
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     app.register_blueprint(lti_routes.bp)
+    app.register_blueprint(deep_link_routes.bp)
     app.register_blueprint(machine_routes.bp)
     app.register_blueprint(teacher_routes.bp)
     app.register_blueprint(teacher_actions.bp)

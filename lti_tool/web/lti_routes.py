@@ -2,14 +2,15 @@
 
 Login: 1EdTech Security Framework §5.1.1 (third-party initiated login),
 http://www.imsglobal.org/spec/security/v1p0/#step-1-third-party-initiated-login
-Launch: §5.1.3 and LTI Core 1.3 §5.
+Launch: §5.1.3 and LTI Core 1.3 §5. A deep-linking request (LTI Deep Linking 2.0) is
+validated here like any launch, then answered by `deep_link_routes`.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, jsonify, redirect, request, url_for
 from pylti1p3.contrib.flask import FlaskRequest
 from pylti1p3.exception import LtiException, OIDCException
 
@@ -18,6 +19,7 @@ from jwks.keys import published_jwks
 from lti_tool.launches import NRPS_CLAIM, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
 from lti_tool.services.nrps import SYNC_JOB
+from lti_tool.web import deep_link_routes
 from lti_tool.web.auth import runtime, sign_in
 from lti_tool.web.errors import LaunchRejected
 from lti_tool.web.launch_messages import LabpoolMessageLaunch, LabpoolOIDCLogin
@@ -90,13 +92,9 @@ def launch():  # type: ignore[no-untyped-def]
     except BAD_INPUT as exc:
         raise LaunchRejected(_reason(exc)) from None
 
-    if deep_link:
-        return render_template(
-            "error.html",
-            title="Choosing content is not available yet",
-            message="Labpool does not support deep linking yet. Add the activity with "
-            "“Add an activity → Labpool” and no content selection.",
-        ), 501
+    if deep_link and platform is not None:
+        # A teacher's "Select content" (LTI Deep Linking 2.0): the selection page.
+        return deep_link_routes.begin(platform, message.get_client_id(), claims)
     if not resource_link or platform is None:
         raise LaunchRejected("Only resource link launches are supported.")
 

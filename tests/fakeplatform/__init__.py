@@ -24,7 +24,11 @@ endpoints:
 * ``GET /mod/lti/services.php/CourseSection/<course>/bindings/<type id>/memberships`` — the
   Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
   tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
-  ``Link: <…?limit=L&from=N>; rel="next"`` header.
+  ``Link: <…?limit=L&from=N>; rel="next"`` header;
+* ``POST /mod/lti/contentitem_return.php`` — where a tool posts its LtiDeepLinkingResponse
+  (form field ``JWT``, the ``deep_link_return_url`` of ``deep_linking()`` claims), checked as
+  Moodle's ``lti_convert_from_jwt`` does plus the spec's claims; every response is kept in
+  ``deep_link_responses``.
 
 The messages are not invented. Claims start from the id_tokens captured from a real Moodle 4.3
 in ``tests/fixtures/moodle-4.3/`` (``launch_learner.json``, ``launch_instructor.json``,

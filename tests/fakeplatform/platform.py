@@ -32,12 +32,16 @@ from .claims import (
     ACCESS_TOKEN_LIFETIME,
     CLIENT_ASSERTION_TYPE,
     CONTEXT,
+    DEPLOYMENT_ID,
+    DL_CONTENT_ITEMS,
     LIS_MEMBERSHIP_MEDIA_TYPE,
+    MESSAGE_TYPE,
     MOODLE_SCOPES,
     NRPS_MEDIA_TYPE,
     RESOURCE_LINK,
     SCOPE_NRPS,
     TARGET_LINK_URI,
+    VERSION,
     DropPath,
     _drop_path,
     load_fixture,
@@ -164,6 +168,7 @@ class FakePlatform:
     LOGIN_PATH = "/lti/login"
     LAUNCH_PATH = "/lti/launch"
     SERVICES_PATH = "/mod/lti/services.php"
+    CONTENT_ITEM_RETURN_PATH = "/mod/lti/contentitem_return.php"
 
     def __init__(
         self,
@@ -220,6 +225,12 @@ class FakePlatform:
         # frames the activity, Moodle's launch.php. Served from the platform's own address,
         # so Chromium sees them on the platform's origin (and on loopback, like the tool).
         self._pages: dict[str, str] = {}
+
+        # contentitem_return.php (deep linking)
+        #: Every deep linking response POSTed to contentitem_return.php, in order:
+        #: ``{"query", "header", "claims", "problem"}`` (``problem`` None when Moodle would
+        #: take it; claims as decoded even when refused).
+        self.deep_link_responses: list[dict[str, Any]] = []
 
         # NRPS
         #: ``(path, query)`` of every request to a memberships URL, in order.
@@ -879,6 +890,7 @@ class FakePlatform:
             "/mod/lti/certs.php": self._certs_endpoint,
             "/mod/lti/auth.php": self._auth_endpoint,
             "/mod/lti/token.php": self._token_endpoint,
+            self.CONTENT_ITEM_RETURN_PATH: self._content_item_return_endpoint,
         }
         handler = routes.get(request.path)
         if handler is None and request.path.startswith(self.SERVICES_PATH + "/"):
@@ -958,6 +970,65 @@ class FakePlatform:
         }
         # token.php sets no Content-Type, so PHP's default goes out.
         return Response(json.dumps(body), 200, content_type="text/html; charset=UTF-8")
+
+    def _content_item_return_endpoint(self, request: Request) -> Response:
+        """Moodle's mod/lti/contentitem_return.php (``lti_convert_from_jwt``): a POST of form
+        field ``JWT``, the tool's LtiDeepLinkingResponse, for the tool type ``id`` of the
+        query (with the teacher's ``sesskey``). Checked as Moodle does: signed under a kid of
+        the tool's JWKS (``lti_verify_with_keyset``: cached keyset, one refetch), ``iss`` is
+        that tool type's client id; and as the spec wants (LTI-DL 2.0 §4.2), which Moodle
+        takes on trust: ``aud`` holds the issuer, ``deployment_id`` is the tool type's,
+        message type and version, ``content_items`` a list. Answers 200 with the number of
+        items, or 400 with the reason; either way the response is kept in
+        ``deep_link_responses``."""
+        if request.method != "POST":
+            return _json_response({"error": "method_not_allowed"}, 405)
+        query = request.args.to_dict()
+        token = request.form.get("JWT", "")
+        entry: dict[str, Any] = {"query": query, "header": None, "claims": None, "problem": None}
+        with self._lock:
+            self.deep_link_responses.append(entry)
+
+        def refuse(problem: str) -> Response:
+            entry["problem"] = problem
+            return _json_response({"error": "invalid_response", "reason": problem}, 400)
+
+        if not query.get("sesskey"):
+            return refuse("no sesskey (require_sesskey)")
+        try:
+            header_part, payload_part, _ = token.split(".")
+            header = json.loads(_b64url_decode(header_part))
+            claims = json.loads(_b64url_decode(payload_part))
+            if not isinstance(header, dict) or not isinstance(claims, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            return refuse("JWT is not a JWT")
+        entry["header"], entry["claims"] = header, claims
+        type_id = self._type_id_of(str(claims.get("iss", "")))
+        if type_id is None or type_id != query.get("id"):
+            return refuse(f"iss {claims.get('iss')!r} is not the client id of tool type "
+                          f"{query.get('id')!r}")
+        problem = self._verify_with_tool_keyset(token, header, claims)
+        if problem is not None:
+            return refuse(problem)
+        audience = claims.get("aud")
+        if self.issuer not in (audience if isinstance(audience, list) else [audience]):
+            return refuse(f"aud must hold the issuer {self.issuer!r}, got {audience!r}")
+        expected = {
+            MESSAGE_TYPE: "LtiDeepLinkingResponse",
+            VERSION: "1.3.0",
+            DEPLOYMENT_ID: type_id,
+        }
+        for claim, value in expected.items():
+            if claims.get(claim) != value:
+                return refuse(f"{claim} must be {value!r}, got {claims.get(claim)!r}")
+        for name in ("iat", "exp", "nonce"):
+            if name not in claims:
+                return refuse(f"no {name}")
+        items = claims.get(DL_CONTENT_ITEMS, [])
+        if not isinstance(items, list):
+            return refuse("content_items is not a list")
+        return _json_response({"items": len(items)}, 200)
 
     def _strict_assertion_problem(
         self, claims: Mapping[str, Any], client_id: str | None = None
