@@ -37,7 +37,7 @@ from grading.lineitems import LineItemMissing, resolve_lineitem
 from grading.models import Assignment, Grade, ScoreOutbox, ScoreStatus
 from lti_tool.models import Activity, Platform
 from lti_tool.services.ags import AgsClient, AgsError, Score
-from lti_tool.services.connector import connector_for
+from lti_tool.services.connector import CachedTokenConnector, connector_for
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +138,30 @@ def _record(rt: Runtime, claimed: Claim, error: AgsError | None) -> str:
         return "failed"
 
 
+_connectors: dict[int, tuple[float, CachedTokenConnector]] = {}
+CONNECTOR_TTL_S = 60.0
+
+
+def _connector(session: Session, rt: Runtime, platform_id: int) -> CachedTokenConnector:
+    """A platform's connector, kept a minute per process: making one reads and decrypts the
+    tool's signing key, which costs more than the score's POST (a rotated key is picked up
+    within the minute; the old one stays published meanwhile)."""
+    hit = _connectors.get(platform_id)
+    if hit is not None and hit[0] > time.monotonic():
+        return hit[1]
+    connector = connector_for(session, rt, session.get_one(Platform, platform_id))
+    _connectors[platform_id] = (time.monotonic() + CONNECTOR_TTL_S, connector)
+    return connector
+
+
 def _client(rt: Runtime, row_id: int) -> tuple[AgsClient, int, str | None] | None:
     with rt.sessions() as session:
         row = session.get(ScoreOutbox, row_id)
         if row is None:
             return None
-        platform = session.get_one(Platform, row.platform_id)
         assignment = session.get_one(Assignment, row.assignment_id)
         activity = session.get_one(Activity, assignment.activity_id)
-        client = AgsClient(connector_for(session, rt, platform), activity.ags_scope)
+        client = AgsClient(_connector(session, rt, row.platform_id), activity.ags_scope)
         return client, assignment.id, row.lineitem_url
 
 
