@@ -179,8 +179,17 @@ def bwrap_command(
     bwrap: str, *, home: Path, socket_dir: Path, config_dir: Path, python: Path,
     share_network: bool,
 ) -> list[str]:
-    """bubblewrap's arguments for one IDE (the command to run inside follows them)."""
-    args = [bwrap, "--unshare-all", "--new-session", "--ro-bind", "/usr", "/usr"]
+    """bubblewrap's arguments for one IDE (the command to run inside follows them).
+
+    bwrap runs under `setsid --fork --wait`, with `--die-with-parent`: the sandbox then lives
+    exactly as long as that one waiting process (the machine's recorded pid). Killing it, or
+    it dying for any reason, takes bwrap and everything in the sandbox with it, and the RQ
+    worker that started it may come and go (bwrap's parent is not the worker)."""
+    args = [bwrap, "--die-with-parent", "--unshare-all", "--new-session",
+            "--ro-bind", "/usr", "/usr"]
+    setsid = shutil.which("setsid")
+    if setsid:
+        args = [setsid, "--fork", "--wait", *args]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged /usr: keep the symlink
             args += ["--symlink", os.readlink(top), top]

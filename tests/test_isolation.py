@@ -261,3 +261,32 @@ def test_files_persist_across_a_stop_and_a_start_and_belong_to_the_student(machi
         ws.close()
     finally:
         backend.stop(again.spec)
+
+
+def test_nothing_of_a_sandbox_outlives_its_recorded_process(machines):
+    """The worst case for stop(): the machine's recorded process is killed outright (OOM,
+    an admin's kill -9). Everything of its sandbox, the student's own processes included,
+    must go with it rather than run on unseen."""
+    import psutil
+
+    backend = machines[0].backend
+    owner = 910009
+    running = start(backend, machines[0].spec.id + 9, owner)
+    ws = running.kernel()
+    run(ws, "import subprocess\nsubprocess.Popen(['sleep', '600'], start_new_session=True)\n1")
+    ws.close()
+    uid = pwd.getpwnam(f"lp-{owner}").pw_uid
+
+    def alive() -> list[str]:
+        return [p.info["name"] for p in psutil.process_iter(["name", "uids", "status"])
+                if p.info["uids"] and p.info["uids"].real == uid
+                and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+    assert "sleep" in alive()
+    os.killpg(running.spec.ref["pid"], 9)
+    deadline = time.monotonic() + 10
+    while alive():
+        assert time.monotonic() < deadline, alive()
+        time.sleep(0.2)
+    assert not backend.poll(running.spec)
+    backend.stop(running.spec)  # and stopping what is already gone is fine
