@@ -9,9 +9,11 @@ pass sends what the table says is owed (after hypothesis/lms's `lms/tasks/gradin
 from __future__ import annotations
 
 import enum
+import json
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     Enum,
     Float,
@@ -83,8 +85,16 @@ class Submission(Base):
     checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the stored archive
     file_count: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
-    storage_path: Mapped[str] = mapped_column(Text)
+    storage_path: Mapped[str] = mapped_column(Text)  # under DATA_DIR/submissions
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The teacher whose "collect now" took this copy (None: the student submitted it).
+    collected_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # What the copy left out (links, FIFOs, caches…): a JSON list of {"path", "why"}.
+    skipped_json: Mapped[str] = mapped_column("skipped", Text, default="[]", server_default="[]")
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        return json.loads(self.skipped_json or "[]")
 
 
 class GradeSource(enum.StrEnum):
@@ -149,3 +159,22 @@ class ScoreOutbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AssignmentRelease(Base):
+    """What a student last received of an assignment: the student version (`version`, the
+    release folder's name) and the checksum of each file placed (`manifest`), which decides
+    next time whether a file is still untouched (grading.release). Kept on the tool's side,
+    where the student cannot change it."""
+
+    __tablename__ = "assignment_releases"
+    __table_args__ = (UniqueConstraint("assignment_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(String(128))
+    manifest: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    released_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The last release's outcome, as the teacher reads it: "3 added, 1 kept (edited)".
+    summary: Mapped[str] = mapped_column(Text, default="")
