@@ -9,6 +9,7 @@ pass sends what the table says is owed (after hypothesis/lms's `lms/tasks/gradin
 from __future__ import annotations
 
 import enum
+import json
 from datetime import datetime
 
 from sqlalchemy import (
@@ -84,8 +85,16 @@ class Submission(Base):
     checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the stored archive
     file_count: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
-    storage_path: Mapped[str] = mapped_column(Text)
+    storage_path: Mapped[str] = mapped_column(Text)  # under DATA_DIR/submissions
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The teacher whose "collect now" took this copy (None: the student submitted it).
+    collected_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # What the copy left out (links, FIFOs, caches…): a JSON list of {"path", "why"}.
+    skipped_json: Mapped[str] = mapped_column("skipped", Text, default="[]", server_default="[]")
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        return json.loads(self.skipped_json or "[]")
 
 
 class GradeSource(enum.StrEnum):
