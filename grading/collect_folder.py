@@ -74,6 +74,9 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
         home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise NoFolder("There is no home folder yet: open the activity once first.") from None
+    except PermissionError:
+        raise FolderError("Labpool cannot read the students' homes on this host: in "
+                          "single-server mode it runs as root.") from None
     try:
         owner = os.fstat(home_fd).st_uid
         try:
