@@ -18,6 +18,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from grading.assignment_files import remove_folder
 from grading.grades import GradeRejected, parse_score, record_grade, send_again
 from grading.models import Assignment, Grade, LatePolicy, ScoreOutbox, ScoreStatus, Submission
 from grading.outbox import SEND_JOB
@@ -27,6 +28,12 @@ from lti_tool.names import short_labels
 from lti_tool.roles import is_staff
 from lti_tool.web.auth import check_csrf, csrf_token, current_user_id, runtime, taught_activity
 from lti_tool.web.errors import Forbidden, WebError
+from lti_tool.web.release_routes import (
+    accept_upload_size,
+    keep_source,
+    release_overview,
+    uploaded_files,
+)
 from provisioning.queue import enqueue
 
 bp = Blueprint("grading", __name__)
@@ -81,7 +88,9 @@ def newest_rows(session: Session, assignment_id: int) -> dict[int, ScoreOutbox]:
 
 @bp.post("/activities/<int:activity_id>/assignments")
 def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
-    """A new assignment (its files come with part B's upload; without them it is graded only)."""
+    """A new assignment, with its files when a notebook or zip is uploaded (without them it is
+    graded only); the upload is checked whole before anything is written."""
+    accept_upload_size()
     check_csrf()
     rt = runtime()
     form = request.form
@@ -107,14 +116,25 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
     except ValueError:
         raise WebError("Unknown late policy.") from None
     title = form.get("title", "").strip()[:500] or name
-    with rt.sessions() as session, session.begin():
-        activity = taught_activity(session, activity_id)
-        if session.scalar(select(Assignment.id).where(
-                Assignment.activity_id == activity.id, Assignment.name == name)):
-            raise WebError(f"This activity already has an assignment named {name!r}.", 409)
-        session.add(Assignment(activity_id=activity.id, name=name, title=title,
-                               max_score=max_score, due_at=due_at, late_policy=late_policy))
-    flash(f"Assignment {title!r} created.")
+    folder = None
+    try:
+        with rt.sessions() as session, session.begin():
+            activity = taught_activity(session, activity_id)
+            files = uploaded_files(required=False)
+            if session.scalar(select(Assignment.id).where(
+                    Assignment.activity_id == activity.id, Assignment.name == name)):
+                raise WebError(f"This activity already has an assignment named {name!r}.", 409)
+            assignment = Assignment(activity_id=activity.id, name=name, title=title,
+                                    max_score=max_score, due_at=due_at, late_policy=late_policy)
+            session.add(assignment)
+            if files:
+                session.flush()  # its id names its folder
+                folder = keep_source(rt.settings.data_dir, assignment, files)
+    except BaseException:
+        remove_folder(folder)  # nothing kept of a refused or failed creation
+        raise
+    flash(f"Assignment {title!r} created"
+          + (f" with {len(files)} files: publish it on its page." if files else "."))
     return redirect(url_for("teacher.class_page", activity_id=activity_id), 303)
 
 
@@ -136,7 +156,8 @@ def assignment_page(activity_id: int, assignment_id: int):  # type: ignore[no-un
         } for user, name in _students(session, activity.course_id)]
         return render_template(
             "assignment.html", activity=activity, assignment=assignment, students=students,
-            course=session.get_one(Course, activity.course_id), csrf=csrf_token(), when=_when)
+            course=session.get_one(Course, activity.course_id), csrf=csrf_token(), when=_when,
+            release=release_overview(session, assignment))
 
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/grades/<int:user_id>")

@@ -15,6 +15,7 @@ from pylti1p3.contrib.flask import FlaskRequest
 from pylti1p3.exception import LtiException, OIDCException
 
 from config.db import transaction
+from grading.release_jobs import release_after_launch
 from jwks.keys import published_jwks
 from lti_tool.launches import NRPS_CLAIM, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
@@ -107,6 +108,9 @@ def launch():  # type: ignore[no-untyped-def]
         return redirect(url_for("teacher.class_page", activity_id=outcome.activity_id), 303)
     assert outcome.machine is not None and outcome.how is not None
     machine_wanted(rt, outcome.machine, outcome.how)
+    # The activity's published assignments go into the home from the worker, once the
+    # machine is handed over (grading.release_jobs): the launch itself only enqueues.
+    release_after_launch(rt, outcome.activity_id, outcome.user_id)
     return redirect(url_for("machines.status_page", machine_id=outcome.machine.id), 303)
 
 

@@ -1,0 +1,214 @@
+"""Releasing published assignments into students' homes (issue 11, item 3), from RQ jobs.
+
+Two triggers, one placement (grading.release: nbgitpuller's rule, as the home's owner, never
+following a symlink):
+- a student's launch of the activity: the launch only enqueues `release_on_launch` (after its
+  transaction, when the activity has a published assignment), so the launch answers as fast
+  as before. The job runs in the worker after the start job the launch enqueued first, and
+  waits (bounded by the machine start timeout) until the machine is handed over: the home
+  then exists and belongs to the student's OS user. JupyterLab is already up and shows the
+  folder when its file browser next refreshes.
+- the teacher's "release to class": every current learner of the course whose home exists
+  (it outlives their machine); the others get it at their first launch.
+
+What each student received (version, and the checksum of each placed file, which decides
+next time whether a file is untouched) is an `AssignmentRelease` row, on the tool's side.
+One release at a time per (assignment, student) (a Redis lock): a launch and a class release
+racing never read the same old manifest.
+
+Local backend only: a cloud machine's home is reached through the Jupyter contents API,
+which is not built (those students are skipped, and the log says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import redis
+from rq import Queue
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from config.db import transaction, utcnow
+from config.runtime import Runtime, current_runtime
+from grading.assignment_files import read_folder
+from grading.models import Assignment, AssignmentRelease
+from grading.release import ReleaseError, ReleaseReport, release_files
+from lti_tool.launches import default_environment
+from lti_tool.models import Activity, Enrolment
+from lti_tool.roles import is_staff
+from provisioning.backends.base import MachineSpec
+from provisioning.models import Environment, Machine, MachineState
+
+log = logging.getLogger(__name__)
+RELEASE_ON_LAUNCH_JOB = "grading.release_jobs.release_on_launch"
+RELEASE_TO_CLASS_JOB = "grading.release_jobs.release_to_class"
+SETTLE_POLL_S = 0.25
+LOCK_S = 120
+
+
+def enqueue_release(rt: Runtime, func: str, *args: int) -> bool:
+    """False (and a log line) when Redis is unreachable."""
+    try:
+        Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
+            func, *args, job_timeout=900, result_ttl=60, failure_ttl=24 * 3600)
+        return True
+    except redis.RedisError as exc:
+        log.warning("could not enqueue %s%s: %s", func, args, exc)
+        return False
+
+
+def delivered_assignments(session: Session, activity: Activity) -> list[Assignment]:
+    """The published assignments a launch of the activity releases: its own, and the one a
+    deep link attached to it."""
+    wanted = [Assignment.activity_id == activity.id]
+    if activity.assignment_id is not None:
+        wanted.append(Assignment.id == activity.assignment_id)
+    return list(session.scalars(select(Assignment).where(
+        or_(*wanted), Assignment.published_at.is_not(None), Assignment.release_path.is_not(None))
+        .order_by(Assignment.id)))
+
+
+def release_after_launch(rt: Runtime, activity_id: int, user_id: int) -> bool:
+    """Called by the launch after its transaction: enqueue the release if there is one."""
+    with rt.sessions() as session:
+        activity = session.get(Activity, activity_id)
+        if activity is None or not delivered_assignments(session, activity):
+            return False
+    return enqueue_release(rt, RELEASE_ON_LAUNCH_JOB, activity_id, user_id)
+
+
+def local_home(rt: Runtime, session: Session, activity: Activity, user_id: int) -> Path | None:
+    """The student's home for this activity's course on the local backend (None for another
+    backend)."""
+    from provisioning.backends.local import LocalBackend
+
+    environment = (session.get(Environment, activity.environment_id)
+                   if activity.environment_id else default_environment(session))
+    if environment is None or environment.backend != "local":
+        return None
+    # Only the home's place is wanted: no `for_environment` (it reads the platforms, in a
+    # second session, which SQLite's single writer would make wait on this one).
+    backend = LocalBackend(rt.settings.data_dir, settings=rt.settings)
+    return backend.home_folder(MachineSpec(id=0, ide_kind=environment.ide_kind.value,
+                                           owner_id=user_id, course_id=activity.course_id))
+
+
+def _summary(report: ReleaseReport) -> str:
+    parts = [(len(report.added), "added"), (len(report.updated), "updated"),
+             (len(report.unchanged), "unchanged"),
+             (len(report.kept), "kept as the student changed them"),
+             (len(report.refused), "refused: a link or special file is in the way")]
+    return ", ".join(f"{n} {what}" for n, what in parts if n) or "no files"
+
+
+def release_to_student(rt: Runtime, assignment_id: int, user_id: int, home: Path,
+                       read: dict[Path, dict[str, bytes]] | None = None) -> str | None:
+    """Place the assignment's current student version in `home/<assignment name>`; returns
+    the summary (None when the assignment is not published). `read`: release folders already
+    read (a class release reads each once)."""
+    lock = rt.redis.lock(f"labpool:release:{assignment_id}:{user_id}", timeout=LOCK_S,
+                         blocking_timeout=LOCK_S)
+    with lock:
+        with rt.sessions() as session:
+            assignment = session.get(Assignment, assignment_id)
+            if assignment is None or not assignment.published or not assignment.release_path:
+                return None
+            name, release_path = assignment.name, Path(assignment.release_path)
+            record = session.scalars(select(AssignmentRelease).where(
+                AssignmentRelease.assignment_id == assignment_id,
+                AssignmentRelease.user_id == user_id)).first()
+            previous = dict(record.manifest) if record else {}
+        read = {} if read is None else read
+        if release_path not in read:
+            read[release_path] = read_folder(release_path)
+        files = read[release_path]
+        try:
+            report = release_files(home, name, files, previous)
+            manifest, summary, version = report.manifest, _summary(report), release_path.name
+        except (ReleaseError, OSError) as exc:
+            log.warning("release of assignment %s to user %s failed: %s",
+                        assignment_id, user_id, exc)
+            manifest, summary, version = previous, f"not placed: {exc}", None
+        with transaction(rt.sessions) as session:
+            record = session.scalars(select(AssignmentRelease).where(
+                AssignmentRelease.assignment_id == assignment_id,
+                AssignmentRelease.user_id == user_id)).first()
+            if record is None:
+                record = AssignmentRelease(assignment_id=assignment_id, user_id=user_id,
+                                           version=version or "")
+                session.add(record)
+            if version is not None:
+                record.version = version
+                record.released_at = utcnow()
+            record.manifest = manifest
+            record.summary = summary
+        return summary
+
+
+def _settled_machine(rt: Runtime, course_id: int, user_id: int) -> Machine | None:
+    """Wait until the student's machine in the course is handed over (or is gone/failed)."""
+    deadline = time.monotonic() + rt.settings.machine_start_timeout_s
+    while True:
+        with rt.sessions() as session:
+            machine = session.scalars(select(Machine).where(
+                Machine.owner_id == user_id, Machine.course_id == course_id,
+                Machine.state.in_([MachineState.requested, MachineState.starting,
+                                   MachineState.ready, MachineState.assigned]))
+                .order_by(Machine.id.desc())).first()
+            if machine is None or machine.state is MachineState.assigned:
+                return machine
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(SETTLE_POLL_S)
+
+
+def release_on_launch(activity_id: int, user_id: int) -> str:
+    """RQ job: after a student's launch, their machine settled, place the activity's
+    published assignments in their home."""
+    rt = current_runtime()
+    with rt.sessions() as session:
+        activity = session.get(Activity, activity_id)
+        if activity is None:
+            return "gone"
+        course_id = activity.course_id
+        assignments = [a.id for a in delivered_assignments(session, activity)]
+        home = local_home(rt, session, activity, user_id)
+    if not assignments:
+        return "nothing published"
+    if home is None:
+        log.info("release to user %s skipped: not on the local backend (not built)", user_id)
+        return "not on the local backend"
+    machine = _settled_machine(rt, course_id, user_id)
+    if machine is None or not home.is_dir():
+        return "no machine handed over"
+    return "; ".join(f"{a}: {release_to_student(rt, a, user_id, home)}" for a in assignments)
+
+
+def class_learners(session: Session, course_id: int) -> list[int]:
+    rows = session.execute(select(Enrolment.user_id, Enrolment.roles).where(
+        Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))).all()
+    return [user_id for user_id, roles in rows if not is_staff(roles or [])]
+
+
+def release_to_class(assignment_id: int) -> str:
+    """RQ job: the teacher's "release to class": every learner of the course who has a home
+    (the others get it when they first launch)."""
+    rt = current_runtime()
+    with rt.sessions() as session:
+        assignment = session.get(Assignment, assignment_id)
+        if assignment is None or not assignment.published or not assignment.release_path:
+            return "not published"
+        activity = session.get_one(Activity, assignment.activity_id)
+        homes = {user_id: local_home(rt, session, activity, user_id)
+                 for user_id in class_learners(session, activity.course_id)}
+    read: dict[Path, dict[str, bytes]] = {}
+    placed = 0
+    for user_id, home in homes.items():
+        if home is None or not home.is_dir():
+            continue
+        if release_to_student(rt, assignment_id, user_id, home, read) is not None:
+            placed += 1
+    return f"placed in {placed} of {len(homes)} homes"
