@@ -257,3 +257,19 @@ def test_a_learner_cannot_create_publish_or_release(tool, platform, rt, browser)
         assert session.scalar(select(func.count(AssignmentRelease.id))) == 0
     assert stored(rt) == before
     assert rt.redis.llen(f"rq:queue:{rt.settings.queue_name}") == queued
+
+
+def test_a_notebook_nbgrader_refuses_is_not_published_and_nothing_changes(tool, platform, rt, browser):
+    _, activity_id = launch_teacher(platform, tool, browser)
+    good = published(tool, browser, rt, activity_id, "lab1", "square.ipynb", nbgrader_source())
+    broken = json.loads(nbgrader_source())
+    broken["cells"][2]["metadata"]["nbgrader"]["grade_id"] = "square"  # a duplicate id
+    assert post(tool, browser, activity_id, good.id, "files",
+                files=("square.ipynb", json.dumps(broken).encode())).status_code == 303
+    before = stored(rt)
+    response = post(tool, browser, activity_id, good.id, "publish")
+    assert response.status_code == 422, response.text[:300]
+    assert "nbgrader could not make the student version" in response.text
+    after = assignment_of(rt, "lab1")
+    assert (after.release_path, after.published_at) == (good.release_path, good.published_at)
+    assert stored(rt) == before
