@@ -32,8 +32,11 @@ from grading.release_jobs import RELEASE_TO_CLASS_JOB, enqueue_release
 from lti_tool.models import Activity
 from lti_tool.web.auth import check_csrf, runtime, taught_activity
 from lti_tool.web.errors import WebError
+from lti_tool.web.rate_limits import check_rate_limit
 
 bp = Blueprint("release", __name__)
+# Publishing runs nbgrader (seconds of CPU): counted with the other teacher actions.
+bp.before_request(lambda: check_rate_limit("teacher", "teacher_action_rate_limit"))
 FORM_ALLOWANCE = 64 * 1024  # the form's other fields and the multipart framing
 
 
