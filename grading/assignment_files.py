@@ -52,18 +52,23 @@ def read_upload(filename: str, data: bytes) -> dict[str, bytes]:
         raise UploadRejected(f"The upload is larger than {MAX_UPLOAD_BYTES // 2**20} MB.")
     name = PurePosixPath(filename.replace("\\", "/")).name
     if name.lower().endswith(".ipynb"):
-        files = {_checked_path(name): data}
+        files = {checked_path(name): data}
     elif name.lower().endswith(".zip"):
         files = _read_zip(data)
     else:
         raise UploadRejected("Upload a notebook (.ipynb) or a zip of the assignment's files (.zip).")
-    for path, content in files.items():
-        if path.lower().endswith(".ipynb"):
-            _check_notebook(path, content)
+    check_files(files)
     return files
 
 
-def _checked_path(raw: str) -> str:
+def check_files(files: Mapping[str, bytes]) -> None:
+    """Every `.ipynb` is a notebook nbformat can read."""
+    for path, content in files.items():
+        if path.lower().endswith(".ipynb"):
+            _check_notebook(path, content)
+
+
+def checked_path(raw: str) -> str:
     """A relative path inside the assignment's folder, or UploadRejected."""
     if "\\" in raw or "\x00" in raw:
         raise UploadRejected(f"{raw!r}: backslashes and NUL are not allowed in file names.")
@@ -101,9 +106,9 @@ def _read_zip(data: bytes) -> dict[str, bytes]:
         if info.flag_bits & 0x1:
             raise UploadRejected(f"{raw!r} is encrypted; upload a zip without a password.")
         if info.is_dir():
-            _checked_path(raw.rstrip("/"))
+            checked_path(raw.rstrip("/"))
             continue
-        path = _checked_path(raw)
+        path = checked_path(raw)
         if path in files:
             raise UploadRejected(f"{raw!r} is in the zip twice.")
         if len(files) >= MAX_FILES:

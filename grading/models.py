@@ -37,7 +37,7 @@ class LatePolicy(enum.StrEnum):
 class AssignmentSource(enum.StrEnum):
     files = "files"  # released as uploaded
     nbgrader = "nbgrader"  # nbgrader source notebooks: the student version is generated at publish
-    git = "git"  # a folder of a git repository (not built yet)
+    git = "git"  # unused: a git assignment's origin is `git_url`; `source` says how it is published
 
 
 class Assignment(Base):
@@ -61,6 +61,10 @@ class Assignment(Base):
     # Where the teacher's files are kept, and the student version made from them at publish.
     source_path: Mapped[str | None] = mapped_column(Text)
     release_path: Mapped[str | None] = mapped_column(Text)
+    # A git-sourced assignment's repository (https), branch and folder (grading.git_source).
+    git_url: Mapped[str | None] = mapped_column(Text)
+    git_branch: Mapped[str | None] = mapped_column(String(100))
+    git_folder: Mapped[str | None] = mapped_column(Text)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lineitem_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

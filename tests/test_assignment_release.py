@@ -6,11 +6,15 @@ edit and updates an untouched file, and only teachers create, publish or release
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
 import pwd
+import ssl
 import stat
+import subprocess
+import threading
 import zipfile
 from pathlib import Path
 
@@ -272,4 +276,147 @@ def test_a_notebook_nbgrader_refuses_is_not_published_and_nothing_changes(tool, 
     assert "nbgrader could not make the student version" in response.text
     after = assignment_of(rt, "lab1")
     assert (after.release_path, after.published_at) == (good.release_path, good.published_at)
+    assert stored(rt) == before
+
+
+# ------------------------------------------------------------------ git sources (https)
+
+class _GitHost(http.server.BaseHTTPRequestHandler):
+    """A git host at the process boundary: git's own smart-HTTP server (`git http-backend`,
+    CGI) behind TLS."""
+
+    root = ""
+
+    def _serve(self) -> None:
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {"GIT_PROJECT_ROOT": self.root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "QUERY_STRING": query, "REQUEST_METHOD": self.command, "REMOTE_ADDR": "127.0.0.1",
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "PATH": os.environ["PATH"]}
+        for name, value in self.headers.items():
+            env["HTTP_" + name.upper().replace("-", "_")] = value
+        out = subprocess.run(["git", "http-backend"], input=body, env=env,
+                             capture_output=True, check=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        headers = [line.split(": ", 1) for line in head.decode().split("\r\n") if line]
+        status = next((int(v.split()[0]) for k, v in headers if k.lower() == "status"), 200)
+        self.send_response(status)
+        for key, value in headers:
+            if key.lower() != "status":
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = _serve
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def git_host(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A served folder of bare repositories; yields (base https URL, folder)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "host.pem", tmp_path / "host.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    repos = tmp_path / "repos"
+    repos.mkdir()
+    handler = type("Host", (_GitHost,), {"root": str(repos)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GIT_SSL_CAINFO", str(cert_file))  # git trusts this host, as a CA bundle would
+    yield f"https://127.0.0.1:{server.server_address[1]}", repos
+    server.shutdown()
+    server.server_close()
+
+
+def push_repo(repos: Path, tmp_path: Path, files: dict[str, bytes], links: dict[str, str] | None = None) -> None:
+    """(Re)write course.git's branch `main` with `files` (and symlinks `links`)."""
+    work = tmp_path / "work"
+    if not work.exists():
+        subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+        subprocess.run(["git", "init", "-q", "--bare", str(repos / "course.git")], check=True)
+    for path, content in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_bytes(content)
+    for path, target in (links or {}).items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, work / path)
+    git = ["git", "-C", str(work), "-c", "user.name=T", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "content"], check=True)
+    subprocess.run([*git, "push", "-q", "--force", str(repos / "course.git"), "main"], check=True)
+
+
+def test_an_assignment_from_a_git_folder_is_published_and_fetched_again(tool, platform, rt, browser,
+                                                                       git_host, tmp_path):
+    base, repos = git_host
+    push_repo(repos, tmp_path, {"week1/square.ipynb": nbgrader_source("Write `sqare`."),
+                                "week1/data.csv": b"1\n", "week2/other.txt": b"not ours"})
+    _, activity_id = launch_teacher(platform, tool, browser)
+    response = browser.post(f"{tool.url}/activities/{activity_id}/assignments", data={
+        "csrf": csrf_of(browser, class_url(tool, activity_id)), "name": "week1", "max_score": "10",
+        "git_url": f"{base}/course.git", "git_branch": "main", "git_folder": "week1"},
+        allow_redirects=False)
+    assert response.status_code == 303, response.text[:500]
+    assignment = assignment_of(rt, "week1")
+    assert (assignment.git_url, assignment.git_branch, assignment.git_folder) == (
+        f"{base}/course.git", "main", "week1")
+    assert sorted(p.name for p in Path(assignment.source_path).iterdir()) == ["data.csv", "square.ipynb"]
+    assert post(tool, browser, activity_id, assignment.id, "publish").status_code == 303
+    release = Path(assignment_of(rt, "week1").release_path)
+    assert "secret-answer" not in (release / "square.ipynb").read_text()
+
+    # The teacher pushes a fix, then "Fetch again" takes it as the new source.
+    push_repo(repos, tmp_path, {"week1/data.csv": b"1\n2\n"})
+    assert post(tool, browser, activity_id, assignment.id, "git").status_code == 303
+    assert (Path(assignment_of(rt, "week1").source_path) / "data.csv").read_bytes() == b"1\n2\n"
+
+    # A link in the folder is refused, and the kept source does not change.
+    push_repo(repos, tmp_path, {}, links={"week1/passwd": "/etc/passwd"})
+    before = assignment_of(rt, "week1").source_path
+    response = post(tool, browser, activity_id, assignment.id, "git")
+    assert response.status_code == 400 and "symbolic link" in response.text
+    assert assignment_of(rt, "week1").source_path == before
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"git_url": "file:///etc"}, "https://"),
+    ({"git_url": "http://169.254.169.254/latest"}, "https://"),
+    ({"git_url": "ext::sh -c touch% /tmp/pwned"}, "https://"),
+    ({"git_url": "https://example.invalid/r.git", "git_branch": "--upload-pack=touch"}, "branch"),
+    ({"git_url": "https://example.invalid/r.git", "git_folder": "../.."}, "leaving"),
+])
+def test_a_refused_git_source_changes_nothing(tool, platform, rt, browser, fields, reason):
+    _, activity_id = launch_teacher(platform, tool, browser)
+    before = stored(rt)
+    response = browser.post(f"{tool.url}/activities/{activity_id}/assignments", data={
+        "csrf": csrf_of(browser, class_url(tool, activity_id)), "name": "g", "max_score": "10",
+        **fields}, allow_redirects=False)
+    assert response.status_code == 400 and reason in response.text, response.text[:300]
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count(Assignment.id))) == 0
     assert stored(rt) == before

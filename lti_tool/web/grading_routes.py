@@ -30,9 +30,9 @@ from lti_tool.web.auth import check_csrf, csrf_token, current_user_id, runtime, 
 from lti_tool.web.errors import Forbidden, WebError
 from lti_tool.web.release_routes import (
     accept_upload_size,
+    incoming_files,
     keep_source,
     release_overview,
-    uploaded_files,
 )
 from provisioning.queue import enqueue
 
@@ -116,11 +116,13 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
     except ValueError:
         raise WebError("Unknown late policy.") from None
     title = form.get("title", "").strip()[:500] or name
+    with rt.sessions() as session:
+        taught_activity(session, activity_id)  # who asks, before any file is read or fetched
+    files = incoming_files(required=False)
     folder = None
     try:
         with rt.sessions() as session, session.begin():
             activity = taught_activity(session, activity_id)
-            files = uploaded_files(required=False)
             if session.scalar(select(Assignment.id).where(
                     Assignment.activity_id == activity.id, Assignment.name == name)):
                 raise WebError(f"This activity already has an assignment named {name!r}.", 409)
@@ -134,7 +136,7 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
         remove_folder(folder)  # nothing kept of a refused or failed creation
         raise
     flash(f"Assignment {title!r} created"
-          + (f" with {len(files)} files: publish it on its page." if files else "."))
+          + (f" with {len(files.files)} files: publish it on its page." if files else "."))
     return redirect(url_for("teacher.class_page", activity_id=activity_id), 303)
 
 

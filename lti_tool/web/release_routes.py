@@ -10,6 +10,7 @@ the reason and changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from flask import Blueprint, flash, redirect, request, url_for
@@ -26,6 +27,7 @@ from grading.assignment_files import (
     remove_folder,
     write_folder,
 )
+from grading.git_source import check_source, fetch
 from grading.models import Assignment, AssignmentRelease, AssignmentSource
 from grading.publish import PublishFailed, check_uploadable, is_current, nbgrader_notebooks, publish
 from grading.release_jobs import RELEASE_TO_CLASS_JOB, enqueue_release
@@ -50,31 +52,65 @@ def accept_upload_size() -> None:
         raise WebError(f"The upload is larger than {MAX_UPLOAD_BYTES // 2**20} MB.", 413) from None
 
 
-def uploaded_files(required: bool) -> dict[str, bytes] | None:
-    """The checked files of the form's `files` upload (None when none was sent and it is not
-    required); a refusal is a 400 with the reason."""
+@dataclass(frozen=True)
+class NewFiles:
+    """An assignment's files as the teacher sent them: an upload, or a git folder's."""
+
+    files: dict[str, bytes]
+    git: tuple[str, str, str] | None = None  # (url, branch, folder)
+
+
+def incoming_files(required: bool) -> NewFiles | None:
+    """The checked files of the form: its `files` upload or its `git_url` (+ `git_branch`,
+    `git_folder`), not both (None when neither was sent and none is required); a refusal is
+    a 400 with the reason. Call outside any transaction: a clone takes seconds."""
     upload = request.files.get("files")
-    if upload is None or not upload.filename:
-        if required:
-            raise WebError("Choose a notebook (.ipynb) or a zip to upload.")
-        return None
-    data = upload.read(MAX_UPLOAD_BYTES + 1)
+    has_upload = upload is not None and bool(upload.filename)
+    git_url = request.form.get("git_url", "").strip()
+    if has_upload and git_url:
+        raise WebError("Upload files or name a git repository, not both.")
     try:
-        files = read_upload(upload.filename, data)
-        check_uploadable(files)
+        if git_url:
+            git = check_source(git_url, request.form.get("git_branch", ""),
+                               request.form.get("git_folder", ""))
+            new = NewFiles(fetch(*git), git)
+        elif has_upload:
+            assert upload is not None and upload.filename
+            new = NewFiles(read_upload(upload.filename, upload.read(MAX_UPLOAD_BYTES + 1)))
+        elif required:
+            raise WebError("Choose a notebook (.ipynb) or a zip to upload.")
+        else:
+            return None
+        check_uploadable(new.files)
     except UploadRejected as exc:
-        raise WebError(f"The upload was refused: {exc}") from None
-    return files
+        raise WebError(f"The files were refused: {exc}") from None
+    return new
 
 
-def keep_source(rt_data_dir: Path, assignment: Assignment, files: dict[str, bytes]) -> Path:
-    """Write the upload into the assignment's tool-side folder and point the row at it (the
+def keep_source(data_dir: Path, assignment: Assignment, new: NewFiles) -> Path:
+    """Write the files into the assignment's tool-side folder and point the row at it (the
     caller commits; on failure it removes the returned folder)."""
-    folder = write_folder(assignments_root(rt_data_dir) / str(assignment.id), "source", files)
+    folder = write_folder(assignments_root(data_dir) / str(assignment.id), "source", new.files)
     assignment.source_path = str(folder)
-    assignment.source = (AssignmentSource.nbgrader if nbgrader_notebooks(files)
+    assignment.source = (AssignmentSource.nbgrader if nbgrader_notebooks(new.files)
                          else AssignmentSource.files)
+    assignment.git_url, assignment.git_branch, assignment.git_folder = new.git or (None, None, None)
     return folder
+
+
+def _replace_source(activity_id: int, assignment_id: int, new: NewFiles) -> None:
+    rt = runtime()
+    folder = None
+    try:
+        with transaction(rt.sessions) as session:
+            _, assignment = _assignment(session, activity_id, assignment_id)
+            old_source = assignment.source_path
+            folder = keep_source(rt.settings.data_dir, assignment, new)
+    except BaseException:
+        remove_folder(folder)
+        raise
+    remove_folder(old_source)
+    flash(f"{len(new.files)} files kept. Publish them to make the student version.")
 
 
 def _assignment(session: Session, activity_id: int, assignment_id: int) -> tuple[Activity, Assignment]:
@@ -92,24 +128,33 @@ def _back(activity_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/files")
 def replace_files(activity_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
-    """New files for the assignment (a fixed typo): kept as the source; students get them
-    once published."""
+    """New files for the assignment (a fixed typo), uploaded or from git: kept as the source;
+    students get them once published."""
     accept_upload_size()
     check_csrf()
-    rt = runtime()
-    folder = None
+    with runtime().sessions() as session:
+        _assignment(session, activity_id, assignment_id)  # who asks, before reading files
+    new = incoming_files(required=True)
+    assert new is not None
+    _replace_source(activity_id, assignment_id, new)
+    return _back(activity_id, assignment_id)
+
+
+@bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/git")
+def fetch_again(activity_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
+    """Fetch a git assignment's folder again (the teacher pushed a fix)."""
+    check_csrf()
+    with runtime().sessions() as session:
+        _, assignment = _assignment(session, activity_id, assignment_id)
+        if not assignment.git_url:
+            raise WebError("This assignment's files were uploaded, not taken from git.", 409)
+        git = (assignment.git_url, assignment.git_branch or "main", assignment.git_folder or "")
     try:
-        with transaction(rt.sessions) as session:
-            _, assignment = _assignment(session, activity_id, assignment_id)
-            files = uploaded_files(required=True)
-            assert files is not None
-            old_source = assignment.source_path
-            folder = keep_source(rt.settings.data_dir, assignment, files)
-    except BaseException:
-        remove_folder(folder)
-        raise
-    remove_folder(old_source)
-    flash(f"{len(files)} files uploaded. Publish them to make the student version.")
+        new = NewFiles(fetch(*git), git)
+        check_uploadable(new.files)
+    except UploadRejected as exc:
+        raise WebError(f"The files were refused: {exc}") from None
+    _replace_source(activity_id, assignment_id, new)
     return _back(activity_id, assignment_id)
 
 
