@@ -60,9 +60,7 @@ def create_app(conf: Mapping[str, str] | None = None) -> Flask:
 
     @app.route("/lti/login", methods=["GET", "POST"])
     def login():  # type: ignore[no-untyped-def]
-        oidc = FlaskOIDCLogin(
-            FlaskRequest(), tool_conf, launch_data_storage=RedisJsonStorage(conn)
-        )
+        oidc = FlaskOIDCLogin(FlaskRequest(), tool_conf, launch_data_storage=RedisJsonStorage(conn))
         try:
             return oidc.redirect(launch_url)
         except (LtiException, OIDCException) as exc:

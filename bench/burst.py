@@ -133,8 +133,12 @@ class Proc:
         log = log_dir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "lti_tool.cli", *argv], cwd=ROOT, env=env,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "lti_tool.cli", *argv],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         return cls(name, process, log)
 
@@ -216,8 +220,15 @@ class Student:
 POLL_RETRY_S = 3.0  # status.html: `.catch(function () { setTimeout(poll, 3000); })`
 
 
-def run_student(student: Student, platform: FakePlatform, tool_url: str, t0: float,
-                poll: float, timeout: float, abort: threading.Event) -> None:
+def run_student(
+    student: Student,
+    platform: FakePlatform,
+    tool_url: str,
+    t0: float,
+    poll: float,
+    timeout: float,
+    abort: threading.Event,
+) -> None:
     """One browser: the launch (a failure is the student's failure), then the status
     page's polling (a poll that gets no answer is retried after 3 s, as the page does)."""
     delay = t0 + student.offset - time.time()
@@ -291,17 +302,29 @@ def driver_main(conn: Any) -> None:
             elif command == "instructor":
                 with requests.Session() as browser:
                     # Without the roster claim: no roster sync job (not what is measured).
-                    answer = platform.launch(browser, payload["url"],
-                                             platform.instructor(sub="1"), drop=[NRPS_CLAIM])
+                    answer = platform.launch(
+                        browser, payload["url"], platform.instructor(sub="1"), drop=[NRPS_CLAIM]
+                    )
                 conn.send(("ok", answer.launch_response.status_code))
             elif command == "burst":
                 students: list[Student] = payload["students"]
                 abort = threading.Event()
-                with ThreadPoolExecutor(max(1, len(students)),
-                                        thread_name_prefix="student") as pool:
-                    futures = [pool.submit(run_student, st, platform, payload["url"],
-                                           payload["t0"], payload["poll"], payload["timeout"],
-                                           abort) for st in students]
+                with ThreadPoolExecutor(
+                    max(1, len(students)), thread_name_prefix="student"
+                ) as pool:
+                    futures = [
+                        pool.submit(
+                            run_student,
+                            st,
+                            platform,
+                            payload["url"],
+                            payload["t0"],
+                            payload["poll"],
+                            payload["timeout"],
+                            abort,
+                        )
+                        for st in students
+                    ]
                     for future in futures:
                         future.result()
                 conn.send(("ok", students))
@@ -324,8 +347,9 @@ class Driver:
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=driver_main, args=(child,), name="burst-driver",
-                                   daemon=True)
+        self.process = ctx.Process(
+            target=driver_main, args=(child,), name="burst-driver", daemon=True
+        )
         self.process.start()
         child.close()
         self.platform_args: dict[str, str] = self.result(60)
@@ -335,8 +359,7 @@ class Driver:
 
     def result(self, timeout: float) -> Any:
         if not self.conn.poll(timeout):
-            raise BenchError(f"student driver {self.process.pid} did not answer in "
-                             f"{timeout:.0f} s")
+            raise BenchError(f"student driver {self.process.pid} did not answer in {timeout:.0f} s")
         status, value = self.conn.recv()
         if status != "ok":
             raise BenchError(f"student driver {self.process.pid} failed: {value}")
@@ -421,9 +444,14 @@ class Watcher:
         if env_id is None:
             return
         with self.rt.sessions() as session:
-            counts = dict(session.execute(text(
-                "SELECT state, count(*) FROM machines WHERE environment_id = :e GROUP BY state"
-            ), {"e": env_id}).all())
+            counts = dict(
+                session.execute(
+                    text(
+                        "SELECT state, count(*) FROM machines WHERE environment_id = :e GROUP BY state"
+                    ),
+                    {"e": env_id},
+                ).all()
+            )
         with self.lock:
             self.timeline.append((time.monotonic() - t0, counts))
 
@@ -440,18 +468,23 @@ class Watcher:
                 result = str(job.return_value())
             except Exception:  # noqa: BLE001 - an expired result is only a missing detail
                 result = "?"
-            self.jobs[job.id] = JobRecord(job.func_name or "?", job.enqueued_at,
-                                          job.started_at, job.ended_at, result)
+            self.jobs[job.id] = JobRecord(
+                job.func_name or "?", job.enqueued_at, job.started_at, job.ended_at, result
+            )
         failed = FailedJobRegistry(QUEUE_NAME, connection=self.conn).get_job_ids()
-        for job in Job.fetch_many([j for j in failed if j not in self.failed],
-                                  connection=self.conn):
+        for job in Job.fetch_many(
+            [j for j in failed if j not in self.failed], connection=self.conn
+        ):
             if job is not None:
                 lines = (job.exc_info or "").strip().splitlines()
                 self.failed[job.id] = f"{job.func_name}: {lines[-1] if lines else '?'}"
 
     def jobs_between(self, start: datetime, end: datetime) -> list[JobRecord]:
-        return [j for j in self.jobs.values()
-                if j.started is not None and start <= _aware(j.started) <= end]
+        return [
+            j
+            for j in self.jobs.values()
+            if j.started is not None and start <= _aware(j.started) <= end
+        ]
 
 
 def _aware(value: datetime) -> datetime:
@@ -497,15 +530,22 @@ class CpuMeter:
 
 def pool_counts(rt: Any, env_id: int) -> dict[str, int]:
     with rt.sessions() as session:
-        return dict(session.execute(text(
-            "SELECT state || CASE WHEN owner_id IS NULL THEN '' ELSE '+owned' END, count(*) "
-            "FROM machines WHERE environment_id = :e GROUP BY 1"), {"e": env_id}).all())
+        return dict(
+            session.execute(
+                text(
+                    "SELECT state || CASE WHEN owner_id IS NULL THEN '' ELSE '+owned' END, count(*) "
+                    "FROM machines WHERE environment_id = :e GROUP BY 1"
+                ),
+                {"e": env_id},
+            ).all()
+        )
 
 
 def last_pass(rt: Any, pool_id: int) -> datetime | None:
     with rt.sessions() as session:
-        value = session.execute(text("SELECT last_pass_at FROM pools WHERE id = :p"),
-                                {"p": pool_id}).scalar_one()
+        value = session.execute(
+            text("SELECT last_pass_at FROM pools WHERE id = :p"), {"p": pool_id}
+        ).scalar_one()
     if isinstance(value, str):  # SQLite
         value = datetime.fromisoformat(value)
     return _aware(value) if value is not None else None
@@ -521,8 +561,11 @@ def settle(rt: Any, pool_id: int, env_id: int, timeout: float) -> float:
     deadline = started + timeout
     while time.monotonic() < deadline:
         counts = pool_counts(rt, env_id)
-        busy = {k: v for k, v in counts.items()
-                if k.split("+")[0] in ("requested", "starting", "stopping")}
+        busy = {
+            k: v
+            for k, v in counts.items()
+            if k.split("+")[0] in ("requested", "starting", "stopping")
+        }
         if busy:
             reconcile_soon(rt, pool_id)
             time.sleep(0.5)
@@ -538,8 +581,9 @@ def settle(rt: Any, pool_id: int, env_id: int, timeout: float) -> float:
         again = pool_counts(rt, env_id)
         if not any(k.split("+")[0] in ("requested", "starting", "stopping") for k in again):
             return time.monotonic() - started
-    raise BenchError(f"pool {pool_id} did not settle within {timeout:.0f} s: "
-                     f"{pool_counts(rt, env_id)}")
+    raise BenchError(
+        f"pool {pool_id} did not settle within {timeout:.0f} s: {pool_counts(rt, env_id)}"
+    )
 
 
 @dataclasses.dataclass
@@ -557,8 +601,9 @@ class Integrity:
 
     @property
     def double_assignments(self) -> int:
-        return (self.with_machine - self.distinct_machines) + self.wrong_owner + \
-            self.students_with_two
+        return (
+            (self.with_machine - self.distinct_machines) + self.wrong_owner + self.students_with_two
+        )
 
 
 def check_integrity(rt: Any, cloud: Any, env_id: int, students: list[Student]) -> Integrity:
@@ -567,29 +612,41 @@ def check_integrity(rt: Any, cloud: Any, env_id: int, students: list[Student]) -
     with rt.sessions() as session:
         owners: dict[int, str | None] = {}
         if ids:
-            for machine_id, sub in session.execute(text(
-                "SELECT m.id, u.sub FROM machines m LEFT JOIN users u ON u.id = m.owner_id "
-                f"WHERE m.id IN ({','.join(str(int(i)) for i in set(ids))})"
-            )).all():
+            for machine_id, sub in session.execute(
+                text(
+                    "SELECT m.id, u.sub FROM machines m LEFT JOIN users u ON u.id = m.owner_id "
+                    f"WHERE m.id IN ({','.join(str(int(i)) for i in set(ids))})"
+                )
+            ).all():
                 owners[machine_id] = sub
-        two = session.execute(text(
-            "SELECT count(*) FROM (SELECT owner_id FROM machines WHERE environment_id = :e "
-            "AND owner_id IS NOT NULL AND state IN ('requested','starting','ready','assigned') "
-            "GROUP BY owner_id, course_id HAVING count(*) > 1) t"), {"e": env_id}).scalar_one()
-        live = session.execute(text(
-            "SELECT id, state, backend_ref FROM machines WHERE backend = 'openstack' AND state "
-            "IN ('requested','starting','ready','assigned','stopping')")).all()
+        two = session.execute(
+            text(
+                "SELECT count(*) FROM (SELECT owner_id FROM machines WHERE environment_id = :e "
+                "AND owner_id IS NOT NULL AND state IN ('requested','starting','ready','assigned') "
+                "GROUP BY owner_id, course_id HAVING count(*) > 1) t"
+            ),
+            {"e": env_id},
+        ).scalar_one()
+        live = session.execute(
+            text(
+                "SELECT id, state, backend_ref FROM machines WHERE backend = 'openstack' AND state "
+                "IN ('requested','starting','ready','assigned','stopping')"
+            )
+        ).all()
     wrong = sum(1 for s in got if owners.get(s.machine_id) != s.sub)
-    servers = [s for s in cloud.servers()
-               if "labpool" in (s.get("tags") or []) and s["status"] != "DELETED"]
+    servers = [
+        s
+        for s in cloud.servers()
+        if "labpool" in (s.get("tags") or []) and s["status"] != "DELETED"
+    ]
     by_machine: dict[int, list[str]] = {}
     untagged = 0
     for server in servers:
         tag = next((t for t in server.get("tags") or [] if t.startswith("machine-")), None)
-        if tag is None or not tag[len("machine-"):].isdigit():
+        if tag is None or not tag[len("machine-") :].isdigit():
             untagged += 1
             continue
-        by_machine.setdefault(int(tag[len("machine-"):]), []).append(server["id"])
+        by_machine.setdefault(int(tag[len("machine-") :]), []).append(server["id"])
     live_ids = {m for m, _, _ in live}
     orphans = untagged + sum(len(ids) for m, ids in by_machine.items() if m not in live_ids)
     duplicates = sum(len(ids) - 1 for m, ids in by_machine.items() if m in live_ids)
@@ -602,8 +659,18 @@ def check_integrity(rt: Any, cloud: Any, env_id: int, students: list[Student]) -
             without += 1
         elif _json(ref).get("server_id") not in mine:
             mismatch += 1
-    return Integrity(len(students), len(got), len(set(ids)), wrong, two, len(servers),
-                     orphans, duplicates, without, mismatch)
+    return Integrity(
+        len(students),
+        len(got),
+        len(set(ids)),
+        wrong,
+        two,
+        len(servers),
+        orphans,
+        duplicates,
+        without,
+        mismatch,
+    )
 
 
 def _json(value: Any) -> dict[str, Any]:
@@ -651,9 +718,14 @@ def make_pool(rt: Any, cloud: Any, name: str, warm: int, max_size: int) -> tuple
 
     with transaction(rt.sessions) as session:
         env = add_environment(
-            session, name=name, backend="openstack", image_id="img-golden",
-            flavor_id="m1.small", network_id=cloud.config.network_id,
-            warm_target=warm, max_size=max_size,
+            session,
+            name=name,
+            backend="openstack",
+            image_id="img-golden",
+            flavor_id="m1.small",
+            network_id=cloud.config.network_id,
+            warm_target=warm,
+            max_size=max_size,
         )
         pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
         return env.id, pool_id
@@ -666,8 +738,15 @@ def use_environment(rt: Any, env_id: int) -> None:
         session.execute(text("UPDATE activities SET environment_id = :e"), {"e": env_id})
 
 
-def run_burst(scenario: Scenario, drivers: list[Driver], tool_url: str, args: Any,
-              cloud: Any, watcher: Watcher, cpu: CpuMeter) -> None:
+def run_burst(
+    scenario: Scenario,
+    drivers: list[Driver],
+    tool_url: str,
+    args: Any,
+    cloud: Any,
+    watcher: Watcher,
+    cpu: CpuMeter,
+) -> None:
     """Every driver gets its share of the students (interleaved, so each spans the window);
     they all count from the same start time."""
     cpu_before = cpu.snapshot()
@@ -677,10 +756,18 @@ def run_burst(scenario: Scenario, drivers: list[Driver], tool_url: str, args: An
     watcher.watch(scenario.env_id)
     scenario.started_at = datetime.now(UTC)
     t0 = time.time() + 1.0  # every driver's threads are waiting by then
-    shares = [scenario.students[k::len(drivers)] for k in range(len(drivers))]
+    shares = [scenario.students[k :: len(drivers)] for k in range(len(drivers))]
     for driver, share in zip(drivers, shares, strict=True):
-        driver.send("burst", {"students": share, "url": tool_url, "t0": t0,
-                              "poll": args.poll, "timeout": args.timeout})
+        driver.send(
+            "burst",
+            {
+                "students": share,
+                "url": tool_url,
+                "t0": t0,
+                "poll": args.poll,
+                "timeout": args.timeout,
+            },
+        )
     deadline = t0 + args.window + args.timeout + 60
     done: list[Student] = []
     for driver in drivers:
@@ -717,11 +804,19 @@ def horse_import_s() -> float:
     """What an RQ work horse imports before its first line of a pass: the worker parent has
     imported lti_tool.models; the job's module and the reconciler (openstacksdk) are imported
     in each forked horse."""
-    code = ("import time, lti_tool.models; t = time.perf_counter(); "
-            "import provisioning.jobs, provisioning.reconciler; "
-            "print(time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=True)
+    code = (
+        "import time, lti_tool.models; t = time.perf_counter(); "
+        "import provisioning.jobs, provisioning.reconciler; "
+        "print(time.perf_counter() - t)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -765,31 +860,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="60 students, 15 s, 5 s boots")
-    size.add_argument("--smoke", action="store_true",
-                      help="4 students, 2 s, 1 s boots: does the benchmark still run (CI)")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="4 students, 2 s, 1 s boots: does the benchmark still run (CI)",
+    )
     parser.add_argument("--students", type=int, default=None)
     parser.add_argument("--window", type=float, default=None, help="seconds the launches span")
     parser.add_argument("--boot-time", type=float, default=None, help="fake server boot, s")
     parser.add_argument("--scenario", choices=("warm", "cold", "both"), default="both")
     parser.add_argument("--poll", type=float, default=0.25, help="state poll interval, s")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="per student, launch to ready (default: 2 × boot + 60 s)")
-    parser.add_argument("--db", choices=("postgres", "sqlite"), default=None,
-                        help="default: postgres if reachable, else sqlite")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per student, launch to ready (default: 2 × boot + 60 s)",
+    )
+    parser.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default=None,
+        help="default: postgres if reachable, else sqlite",
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument("--schema", default=DEFAULT_SCHEMA,
-                        help="PostgreSQL schema the benchmark owns (dropped at start and end)")
+    parser.add_argument(
+        "--schema",
+        default=DEFAULT_SCHEMA,
+        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
     parser.add_argument("--rq-workers", type=int, default=2)
-    parser.add_argument("--drivers", type=int, default=2,
-                        help="student driver processes (each with its own fake Moodle)")
+    parser.add_argument(
+        "--drivers",
+        type=int,
+        default=2,
+        help="student driver processes (each with its own fake Moodle)",
+    )
     parser.add_argument("--interval", type=int, default=2, help="LABPOOL_RECONCILE_INTERVAL_S")
-    parser.add_argument("--keep-logs", type=Path, default=None,
-                        help="copy the processes' logs into this folder at the end, with "
-                        "jobs.tsv (every RQ job seen: function, enqueued, started, ended, "
-                        "result)")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        default=None,
+        help="copy the processes' logs into this folder at the end, with "
+        "jobs.tsv (every RQ job seen: function, enqueued, started, ended, "
+        "result)",
+    )
     args = parser.parse_args(argv)
     students, window, boot = SIZES[size_mode(args)]
     args.students = args.students or students
@@ -848,8 +965,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
-         servers: list[Gunicorn], rdb: RedisDb, drivers: list[Driver]) -> int:
+def _run(
+    args: argparse.Namespace,
+    data_dir: Path,
+    procs: list[Proc],
+    servers: list[Gunicorn],
+    rdb: RedisDb,
+    drivers: list[Driver],
+) -> int:
     from config.db import transaction
     from config.settings import load_settings
     from lti_tool.registrations import register_platform
@@ -865,48 +988,57 @@ def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
     else:
         database_url = f"sqlite:///{data_dir / 'labpool.db'}"
     port = free_port()
-    cloud = FakeCloud(boot_time=args.boot_time, max_instances=3 * n, ide="stub",
-                      max_limit=1000)
+    cloud = FakeCloud(boot_time=args.boot_time, max_instances=3 * n, ide="stub", max_limit=1000)
     with cloud:
         clouds_yaml = str(cloud.write_clouds_yaml(data_dir))
         os.environ["OS_CLIENT_CONFIG_FILE"] = clouds_yaml  # this process's in-process passes
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABPOOL_")}
-        env.update({
-            "LABPOOL_DATA_DIR": str(data_dir),
-            "LABPOOL_DATABASE_URL": database_url,
-            "LABPOOL_REDIS_URL": args.redis_url,
-            "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "LABPOOL_QUEUE_NAME": QUEUE_NAME,
-            "LABPOOL_WEB_WORKERS": str(args.workers),
-            "LABPOOL_OPENSTACK_CLOUD": "fake",
-            "OS_CLIENT_CONFIG_FILE": clouds_yaml,
-            "LABPOOL_MAX_CONCURRENT_CREATES": str(max(400, 2 * n)),
-            "LABPOOL_RECONCILE_INTERVAL_S": str(args.interval),
-            "LABPOOL_LOG_LEVEL": "WARNING",
-            # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
-            # Redis round trip is part of what is measured) but out of reach.
-            "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
-            "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
-        })
+        env.update(
+            {
+                "LABPOOL_DATA_DIR": str(data_dir),
+                "LABPOOL_DATABASE_URL": database_url,
+                "LABPOOL_REDIS_URL": args.redis_url,
+                "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{port}",
+                "LABPOOL_QUEUE_NAME": QUEUE_NAME,
+                "LABPOOL_WEB_WORKERS": str(args.workers),
+                "LABPOOL_OPENSTACK_CLOUD": "fake",
+                "OS_CLIENT_CONFIG_FILE": clouds_yaml,
+                "LABPOOL_MAX_CONCURRENT_CREATES": str(max(400, 2 * n)),
+                "LABPOOL_RECONCILE_INTERVAL_S": str(args.interval),
+                "LABPOOL_LOG_LEVEL": "WARNING",
+                # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
+                # Redis round trip is part of what is measured) but out of reach.
+                "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
+                "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
+            }
+        )
         settings = load_settings(env)
         rt = prepare(settings)
         for driver in drivers:  # each driver's fake Moodle is a platform of its own
             reg = driver.platform_args
             with transaction(rt.sessions) as session:
                 register_platform(
-                    session, settings, issuer=reg["issuer"], client_id=reg["client_id"],
-                    deployment_ids=[reg["deployment_id"]], auth_url=reg["auth_url"],
-                    token_url=reg["token_url"], jwks_url=reg["jwks_url"],
+                    session,
+                    settings,
+                    issuer=reg["issuer"],
+                    client_id=reg["client_id"],
+                    deployment_ids=[reg["deployment_id"]],
+                    auth_url=reg["auth_url"],
+                    token_url=reg["token_url"],
+                    jwks_url=reg["jwks_url"],
                 )
-            driver.call("register_tool", {"url": settings.public_url,
-                                          "jwks_url": settings.url("/lti/jwks.json")})
+            driver.call(
+                "register_tool",
+                {"url": settings.public_url, "jwks_url": settings.url("/lti/jwks.json")},
+            )
 
         warm_pool = cold_pool = None
         if args.scenario in ("warm", "both"):
             # Before the workers start: the cron's first tick fills it while the rest starts.
             warm_pool = make_pool(rt, cloud, "burst-warm", n, n)
-        servers.append(Gunicorn.start("gunicorn", "wsgi:app", port, env, args.workers,
-                                      args.threads, data_dir))
+        servers.append(
+            Gunicorn.start("gunicorn", "wsgi:app", port, env, args.workers, args.threads, data_dir)
+        )
         for i in range(args.rq_workers):
             procs.append(Proc.start(f"worker-{i + 1}", ["worker"], env, data_dir))
         procs.append(Proc.start("cron", ["cron"], env, data_dir))
@@ -925,13 +1057,16 @@ def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
         import_s = horse_import_s()
 
         watcher = Watcher(rdb.conn, rt).start()
-        cpu = CpuMeter({
-            "web (gunicorn)": [servers[0].process.pid],
-            "RQ workers and their horses": [p.process.pid for p in procs
-                                            if p.name.startswith("worker")],
-            "cron": [p.process.pid for p in procs if p.name == "cron"],
-            "students + fake Moodle (driver processes)": [d.process.pid for d in drivers],
-        })
+        cpu = CpuMeter(
+            {
+                "web (gunicorn)": [servers[0].process.pid],
+                "RQ workers and their horses": [
+                    p.process.pid for p in procs if p.name.startswith("worker")
+                ],
+                "cron": [p.process.pid for p in procs if p.name == "cron"],
+                "students + fake Moodle (driver processes)": [d.process.pid for d in drivers],
+            }
+        )
         scenarios: list[Scenario] = []
         try:
             if warm_pool is not None:
@@ -977,9 +1112,18 @@ def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
         with (args.keep_logs / "jobs.tsv").open("w") as out:
             out.write("func\tenqueued\tstarted\tended\tresult\n")
             for job in sorted(watcher.jobs.values(), key=lambda j: str(j.started)):
-                out.write("\t".join([job.func, str(job.enqueued), str(job.started),
-                                     str(job.ended), job.result[:300].replace("\t", " ")])
-                          + "\n")
+                out.write(
+                    "\t".join(
+                        [
+                            job.func,
+                            str(job.enqueued),
+                            str(job.started),
+                            str(job.ended),
+                            job.result[:300].replace("\t", " "),
+                        ]
+                    )
+                    + "\n"
+                )
     report(args, scenarios, watcher, final, setup_s, import_s, one_pass, dead, total_s)
     return 0
 
@@ -987,16 +1131,26 @@ def _run(args: argparse.Namespace, data_dir: Path, procs: list[Proc],
 # --------------------------------------------------------------------------- the report
 
 
-def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integrity,
-           setup_s: float, import_s: float, one_pass: tuple[float, float, Any], dead: list[str],
-           total_s: float) -> None:
+def report(
+    args: Any,
+    scenarios: list[Scenario],
+    watcher: Watcher,
+    final: Integrity,
+    setup_s: float,
+    import_s: float,
+    one_pass: tuple[float, float, Any],
+    dead: list[str],
+    total_s: float,
+) -> None:
     n = args.students
     mode = size_mode(args)
-    print(f"Burst benchmark{'' if mode == 'full' else f' ({mode})'}: {n} students launch within "
-          f"{args.window:.0f} s, servers boot in {args.boot_time:.0f} s; gunicorn "
-          f"{args.workers} workers × {args.threads} threads, {args.rq_workers} RQ workers, "
-          f"cron every {args.interval} s; state polled every {args.poll} s; "
-          f"{os.cpu_count()} CPUs; total {total_s:.0f} s (setup {setup_s:.0f} s)")
+    print(
+        f"Burst benchmark{'' if mode == 'full' else f' ({mode})'}: {n} students launch within "
+        f"{args.window:.0f} s, servers boot in {args.boot_time:.0f} s; gunicorn "
+        f"{args.workers} workers × {args.threads} threads, {args.rq_workers} RQ workers, "
+        f"cron every {args.interval} s; state polled every {args.poll} s; "
+        f"{os.cpu_count()} CPUs; total {total_s:.0f} s (setup {setup_s:.0f} s)"
+    )
     print()
 
     rows = []
@@ -1005,64 +1159,173 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
         launch = [s.launch_s for s in sc.students if s.launch_s is not None]
         polls = [ms for s in sc.students for ms in s.poll_ms]
         quick_ones = sum(1 for t in ready if t < args.boot_time)
-        rows.append([
-            sc.name, str(len(sc.students)), str(len(ready)), str(len(sc.errors())),
-            f"{sc.prewarm_s:.0f}" if sc.name == "warm" else "-",
-            str(quick_ones), str(len(ready) - quick_ones),
-            _p(launch, 50), _p(launch, 95), _p(ready, 50), _p(ready, 95),
-            f"{max(ready):.2f}" if ready else "-",
-            f"{sum(s.polls for s in sc.students) / len(sc.students):.1f}",
-            _p(polls, 95, fmt="{:.0f}"), str(sum(s.poll_errors for s in sc.students)),
-        ])
+        rows.append(
+            [
+                sc.name,
+                str(len(sc.students)),
+                str(len(ready)),
+                str(len(sc.errors())),
+                f"{sc.prewarm_s:.0f}" if sc.name == "warm" else "-",
+                str(quick_ones),
+                str(len(ready) - quick_ones),
+                _p(launch, 50),
+                _p(launch, 95),
+                _p(ready, 50),
+                _p(ready, 95),
+                f"{max(ready):.2f}" if ready else "-",
+                f"{sum(s.polls for s in sc.students) / len(sc.students):.1f}",
+                _p(polls, 95, fmt="{:.0f}"),
+                str(sum(s.poll_errors for s in sc.students)),
+            ]
+        )
     print("Launch start → machine ready, per student (seconds)")
-    print(table(["scenario", "students", "ready", "errors", "pre-warm s",
-                 "ready < boot", "waited boot", "launch p50", "launch p95", "ready p50",
-                 "ready p95", "ready max", "polls/student", "poll p95 ms",
-                 "polls unanswered"], rows,
-                text_columns=1))
+    print(
+        table(
+            [
+                "scenario",
+                "students",
+                "ready",
+                "errors",
+                "pre-warm s",
+                "ready < boot",
+                "waited boot",
+                "launch p50",
+                "launch p95",
+                "ready p50",
+                "ready p95",
+                "ready max",
+                "polls/student",
+                "poll p95 ms",
+                "polls unanswered",
+            ],
+            rows,
+            text_columns=1,
+        )
+    )
     print()
 
     rows = []
     for sc in scenarios:
         i = sc.integrity
         assert i is not None
-        rows.append([sc.name, str(i.with_machine), str(i.distinct_machines), str(i.wrong_owner),
-                     str(i.students_with_two), str(i.double_assignments), str(i.servers),
-                     str(i.orphans), str(i.duplicates), str(i.machines_without_server),
-                     str(i.ref_mismatch), f"{sc.settle_s:.0f}"])
-    rows.append(["end", "", "", "", "", "", str(final.servers), str(final.orphans),
-                 str(final.duplicates), str(final.machines_without_server),
-                 str(final.ref_mismatch), ""])
-    print("After each scenario settled (no machine requested/starting/stopping, then two passes); "
-          "servers = live servers tagged labpool in the fake cloud")
-    print(table(["scenario", "got a machine", "distinct", "owner is another", "with 2 live",
-                 "double assignments", "servers", "orphans", "2nd server", "machines w/o server",
-                 "ref w/o its server id", "settle s"], rows, text_columns=1))
+        rows.append(
+            [
+                sc.name,
+                str(i.with_machine),
+                str(i.distinct_machines),
+                str(i.wrong_owner),
+                str(i.students_with_two),
+                str(i.double_assignments),
+                str(i.servers),
+                str(i.orphans),
+                str(i.duplicates),
+                str(i.machines_without_server),
+                str(i.ref_mismatch),
+                f"{sc.settle_s:.0f}",
+            ]
+        )
+    rows.append(
+        [
+            "end",
+            "",
+            "",
+            "",
+            "",
+            "",
+            str(final.servers),
+            str(final.orphans),
+            str(final.duplicates),
+            str(final.machines_without_server),
+            str(final.ref_mismatch),
+            "",
+        ]
+    )
+    print(
+        "After each scenario settled (no machine requested/starting/stopping, then two passes); "
+        "servers = live servers tagged labpool in the fake cloud"
+    )
+    print(
+        table(
+            [
+                "scenario",
+                "got a machine",
+                "distinct",
+                "owner is another",
+                "with 2 live",
+                "double assignments",
+                "servers",
+                "orphans",
+                "2nd server",
+                "machines w/o server",
+                "ref w/o its server id",
+                "settle s",
+            ],
+            rows,
+            text_columns=1,
+        )
+    )
     print()
 
     rows = []
     for sc in scenarios:
         s = sc.students
-        rows.append([sc.name, "tool: login answer",
-                     _p([x.login_s for x in s], 50, 1000, "{:.0f}"),
-                     _p([x.login_s for x in s], 95, 1000, "{:.0f}")])
-        rows.append(["", "fake Moodle: auth.php", _p([x.auth_s for x in s], 50, 1000, "{:.0f}"),
-                     _p([x.auth_s for x in s], 95, 1000, "{:.0f}")])
-        rows.append(["", "tool: launch answer (claim or request)",
-                     _p([x.launch_post_s for x in s], 50, 1000, "{:.0f}"),
-                     _p([x.launch_post_s for x in s], 95, 1000, "{:.0f}")])
+        rows.append(
+            [
+                sc.name,
+                "tool: login answer",
+                _p([x.login_s for x in s], 50, 1000, "{:.0f}"),
+                _p([x.login_s for x in s], 95, 1000, "{:.0f}"),
+            ]
+        )
+        rows.append(
+            [
+                "",
+                "fake Moodle: auth.php",
+                _p([x.auth_s for x in s], 50, 1000, "{:.0f}"),
+                _p([x.auth_s for x in s], 95, 1000, "{:.0f}"),
+            ]
+        )
+        rows.append(
+            [
+                "",
+                "tool: launch answer (claim or request)",
+                _p([x.launch_post_s for x in s], 50, 1000, "{:.0f}"),
+                _p([x.launch_post_s for x in s], 95, 1000, "{:.0f}"),
+            ]
+        )
         firsts = [x.first_poll_s for x in s if x.first_poll_s is not None]
-        rows.append(["", "tool: first state answer", _p(firsts, 50, 1000, "{:.0f}"),
-                     _p(firsts, 95, 1000, "{:.0f}")])
-        waited = [x for x in s if x.ready_s is not None and x.starting_s is not None
-                  and x.ready_s >= args.boot_time]
+        rows.append(
+            [
+                "",
+                "tool: first state answer",
+                _p(firsts, 50, 1000, "{:.0f}"),
+                _p(firsts, 95, 1000, "{:.0f}"),
+            ]
+        )
+        waited = [
+            x
+            for x in s
+            if x.ready_s is not None and x.starting_s is not None and x.ready_s >= args.boot_time
+        ]
         if waited:
             to_start = [x.starting_s - (x.launch_s or 0) for x in waited]
             to_ready = [x.ready_s - x.starting_s for x in waited]
-            rows.append(["", f"launched → seen starting (a pass created it; ±{args.poll} s)",
-                         _p(to_start, 50, 1000, "{:.0f}"), _p(to_start, 95, 1000, "{:.0f}")])
-            rows.append(["", "seen starting → ready (boot, then a pass's health check)",
-                         _p(to_ready, 50, 1000, "{:.0f}"), _p(to_ready, 95, 1000, "{:.0f}")])
+            rows.append(
+                [
+                    "",
+                    f"launched → seen starting (a pass created it; ±{args.poll} s)",
+                    _p(to_start, 50, 1000, "{:.0f}"),
+                    _p(to_start, 95, 1000, "{:.0f}"),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "seen starting → ready (boot, then a pass's health check)",
+                    _p(to_ready, 50, 1000, "{:.0f}"),
+                    _p(to_ready, 95, 1000, "{:.0f}"),
+                ]
+            )
     print("Where a student's time goes (ms)")
     print(table(["scenario", "step", "p50", "p95"], rows, text_columns=2))
     print()
@@ -1071,33 +1334,66 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
     for sc in scenarios:
         assert sc.started_at is not None and sc.ended_at is not None
         jobs = watcher.jobs_between(sc.started_at, sc.ended_at)
-        passes = [j for j in jobs if j.func.endswith("reconcile_pool_job")
-                  and j.result.startswith("PassReport")]
-        skipped = [j for j in jobs if j.func.endswith("reconcile_pool_job")
-                   and "another pass" in j.result]
+        passes = [
+            j
+            for j in jobs
+            if j.func.endswith("reconcile_pool_job") and j.result.startswith("PassReport")
+        ]
+        skipped = [
+            j for j in jobs if j.func.endswith("reconcile_pool_job") and "another pass" in j.result
+        ]
         durations = [j.duration_s for j in passes if j.duration_s is not None]
         waits = [j.wait_s for j in passes if j.wait_s is not None]
         other_durations: dict[str, list[float]] = {}
         for j in jobs:
             if not j.func.endswith("reconcile_pool_job") and j.duration_s is not None:
                 other_durations.setdefault(j.func.rsplit(".", 1)[-1], []).append(j.duration_s)
-        rows.append([
-            sc.name, f"{sc.burst_s:.0f}", str(len(passes)), str(len(skipped)),
-            _p(durations, 50), f"{max(durations):.2f}" if durations else "-",
-            _p(waits, 50), f"{max(waits):.2f}" if waits else "-",
-            str(sc.creates), str(sc.tokens),
-            ", ".join(f"{k} ×{len(v)} (p50 {percentile(v, 50):.1f} s, max {max(v):.1f} s)"
-                      for k, v in sorted(other_durations.items())) or "-",
-        ])
+        rows.append(
+            [
+                sc.name,
+                f"{sc.burst_s:.0f}",
+                str(len(passes)),
+                str(len(skipped)),
+                _p(durations, 50),
+                f"{max(durations):.2f}" if durations else "-",
+                _p(waits, 50),
+                f"{max(waits):.2f}" if waits else "-",
+                str(sc.creates),
+                str(sc.tokens),
+                ", ".join(
+                    f"{k} ×{len(v)} (p50 {percentile(v, 50):.1f} s, max {max(v):.1f} s)"
+                    for k, v in sorted(other_durations.items())
+                )
+                or "-",
+            ]
+        )
     print("Worker jobs during each burst (from RQ's registries; a pass = reconcile_pool_job)")
-    print(table(["scenario", "burst s", "passes", "skipped (lock held)", "pass p50 s",
-                 "pass max s", "queue wait p50 s", "wait max s", "servers created",
-                 "Keystone tokens", "other jobs (duration)"], rows, text_columns=1))
-    print(f"An RQ work horse imports provisioning.jobs + provisioning.reconciler (openstacksdk) "
-          f"anew at every job: {import_s:.2f} s; the same pass over the settled "
-          f"{scenarios[-1].name} pool ({one_pass[2].machines} machines, {one_pass[2].servers} "
-          f"servers) in one process: {one_pass[0]:.2f} s with a new connection, "
-          f"{one_pass[1]:.2f} s with the connection kept")
+    print(
+        table(
+            [
+                "scenario",
+                "burst s",
+                "passes",
+                "skipped (lock held)",
+                "pass p50 s",
+                "pass max s",
+                "queue wait p50 s",
+                "wait max s",
+                "servers created",
+                "Keystone tokens",
+                "other jobs (duration)",
+            ],
+            rows,
+            text_columns=1,
+        )
+    )
+    print(
+        f"An RQ work horse imports provisioning.jobs + provisioning.reconciler (openstacksdk) "
+        f"anew at every job: {import_s:.2f} s; the same pass over the settled "
+        f"{scenarios[-1].name} pool ({one_pass[2].machines} machines, {one_pass[2].servers} "
+        f"servers) in one process: {one_pass[0]:.2f} s with a new connection, "
+        f"{one_pass[1]:.2f} s with the connection kept"
+    )
     parts = [k for k in scenarios[0].cpu if not k.startswith("_")] if scenarios else []
     rows = []
     for sc in scenarios:
@@ -1105,18 +1401,26 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
         mine = sum(sc.cpu[k] for k in parts)
         cells = [sc.name, f"{wall:.0f}"]
         cells += [f"{sc.cpu[k]:.1f}" for k in parts]
-        cells += [f"{max(0.0, sc.cpu['_busy'] - mine):.1f}",
-                  f"{sc.cpu['_busy'] / (wall * (os.cpu_count() or 1)) * 100:.0f} %"]
+        cells += [
+            f"{max(0.0, sc.cpu['_busy'] - mine):.1f}",
+            f"{sc.cpu['_busy'] / (wall * (os.cpu_count() or 1)) * 100:.0f} %",
+        ]
         rows.append(cells)
     if rows:
         print()
         print("CPU seconds used during each burst")
-        print(table(["scenario", "wall s", *parts, "other (PostgreSQL, Redis, …)",
-                     "all CPUs busy"], rows, text_columns=1))
+        print(
+            table(
+                ["scenario", "wall s", *parts, "other (PostgreSQL, Redis, …)", "all CPUs busy"],
+                rows,
+                text_columns=1,
+            )
+        )
     for sc in scenarios:
-        routes = ", ".join(f"{method} {_short_route(route)} ×{count}"
-                           for (method, route), count in sorted(sc.cloud.items(),
-                                                                key=lambda kv: -kv[1]))
+        routes = ", ".join(
+            f"{method} {_short_route(route)} ×{count}"
+            for (method, route), count in sorted(sc.cloud.items(), key=lambda kv: -kv[1])
+        )
         print(f"{sc.name}: cloud requests during the burst: {routes or 'none'}")
     if watcher.failed:
         print(f"Failed jobs: {len(watcher.failed)}, e.g. {next(iter(watcher.failed.values()))}")
@@ -1128,10 +1432,12 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
         if not sc.timeline:
             continue
         step = max(1, math.ceil(len(sc.timeline) / 16))
-        keys = [k for k in ("requested", "starting", "ready", "assigned", "stopping", "stopped",
-                            "error") if any(k in c for _, c in sc.timeline)]
-        rows = [[f"{t:.0f}", *[str(c.get(k, 0)) for k in keys]]
-                for t, c in sc.timeline[::step]]
+        keys = [
+            k
+            for k in ("requested", "starting", "ready", "assigned", "stopping", "stopped", "error")
+            if any(k in c for _, c in sc.timeline)
+        ]
+        rows = [[f"{t:.0f}", *[str(c.get(k, 0)) for k in keys]] for t, c in sc.timeline[::step]]
         print(f"{sc.name}: machines of the pool by state, seconds after the burst started")
         print(table(["t s", *keys], rows, text_columns=0))
         print()
@@ -1142,17 +1448,24 @@ def report(args: Any, scenarios: list[Scenario], watcher: Watcher, final: Integr
             print(f"{sc.name}: {len(errs)} students failed, e.g.: " + "; ".join(errs[:3]))
 
     by = {sc.name: sc for sc in scenarios}
-    warm_p95 = percentile(by["warm"].ready_times(), 95) if "warm" in by and \
-        by["warm"].ready_times() else float("nan")
-    cold_p95 = percentile(by["cold"].ready_times(), 95) if "cold" in by and \
-        by["cold"].ready_times() else float("nan")
+    warm_p95 = (
+        percentile(by["warm"].ready_times(), 95)
+        if "warm" in by and by["warm"].ready_times()
+        else float("nan")
+    )
+    cold_p95 = (
+        percentile(by["cold"].ready_times(), 95)
+        if "cold" in by and by["cold"].ready_times()
+        else float("nan")
+    )
     doubles = sum(sc.integrity.double_assignments for sc in scenarios if sc.integrity)
     if "warm" in by:
-        verdict = "met" if warm_p95 <= TARGET_WARM_P95_S and not by["warm"].errors() \
-            else "NOT met"
+        verdict = "met" if warm_p95 <= TARGET_WARM_P95_S and not by["warm"].errors() else "NOT met"
         print(f"Target: warm p95 ≤ {TARGET_WARM_P95_S} s: {verdict} ({warm_p95:.2f} s)")
-    print(f"RESULT warm_p95_s={warm_p95:.3f} cold_p95_s={cold_p95:.3f} "
-          f"double_assignments={doubles} orphans={final.orphans + final.duplicates}")
+    print(
+        f"RESULT warm_p95_s={warm_p95:.3f} cold_p95_s={cold_p95:.3f} "
+        f"double_assignments={doubles} orphans={final.orphans + final.duplicates}"
+    )
 
 
 if __name__ == "__main__":

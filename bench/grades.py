@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     size_group.add_argument("--quick", action="store_true", help="100 grades instead of 300")
     size_group.add_argument("--smoke", action="store_true", help="20 grades, a few seconds (CI)")
     parser.add_argument("--db", choices=("postgres", "sqlite"), default="sqlite")
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES,
-                        help="database in which the benchmark owns the schema " + SCHEMA)
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES,
+        help="database in which the benchmark owns the schema " + SCHEMA,
+    )
     parser.add_argument("--redis-url", default="", help="default: an embedded Redis")
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
@@ -71,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             db_url = f"sqlite:///{tmp}/labpool.db"
         embedded = None if args.redis_url else EmbeddedRedis(Path(tmp) / "redis.sock").start()
         try:
-            return _run(size, args.workers, db_url, Path(tmp),
-                        args.redis_url or embedded.url)  # type: ignore[union-attr]
+            return _run(size, args.workers, db_url, Path(tmp), args.redis_url or embedded.url)  # type: ignore[union-attr]
         finally:
             if embedded is not None:
                 embedded.stop()
@@ -83,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -> int:
     holder = _LateApp()
     with ServedApp(holder) as tool:
-        os.environ.update({
-            "LABPOOL_DATA_DIR": str(data_dir), "LABPOOL_DATABASE_URL": db_url,
-            "LABPOOL_REDIS_URL": redis_url, "LABPOOL_PUBLIC_URL": tool.url,
-        })
+        os.environ.update(
+            {
+                "LABPOOL_DATA_DIR": str(data_dir),
+                "LABPOOL_DATABASE_URL": db_url,
+                "LABPOOL_REDIS_URL": redis_url,
+                "LABPOOL_PUBLIC_URL": tool.url,
+            }
+        )
         from sqlalchemy import update
 
         from config.db import transaction, utcnow
@@ -108,15 +114,24 @@ def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -
             reg = moodle.platform_add_args()
             with transaction(rt.sessions) as session:
                 platform = register_platform(
-                    session, rt.settings, issuer=reg["issuer"], client_id=reg["client_id"],
-                    deployment_ids=[reg["deployment_id"]], auth_url=reg["auth_url"],
-                    token_url=reg["token_url"], jwks_url=reg["jwks_url"])
+                    session,
+                    rt.settings,
+                    issuer=reg["issuer"],
+                    client_id=reg["client_id"],
+                    deployment_ids=[reg["deployment_id"]],
+                    auth_url=reg["auth_url"],
+                    token_url=reg["token_url"],
+                    jwks_url=reg["jwks_url"],
+                )
                 course = Course(platform_id=platform.id, context_id="2")
                 session.add(course)
                 session.flush()
-                activity = Activity(course_id=course.id, resource_link_id="1",
-                                    ags_scope=[SCORE_SCOPE, LINEITEM_SCOPE],
-                                    ags_lineitem=book.lineitem_url("2", "2"))
+                activity = Activity(
+                    course_id=course.id,
+                    resource_link_id="1",
+                    ags_scope=[SCORE_SCOPE, LINEITEM_SCOPE],
+                    ags_lineitem=book.lineitem_url("2", "2"),
+                )
                 session.add(activity)
                 session.flush()
                 assignment = Assignment(activity_id=activity.id, name="lab1", max_score=10)
@@ -128,7 +143,9 @@ def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -
 
             saved: dict[str, float] = {}  # comment (one per grade version) → when saved
             arrived: dict[str, float] = {}
-            book.on_score = lambda body: arrived.setdefault(body.get("comment", ""), time.monotonic())
+            book.on_score = lambda body: arrived.setdefault(
+                body.get("comment", ""), time.monotonic()
+            )
             todo: queue.Queue[int | None] = queue.Queue()
 
             def sender() -> None:
@@ -152,8 +169,13 @@ def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -
                 user_id, sub = student_ids[i]
                 comment = f"grade {version} of {sub}"
                 with transaction(rt.sessions) as session:
-                    row = record_grade(session, session.get_one(Assignment, assignment_id),
-                                       user_id, float((i + version) % 11), comment)
+                    row = record_grade(
+                        session,
+                        session.get_one(Assignment, assignment_id),
+                        user_id,
+                        float((i + version) % 11),
+                        comment,
+                    )
                     row_id = row.id
                 saved[comment] = time.monotonic()
                 newest[sub] = comment
@@ -166,8 +188,11 @@ def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -
             passes = 0
             while passes < 20:
                 with transaction(rt.sessions) as session:
-                    session.execute(update(ScoreOutbox).where(
-                        ScoreOutbox.status == ScoreStatus.pending).values(next_attempt_at=utcnow()))
+                    session.execute(
+                        update(ScoreOutbox)
+                        .where(ScoreOutbox.status == ScoreStatus.pending)
+                        .values(next_attempt_at=utcnow())
+                    )
                 if not send_due_scores(rt):
                     break
                 passes += 1
@@ -185,13 +210,27 @@ def _run(size: int, workers: int, db_url: str, data_dir: Path, redis_url: str) -
     statuses: dict[int, int] = {}
     for status, _ in book.score_posts:
         statuses[status] = statuses.get(status, 0) + 1
-    print(f"Grades: {len(plan)} grades ({len(regrade)} regrades) for {size} students, "
-          f"{workers} senders, Moodle down for the first {outage_until}, database "
-          f"{db_url.split(':')[0]}")
-    print(table(["grades", "score POSTs", "by status", "due passes", "grades/s", "p95 s"],
-                [[str(len(plan)), str(len(book.score_posts)),
-                  " ".join(f"{k}:{v}" for k, v in sorted(statuses.items())), str(passes),
-                  f"{rate:.1f}", f"{p95:.2f}"]], text_columns=0))
+    print(
+        f"Grades: {len(plan)} grades ({len(regrade)} regrades) for {size} students, "
+        f"{workers} senders, Moodle down for the first {outage_until}, database "
+        f"{db_url.split(':')[0]}"
+    )
+    print(
+        table(
+            ["grades", "score POSTs", "by status", "due passes", "grades/s", "p95 s"],
+            [
+                [
+                    str(len(plan)),
+                    str(len(book.score_posts)),
+                    " ".join(f"{k}:{v}" for k, v in sorted(statuses.items())),
+                    str(passes),
+                    f"{rate:.1f}",
+                    f"{p95:.2f}",
+                ]
+            ],
+            text_columns=0,
+        )
+    )
     print(f"RESULT grades_per_s={rate:.1f} p95_s={p95:.2f} duplicates={duplicates} lost={lost}")
     return 0 if lost == 0 and duplicates == 0 else 1
 

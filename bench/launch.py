@@ -87,7 +87,10 @@ DUMMY_ADDRESS = "127.0.0.1:9"  # the discard port: never contacted, the launch o
 # the LTI Advantage token cache of bench/roster.py, the bare tool's storage, the queue of the
 # warm-up's start jobs).
 OWN_KEY_PATTERNS = (
-    "labpool:lti:*", "labpool:platform-jwks:*", "labpool:rate:*", "labpool:access-token:*",
+    "labpool:lti:*",
+    "labpool:platform-jwks:*",
+    "labpool:rate:*",
+    "labpool:access-token:*",
     "bench:bare:*",
 )
 
@@ -121,21 +124,36 @@ class Gunicorn:
 
     @classmethod
     def start(
-        cls, name: str, app_spec: str, port: int, env: dict[str, str], workers: int,
-        threads: int, log_dir: Path,
+        cls,
+        name: str,
+        app_spec: str,
+        port: int,
+        env: dict[str, str],
+        workers: int,
+        threads: int,
+        log_dir: Path,
     ) -> Gunicorn:
         log = log_dir / f"gunicorn-{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "gunicorn",
-                    "--bind", f"127.0.0.1:{port}",
-                    "--workers", str(workers),
-                    "--threads", str(threads),
-                    "--log-level", "warning",
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    str(workers),
+                    "--threads",
+                    str(threads),
+                    "--log-level",
+                    "warning",
                     app_spec,
                 ],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         return cls(name, f"http://127.0.0.1:{port}", process, log)
@@ -218,7 +236,7 @@ class RedisCleaner:
         for pattern in OWN_KEY_PATTERNS:
             doomed.extend(self.conn.scan_iter(match=pattern, count=1000))
         for start in range(0, len(doomed), 500):
-            self.conn.delete(*doomed[start:start + 500])
+            self.conn.delete(*doomed[start : start + 500])
         self.conn.srem("rq:queues", queue_key)
 
 
@@ -346,7 +364,7 @@ def table(headers: list[str], rows: list[list[str]], text_columns: int = 2) -> s
 
 
 def summary_rows(
-    by_tool: dict[str, tuple[list[Sample], float]]
+    by_tool: dict[str, tuple[list[Sample], float]],
 ) -> tuple[list[list[str]], dict[str, dict[str, Summary]]]:
     rows: list[list[str]] = []
     found: dict[str, dict[str, Summary]] = {}
@@ -358,11 +376,18 @@ def summary_rows(
         ):
             s = Summary.of(values, wall)
             found[tool][timing] = s
-            rows.append([
-                tool, timing, str(s.launches),
-                f"{s.per_s:.1f}" if timing == "full exchange" else "",
-                f"{s.mean_ms:.2f}", f"{s.p50_ms:.2f}", f"{s.p95_ms:.2f}", f"{s.p99_ms:.2f}",
-            ])
+            rows.append(
+                [
+                    tool,
+                    timing,
+                    str(s.launches),
+                    f"{s.per_s:.1f}" if timing == "full exchange" else "",
+                    f"{s.mean_ms:.2f}",
+                    f"{s.p50_ms:.2f}",
+                    f"{s.p95_ms:.2f}",
+                    f"{s.p99_ms:.2f}",
+                ]
+            )
     return rows, found
 
 
@@ -463,30 +488,41 @@ def _step_patches(timer: StepTimer, engine: Any) -> list[Any]:
 
     w = timer.wrap
     patches = [
-        mock.patch.object(lti.DatabaseToolConf, "platform",
-                          w(STEPS[1], lti.DatabaseToolConf.platform)),
+        mock.patch.object(
+            lti.DatabaseToolConf, "platform", w(STEPS[1], lti.DatabaseToolConf.platform)
+        ),
         mock.patch.object(routes, "transaction", timed_transaction),
         mock.patch.object(routes, "record_launch", w(STEPS[3], routes.record_launch)),
         mock.patch.object(engine.dialect, "do_ping", w(STEPS[5], engine.dialect.do_ping)),
-        mock.patch.object(lti.PlatformKeys, "public_key_pem",
-                          w(STEPS[10], lti.PlatformKeys.public_key_pem)),
-        mock.patch.object(MessageLaunch, "get_public_key",
-                          w(STEPS[10], MessageLaunch.get_public_key)),
+        mock.patch.object(
+            lti.PlatformKeys, "public_key_pem", w(STEPS[10], lti.PlatformKeys.public_key_pem)
+        ),
+        mock.patch.object(
+            MessageLaunch, "get_public_key", w(STEPS[10], MessageLaunch.get_public_key)
+        ),
         # Both lti.py and pylti1p3 call it as `jwt.decode`.
         mock.patch.object(jwt, "decode", w(STEPS[11], jwt.decode)),
         mock.patch.object(routes, "sign_in", w(STEPS[12], routes.sign_in)),
     ]
     for cls in (lti.RedisLaunchDataStorage, bare_tool.RedisJsonStorage):
-        for name, step in (("get_value", STEPS[6]), ("set_value", STEPS[7]),
-                           ("check_value", STEPS[8]), ("consume", STEPS[9])):
+        for name, step in (
+            ("get_value", STEPS[6]),
+            ("set_value", STEPS[7]),
+            ("check_value", STEPS[8]),
+            ("consume", STEPS[9]),
+        ):
             if name in cls.__dict__:
                 patches.append(mock.patch.object(cls, name, w(step, getattr(cls, name))))
     return patches
 
 
 def profile_breakdown(
-    settings: Any, rt: Any, platform: FakePlatform, bare_conf: dict[str, str],
-    students: list[str], n: int,
+    settings: Any,
+    rt: Any,
+    platform: FakePlatform,
+    bare_conf: dict[str, str],
+    students: list[str],
+    n: int,
 ) -> str:
     """Serve both tools in this process (werkzeug), wrap their steps with timers, run n
     sequential launches on each, and tabulate the mean time per launch of every step."""
@@ -548,8 +584,9 @@ def profile_breakdown(
                 cells.append("")
                 continue
             calls = timer.counts[key] / n
-            cells.append(f"{timer.totals[key] / n * 1000:.2f}"
-                         + (f" ×{calls:.0f}" if calls >= 1.5 else ""))
+            cells.append(
+                f"{timer.totals[key] / n * 1000:.2f}" + (f" ×{calls:.0f}" if calls >= 1.5 else "")
+            )
         if any(cells[1:]):
             rows.append(cells)
     headers = ["step: mean ms per launch (×calls)"] + [f"{t} {e}" for t, e in columns]
@@ -563,13 +600,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    size.add_argument("--smoke", action="store_true",
-                      help="tiny sizes, a few seconds: does the benchmark still run (CI)")
-    parser.add_argument("--db", choices=("postgres", "sqlite"), default=None,
-                        help="default: postgres if reachable, else sqlite")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, a few seconds: does the benchmark still run (CI)",
+    )
+    parser.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default=None,
+        help="default: postgres if reachable, else sqlite",
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument("--schema", default=DEFAULT_SCHEMA,
-                        help="PostgreSQL schema the benchmark owns (dropped at start and end)")
+    parser.add_argument(
+        "--schema",
+        default=DEFAULT_SCHEMA,
+        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
@@ -577,8 +624,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--students", type=int, default=None)
     parser.add_argument("--sequential", type=int, default=None, help="launches per tool")
     parser.add_argument("--concurrent", type=int, default=None, help="launches per tool")
-    parser.add_argument("--profile", action="store_true",
-                        help="also break the server time down by step (in-process)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also break the server time down by step (in-process)",
+    )
     args = parser.parse_args(argv)
     students, seq, conc = SIZES[size_mode(args)]
     args.students = args.students or students
@@ -613,8 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, FakePlatformError):
         for server in servers:
             if server.tail().strip():
-                print(f"--- gunicorn ({server.name}) log, last lines:\n{server.tail()}",
-                      file=sys.stderr)
+                print(
+                    f"--- gunicorn ({server.name}) log, last lines:\n{server.tail()}",
+                    file=sys.stderr,
+                )
         raise
     finally:
         for server in servers:
@@ -644,18 +696,20 @@ def _run(
         database_url = f"sqlite:///{data_dir / 'labpool.db'}"
     labpool_port, bare_port = free_port(), free_port()
     env = dict(os.environ)
-    env.update({
-        "LABPOOL_DATA_DIR": str(data_dir),
-        "LABPOOL_DATABASE_URL": database_url,
-        "LABPOOL_REDIS_URL": args.redis_url,
-        "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{labpool_port}",
-        "LABPOOL_QUEUE_NAME": QUEUE_NAME,
-        "LABPOOL_WEB_WORKERS": str(args.workers),
-        # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
-        # Redis round trip is part of what is measured) but out of reach.
-        "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
-        "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
-    })
+    env.update(
+        {
+            "LABPOOL_DATA_DIR": str(data_dir),
+            "LABPOOL_DATABASE_URL": database_url,
+            "LABPOOL_REDIS_URL": args.redis_url,
+            "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{labpool_port}",
+            "LABPOOL_QUEUE_NAME": QUEUE_NAME,
+            "LABPOOL_WEB_WORKERS": str(args.workers),
+            # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
+            # Redis round trip is part of what is measured) but out of reach.
+            "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
+            "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
+        }
+    )
     env.pop("LABPOOL_CONFIG", None)
     settings = load_settings(env)
     rt = prepare(settings)
@@ -664,21 +718,41 @@ def _run(
         reg = platform.platform_add_args()
         with transaction(rt.sessions) as session:
             register_platform(
-                session, settings, issuer=reg["issuer"], client_id=reg["client_id"],
-                deployment_ids=[reg["deployment_id"]], auth_url=reg["auth_url"],
-                token_url=reg["token_url"], jwks_url=reg["jwks_url"],
+                session,
+                settings,
+                issuer=reg["issuer"],
+                client_id=reg["client_id"],
+                deployment_ids=[reg["deployment_id"]],
+                auth_url=reg["auth_url"],
+                token_url=reg["token_url"],
+                jwks_url=reg["jwks_url"],
             )
-        bare_conf = {**reg, "public_url": f"http://127.0.0.1:{bare_port}",
-                     "redis_url": args.redis_url}
+        bare_conf = {
+            **reg,
+            "public_url": f"http://127.0.0.1:{bare_port}",
+            "redis_url": args.redis_url,
+        }
         platform.register_tool(
             settings.public_url,
             [settings.url("/lti/launch"), bare_conf["public_url"] + FakePlatform.LAUNCH_PATH],
         )
         bare_env = dict(env, BENCH_BARE_CONF=json.dumps(bare_conf))
-        servers.append(Gunicorn.start("labpool", "wsgi:app", labpool_port, env,
-                                      args.workers, args.threads, data_dir))
-        servers.append(Gunicorn.start("bare", "bench.bare_tool:create_app()", bare_port,
-                                      bare_env, args.workers, args.threads, data_dir))
+        servers.append(
+            Gunicorn.start(
+                "labpool", "wsgi:app", labpool_port, env, args.workers, args.threads, data_dir
+            )
+        )
+        servers.append(
+            Gunicorn.start(
+                "bare",
+                "bench.bare_tool:create_app()",
+                bare_port,
+                bare_env,
+                args.workers,
+                args.threads,
+                data_dir,
+            )
+        )
         for server in servers:
             server.wait_healthy()
         labpool_url, bare_url = servers[0].url, servers[1].url
@@ -694,14 +768,18 @@ def _run(
             if response.status_code != 303 or "/machines/" not in response.headers.get(
                 "Location", ""
             ):
-                raise BenchError(f"warm-up launch failed: {response.status_code} "
-                                 f"{response.text[:300]}\n{servers[0].tail()}")
+                raise BenchError(
+                    f"warm-up launch failed: {response.status_code} "
+                    f"{response.text[:300]}\n{servers[0].tail()}"
+                )
             machine_of[sub] = int(response.headers["Location"].rstrip("/").rsplit("/", 1)[1])
         with transaction(rt.sessions) as session:
             updated = session.execute(
-                text("UPDATE machines SET state = 'assigned', address = :address, "
-                     "ide_token = 'x', assigned_at = CURRENT_TIMESTAMP "
-                     "WHERE state = 'requested'"),
+                text(
+                    "UPDATE machines SET state = 'assigned', address = :address, "
+                    "ide_token = 'x', assigned_at = CURRENT_TIMESTAMP "
+                    "WHERE state = 'requested'"
+                ),
                 {"address": DUMMY_ADDRESS},
             ).rowcount
         if updated != len(students):
@@ -709,18 +787,21 @@ def _run(
         queued_after_warmup = cleaner.conn.llen(f"rq:queue:{QUEUE_NAME}")
 
         targets = [
-            Target("labpool", labpool_url,
-                   lambda loc, sub: loc.rstrip("/").endswith(f"/machines/{machine_of[sub]}")),
-            Target("bare", bare_url,
-                   lambda loc, sub: loc.endswith(bare_tool.DONE_PATH)),
+            Target(
+                "labpool",
+                labpool_url,
+                lambda loc, sub: loc.rstrip("/").endswith(f"/machines/{machine_of[sub]}"),
+            ),
+            Target("bare", bare_url, lambda loc, sub: loc.endswith(bare_tool.DONE_PATH)),
         ]
 
         # Both tools must refuse a forged id_token, or the comparison is meaningless.
         for target in targets:
             claims = platform.learner(sub=students[0], **{TARGET_LINK_URI: target.launch_url})
             with requests.Session() as browser:
-                forged = platform.launch(browser, target.url, claims,
-                                         sign_with=foreign_private_key()).launch_response
+                forged = platform.launch(
+                    browser, target.url, claims, sign_with=foreign_private_key()
+                ).launch_response
             if forged.status_code == 303:
                 raise BenchError(f"{target.name} accepted an id_token with a foreign signature")
 
@@ -752,34 +833,43 @@ def _run(
         measured_labpool = args.sequential + args.concurrent
         problems = []
         if launches_after - launches_before != measured_labpool:
-            problems.append(f"launches table grew by {launches_after - launches_before}, "
-                            f"expected {measured_labpool}")
+            problems.append(
+                f"launches table grew by {launches_after - launches_before}, "
+                f"expected {measured_labpool}"
+            )
         if machines != len(students):
             problems.append(f"{machines} machines for {len(students)} students")
         queued = cleaner.conn.llen(f"rq:queue:{QUEUE_NAME}")
         if queued != queued_after_warmup:
-            problems.append(f"{queued - queued_after_warmup} start jobs enqueued during the "
-                            "measurement (machines should have been reused)")
+            problems.append(
+                f"{queued - queued_after_warmup} start jobs enqueued during the "
+                "measurement (machines should have been reused)"
+            )
         if problems:
             raise BenchError("; ".join(problems))
 
         profile = None
         if args.profile:
-            profile = profile_breakdown(settings, rt, platform, bare_conf, students,
-                                        max(50, args.sequential // 4))
+            profile = profile_breakdown(
+                settings, rt, platform, bare_conf, students, max(50, args.sequential // 4)
+            )
         jwks_fetches = platform.jwks_fetches
 
-    seq_rows, seq = summary_rows({
-        name: (samples, sum(s.total_s for s in samples)) for name, samples in sequential.items()
-    })
+    seq_rows, seq = summary_rows(
+        {name: (samples, sum(s.total_s for s in samples)) for name, samples in sequential.items()}
+    )
     conc_rows, conc = summary_rows(concurrent)
 
     mode = size_mode(args)
-    print(f"Launch benchmark{'' if mode == 'full' else f' ({mode})'}: {len(students)} learners "
-          f"with an assigned machine; database {args.db}; gunicorn {args.workers} workers × "
-          f"{args.threads} threads per tool; {os.cpu_count()} CPUs")
-    print(f"setup {setup_s:.1f} s, measurement {measure_s:.1f} s; platform JWKS fetches: "
-          f"{jwks_fetches} (public keys cached in Redis by both tools)")
+    print(
+        f"Launch benchmark{'' if mode == 'full' else f' ({mode})'}: {len(students)} learners "
+        f"with an assigned machine; database {args.db}; gunicorn {args.workers} workers × "
+        f"{args.threads} threads per tool; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"setup {setup_s:.1f} s, measurement {measure_s:.1f} s; platform JWKS fetches: "
+        f"{jwks_fetches} (public keys cached in Redis by both tools)"
+    )
     print()
     print("Sequential pass (1 client, tools alternating): latency")
     print(table(HEADERS, seq_rows))
@@ -793,17 +883,23 @@ def _run(
     throughput = conc["labpool"]["full exchange"].per_s
     throughput_bare = conc["bare"]["full exchange"].per_s
     extra_ms = seq["labpool"]["tool-side"].mean_ms - seq["bare"]["tool-side"].mean_ms
-    print(f"overhead_ratio = labpool ÷ bare, mean tool-side time (login + launch, without "
-          f"auth.php), sequential pass: {ratio:.2f}  (target ≤ 1.25; "
-          f"{'met' if ratio <= 1.25 else 'NOT met'}; labpool spends {extra_ms:+.2f} ms more)")
-    print(f"  same ratio on the full exchange: {ratio_full:.2f}; tool-side under load: "
-          f"{ratio_load:.2f}; throughput labpool ÷ bare: {throughput / throughput_bare:.2f}")
+    print(
+        f"overhead_ratio = labpool ÷ bare, mean tool-side time (login + launch, without "
+        f"auth.php), sequential pass: {ratio:.2f}  (target ≤ 1.25; "
+        f"{'met' if ratio <= 1.25 else 'NOT met'}; labpool spends {extra_ms:+.2f} ms more)"
+    )
+    print(
+        f"  same ratio on the full exchange: {ratio_full:.2f}; tool-side under load: "
+        f"{ratio_load:.2f}; throughput labpool ÷ bare: {throughput / throughput_bare:.2f}"
+    )
     if profile:
         print()
         print("Where the server time goes (in-process werkzeug, sequential, timers around steps):")
         print(profile)
-    print(f"RESULT launches_per_s={throughput:.1f} "
-          f"p95_ms={seq['labpool']['tool-side'].p95_ms:.2f} overhead_ratio={ratio:.3f}")
+    print(
+        f"RESULT launches_per_s={throughput:.1f} "
+        f"p95_ms={seq['labpool']['tool-side'].p95_ms:.2f} overhead_ratio={ratio:.3f}"
+    )
     return 0
 
 

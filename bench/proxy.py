@@ -161,8 +161,9 @@ def direct_block(port: int, upstream: str, token: str) -> str:
 
 def _check(response: requests.Response, target: Target) -> None:
     if response.status_code != 200:
-        raise BenchError(f"{target.name}: HTTP {response.status_code} for {target.url}: "
-                         f"{response.text[:300]}")
+        raise BenchError(
+            f"{target.name}: HTTP {response.status_code} for {target.url}: {response.text[:300]}"
+        )
 
 
 def run_sequential(targets: list[Target], per_target: int) -> dict[str, list[float]]:
@@ -220,7 +221,9 @@ def run_concurrent(
 # --------------------------------------------------------------------------- the tool in-process
 
 
-def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls: int) -> dict[str, float]:
+def tool_time_per_auth(
+    env: dict[str, str], machine_id: int, cookie: str, calls: int
+) -> dict[str, float]:
     """The tool's own time per /proxy/auth, in this process: the view alone (with its one
     Redis round trip), a whole request through Flask's test client, and the bare Redis
     round trip for comparison."""
@@ -245,7 +248,10 @@ def tool_time_per_auth(env: dict[str, str], machine_id: int, cookie: str, calls:
     client = app.test_client()
     # What nginx sends: the browser's cookie, the original URI and the proxy's secret.
     client.set_cookie(IDE_COOKIE, cookie)
-    headers = {PROXY_HEADER: proxy_secret(settings), "X-Original-URI": f"/ide/{machine_id}/api/status"}
+    headers = {
+        PROXY_HEADER: proxy_secret(settings),
+        "X-Original-URI": f"/ide/{machine_id}/api/status",
+    }
     for _ in range(50):
         answer = client.get("/proxy/auth", headers=headers)
         if answer.status_code != 200:
@@ -282,8 +288,9 @@ def start_jupyterlab(settings: Any, machine_id: int) -> tuple[Any, Any]:
     backend = LocalBackend(settings.data_dir, settings=settings)
     spec = MachineSpec(id=machine_id, ide_kind="jupyterlab", owner_id=OWNER_ID, course_id=1)
     started = backend.start(spec)
-    spec = dataclasses.replace(spec, ref=started.ref, address=started.address,
-                               ide_token=started.ide_token)
+    spec = dataclasses.replace(
+        spec, ref=started.ref, address=started.address, ide_token=started.ide_token
+    )
     deadline = time.monotonic() + 90
     while not backend.health(spec):
         if not backend.poll(spec) or time.monotonic() > deadline:
@@ -297,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
-    size.add_argument("--smoke", action="store_true",
-                      help="tiny sizes, a few seconds: does the benchmark still run (CI)")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, a few seconds: does the benchmark still run (CI)",
+    )
     parser.add_argument("--upstream", choices=("static", "jupyterlab"), default="static")
     parser.add_argument("--clients", type=int, default=4, help="client processes for rps")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
@@ -326,18 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     machine_id = 700000 + secrets.randbelow(100000)
     cached_port, uncached_port, direct_port, tool_port = (free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABPOOL_")}
-    env.update({
-        "LABPOOL_DATA_DIR": str(work / "data"),
-        "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{cached_port}",
-        "LABPOOL_REDIS_URL": args.redis_url,
-        "LABPOOL_SECRET_KEY": secrets.token_urlsafe(32),
-        "LABPOOL_IDE_PROXY": "true",
-        "LABPOOL_PROXY_COUNT": "1",
-        "LABPOOL_LISTEN": f"127.0.0.1:{tool_port}",
-        "LABPOOL_LOG_LEVEL": "WARNING",
-        # The students' IDE environment, shared with the tests (made once, ~30 s).
-        "LABPOOL_IDE_ENV": str(Path(__file__).resolve().parent.parent / ".venv-ide"),
-    })
+    env.update(
+        {
+            "LABPOOL_DATA_DIR": str(work / "data"),
+            "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{cached_port}",
+            "LABPOOL_REDIS_URL": args.redis_url,
+            "LABPOOL_SECRET_KEY": secrets.token_urlsafe(32),
+            "LABPOOL_IDE_PROXY": "true",
+            "LABPOOL_PROXY_COUNT": "1",
+            "LABPOOL_LISTEN": f"127.0.0.1:{tool_port}",
+            "LABPOOL_LOG_LEVEL": "WARNING",
+            # The students' IDE environment, shared with the tests (made once, ~30 s).
+            "LABPOOL_IDE_ENV": str(Path(__file__).resolve().parent.parent / ".venv-ide"),
+        }
+    )
     from config.settings import load_settings
 
     settings = load_settings(env)
@@ -352,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             upstream_note = "a real JupyterLab (local backend), GET /ide/<id>/api/status"
         else:
             upstream_port = free_port()
-            static = Nginx(static_upstream_conf(work / "upstream", upstream_port),
-                           work / "upstream", ports=(upstream_port,))
+            static = Nginx(
+                static_upstream_conf(work / "upstream", upstream_port),
+                work / "upstream",
+                ports=(upstream_port,),
+            )
             running.append(static.start())
             address, token = f"127.0.0.1:{upstream_port}", secrets.token_urlsafe(32)
             upstream_note = "a static nginx upstream answering 200 with 56 bytes of JSON"
@@ -366,20 +381,30 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(settings)
         (work / "logs").mkdir(parents=True)
-        tool = Gunicorn.start("tool", "wsgi:app", tool_port, env, args.workers, args.threads,
-                              work / "logs")
+        tool = Gunicorn.start(
+            "tool", "wsgi:app", tool_port, env, args.workers, args.threads, work / "logs"
+        )
         running.append(tool)
         tool.wait_healthy()
         upstream_of_tool = f"127.0.0.1:{tool_port}"
-        cached_conf = render_standalone(settings, prefix=work / "cached", auth_cache_s=5,
-                                        tool_upstream=upstream_of_tool,
-                                        listen=f"127.0.0.1:{cached_port}")
+        cached_conf = render_standalone(
+            settings,
+            prefix=work / "cached",
+            auth_cache_s=5,
+            tool_upstream=upstream_of_tool,
+            listen=f"127.0.0.1:{cached_port}",
+        )
         cached_conf = insert_into_http(cached_conf, direct_block(direct_port, address, token))
-        running.append(Nginx(cached_conf, work / "cached",
-                             ports=(cached_port, direct_port)).start())
-        uncached_conf = render_standalone(settings, prefix=work / "uncached", auth_cache_s=0,
-                                          tool_upstream=upstream_of_tool,
-                                          listen=f"127.0.0.1:{uncached_port}")
+        running.append(
+            Nginx(cached_conf, work / "cached", ports=(cached_port, direct_port)).start()
+        )
+        uncached_conf = render_standalone(
+            settings,
+            prefix=work / "uncached",
+            auth_cache_s=0,
+            tool_upstream=upstream_of_tool,
+            listen=f"127.0.0.1:{uncached_port}",
+        )
         running.append(Nginx(uncached_conf, work / "uncached", ports=(uncached_port,)).start())
 
         path = f"/ide/{machine_id}/api/status"
@@ -396,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(f"{target.name}: no cookie answered {refused.status_code}")
 
         print(f"machine: {upstream_note}")
-        print(f"tool: gunicorn {args.workers} workers x {args.threads} threads; nginx: 1 worker "
-              f"each; {os.cpu_count()} CPUs; {sequential} sequential requests per target, "
-              f"{args.clients} client processes x {load_s:g} s per target")
+        print(
+            f"tool: gunicorn {args.workers} workers x {args.threads} threads; nginx: 1 worker "
+            f"each; {os.cpu_count()} CPUs; {sequential} sequential requests per target, "
+            f"{args.clients} client processes x {load_s:g} s per target"
+        )
         latencies = run_sequential(targets, sequential)
         ctx = multiprocessing.get_context("fork")
         throughput: dict[str, tuple[float, list[float]]] = {}
@@ -429,28 +456,41 @@ def main(argv: list[str] | None = None) -> int:
         p50s[target.name] = percentile(ms, 50)
         rps, loaded = throughput[target.name]
         loaded_ms = [v * 1000 for v in loaded]
-        rows.append([
-            target.name,
-            f"{percentile(ms, 50):.3f}", f"{percentile(ms, 95):.3f}", f"{percentile(ms, 99):.3f}",
-            f"{percentile(ms, 50) - base:+.3f}",
-            f"{rps:.0f}", f"{percentile(loaded_ms, 50):.3f}", f"{percentile(loaded_ms, 95):.3f}",
-        ])
+        rows.append(
+            [
+                target.name,
+                f"{percentile(ms, 50):.3f}",
+                f"{percentile(ms, 95):.3f}",
+                f"{percentile(ms, 99):.3f}",
+                f"{percentile(ms, 50) - base:+.3f}",
+                f"{rps:.0f}",
+                f"{percentile(loaded_ms, 50):.3f}",
+                f"{percentile(loaded_ms, 95):.3f}",
+            ]
+        )
     print()
-    print(table(
-        ["path", "p50 ms", "p95 ms", "p99 ms", "added p50", "rps", "load p50", "load p95"],
-        rows, text_columns=1,
-    ))
+    print(
+        table(
+            ["path", "p50 ms", "p95 ms", "p99 ms", "added p50", "rps", "load p50", "load p95"],
+            rows,
+            text_columns=1,
+        )
+    )
     print()
-    print(f"tool time per /proxy/auth (in-process, {auth_calls} calls): view incl. its Redis "
-          f"round trip p50 {tool_time['view_p50_ms']:.3f} ms (mean "
-          f"{tool_time['view_mean_ms']:.3f}); whole request via Flask's test client "
-          f"{tool_time['test_client_ms']:.3f} ms; the Redis round trip alone "
-          f"{tool_time['redis_ms']:.3f} ms")
+    print(
+        f"tool time per /proxy/auth (in-process, {auth_calls} calls): view incl. its Redis "
+        f"round trip p50 {tool_time['view_p50_ms']:.3f} ms (mean "
+        f"{tool_time['view_mean_ms']:.3f}); whole request via Flask's test client "
+        f"{tool_time['test_client_ms']:.3f} ms; the Redis round trip alone "
+        f"{tool_time['redis_ms']:.3f} ms"
+    )
     added = p50s[targets[1].name] - base
     uncached_added = p50s[targets[2].name] - base
     print(f"target: added p50 with the cache < 2 ms: {'met' if added < 2 else 'NOT met'}")
-    print(f"RESULT added_p50_ms={added:.3f} uncached_added_p50_ms={uncached_added:.3f} "
-          f"rps={throughput[targets[1].name][0]:.0f}")
+    print(
+        f"RESULT added_p50_ms={added:.3f} uncached_added_p50_ms={uncached_added:.3f} "
+        f"rps={throughput[targets[1].name][0]:.0f}"
+    )
     return 0
 
 

@@ -201,9 +201,11 @@ class Meter:
         self.statements = Counter()
         self.checkouts, self.sql_s, self.list_s, self.health_checks = 0, 0.0, 0.0, 0
         self.fake_s, self.volumes_s = 0.0, 0.0
-        listeners = [(self.engine, "before_cursor_execute", self._before),
-                     (self.engine, "after_cursor_execute", self._after),
-                     (self.engine.pool, "checkout", self._checkout)]
+        listeners = [
+            (self.engine, "before_cursor_execute", self._before),
+            (self.engine, "after_cursor_execute", self._after),
+            (self.engine.pool, "checkout", self._checkout),
+        ]
         with contextlib.ExitStack() as stack:
             for patch in self.patches:
                 stack.enter_context(patch)
@@ -223,9 +225,19 @@ def measured_pass(name: str, rt: Any, pool_id: int, meter: Meter, cloud: Any) ->
         seconds = time.perf_counter() - started
     diff = cloud.counts
     diff.subtract(before)
-    return PassMeasure(name, seconds, report, +diff, Counter(meter.statements), meter.checkouts,
-                       meter.sql_s, meter.list_s, meter.fake_s, meter.volumes_s,
-                       meter.health_checks)
+    return PassMeasure(
+        name,
+        seconds,
+        report,
+        +diff,
+        Counter(meter.statements),
+        meter.checkouts,
+        meter.sql_s,
+        meter.list_s,
+        meter.fake_s,
+        meter.volumes_s,
+        meter.health_checks,
+    )
 
 
 # --------------------------------------------------------------------------- setup
@@ -254,14 +266,24 @@ def populate(rt: Any, cloud: Any, n: int) -> Fleet:
     since = utcnow() - timedelta(hours=1)
     with transaction(rt.sessions) as session:
         env = add_environment(
-            session, name="bench-reconcile", backend="openstack", image_id="img-golden",
-            flavor_id="m1.small", network_id=cloud.config.network_id,
-            warm_target=ready_n, max_size=2 * n,
+            session,
+            name="bench-reconcile",
+            backend="openstack",
+            image_id="img-golden",
+            flavor_id="m1.small",
+            network_id=cloud.config.network_id,
+            warm_target=ready_n,
+            max_size=2 * n,
         )
         env_id = env.id
         pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env_id))
-        platform = Platform(issuer="https://moodle.bench", client_id="bench", auth_url="x",
-                            token_url="x", jwks_url="x")
+        platform = Platform(
+            issuer="https://moodle.bench",
+            client_id="bench",
+            auth_url="x",
+            token_url="x",
+            jwks_url="x",
+        )
         session.add(platform)
         session.flush()
         course = Course(platform_id=platform.id, context_id="bench-course")
@@ -270,24 +292,36 @@ def populate(rt: Any, cloud: Any, n: int) -> Fleet:
         course_id = course.id
         user_ids = session.scalars(
             insert(User).returning(User.id, sort_by_parameter_order=True),
-            [{"issuer": "https://moodle.bench", "sub": f"s{i}", "created_at": since,
-              "last_seen_at": since} for i in range(assigned_n)],
+            [
+                {
+                    "issuer": "https://moodle.bench",
+                    "sub": f"s{i}",
+                    "created_at": since,
+                    "last_seen_at": since,
+                }
+                for i in range(assigned_n)
+            ],
         ).all()
         rows = []
         server_ids = [str(uuid.uuid4()) for _ in range(n)]
         tokens = [secrets.token_urlsafe(32) for _ in range(n)]
         for i in range(n):
             assigned = i % 2 == 1 and i // 2 < assigned_n
-            rows.append({
-                "environment_id": env_id, "backend": "openstack",
-                "state": MachineState.assigned if assigned else MachineState.ready,
-                "owner_id": user_ids[i // 2] if assigned else None,
-                "course_id": course_id if assigned else None,
-                "backend_ref": {"pool_id": pool_id, "server_id": server_ids[i]},
-                "address": f"10.0.{(FIRST_HOST + i) >> 8 & 255}.{(FIRST_HOST + i) & 255}:8888",
-                "ide_token": tokens[i], "created_at": since, "state_changed_at": since,
-                "assigned_at": since if assigned else None,
-            })
+            rows.append(
+                {
+                    "environment_id": env_id,
+                    "backend": "openstack",
+                    "state": MachineState.assigned if assigned else MachineState.ready,
+                    "owner_id": user_ids[i // 2] if assigned else None,
+                    "course_id": course_id if assigned else None,
+                    "backend_ref": {"pool_id": pool_id, "server_id": server_ids[i]},
+                    "address": f"10.0.{(FIRST_HOST + i) >> 8 & 255}.{(FIRST_HOST + i) & 255}:8888",
+                    "ide_token": tokens[i],
+                    "created_at": since,
+                    "state_changed_at": since,
+                    "assigned_at": since if assigned else None,
+                }
+            )
         machine_ids = session.scalars(
             insert(Machine).returning(Machine.id, sort_by_parameter_order=True), rows
         ).all()
@@ -303,13 +337,25 @@ def populate(rt: Any, cloud: Any, n: int) -> Fleet:
             zip(machine_ids, server_ids, tokens, strict=True)
         ):
             server = state.servers[server_id] = FakeServer(
-                id=server_id, seq=state.next_seq(), name=f"labpool-m{machine_id}",
-                image_id="img-golden", flavor_id="m1.small", flavor=dict(DEFAULT_FLAVOR),
-                networks=[{"uuid": cloud.config.network_id}], user_data=None,
-                metadata={"labpool_machine": str(machine_id), TOKEN_DIGEST_KEY: token_digest(token)},
-                tags=["labpool", f"pool-{pool_id}", f"machine-{machine_id}"], key_name=None,
-                security_groups=["default"], created=created + i * 1e-4,
-                ready_at=created + 1 + i * 1e-4, address=FIRST_HOST + i, changed=created,
+                id=server_id,
+                seq=state.next_seq(),
+                name=f"labpool-m{machine_id}",
+                image_id="img-golden",
+                flavor_id="m1.small",
+                flavor=dict(DEFAULT_FLAVOR),
+                networks=[{"uuid": cloud.config.network_id}],
+                user_data=None,
+                metadata={
+                    "labpool_machine": str(machine_id),
+                    TOKEN_DIGEST_KEY: token_digest(token),
+                },
+                tags=["labpool", f"pool-{pool_id}", f"machine-{machine_id}"],
+                key_name=None,
+                security_groups=["default"],
+                created=created + i * 1e-4,
+                ready_at=created + 1 + i * 1e-4,
+                address=FIRST_HOST + i,
+                changed=created,
             )
             assigned = rows[i]["state"] is MachineState.assigned
             machines.append((machine_id, server_id, assigned))
@@ -317,16 +363,33 @@ def populate(rt: Any, cloud: Any, n: int) -> Fleet:
                 volume_id = str(uuid.uuid4())
                 owner = rows[i]["owner_id"]
                 state.volumes[volume_id] = FakeVolume(
-                    id=volume_id, name=f"labpool-home-u{owner}-c{course_id}", description=None,
-                    size=10, metadata={"labpool_owner": str(owner),
-                                       "labpool_course": str(course_id)},
-                    created=created, ready_at=created, changed=created,
-                    attachment={"server_id": server_id, "attachment_id": str(uuid.uuid4()),
-                                "device": "/dev/vdb", "attached_at": created})
+                    id=volume_id,
+                    name=f"labpool-home-u{owner}-c{course_id}",
+                    description=None,
+                    size=10,
+                    metadata={"labpool_owner": str(owner), "labpool_course": str(course_id)},
+                    created=created,
+                    ready_at=created,
+                    changed=created,
+                    attachment={
+                        "server_id": server_id,
+                        "attachment_id": str(uuid.uuid4()),
+                        "device": "/dev/vdb",
+                        "attached_at": created,
+                    },
+                )
                 server.volumes.append(volume_id)
-                volume_rows.append({"owner_id": owner, "course_id": course_id, "size_gb": 10,
-                                    "volume_id": volume_id, "status": "in-use",
-                                    "machine_id": machine_id, "created_at": since})
+                volume_rows.append(
+                    {
+                        "owner_id": owner,
+                        "course_id": course_id,
+                        "size_gb": 10,
+                        "volume_id": volume_id,
+                        "status": "in-use",
+                        "machine_id": machine_id,
+                        "created_at": since,
+                    }
+                )
     with transaction(rt.sessions) as session:
         session.execute(insert(StudentVolume), volume_rows)
     return Fleet(pool_id, env_id, machines)
@@ -338,9 +401,14 @@ def db_states(rt: Any, env_id: int) -> dict[str, int]:
     from provisioning.models import Machine
 
     with rt.sessions() as session:
-        return {s.value: c for s, c in session.execute(
-            select(Machine.state, func.count()).where(Machine.environment_id == env_id)
-            .group_by(Machine.state))}
+        return {
+            s.value: c
+            for s, c in session.execute(
+                select(Machine.state, func.count())
+                .where(Machine.environment_id == env_id)
+                .group_by(Machine.state)
+            )
+        }
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -353,14 +421,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2,000 machines, under a minute")
-    size.add_argument("--smoke", action="store_true",
-                      help="200 machines in pages of 100, a few seconds: does it still run (CI)")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="200 machines in pages of 100, a few seconds: does it still run (CI)",
+    )
     parser.add_argument("--machines", type=int, default=None)
-    parser.add_argument("--db", choices=("postgres", "sqlite"), default=None,
-                        help="default: postgres if reachable, else sqlite")
+    parser.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default=None,
+        help="default: postgres if reachable, else sqlite",
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument("--schema", default=DEFAULT_SCHEMA,
-                        help="PostgreSQL schema the benchmark owns (dropped at start and end)")
+    parser.add_argument(
+        "--schema",
+        default=DEFAULT_SCHEMA,
+        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
+    )
     args = parser.parse_args(argv)
     args.machines = args.machines or SIZES[size_mode(args)]
     args.page_size = SMOKE_PAGE_SIZE if args.smoke else PAGE_SIZE
@@ -415,20 +493,21 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
         database_url = in_schema(args.postgres_url, args.schema)
     else:
         database_url = f"sqlite:///{data_dir / 'labpool.db'}"
-    settings = load_settings({
-        "LABPOOL_DATA_DIR": str(data_dir),
-        "LABPOOL_DATABASE_URL": database_url,
-        "LABPOOL_REDIS_URL": DEFAULT_REDIS,  # a client is built, never used by a pass
-        "LABPOOL_OPENSTACK_CLOUD": "fake",
-        # The repair pass replaces every lost warm machine at once (the default, 20,
-        # would spread 100 creates over 5 passes).
-        "LABPOOL_MAX_CONCURRENT_CREATES": str(n),
-    })
+    settings = load_settings(
+        {
+            "LABPOOL_DATA_DIR": str(data_dir),
+            "LABPOOL_DATABASE_URL": database_url,
+            "LABPOOL_REDIS_URL": DEFAULT_REDIS,  # a client is built, never used by a pass
+            "LABPOOL_OPENSTACK_CLOUD": "fake",
+            # The repair pass replaces every lost warm machine at once (the default, 20,
+            # would spread 100 creates over 5 passes).
+            "LABPOOL_MAX_CONCURRENT_CREATES": str(n),
+        }
+    )
     rt: Runtime = prepare(settings)
 
     # boot_time: servers created by the repair pass stay in BUILD (no health check falls due).
-    with FakeCloud(ide="none", max_limit=args.page_size, max_instances=-1,
-                   boot_time=3600) as cloud:
+    with FakeCloud(ide="none", max_limit=args.page_size, max_instances=-1, boot_time=3600) as cloud:
         os.environ["OS_CLIENT_CONFIG_FILE"] = str(cloud.write_clouds_yaml(data_dir))
         fleet = populate(rt, cloud, n)
         setup_s = time.perf_counter() - setup_started
@@ -453,28 +532,42 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
         repair = measured_pass("repair: 1 % ERROR + 1 % gone", rt, fleet.pool_id, meter, cloud)
         problems = []
         if repair.report.failed != len(broken):
-            problems.append(f"repair pass failed {repair.report.failed} machines, "
-                            f"expected {len(broken)}")
+            problems.append(
+                f"repair pass failed {repair.report.failed} machines, expected {len(broken)}"
+            )
         if repair.cloud.get(("DELETE", "/compute/v2.1/servers/<server_id>"), 0) != len(errored):
-            problems.append(f"repair pass deleted "
-                            f"{repair.cloud.get(('DELETE', '/compute/v2.1/servers/<server_id>'), 0)}"
-                            f" servers, expected the {len(errored)} in ERROR")
+            problems.append(
+                f"repair pass deleted "
+                f"{repair.cloud.get(('DELETE', '/compute/v2.1/servers/<server_id>'), 0)}"
+                f" servers, expected the {len(errored)} in ERROR"
+            )
         if repair.report.created != broken_ready:
-            problems.append(f"repair pass created {repair.report.created} servers, expected "
-                            f"{broken_ready} (the warm machines lost)")
+            problems.append(
+                f"repair pass created {repair.report.created} servers, expected "
+                f"{broken_ready} (the warm machines lost)"
+            )
         with rt.sessions() as session:
-            error_ids = set(session.scalars(select(Machine.id).where(
-                Machine.environment_id == fleet.env_id, Machine.state == MachineState.error)))
+            error_ids = set(
+                session.scalars(
+                    select(Machine.id).where(
+                        Machine.environment_id == fleet.env_id, Machine.state == MachineState.error
+                    )
+                )
+            )
         if error_ids != {m for m, _, _ in broken}:
-            problems.append(f"{len(error_ids)} machines in error, expected exactly the "
-                            f"{len(broken)} broken ones")
+            problems.append(
+                f"{len(error_ids)} machines in error, expected exactly the "
+                f"{len(broken)} broken ones"
+            )
         after = measured_pass("after repair", rt, fleet.pool_id, meter, cloud)
         if after.report.failed or after.report.created or after.report.orphans_deleted:
             problems.append(f"the pass after the repair still changed things: {after.report}")
         for m in (warm, steady, repair, after):
             if m.health_checks:
-                problems.append(f"{m.name}: {m.health_checks} health checks of ready/assigned "
-                                "machines (none expected)")
+                problems.append(
+                    f"{m.name}: {m.health_checks} health checks of ready/assigned "
+                    "machines (none expected)"
+                )
         final_states = db_states(rt, fleet.env_id)
         if problems:
             raise BenchError("; ".join(problems))
@@ -483,52 +576,104 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     rows = []
     for m in passes:
         other = sorted((k, v) for k, v in m.cloud.items() if k != LIST_ROUTE)
-        rows.append([
-            m.name, str(m.report.machines), str(m.report.servers), f"{m.seconds:.3f}",
-            f"{m.seconds / m.report.machines * 1e6:.0f}",
-            str(m.list_calls), str(pages), f"{m.list_calls / pages:.2f}",
-            ", ".join(f"{meth} {_short(route)} ×{v}" for (meth, route), v in other) or "-",
-            str(m.queries), str(m.checkouts),
-            f"{m.report.failed}/{m.report.warm_requested}/{m.report.created}",
-        ])
-    headers = ["pass", "machines", "servers", "seconds", "µs/machine", "list calls", "pages",
-               "calls/page", "other cloud requests", "SQL stmts", "checkouts",
-               "failed/requested/created"]
+        rows.append(
+            [
+                m.name,
+                str(m.report.machines),
+                str(m.report.servers),
+                f"{m.seconds:.3f}",
+                f"{m.seconds / m.report.machines * 1e6:.0f}",
+                str(m.list_calls),
+                str(pages),
+                f"{m.list_calls / pages:.2f}",
+                ", ".join(f"{meth} {_short(route)} ×{v}" for (meth, route), v in other) or "-",
+                str(m.queries),
+                str(m.checkouts),
+                f"{m.report.failed}/{m.report.warm_requested}/{m.report.created}",
+            ]
+        )
+    headers = [
+        "pass",
+        "machines",
+        "servers",
+        "seconds",
+        "µs/machine",
+        "list calls",
+        "pages",
+        "calls/page",
+        "other cloud requests",
+        "SQL stmts",
+        "checkouts",
+        "failed/requested/created",
+    ]
     time_rows = []
     for m in passes:
         rest = m.seconds - m.list_s - m.sql_s
-        time_rows.append([
-            m.name, f"{m.seconds:.3f}", f"{m.fake_s:.3f}", f"{m.seconds - m.fake_s:.3f}",
-            f"{m.list_s:.3f}", f"{m.volumes_s:.3f}", f"{m.sql_s:.3f}", f"{rest:.3f}",
-            " ".join(f"{verb} {count}" for verb, count in sorted(m.statements.items())),
-        ])
+        time_rows.append(
+            [
+                m.name,
+                f"{m.seconds:.3f}",
+                f"{m.fake_s:.3f}",
+                f"{m.seconds - m.fake_s:.3f}",
+                f"{m.list_s:.3f}",
+                f"{m.volumes_s:.3f}",
+                f"{m.sql_s:.3f}",
+                f"{rest:.3f}",
+                " ".join(f"{verb} {count}" for verb, count in sorted(m.statements.items())),
+            ]
+        )
 
     mode = size_mode(args)
-    print(f"Reconcile benchmark{'' if mode == 'full' else f' ({mode})'}: one pool of {n} machines "
-          f"({n - n // 2} assigned, {n // 2} ready = warm target), one server each in the fake "
-          f"cloud (page size {args.page_size}); database {args.db}; {os.cpu_count()} CPUs")
-    print(f"setup {setup_s:.1f} s (rows inserted, servers put into the fake's memory); the "
-          f"warm-up pass is not measured (openstacksdk connection: identity discovery, token, "
-          f"compute discovery; SQL compilation)")
+    print(
+        f"Reconcile benchmark{'' if mode == 'full' else f' ({mode})'}: one pool of {n} machines "
+        f"({n - n // 2} assigned, {n // 2} ready = warm target), one server each in the fake "
+        f"cloud (page size {args.page_size}); database {args.db}; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"setup {setup_s:.1f} s (rows inserted, servers put into the fake's memory); the "
+        f"warm-up pass is not measured (openstacksdk connection: identity discovery, token, "
+        f"compute discovery; SQL compilation)"
+    )
     print()
     print(table(headers, rows, text_columns=1))
     print()
-    print("Where each pass's time goes. fake = the fake cloud answering (server side, in this "
-          "process; a real Nova's time instead); tool = the rest. list = list_pool_servers "
-          "(incl. the fake's answers); volumes = attach_student_volumes (incl. its SQL); SQL = "
-          "all statements' execution + fetch; rest = pass − list − SQL")
-    print(table(["pass", "seconds", "fake s", "tool s", "list s", "volumes s", "SQL s",
-                 "rest s", "SQL statements by verb"], time_rows, text_columns=1))
+    print(
+        "Where each pass's time goes. fake = the fake cloud answering (server side, in this "
+        "process; a real Nova's time instead); tool = the rest. list = list_pool_servers "
+        "(incl. the fake's answers); volumes = attach_student_volumes (incl. its SQL); SQL = "
+        "all statements' execution + fetch; rest = pass − list − SQL"
+    )
+    print(
+        table(
+            [
+                "pass",
+                "seconds",
+                "fake s",
+                "tool s",
+                "list s",
+                "volumes s",
+                "SQL s",
+                "rest s",
+                "SQL statements by verb",
+            ],
+            time_rows,
+            text_columns=1,
+        )
+    )
     print()
     print(f"Machines after the run: {final_states}")
     verdict = "met" if steady.seconds <= TARGET_S and steady.list_calls == pages else "NOT met"
-    print(f"Target: steady pass ≤ {TARGET_S:.0f} s with one list call per page: {verdict} "
-          f"({steady.seconds:.2f} s, of which {steady.fake_s:.2f} s the fake cloud answering, "
-          f"{steady.seconds - steady.fake_s:.2f} s the tool; {steady.list_calls} list calls "
-          f"for {pages} pages); repair pass {repair.seconds / steady.seconds:.1f}× the "
-          "steady one")
-    print(f"RESULT seconds={steady.seconds:.3f} list_calls={steady.list_calls} "
-          f"queries={steady.queries}")
+    print(
+        f"Target: steady pass ≤ {TARGET_S:.0f} s with one list call per page: {verdict} "
+        f"({steady.seconds:.2f} s, of which {steady.fake_s:.2f} s the fake cloud answering, "
+        f"{steady.seconds - steady.fake_s:.2f} s the tool; {steady.list_calls} list calls "
+        f"for {pages} pages); repair pass {repair.seconds / steady.seconds:.1f}× the "
+        "steady one"
+    )
+    print(
+        f"RESULT seconds={steady.seconds:.3f} list_calls={steady.list_calls} "
+        f"queries={steady.queries}"
+    )
     return 0
 
 
@@ -540,8 +685,9 @@ def _short(route: str) -> str:
 def _check_quiet(m: PassMeasure, n: int) -> None:
     r = m.report
     if r.machines != n or r.servers != n:
-        raise BenchError(f"{m.name} pass saw {r.machines} machines and {r.servers} servers, "
-                         f"expected {n} of each")
+        raise BenchError(
+            f"{m.name} pass saw {r.machines} machines and {r.servers} servers, expected {n} of each"
+        )
     if r.failed or r.created or r.warm_requested or r.orphans_deleted or r.stopped or r.ready:
         raise BenchError(f"{m.name} pass changed a settled pool: {r}")
 

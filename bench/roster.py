@@ -49,16 +49,23 @@ SIZES = {"smoke": 250, "quick": 1000, "full": 5000}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size_group = parser.add_mutually_exclusive_group()
-    size_group.add_argument("--quick", action="store_true",
-                            help="1,000 members instead of 5,000")
-    size_group.add_argument("--smoke", action="store_true",
-                            help="250 members, a few seconds: does the benchmark still run (CI)")
+    size_group.add_argument("--quick", action="store_true", help="1,000 members instead of 5,000")
+    size_group.add_argument(
+        "--smoke",
+        action="store_true",
+        help="250 members, a few seconds: does the benchmark still run (CI)",
+    )
     parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES,
-                        help="database in which the benchmark owns the schema " + SCHEMA)
-    parser.add_argument("--redis-url", default=REDIS_URL,
-                        help="db 14 is flushed at start and end; another loses only the "
-                        "benchmark's own keys")
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES,
+        help="database in which the benchmark owns the schema " + SCHEMA,
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=REDIS_URL,
+        help="db 14 is flushed at start and end; another loses only the benchmark's own keys",
+    )
     args = parser.parse_args(argv)
     size = SIZES[size_mode(args)]
 
@@ -81,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(size: int, db_url: str, data_dir: Path, redis_url: str) -> int:
     holder = _LateApp()
     with ServedApp(holder) as tool:
-        os.environ.update({
-            "LABPOOL_DATA_DIR": str(data_dir), "LABPOOL_DATABASE_URL": db_url,
-            "LABPOOL_REDIS_URL": redis_url, "LABPOOL_PUBLIC_URL": tool.url,
-        })
+        os.environ.update(
+            {
+                "LABPOOL_DATA_DIR": str(data_dir),
+                "LABPOOL_DATABASE_URL": db_url,
+                "LABPOOL_REDIS_URL": redis_url,
+                "LABPOOL_PUBLIC_URL": tool.url,
+            }
+        )
         from config.db import engine_for, transaction
         from config.settings import load_settings
         from lti_tool.models import Course, Enrolment
@@ -100,24 +111,37 @@ def _run(size: int, db_url: str, data_dir: Path, redis_url: str) -> int:
             reg = moodle.platform_add_args()
             with transaction(rt.sessions) as session:
                 platform = register_platform(
-                    session, rt.settings, issuer=reg["issuer"], client_id=reg["client_id"],
-                    deployment_ids=[reg["deployment_id"]], auth_url=reg["auth_url"],
-                    token_url=reg["token_url"], jwks_url=reg["jwks_url"],
+                    session,
+                    rt.settings,
+                    issuer=reg["issuer"],
+                    client_id=reg["client_id"],
+                    deployment_ids=[reg["deployment_id"]],
+                    auth_url=reg["auth_url"],
+                    token_url=reg["token_url"],
+                    jwks_url=reg["jwks_url"],
                 )
-                course = Course(platform_id=platform.id, context_id="2",
-                                memberships_url=moodle.memberships_url("2"))
+                course = Course(
+                    platform_id=platform.id,
+                    context_id="2",
+                    memberships_url=moodle.memberships_url("2"),
+                )
                 session.add(course)
                 session.flush()
                 course_id = course.id
 
             statements = [0]
             engine = engine_for(rt.settings.database_url)
-            event.listen(engine, "before_cursor_execute",
-                         lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
+            event.listen(
+                engine,
+                "before_cursor_execute",
+                lambda *a, **k: statements.__setitem__(0, statements[0] + 1),
+            )
 
             def members(ids: range) -> list[dict]:
-                return [moodle.member(str(i), name=f"Student {i}", email=f"s{i}@example.edu")
-                        for i in ids]
+                return [
+                    moodle.member(str(i), name=f"Student {i}", email=f"s{i}@example.edu")
+                    for i in ids
+                ]
 
             rows = []
             scenarios = [
@@ -132,21 +156,38 @@ def _run(size: int, db_url: str, data_dir: Path, redis_url: str) -> int:
                 started = time.perf_counter()
                 report = sync_course(rt, course_id)
                 seconds = time.perf_counter() - started
-                rows.append([name, str(report.members), str(report.pages), str(report.ended),
-                             f"{seconds:.2f}", str(statements[0])])
+                rows.append(
+                    [
+                        name,
+                        str(report.members),
+                        str(report.pages),
+                        str(report.ended),
+                        f"{seconds:.2f}",
+                        str(statements[0]),
+                    ]
+                )
                 first = first or (seconds, statements[0])
 
             with rt.sessions() as session:
-                current = len(session.scalars(
-                    select(Enrolment.id).where(Enrolment.course_id == course_id,
-                                               Enrolment.ended_at.is_(None))).all())
+                current = len(
+                    session.scalars(
+                        select(Enrolment.id).where(
+                            Enrolment.course_id == course_id, Enrolment.ended_at.is_(None)
+                        )
+                    ).all()
+                )
     expected = size
     if current != expected:
         print(f"ERROR: {current} current enrolments, expected {expected}", file=sys.stderr)
         return 1
     print(f"Roster sync: {size} members, pages of 100, database {db_url.split(':')[0]}")
-    print(table(["scenario", "members", "pages", "ended", "seconds", "db statements"], rows,
-                text_columns=1))
+    print(
+        table(
+            ["scenario", "members", "pages", "ended", "seconds", "db statements"],
+            rows,
+            text_columns=1,
+        )
+    )
     assert first is not None
     print(f"RESULT seconds={first[0]:.3f} queries={first[1]}")
     return 0

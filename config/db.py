@@ -121,7 +121,10 @@ def upsert(
 
 @functools.lru_cache(maxsize=64)
 def _upsert_statement(
-    table: Any, dialect: str, keys: tuple[str, ...], values: tuple[str, ...],
+    table: Any,
+    dialect: str,
+    keys: tuple[str, ...],
+    values: tuple[str, ...],
     keep_if_null: tuple[str, ...],
 ) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -171,6 +174,6 @@ def upsert_many(
     )
     found: dict[tuple[Any, ...], int] = {}
     for start in range(0, len(rows), batch):
-        for row_id, *key in session.execute(stmt, rows[start:start + batch]):
+        for row_id, *key in session.execute(stmt, rows[start : start + batch]):
             found[tuple(key)] = row_id
     return [found[tuple(row[name] for name in keys)] for row in rows]

@@ -224,10 +224,14 @@ def _complete(settings: Settings) -> Settings:
     if settings.listen and not settings.listen.rpartition(":")[2].isdigit():
         raise SettingsError(f"LABPOOL_LISTEN: host:port, got {settings.listen!r}")
     if settings.rate_limit_window_s < 1:
-        raise SettingsError(f"LABPOOL_RATE_LIMIT_WINDOW_S: at least 1, got {settings.rate_limit_window_s}")
+        raise SettingsError(
+            f"LABPOOL_RATE_LIMIT_WINDOW_S: at least 1, got {settings.rate_limit_window_s}"
+        )
     for name in ("login_rate_limit", "launch_rate_limit", "teacher_action_rate_limit"):
         if getattr(settings, name) < 0:
-            raise SettingsError(f"{env_name(name)}: 0 (no limit) or more, got {getattr(settings, name)}")
+            raise SettingsError(
+                f"{env_name(name)}: 0 (no limit) or more, got {getattr(settings, name)}"
+            )
     if settings.backend not in ("local", "openstack"):
         raise SettingsError(f"LABPOOL_BACKEND: 'local' or 'openstack', got {settings.backend!r}")
 

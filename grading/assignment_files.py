@@ -56,7 +56,9 @@ def read_upload(filename: str, data: bytes) -> dict[str, bytes]:
     elif name.lower().endswith(".zip"):
         files = _read_zip(data)
     else:
-        raise UploadRejected("Upload a notebook (.ipynb) or a zip of the assignment's files (.zip).")
+        raise UploadRejected(
+            "Upload a notebook (.ipynb) or a zip of the assignment's files (.zip)."
+        )
     check_files(files)
     return files
 
@@ -121,8 +123,7 @@ def _read_zip(data: bytes) -> dict[str, bytes]:
             raise UploadRejected(f"{raw!r} cannot be unpacked ({exc}).") from None
         total += len(content)
         if total > MAX_TOTAL_BYTES:
-            raise UploadRejected(
-                f"Unpacked, the zip is larger than {MAX_TOTAL_BYTES // 2**20} MB.")
+            raise UploadRejected(f"Unpacked, the zip is larger than {MAX_TOTAL_BYTES // 2**20} MB.")
         files[path] = content
     if not files:
         raise UploadRejected("The zip holds no files.")
@@ -141,9 +142,18 @@ def _without_common_folder(files: dict[str, bytes]) -> dict[str, bytes]:
 def _check_notebook(path: str, content: bytes) -> None:
     try:
         nbformat.reads(content.decode("utf-8"), as_version=4)
-    except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError,
-            ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UploadRejected(f"{path!r} is not a Jupyter notebook nbformat can read ({exc}).") from None
+    except (
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        nbformat.reader.NotJSONError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
+        raise UploadRejected(
+            f"{path!r} is not a Jupyter notebook nbformat can read ({exc})."
+        ) from None
 
 
 def write_folder(parent: Path, prefix: str, files: Mapping[str, bytes]) -> Path:
@@ -167,8 +177,11 @@ def write_folder(parent: Path, prefix: str, files: Mapping[str, bytes]) -> Path:
 
 def read_folder(folder: Path) -> dict[str, bytes]:
     """Every regular file under a tool-side folder (relative path → content)."""
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def remove_folder(folder: Path | str | None) -> None:

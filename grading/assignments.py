@@ -10,5 +10,8 @@ from grading.models import Assignment
 
 def activity_assignments(session: Session, activity_id: int) -> list[Assignment]:
     """The activity's assignments, oldest first (the first one owns the activity's line item)."""
-    return list(session.scalars(
-        select(Assignment).where(Assignment.activity_id == activity_id).order_by(Assignment.id)))
+    return list(
+        session.scalars(
+            select(Assignment).where(Assignment.activity_id == activity_id).order_by(Assignment.id)
+        )
+    )

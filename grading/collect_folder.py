@@ -75,8 +75,10 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
     except FileNotFoundError:
         raise NoFolder("There is no home folder yet: open the activity once first.") from None
     except PermissionError:
-        raise FolderError("Labpool cannot read the students' homes on this host: in "
-                          "single-server mode it runs as root.") from None
+        raise FolderError(
+            "Labpool cannot read the students' homes on this host: in "
+            "single-server mode it runs as root."
+        ) from None
     try:
         owner = os.fstat(home_fd).st_uid
         try:
@@ -85,8 +87,10 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
             raise NoFolder(f"There is no folder {folder!r} in your home.") from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise NoFolder(f"{folder!r} in your home is not a folder (a link or a file); "
-                               "nothing was submitted.") from None
+                raise NoFolder(
+                    f"{folder!r} in your home is not a folder (a link or a file); "
+                    "nothing was submitted."
+                ) from None
             raise
     finally:
         os.close(home_fd)
@@ -97,8 +101,10 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
         os.close(top)
         raise
     try:
-        with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(
-                handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        with (
+            os.fdopen(fd, "wb") as handle,
+            zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf,
+        ):
             walk.folder(top, "", 0, zf)
         if walk.files == 0:
             raise NoFolder(f"The folder {folder!r} has no files to submit.")
@@ -125,12 +131,15 @@ class _Walk:
         if self.entries > self.limits.max_files:
             raise LimitExceeded(
                 f"The folder has more than {self.limits.max_files} files and folders; "
-                "remove some (data sets, outputs) and submit again. Nothing was submitted.")
+                "remove some (data sets, outputs) and submit again. Nothing was submitted."
+            )
 
     def folder(self, dir_fd: int, prefix: str, depth: int, zf: zipfile.ZipFile) -> None:
         if depth > self.limits.max_depth:
-            raise LimitExceeded(f"Folders are nested more than {self.limits.max_depth} deep "
-                                f"at {prefix!r}. Nothing was submitted.")
+            raise LimitExceeded(
+                f"Folders are nested more than {self.limits.max_depth} deep "
+                f"at {prefix!r}. Nothing was submitted."
+            )
         for name in sorted(os.listdir(dir_fd)):
             path = f"{prefix}{name}"
             try:
@@ -148,8 +157,9 @@ class _Walk:
                     continue
                 self.count_entry()
                 try:
-                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                    dir_fd=dir_fd)
+                    child = os.open(
+                        name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd
+                    )
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
                         self.skip(path, "changed while it was read")
@@ -165,8 +175,9 @@ class _Walk:
             else:
                 self.skip(path, _kind(st.st_mode) + ", not a regular file")
 
-    def file(self, dir_fd: int, name: str, path: str, st: os.stat_result,
-             zf: zipfile.ZipFile) -> None:
+    def file(
+        self, dir_fd: int, name: str, path: str, st: os.stat_result, zf: zipfile.ZipFile
+    ) -> None:
         cap = self.limits.max_file_bytes
         if st.st_size > cap:  # early refusal only: the read below is capped anyway
             raise self.too_big(path, st.st_size)
@@ -198,7 +209,8 @@ class _Walk:
                         raise LimitExceeded(
                             f"The folder holds more than {_mb(self.limits.max_total_bytes)}; "
                             "remove large files (data sets, outputs) and submit again. "
-                            "Nothing was submitted.")
+                            "Nothing was submitted."
+                        )
                     entry.write(chunk)
             self.total += read
             self.files += 1
@@ -208,7 +220,8 @@ class _Walk:
     def too_big(self, path: str, size: int) -> LimitExceeded:
         return LimitExceeded(
             f"{path} is larger than {_mb(self.limits.max_file_bytes)} (the limit per file); "
-            "remove it or make it smaller and submit again. Nothing was submitted.")
+            "remove it or make it smaller and submit again. Nothing was submitted."
+        )
 
 
 def _kind(mode: int) -> str:

@@ -31,8 +31,16 @@ from grading.assignment_files import (
 CLONE_TIMEOUT_S = 60
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 # Passed through to git: how to reach the host (proxies, CA bundle), nothing else.
-PASSED_ENV = ("PATH", "GIT_SSL_CAINFO", "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY",
-              "https_proxy", "NO_PROXY", "no_proxy")
+PASSED_ENV = (
+    "PATH",
+    "GIT_SSL_CAINFO",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+)
 
 
 def check_source(url: str, branch: str, folder: str) -> tuple[str, str, str]:
@@ -53,16 +61,48 @@ def fetch(url: str, branch: str, folder: str) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="labpool-git-") as tmp:
         checkout = Path(tmp) / "repo"
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        env.update(HOME=tmp, GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1",
-                   GIT_CONFIG_GLOBAL=os.devnull, GIT_ASKPASS="/bin/false", GIT_LFS_SKIP_SMUDGE="1")
-        command = ["git", "-c", "protocol.allow=never", "-c", "protocol.https.allow=always",
-                   "-c", "core.symlinks=true", "clone", "--quiet", "--depth", "1",
-                   "--single-branch", "--no-tags", "--branch", branch, "--", url, str(checkout)]
+        env.update(
+            HOME=tmp,
+            GIT_TERMINAL_PROMPT="0",
+            GIT_CONFIG_NOSYSTEM="1",
+            GIT_CONFIG_GLOBAL=os.devnull,
+            GIT_ASKPASS="/bin/false",
+            GIT_LFS_SKIP_SMUDGE="1",
+        )
+        command = [
+            "git",
+            "-c",
+            "protocol.allow=never",
+            "-c",
+            "protocol.https.allow=always",
+            "-c",
+            "core.symlinks=true",
+            "clone",
+            "--quiet",
+            "--depth",
+            "1",
+            "--single-branch",
+            "--no-tags",
+            "--branch",
+            branch,
+            "--",
+            url,
+            str(checkout),
+        ]
         try:
-            done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
-                                  timeout=CLONE_TIMEOUT_S, check=False)
+            done = subprocess.run(
+                command,
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=CLONE_TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise UploadRejected(f"The repository took longer than {CLONE_TIMEOUT_S} s to fetch.") from None
+            raise UploadRejected(
+                f"The repository took longer than {CLONE_TIMEOUT_S} s to fetch."
+            ) from None
         except FileNotFoundError:
             raise UploadRejected("git is not installed on the tool's host.") from None
         if done.returncode != 0:
@@ -80,7 +120,9 @@ def _read_tree(checkout: Path, folder: str) -> dict[str, bytes]:
         except FileNotFoundError:
             raise UploadRejected(f"The branch has no folder {folder!r}.") from None
         if not stat.S_ISDIR(mode):
-            raise UploadRejected(f"{folder!r} is not a folder in the repository (a link is not followed).")
+            raise UploadRejected(
+                f"{folder!r} is not a folder in the repository (a link is not followed)."
+            )
     files: dict[str, bytes] = {}
     total = 0
     for root, dirs, names in os.walk(top):  # os.walk never descends into a symlinked folder

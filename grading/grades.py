@@ -34,9 +34,16 @@ def parse_score(raw: str, maximum: float) -> float:
     return score
 
 
-def record_grade(session: Session, assignment: Assignment, student_id: int, score: float,
-                 comment: str, *, source: GradeSource = GradeSource.manual,
-                 graded_by: int | None = None) -> ScoreOutbox:
+def record_grade(
+    session: Session,
+    assignment: Assignment,
+    student_id: int,
+    score: float,
+    comment: str,
+    *,
+    source: GradeSource = GradeSource.manual,
+    graded_by: int | None = None,
+) -> ScoreOutbox:
     """Set the student's grade and owe the platform its score (one new outbox row; older
     unsent ones are superseded). Inside the caller's transaction."""
     if not (0 <= score <= assignment.max_score) or not math.isfinite(score):
@@ -49,7 +56,8 @@ def record_grade(session: Session, assignment: Assignment, student_id: int, scor
         raise GradeRejected("No such student.")
     now = utcnow()
     grade = session.scalars(
-        select(Grade).where(Grade.assignment_id == assignment.id, Grade.user_id == student_id)
+        select(Grade)
+        .where(Grade.assignment_id == assignment.id, Grade.user_id == student_id)
         .with_for_update()
     ).first()
     if grade is None:
@@ -65,19 +73,29 @@ def owe_score(session: Session, assignment: Assignment, grade: Grade, student: U
     """A new outbox row for the grade as it is now; earlier unsent rows are superseded."""
     session.execute(
         update(ScoreOutbox)
-        .where(ScoreOutbox.assignment_id == assignment.id, ScoreOutbox.user_id == student.id,
-               ScoreOutbox.status.in_([ScoreStatus.pending, ScoreStatus.failed]))
+        .where(
+            ScoreOutbox.assignment_id == assignment.id,
+            ScoreOutbox.user_id == student.id,
+            ScoreOutbox.status.in_([ScoreStatus.pending, ScoreStatus.failed]),
+        )
         .values(status=ScoreStatus.superseded)
         .execution_options(synchronize_session=False)
     )
     activity = session.get_one(Activity, assignment.activity_id)
     course = session.get_one(Course, activity.course_id)
     row = ScoreOutbox(
-        assignment_id=assignment.id, user_id=student.id, grade_id=grade.id,
-        platform_id=course.platform_id, platform_user_id=student.sub,
+        assignment_id=assignment.id,
+        user_id=student.id,
+        grade_id=grade.id,
+        platform_id=course.platform_id,
+        platform_user_id=student.sub,
         lineitem_url=known_lineitem(session, assignment, activity),
-        score_given=grade.score, score_maximum=assignment.max_score, comment=grade.comment,
-        status=ScoreStatus.pending, attempts=0, next_attempt_at=utcnow(),
+        score_given=grade.score,
+        score_maximum=assignment.max_score,
+        comment=grade.comment,
+        status=ScoreStatus.pending,
+        attempts=0,
+        next_attempt_at=utcnow(),
     )
     session.add(row)
     session.flush()
@@ -103,8 +121,10 @@ def known_lineitem(session: Session, assignment: Assignment, activity: Activity)
         return assignment.lineitem_url
     if activity.ags_lineitem:
         first = session.scalars(
-            select(Assignment.id).where(Assignment.activity_id == activity.id)
-            .order_by(Assignment.id).limit(1)
+            select(Assignment.id)
+            .where(Assignment.activity_id == activity.id)
+            .order_by(Assignment.id)
+            .limit(1)
         ).first()
         if first == assignment.id:
             return activity.ags_lineitem

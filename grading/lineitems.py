@@ -44,16 +44,23 @@ def resolve_lineitem(rt: Runtime, client: AgsClient, assignment_id: int) -> str:
                 "the platform gave this activity no grade item and does not let Labpool "
                 "create one: in Moodle, turn on grades for the activity (or set the tool's "
                 "“IMS LTI Assignment and Grade Services” to grade sync and column "
-                "management), open the activity once, then press “send again”")
-        url = client.find_or_create_lineitem(lineitems, resource_id=rid, label=label,
-                                             score_maximum=maximum, resource_link_id=link_id)
+                "management), open the activity once, then press “send again”"
+            )
+        url = client.find_or_create_lineitem(
+            lineitems, resource_id=rid, label=label, score_maximum=maximum, resource_link_id=link_id
+        )
     with transaction(rt.sessions) as session:
         assignment = session.get_one(Assignment, assignment_id)
         if assignment.lineitem_url is None and url != activity.ags_lineitem:
             assignment.lineitem_url = url
         session.execute(
             update(ScoreOutbox)
-            .where(ScoreOutbox.assignment_id == assignment_id,
-                   ScoreOutbox.status == ScoreStatus.pending, ScoreOutbox.lineitem_url.is_(None))
-            .values(lineitem_url=url).execution_options(synchronize_session=False))
+            .where(
+                ScoreOutbox.assignment_id == assignment_id,
+                ScoreOutbox.status == ScoreStatus.pending,
+                ScoreOutbox.lineitem_url.is_(None),
+            )
+            .values(lineitem_url=url)
+            .execution_options(synchronize_session=False)
+        )
     return url

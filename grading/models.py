@@ -55,9 +55,11 @@ class Assignment(Base):
     max_score: Mapped[float] = mapped_column(Float, default=10.0)
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     late_policy: Mapped[LatePolicy] = mapped_column(
-        Enum(LatePolicy, native_enum=False, length=16), default=LatePolicy.mark_late)
+        Enum(LatePolicy, native_enum=False, length=16), default=LatePolicy.mark_late
+    )
     source: Mapped[AssignmentSource] = mapped_column(
-        Enum(AssignmentSource, native_enum=False, length=16), default=AssignmentSource.files)
+        Enum(AssignmentSource, native_enum=False, length=16), default=AssignmentSource.files
+    )
     # Where the teacher's files are kept, and the student version made from them at publish.
     source_path: Mapped[str | None] = mapped_column(Text)
     release_path: Mapped[str | None] = mapped_column(Text)
@@ -118,7 +120,8 @@ class Grade(Base):
     score: Mapped[float] = mapped_column(Float)
     comment: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[GradeSource] = mapped_column(
-        Enum(GradeSource, native_enum=False, length=16), default=GradeSource.manual)
+        Enum(GradeSource, native_enum=False, length=16), default=GradeSource.manual
+    )
     graded_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     graded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -146,7 +149,8 @@ class ScoreOutbox(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     assignment_id: Mapped[int] = mapped_column(
-        ForeignKey("assignments.id", ondelete="CASCADE"), index=True)
+        ForeignKey("assignments.id", ondelete="CASCADE"), index=True
+    )
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     grade_id: Mapped[int | None] = mapped_column(ForeignKey("grades.id", ondelete="SET NULL"))
     platform_id: Mapped[int] = mapped_column(ForeignKey("platforms.id", ondelete="CASCADE"))
@@ -156,7 +160,8 @@ class ScoreOutbox(Base):
     score_maximum: Mapped[float] = mapped_column(Float)
     comment: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[ScoreStatus] = mapped_column(
-        Enum(ScoreStatus, native_enum=False, length=16), default=ScoreStatus.pending)
+        Enum(ScoreStatus, native_enum=False, length=16), default=ScoreStatus.pending
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -71,23 +71,34 @@ class Claim:
 def _lock_grade(session: Session, row: ScoreOutbox) -> None:
     """Serialise claims for one student's grade (PostgreSQL; SQLite's BEGIN IMMEDIATE
     already serialises every writer)."""
-    session.scalars(select(Grade.id).where(Grade.assignment_id == row.assignment_id,
-                                           Grade.user_id == row.user_id).with_for_update()).all()
+    session.scalars(
+        select(Grade.id)
+        .where(Grade.assignment_id == row.assignment_id, Grade.user_id == row.user_id)
+        .with_for_update()
+    ).all()
 
 
 def _newest_row_id(session: Session, row: ScoreOutbox) -> int:
-    return session.scalar(select(func.max(ScoreOutbox.id)).where(
-        ScoreOutbox.assignment_id == row.assignment_id, ScoreOutbox.user_id == row.user_id))
+    return session.scalar(
+        select(func.max(ScoreOutbox.id)).where(
+            ScoreOutbox.assignment_id == row.assignment_id, ScoreOutbox.user_id == row.user_id
+        )
+    )
 
 
 def _last_timestamp(session: Session, row: ScoreOutbox) -> datetime | None:
     """The newest timestamp ever claimed for this (line item, platform user), whatever came
     of it (a POST whose answer was lost may have been stored by the platform)."""
-    return session.scalar(select(func.max(ScoreOutbox.timestamp)).where(
-        ScoreOutbox.platform_user_id == row.platform_user_id,
-        or_(ScoreOutbox.lineitem_url == row.lineitem_url,
-            (ScoreOutbox.assignment_id == row.assignment_id)
-            & (ScoreOutbox.user_id == row.user_id))))
+    return session.scalar(
+        select(func.max(ScoreOutbox.timestamp)).where(
+            ScoreOutbox.platform_user_id == row.platform_user_id,
+            or_(
+                ScoreOutbox.lineitem_url == row.lineitem_url,
+                (ScoreOutbox.assignment_id == row.assignment_id)
+                & (ScoreOutbox.user_id == row.user_id),
+            ),
+        )
+    )
 
 
 def claim(rt: Runtime, row_id: int, *, after: datetime | None = None) -> Claim | None:
@@ -113,9 +124,18 @@ def claim(rt: Runtime, row_id: int, *, after: datetime | None = None) -> Claim |
         row.timestamp = stamp
         row.attempts += 1
         row.next_attempt_at = now + LEASE
-        return Claim(row.id, stamp, row.lineitem_url, Score(
-            user_id=row.platform_user_id, score_given=row.score_given,
-            score_maximum=row.score_maximum, comment=row.comment, timestamp=stamp))
+        return Claim(
+            row.id,
+            stamp,
+            row.lineitem_url,
+            Score(
+                user_id=row.platform_user_id,
+                score_given=row.score_given,
+                score_maximum=row.score_maximum,
+                comment=row.comment,
+                timestamp=stamp,
+            ),
+        )
 
 
 def _record(rt: Runtime, claimed: Claim, error: AgsError | None) -> str:
@@ -123,7 +143,11 @@ def _record(rt: Runtime, claimed: Claim, error: AgsError | None) -> str:
     now = utcnow()
     with transaction(rt.sessions) as session:
         row = session.get(ScoreOutbox, claimed.row_id, with_for_update=True)
-        if row is None or row.status is not ScoreStatus.pending or row.timestamp != claimed.timestamp:
+        if (
+            row is None
+            or row.status is not ScoreStatus.pending
+            or row.timestamp != claimed.timestamp
+        ):
             return "taken over"
         if error is None:
             row.status, row.sent_at, row.last_error = ScoreStatus.sent, now, None
@@ -218,10 +242,16 @@ def _fail_unclaimed(rt: Runtime, row_id: int, error: Exception) -> str:
 
 
 def due_rows(session: Session, limit: int = DUE_PASS_BATCH) -> list[int]:
-    return list(session.scalars(
-        select(ScoreOutbox.id)
-        .where(ScoreOutbox.status == ScoreStatus.pending, ScoreOutbox.next_attempt_at <= utcnow())
-        .order_by(ScoreOutbox.next_attempt_at, ScoreOutbox.id).limit(limit)))
+    return list(
+        session.scalars(
+            select(ScoreOutbox.id)
+            .where(
+                ScoreOutbox.status == ScoreStatus.pending, ScoreOutbox.next_attempt_at <= utcnow()
+            )
+            .order_by(ScoreOutbox.next_attempt_at, ScoreOutbox.id)
+            .limit(limit)
+        )
+    )
 
 
 def send_due_scores(rt: Runtime, budget_s: float = DUE_PASS_BUDGET_S) -> dict[str, int]:

@@ -27,8 +27,14 @@ from grading.assignment_files import UploadRejected, read_folder, write_folder
 GENERATE_TIMEOUT_S = 120
 NBGRADER_ASSIGNMENT = "assignment"  # the temporary course's only assignment
 # Text that must never reach a student (nbgrader's own delimiters).
-SECRET_MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS",
-                  "BEGIN MARK SCHEME", "END MARK SCHEME")
+SECRET_MARKERS = (
+    "BEGIN SOLUTION",
+    "END SOLUTION",
+    "BEGIN HIDDEN TESTS",
+    "END HIDDEN TESTS",
+    "BEGIN MARK SCHEME",
+    "END MARK SCHEME",
+)
 
 
 class PublishFailed(Exception):
@@ -44,11 +50,14 @@ def is_nbgrader_source(content: bytes) -> bool:
     cells = notebook.get("cells") if isinstance(notebook, dict) else None
     return isinstance(cells, list) and any(
         isinstance(c, dict) and isinstance(c.get("metadata"), dict) and "nbgrader" in c["metadata"]
-        for c in cells)
+        for c in cells
+    )
 
 
 def nbgrader_notebooks(files: Mapping[str, bytes]) -> list[str]:
-    return sorted(p for p, c in files.items() if p.lower().endswith(".ipynb") and is_nbgrader_source(c))
+    return sorted(
+        p for p, c in files.items() if p.lower().endswith(".ipynb") and is_nbgrader_source(c)
+    )
 
 
 def check_uploadable(files: Mapping[str, bytes]) -> None:
@@ -57,7 +66,8 @@ def check_uploadable(files: Mapping[str, bytes]) -> None:
     for path in nbgrader_notebooks(files):
         if len(PurePosixPath(path).parts) > 1:
             raise UploadRejected(
-                f"{path!r}: nbgrader source notebooks must be at the top of the zip, not in a folder.")
+                f"{path!r}: nbgrader source notebooks must be at the top of the zip, not in a folder."
+            )
 
 
 def student_version(files: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -84,22 +94,42 @@ def _generate(notebooks: Mapping[str, bytes]) -> dict[str, bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
         # Only this course's configuration: none of the host's ~/.jupyter or a stray
         # nbgrader_config.py in the working folder.
-        env.update(HOME=tmp, JUPYTER_CONFIG_DIR=str(Path(tmp) / "config"),
-                   JUPYTER_DATA_DIR=str(Path(tmp) / "data"))
+        env.update(
+            HOME=tmp,
+            JUPYTER_CONFIG_DIR=str(Path(tmp) / "config"),
+            JUPYTER_DATA_DIR=str(Path(tmp) / "data"),
+        )
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "nbgrader", "generate_assignment", NBGRADER_ASSIGNMENT,
-                 "--no-db", "--force", f"--CourseDirectory.root={course}", "--log-level=ERROR"],
-                cwd=course, env=env, capture_output=True, text=True, timeout=GENERATE_TIMEOUT_S,
-                check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "nbgrader",
+                    "generate_assignment",
+                    NBGRADER_ASSIGNMENT,
+                    "--no-db",
+                    "--force",
+                    f"--CourseDirectory.root={course}",
+                    "--log-level=ERROR",
+                ],
+                cwd=course,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=GENERATE_TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise PublishFailed(
-                f"nbgrader's generate_assignment took longer than {GENERATE_TIMEOUT_S} s.") from None
+                f"nbgrader's generate_assignment took longer than {GENERATE_TIMEOUT_S} s."
+            ) from None
         release = course / "release" / NBGRADER_ASSIGNMENT
         generated = {p: (release / p).read_bytes() for p in notebooks if (release / p).is_file()}
         if done.returncode != 0 or len(generated) != len(notebooks):
-            raise PublishFailed("nbgrader could not make the student version: "
-                                + _nbgrader_reason(done.stdout + done.stderr))
+            raise PublishFailed(
+                "nbgrader could not make the student version: "
+                + _nbgrader_reason(done.stdout + done.stderr)
+            )
         return generated
 
 
@@ -118,5 +148,8 @@ def publish(folder: Path, source_path: Path) -> Path:
 
 def is_current(source_path: str | None, release_path: str | None) -> bool:
     """Whether the published student version is made from the current upload."""
-    return bool(source_path and release_path and
-                Path(release_path).name.startswith(f"release-of-{Path(source_path).name}-"))
+    return bool(
+        source_path
+        and release_path
+        and Path(release_path).name.startswith(f"release-of-{Path(source_path).name}-")
+    )

@@ -57,8 +57,9 @@ def safe_parts(relative: str) -> tuple[str, ...]:
     return path.parts
 
 
-def release_files(home: Path, folder: str, files: dict[str, bytes],
-                  previous: dict[str, str] | None = None) -> ReleaseReport:
+def release_files(
+    home: Path, folder: str, files: dict[str, bytes], previous: dict[str, str] | None = None
+) -> ReleaseReport:
     """Place `files` (relative path → content) under `home/folder`. `previous` is the
     manifest the last release returned for this student (None: first release)."""
     previous = previous or {}
@@ -72,8 +73,9 @@ def release_files(home: Path, folder: str, files: dict[str, bytes],
         for relative in sorted(files):
             data = files[relative]
             parts = safe_parts(relative)
-            outcome = _place(home_fd, (folder, *parts), data, previous.get(relative),
-                             owner.st_uid, owner.st_gid)
+            outcome = _place(
+                home_fd, (folder, *parts), data, previous.get(relative), owner.st_uid, owner.st_gid
+            )
             getattr(report, outcome).append(relative)
             if outcome in ("added", "updated", "unchanged"):
                 report.manifest[relative] = checksum(data)
@@ -84,8 +86,9 @@ def release_files(home: Path, folder: str, files: dict[str, bytes],
     return report
 
 
-def _place(home_fd: int, parts: tuple[str, ...], data: bytes, released: str | None,
-           uid: int, gid: int) -> str:
+def _place(
+    home_fd: int, parts: tuple[str, ...], data: bytes, released: str | None, uid: int, gid: int
+) -> str:
     dir_fd = _open_folders(home_fd, parts[:-1], uid, gid)
     if dir_fd is None:
         return "refused"
@@ -150,8 +153,9 @@ def _write_new(dir_fd: int, name: str, data: bytes, uid: int, gid: int) -> None:
     """Write through a fresh temporary name (O_EXCL: never an existing file or symlink),
     owned by the home's owner, then rename it into place."""
     temporary = f".labpool-{secrets.token_hex(8)}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE,
-                 dir_fd=dir_fd)
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE, dir_fd=dir_fd
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchown(handle.fileno(), uid, gid)

@@ -53,7 +53,8 @@ def enqueue_release(rt: Runtime, func: str, *args: int) -> bool:
     """False (and a log line) when Redis is unreachable."""
     try:
         Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
-            func, *args, job_timeout=900, result_ttl=60, failure_ttl=24 * 3600)
+            func, *args, job_timeout=900, result_ttl=60, failure_ttl=24 * 3600
+        )
         return True
     except redis.RedisError as exc:
         log.warning("could not enqueue %s%s: %s", func, args, exc)
@@ -66,9 +67,17 @@ def delivered_assignments(session: Session, activity: Activity) -> list[Assignme
     wanted = [Assignment.activity_id == activity.id]
     if activity.assignment_id is not None:
         wanted.append(Assignment.id == activity.assignment_id)
-    return list(session.scalars(select(Assignment).where(
-        or_(*wanted), Assignment.published_at.is_not(None), Assignment.release_path.is_not(None))
-        .order_by(Assignment.id)))
+    return list(
+        session.scalars(
+            select(Assignment)
+            .where(
+                or_(*wanted),
+                Assignment.published_at.is_not(None),
+                Assignment.release_path.is_not(None),
+            )
+            .order_by(Assignment.id)
+        )
+    )
 
 
 def release_after_launch(rt: Runtime, activity_id: int, user_id: int) -> bool:
@@ -85,41 +94,62 @@ def local_home(rt: Runtime, session: Session, activity: Activity, user_id: int) 
     backend)."""
     from provisioning.backends.local import LocalBackend
 
-    environment = (session.get(Environment, activity.environment_id)
-                   if activity.environment_id else default_environment(session))
+    environment = (
+        session.get(Environment, activity.environment_id)
+        if activity.environment_id
+        else default_environment(session)
+    )
     if environment is None or environment.backend != "local":
         return None
     # Only the home's place is wanted: no `for_environment` (it reads the platforms, in a
     # second session, which SQLite's single writer would make wait on this one).
     backend = LocalBackend(rt.settings.data_dir, settings=rt.settings)
-    return backend.home_folder(MachineSpec(id=0, ide_kind=environment.ide_kind.value,
-                                           owner_id=user_id, course_id=activity.course_id))
+    return backend.home_folder(
+        MachineSpec(
+            id=0,
+            ide_kind=environment.ide_kind.value,
+            owner_id=user_id,
+            course_id=activity.course_id,
+        )
+    )
 
 
 def _summary(report: ReleaseReport) -> str:
-    parts = [(len(report.added), "added"), (len(report.updated), "updated"),
-             (len(report.unchanged), "unchanged"),
-             (len(report.kept), "kept as the student changed them"),
-             (len(report.refused), "refused: a link or special file is in the way")]
+    parts = [
+        (len(report.added), "added"),
+        (len(report.updated), "updated"),
+        (len(report.unchanged), "unchanged"),
+        (len(report.kept), "kept as the student changed them"),
+        (len(report.refused), "refused: a link or special file is in the way"),
+    ]
     return ", ".join(f"{n} {what}" for n, what in parts if n) or "no files"
 
 
-def release_to_student(rt: Runtime, assignment_id: int, user_id: int, home: Path,
-                       read: dict[Path, dict[str, bytes]] | None = None) -> str | None:
+def release_to_student(
+    rt: Runtime,
+    assignment_id: int,
+    user_id: int,
+    home: Path,
+    read: dict[Path, dict[str, bytes]] | None = None,
+) -> str | None:
     """Place the assignment's current student version in `home/<assignment name>`; returns
     the summary (None when the assignment is not published). `read`: release folders already
     read (a class release reads each once)."""
-    lock = rt.redis.lock(f"labpool:release:{assignment_id}:{user_id}", timeout=LOCK_S,
-                         blocking_timeout=LOCK_S)
+    lock = rt.redis.lock(
+        f"labpool:release:{assignment_id}:{user_id}", timeout=LOCK_S, blocking_timeout=LOCK_S
+    )
     with lock:
         with rt.sessions() as session:
             assignment = session.get(Assignment, assignment_id)
             if assignment is None or not assignment.published or not assignment.release_path:
                 return None
             name, release_path = assignment.name, Path(assignment.release_path)
-            record = session.scalars(select(AssignmentRelease).where(
-                AssignmentRelease.assignment_id == assignment_id,
-                AssignmentRelease.user_id == user_id)).first()
+            record = session.scalars(
+                select(AssignmentRelease).where(
+                    AssignmentRelease.assignment_id == assignment_id,
+                    AssignmentRelease.user_id == user_id,
+                )
+            ).first()
             previous = dict(record.manifest) if record else {}
         read = {} if read is None else read
         if release_path not in read:
@@ -129,16 +159,21 @@ def release_to_student(rt: Runtime, assignment_id: int, user_id: int, home: Path
             report = release_files(home, name, files, previous)
             manifest, summary, version = report.manifest, _summary(report), release_path.name
         except (ReleaseError, OSError) as exc:
-            log.warning("release of assignment %s to user %s failed: %s",
-                        assignment_id, user_id, exc)
+            log.warning(
+                "release of assignment %s to user %s failed: %s", assignment_id, user_id, exc
+            )
             manifest, summary, version = previous, f"not placed: {exc}", None
         with transaction(rt.sessions) as session:
-            record = session.scalars(select(AssignmentRelease).where(
-                AssignmentRelease.assignment_id == assignment_id,
-                AssignmentRelease.user_id == user_id)).first()
+            record = session.scalars(
+                select(AssignmentRelease).where(
+                    AssignmentRelease.assignment_id == assignment_id,
+                    AssignmentRelease.user_id == user_id,
+                )
+            ).first()
             if record is None:
-                record = AssignmentRelease(assignment_id=assignment_id, user_id=user_id,
-                                           version=version or "")
+                record = AssignmentRelease(
+                    assignment_id=assignment_id, user_id=user_id, version=version or ""
+                )
                 session.add(record)
             if version is not None:
                 record.version = version
@@ -153,11 +188,22 @@ def _settled_machine(rt: Runtime, course_id: int, user_id: int) -> Machine | Non
     deadline = time.monotonic() + rt.settings.machine_start_timeout_s
     while True:
         with rt.sessions() as session:
-            machine = session.scalars(select(Machine).where(
-                Machine.owner_id == user_id, Machine.course_id == course_id,
-                Machine.state.in_([MachineState.requested, MachineState.starting,
-                                   MachineState.ready, MachineState.assigned]))
-                .order_by(Machine.id.desc())).first()
+            machine = session.scalars(
+                select(Machine)
+                .where(
+                    Machine.owner_id == user_id,
+                    Machine.course_id == course_id,
+                    Machine.state.in_(
+                        [
+                            MachineState.requested,
+                            MachineState.starting,
+                            MachineState.ready,
+                            MachineState.assigned,
+                        ]
+                    ),
+                )
+                .order_by(Machine.id.desc())
+            ).first()
             if machine is None or machine.state is MachineState.assigned:
                 return machine
         if time.monotonic() >= deadline:
@@ -188,8 +234,11 @@ def release_on_launch(activity_id: int, user_id: int) -> str:
 
 
 def class_learners(session: Session, course_id: int) -> list[int]:
-    rows = session.execute(select(Enrolment.user_id, Enrolment.roles).where(
-        Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))).all()
+    rows = session.execute(
+        select(Enrolment.user_id, Enrolment.roles).where(
+            Enrolment.course_id == course_id, Enrolment.ended_at.is_(None)
+        )
+    ).all()
     return [user_id for user_id, roles in rows if not is_staff(roles or [])]
 
 
@@ -202,8 +251,10 @@ def release_to_class(assignment_id: int) -> str:
         if assignment is None or not assignment.published or not assignment.release_path:
             return "not published"
         activity = session.get_one(Activity, assignment.activity_id)
-        homes = {user_id: local_home(rt, session, activity, user_id)
-                 for user_id in class_learners(session, activity.course_id)}
+        homes = {
+            user_id: local_home(rt, session, activity, user_id)
+            for user_id in class_learners(session, activity.course_id)
+        }
     read: dict[Path, dict[str, bytes]] = {}
     placed = 0
     for user_id, home in homes.items():

@@ -86,11 +86,14 @@ def student_home(rt: Runtime, session: Session, activity: Activity, user_id: int
     """The student's home on this host (local backend); it outlives their machines."""
     environment = environment_of(session, activity.id)
     if environment.backend != "local":
-        raise FolderError("This activity's machines run in the cloud: collecting from them "
-                          "is not built yet (only the single-server mode's homes are).")
+        raise FolderError(
+            "This activity's machines run in the cloud: collecting from them "
+            "is not built yet (only the single-server mode's homes are)."
+        )
     backend = LocalBackend(rt.settings.data_dir, settings=rt.settings)
-    return backend.home_folder(MachineSpec(id=0, ide_kind="jupyterlab", owner_id=user_id,
-                                           course_id=activity.course_id))
+    return backend.home_folder(
+        MachineSpec(id=0, ide_kind="jupyterlab", owner_id=user_id, course_id=activity.course_id)
+    )
 
 
 def is_late(assignment: Assignment, at: datetime) -> bool:
@@ -100,8 +103,10 @@ def is_late(assignment: Assignment, at: datetime) -> bool:
 def _refuse_if_late(assignment: Assignment, at: datetime) -> None:
     if is_late(assignment, at) and assignment.late_policy is LatePolicy.refuse:
         due = assignment.due_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")  # type: ignore[union-attr]
-        raise SubmissionRefused(f"The due date ({due}) has passed and this assignment does "
-                                "not take late work; nothing was submitted.")
+        raise SubmissionRefused(
+            f"The due date ({due}) has passed and this assignment does "
+            "not take late work; nothing was submitted."
+        )
 
 
 def _private_dir(path: Path) -> Path:
@@ -112,23 +117,32 @@ def _private_dir(path: Path) -> Path:
 
 def current_submission(session: Session, assignment_id: int, user_id: int) -> Submission | None:
     return session.scalars(
-        select(Submission).where(Submission.assignment_id == assignment_id,
-                                 Submission.user_id == user_id)
-        .order_by(Submission.version.desc()).limit(1)
+        select(Submission)
+        .where(Submission.assignment_id == assignment_id, Submission.user_id == user_id)
+        .order_by(Submission.version.desc())
+        .limit(1)
     ).first()
 
 
 def versions_of(session: Session, assignment_id: int, user_id: int) -> list[Submission]:
     """Every version a student has, newest first."""
-    return list(session.scalars(
-        select(Submission).where(Submission.assignment_id == assignment_id,
-                                 Submission.user_id == user_id)
-        .order_by(Submission.version.desc())))
+    return list(
+        session.scalars(
+            select(Submission)
+            .where(Submission.assignment_id == assignment_id, Submission.user_id == user_id)
+            .order_by(Submission.version.desc())
+        )
+    )
 
 
-def submit_folder(rt: Runtime, assignment_id: int, user_id: int, *,
-                  collected_by: int | None = None,
-                  limits: Limits = DEFAULT_LIMITS) -> Outcome:
+def submit_folder(
+    rt: Runtime,
+    assignment_id: int,
+    user_id: int,
+    *,
+    collected_by: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Outcome:
     """Copy the student's folder of the assignment and store it as their new current version
     (or find it is the current one already). `collected_by`: the teacher collecting it; None
     when the student submits. Raises a FolderError subclass with a message for the person
@@ -153,8 +167,9 @@ def submit_folder(rt: Runtime, assignment_id: int, user_id: int, *,
         _unlock(lock)
 
 
-def _store(rt: Runtime, assignment_id: int, user_id: int, collected: Collected,
-           collected_by: int | None) -> Outcome:
+def _store(
+    rt: Runtime, assignment_id: int, user_id: int, collected: Collected, collected_by: int | None
+) -> Outcome:
     root = submissions_root(rt.settings.data_dir)
     final: Path | None = None
     try:
@@ -174,23 +189,30 @@ def _store(rt: Runtime, assignment_id: int, user_id: int, collected: Collected,
                 os.link(collected.archive, final)  # never replaces an existing file
             except FileExistsError:
                 final = None
-                raise SubmissionBusy("This version is being stored by another request; "
-                                     "reload the page.") from None
+                raise SubmissionBusy(
+                    "This version is being stored by another request; reload the page."
+                ) from None
             row = Submission(
-                assignment_id=assignment_id, user_id=user_id, version=version,
-                submitted_at=now, checksum=collected.checksum,
-                file_count=collected.file_count, size_bytes=collected.size_bytes,
+                assignment_id=assignment_id,
+                user_id=user_id,
+                version=version,
+                submitted_at=now,
+                checksum=collected.checksum,
+                file_count=collected.file_count,
+                size_bytes=collected.size_bytes,
                 storage_path=str(final.relative_to(root)),
                 late=collected_by is None and is_late(assignment, now),
-                collected_by=collected_by, skipped_json=json.dumps(collected.skipped),
+                collected_by=collected_by,
+                skipped_json=json.dumps(collected.skipped),
             )
             session.add(row)
             session.flush()
         return Outcome(row, unchanged=False, skipped=collected.skipped)
     except IntegrityError:
         _discard(final)
-        raise SubmissionBusy("Another copy of this folder was stored at the same moment; "
-                             "reload the page to see it.") from None
+        raise SubmissionBusy(
+            "Another copy of this folder was stored at the same moment; reload the page to see it."
+        ) from None
     except BaseException:
         _discard(final)
         raise
@@ -204,12 +226,15 @@ def _discard(path: Path | None) -> None:
 def _lock(rt: Runtime, assignment_id: int, user_id: int) -> redis.lock.Lock | None:
     """One copy per student and assignment at a time; without Redis, the unique version
     number still keeps two copies from becoming one version."""
-    lock = rt.redis.lock(f"labpool:submit:{assignment_id}:{user_id}", timeout=LOCK_S,
-                         blocking_timeout=0)
+    lock = rt.redis.lock(
+        f"labpool:submit:{assignment_id}:{user_id}", timeout=LOCK_S, blocking_timeout=0
+    )
     try:
         if not lock.acquire(blocking=False):
-            raise SubmissionBusy("Your folder is being submitted already (a second click?); "
-                                 "reload the page in a moment.")
+            raise SubmissionBusy(
+                "Your folder is being submitted already (a second click?); "
+                "reload the page in a moment."
+            )
     except redis.RedisError as exc:
         log.warning("submission lock unavailable, relying on the version number: %s", exc)
         return None
@@ -246,8 +271,11 @@ def start_collection(rt: Runtime, assignment_id: int, teacher_id: int) -> bool:
 
     if not rt.redis.set(f"{_progress_key(assignment_id)}:running", "1", nx=True, ex=1800):
         return False
-    _save_progress(rt, assignment_id, {"state": "queued", "teacher_id": teacher_id,
-                                       "total": 0, "done": 0, "outcomes": {}})
+    _save_progress(
+        rt,
+        assignment_id,
+        {"state": "queued", "teacher_id": teacher_id, "total": 0, "done": 0, "outcomes": {}},
+    )
     if not enqueue(rt.redis, rt.settings.queue_name, COLLECT_JOB, assignment_id):
         rt.redis.delete(f"{_progress_key(assignment_id)}:running")
         raise FolderError("The job queue is not reachable; try again in a minute.")
@@ -258,12 +286,14 @@ def current_learners(session: Session, course_id: int) -> list[int]:
     rows = session.execute(
         select(Enrolment.user_id, Enrolment.roles)
         .where(Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))
-        .order_by(Enrolment.user_id)).all()
+        .order_by(Enrolment.user_id)
+    ).all()
     return [user_id for user_id, roles in rows if not is_staff(roles or [])]
 
 
-def collect_class(rt: Runtime, assignment_id: int, teacher_id: int | None,
-                  limits: Limits = DEFAULT_LIMITS) -> dict:
+def collect_class(
+    rt: Runtime, assignment_id: int, teacher_id: int | None, limits: Limits = DEFAULT_LIMITS
+) -> dict:
     """Collect every current student's folder (from their home, whether a machine runs or
     not), reporting progress after each student. Returns the final progress."""
     with rt.sessions() as session:
@@ -272,16 +302,26 @@ def collect_class(rt: Runtime, assignment_id: int, teacher_id: int | None,
             return {"state": "failed", "error": "no such assignment"}
         activity = session.get_one(Activity, assignment.activity_id)
         students = current_learners(session, activity.course_id)
-    progress: dict = {"state": "running", "teacher_id": teacher_id, "total": len(students),
-                      "done": 0, "outcomes": {}, "started_at": utcnow().isoformat()}
+    progress: dict = {
+        "state": "running",
+        "teacher_id": teacher_id,
+        "total": len(students),
+        "done": 0,
+        "outcomes": {},
+        "started_at": utcnow().isoformat(),
+    }
     _save_progress(rt, assignment_id, progress)
     for user_id in students:
         try:
-            outcome = submit_folder(rt, assignment_id, user_id, collected_by=teacher_id,
-                                    limits=limits)
+            outcome = submit_folder(
+                rt, assignment_id, user_id, collected_by=teacher_id, limits=limits
+            )
             s = outcome.submission
-            text = (f"unchanged (version {s.version})" if outcome.unchanged
-                    else f"collected: version {s.version}, {s.file_count} files")
+            text = (
+                f"unchanged (version {s.version})"
+                if outcome.unchanged
+                else f"collected: version {s.version}, {s.file_count} files"
+            )
             kind = "unchanged" if outcome.unchanged else "collected"
         except NoFolder:
             kind, text = "no_folder", "no folder"
@@ -310,4 +350,3 @@ def collect_class_job(assignment_id: int) -> dict:
         rt.redis.delete(f"{_progress_key(assignment_id)}:running")
         _save_progress(rt, assignment_id, {**started, "state": "failed"})
         raise
-

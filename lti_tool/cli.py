@@ -115,8 +115,12 @@ def env() -> None:
 @env.command("add")
 @click.argument("name")
 @click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="local")
-@click.option("--ide", "ide_kind", type=click.Choice(["jupyterlab", "code-server", "terminal"]),
-              default="jupyterlab")
+@click.option(
+    "--ide",
+    "ide_kind",
+    type=click.Choice(["jupyterlab", "code-server", "terminal"]),
+    default="jupyterlab",
+)
 @click.option("--image", "image_id", help="Golden image id (openstack).")
 @click.option("--flavor", "flavor_id", help="Flavor id (openstack).")
 @click.option("--network", "network_id", help="Private network id (openstack).")
@@ -126,16 +130,41 @@ def env() -> None:
 @click.option("--volume-size", "volume_size_gb", type=int, default=10, show_default=True)
 @click.option("--warm-target", type=int, default=0, show_default=True)
 @click.option("--max-size", type=int, default=50, show_default=True)
-@click.option("--memory-mb", type=int, default=2048, show_default=True,
-              help="Sandbox limit (local): address space of each process, MB; 0: none.")
-@click.option("--max-processes", type=int, default=256, show_default=True,
-              help="Sandbox limit (local): processes and threads of the student; 0: none.")
-@click.option("--max-open-files", type=int, default=1024, show_default=True,
-              help="Sandbox limit (local): open files per process; 0: none.")
-@click.option("--max-file-size-mb", type=int, default=1024, show_default=True,
-              help="Sandbox limit (local): the largest file a process may write, MB; 0: none.")
-@click.option("--cpu-seconds", type=int, default=0, show_default=True,
-              help="Sandbox limit (local): CPU seconds per process; 0: none.")
+@click.option(
+    "--memory-mb",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Sandbox limit (local): address space of each process, MB; 0: none.",
+)
+@click.option(
+    "--max-processes",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Sandbox limit (local): processes and threads of the student; 0: none.",
+)
+@click.option(
+    "--max-open-files",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Sandbox limit (local): open files per process; 0: none.",
+)
+@click.option(
+    "--max-file-size-mb",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Sandbox limit (local): the largest file a process may write, MB; 0: none.",
+)
+@click.option(
+    "--cpu-seconds",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Sandbox limit (local): CPU seconds per process; 0: none.",
+)
 def env_add(name: str, **options: object) -> None:
     """Define an environment (a cloud one gets its pool, and a security group whose IDE port
     admits LABPOOL_PROXY_ADDRESSES alone: created, or the --security-group ones checked)."""
@@ -144,12 +173,15 @@ def env_add(name: str, **options: object) -> None:
     rt = prepare(_settings())
     options["security_groups"] = list(options["security_groups"])  # type: ignore[call-overload]
     try:
-        added, backend, groups = add_secured_environment(rt.sessions, rt.settings, name=name,
-                                                         **options)
+        added, backend, groups = add_secured_environment(
+            rt.sessions, rt.settings, name=name, **options
+        )
     except EnvironmentRejected as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"environment {added} ({backend}) added"
-               + (f"; security groups {', '.join(groups)}" if groups else ""))
+    click.echo(
+        f"environment {added} ({backend}) added"
+        + (f"; security groups {', '.join(groups)}" if groups else "")
+    )
 
 
 @env.command("check")
@@ -163,8 +195,10 @@ def env_check(name: str) -> None:
         groups = recheck_security_groups(rt.sessions, rt.settings, name)
     except EnvironmentRejected as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"environment {name}: security groups {', '.join(groups)} admit the IDE port "
-               "from the proxy alone")
+    click.echo(
+        f"environment {name}: security groups {', '.join(groups)} admit the IDE port "
+        "from the proxy alone"
+    )
 
 
 @env.command("list")
@@ -174,7 +208,8 @@ def env_list() -> None:
     rt = prepare(_settings())
     with rt.sessions() as session:
         for environment, pool in session.execute(
-            select(Environment, Pool).outerjoin(Pool, Pool.environment_id == Environment.id)
+            select(Environment, Pool)
+            .outerjoin(Pool, Pool.environment_id == Environment.id)
             .order_by(Environment.id)
         ):
             line = f"{environment.name}: {environment.ide_kind.value} on {environment.backend}"
@@ -194,8 +229,9 @@ def env_list() -> None:
 @click.option("--warm-target", type=int)
 @click.option("--max-size", type=int)
 @click.option("--pause/--resume", "paused", default=None)
-def pool_set(environment: str, warm_target: int | None, max_size: int | None,
-             paused: bool | None) -> None:
+def pool_set(
+    environment: str, warm_target: int | None, max_size: int | None, paused: bool | None
+) -> None:
     """Change a cloud environment's pool (takes effect at the next pass)."""
     from provisioning.environments import EnvironmentRejected, set_pool
     from provisioning.triggers import reconcile_soon
@@ -203,11 +239,14 @@ def pool_set(environment: str, warm_target: int | None, max_size: int | None,
     rt = prepare(_settings())
     try:
         with transaction(rt.sessions) as session:
-            pool = set_pool(session, environment, warm_target=warm_target, max_size=max_size,
-                            paused=paused)
+            pool = set_pool(
+                session, environment, warm_target=warm_target, max_size=max_size, paused=paused
+            )
             pool_id = pool.id
-            click.echo(f"pool of {environment}: warm {pool.warm_target}, max {pool.max_size}"
-                       + (", paused" if pool.paused else ""))
+            click.echo(
+                f"pool of {environment}: warm {pool.warm_target}, max {pool.max_size}"
+                + (", paused" if pool.paused else "")
+            )
     except EnvironmentRejected as exc:
         raise click.ClickException(str(exc)) from exc
     reconcile_soon(rt, pool_id)
@@ -232,8 +271,10 @@ def volumes_list() -> None:
             .order_by(StudentVolume.id)
         ).all()
         for volume, user, course in rows:
-            click.echo(f"{volume.id}  {user.name or user.sub} in {course.label or course.context_id}: "
-                       f"{volume.size_gb} GB {volume.status} (cloud id {volume.volume_id})")
+            click.echo(
+                f"{volume.id}  {user.name or user.sub} in {course.label or course.context_id}: "
+                f"{volume.size_gb} GB {volume.status} (cloud id {volume.volume_id})"
+            )
 
 
 @volumes.command("delete")
@@ -251,9 +292,14 @@ def volumes_delete(volume_row_id: int) -> None:
         if volume is None:
             raise click.ClickException(f"no volume {volume_row_id}")
         if volume.status == "in-use":
-            raise click.ClickException("the volume is attached; release the student's machine first")
-        env = session.scalars(select(Environment).where(
-            Environment.backend.in_(backends_that(lambda can: can.volumes)))).first()
+            raise click.ClickException(
+                "the volume is attached; release the student's machine first"
+            )
+        env = session.scalars(
+            select(Environment).where(
+                Environment.backend.in_(backends_that(lambda can: can.volumes))
+            )
+        ).first()
         if volume.volume_id and env is not None:
             try:
                 volumes_backend_for(env, rt.settings).delete_volume(volume.volume_id)
@@ -281,15 +327,19 @@ def keys() -> None:
 
 
 @keys.command("rotate")
-@click.option("--grace-hours", type=float, default=None, help="How long the old key stays published.")
+@click.option(
+    "--grace-hours", type=float, default=None, help="How long the old key stays published."
+)
 def keys_rotate(grace_hours: float | None) -> None:
     """Make the next key active, create a new next key, retire the old active key."""
     from jwks.keys import rotate_keys
 
     settings = _settings()
     rt = prepare(settings)
-    grace = timedelta(hours=grace_hours) if grace_hours is not None else timedelta(
-        seconds=settings.key_grace_s
+    grace = (
+        timedelta(hours=grace_hours)
+        if grace_hours is not None
+        else timedelta(seconds=settings.key_grace_s)
     )
     with transaction(rt.sessions) as session:
         key = rotate_keys(session, settings.secret_key, grace)
@@ -303,7 +353,9 @@ def keys_list() -> None:
     rt = prepare(_settings())
     with rt.sessions() as session:
         for key in session.scalars(select(ToolKey).order_by(ToolKey.id)):
-            expires = f" (published until {key.expires_at:%Y-%m-%d %H:%M})" if key.expires_at else ""
+            expires = (
+                f" (published until {key.expires_at:%Y-%m-%d %H:%M})" if key.expires_at else ""
+            )
             click.echo(f"{key.kid}  {key.state.value}{expires}")
 
 
@@ -321,8 +373,13 @@ def platform() -> None:
 @click.option("--jwks-url", required=True)
 @click.option("--name", default="")
 def platform_add(
-    issuer: str, client_id: str, deployment_ids: tuple[str, ...], auth_url: str,
-    token_url: str, jwks_url: str, name: str,
+    issuer: str,
+    client_id: str,
+    deployment_ids: tuple[str, ...],
+    auth_url: str,
+    token_url: str,
+    jwks_url: str,
+    name: str,
 ) -> None:
     """Register a platform (Moodle shows these values after the tool is added)."""
     from lti_tool.registrations import RegistrationError, register_platform
@@ -332,9 +389,15 @@ def platform_add(
     try:
         with transaction(rt.sessions) as session:
             register_platform(
-                session, settings, issuer=issuer, client_id=client_id,
-                deployment_ids=deployment_ids, auth_url=auth_url, token_url=token_url,
-                jwks_url=jwks_url, name=name,
+                session,
+                settings,
+                issuer=issuer,
+                client_id=client_id,
+                deployment_ids=deployment_ids,
+                auth_url=auth_url,
+                token_url=token_url,
+                jwks_url=jwks_url,
+                name=name,
             )
     except RegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -359,28 +422,67 @@ def platform_list() -> None:
 
 
 @main.command("nginx-config")
-@click.option("--tool", "tool_upstream", default=None,
-              help="Where the tool (gunicorn) listens, host:port (default: LABPOOL_LISTEN).")
-@click.option("--listen", default=None, help="nginx's listen directive (default: the public URL's port).")
-@click.option("--auth-cache", "auth_cache_s", type=int, default=5, show_default=True,
-              help="Seconds nginx reuses a positive auth answer (0: off).")
-@click.option("--auth-cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Where nginx caches auth answers (default /var/lib/nginx/labpool-auth).")
-@click.option("--standalone", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Render a whole nginx.conf keeping its files under this folder.")
-def nginx_config(tool_upstream: str | None, listen: str | None, auth_cache_s: int,
-                 auth_cache_dir: Path | None, standalone: Path | None) -> None:
+@click.option(
+    "--tool",
+    "tool_upstream",
+    default=None,
+    help="Where the tool (gunicorn) listens, host:port (default: LABPOOL_LISTEN).",
+)
+@click.option(
+    "--listen", default=None, help="nginx's listen directive (default: the public URL's port)."
+)
+@click.option(
+    "--auth-cache",
+    "auth_cache_s",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Seconds nginx reuses a positive auth answer (0: off).",
+)
+@click.option(
+    "--auth-cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where nginx caches auth answers (default /var/lib/nginx/labpool-auth).",
+)
+@click.option(
+    "--standalone",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Render a whole nginx.conf keeping its files under this folder.",
+)
+def nginx_config(
+    tool_upstream: str | None,
+    listen: str | None,
+    auth_cache_s: int,
+    auth_cache_dir: Path | None,
+    standalone: Path | None,
+) -> None:
     """Print the nginx configuration that puts the tool and its IDEs behind one origin."""
     from lti_tool.nginx import render_server, render_standalone
 
     settings = _settings()
     upstream = tool_upstream or f"{settings.listen_host}:{settings.listen_port}"
     if standalone is not None:
-        click.echo(render_standalone(settings, prefix=standalone, tool_upstream=upstream,
-                                     listen=listen, auth_cache_s=auth_cache_s))
+        click.echo(
+            render_standalone(
+                settings,
+                prefix=standalone,
+                tool_upstream=upstream,
+                listen=listen,
+                auth_cache_s=auth_cache_s,
+            )
+        )
     else:
-        click.echo(render_server(settings, tool_upstream=upstream, listen=listen,
-                                 auth_cache_s=auth_cache_s, cache_dir=auth_cache_dir))
+        click.echo(
+            render_server(
+                settings,
+                tool_upstream=upstream,
+                listen=listen,
+                auth_cache_s=auth_cache_s,
+                cache_dir=auth_cache_dir,
+            )
+        )
 
 
 @main.command("moodle-values")

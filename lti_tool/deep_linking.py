@@ -120,8 +120,9 @@ def read_settings(claims: Mapping[str, Any], issuer: str) -> DeepLinkSettings:
     return_url = settings.get("deep_link_return_url")
     platform_origin = origin_of(issuer)
     if not isinstance(return_url, str) or origin_of(return_url) is None:
-        raise DeepLinkingRefused("The deep linking request's deep_link_return_url is not an "
-                                 "http(s) URL.")
+        raise DeepLinkingRefused(
+            "The deep linking request's deep_link_return_url is not an http(s) URL."
+        )
     if origin_of(return_url) != platform_origin:
         raise DeepLinkingRefused(
             "The deep linking request's deep_link_return_url is not on the platform's own "
@@ -137,8 +138,9 @@ def read_settings(claims: Mapping[str, Any], issuer: str) -> DeepLinkSettings:
     )
 
 
-def record_request_context(session: Session, platform_id: int,
-                           claims: Mapping[str, Any]) -> tuple[int, int]:
+def record_request_context(
+    session: Session, platform_id: int, claims: Mapping[str, Any]
+) -> tuple[int, int]:
     """Upsert the teacher, the course and the enrolment of a deep-linking request (there is
     no resource link yet: Moodle creates the activity after the response). Returns
     (user id, course id). Not the hot path: one statement per row."""
@@ -149,19 +151,24 @@ def record_request_context(session: Session, platform_id: int,
     context = claims.get(CLAIM + "context") or {}
     name, email = _text(claims.get("name")), _text(claims.get("email"))
     user_id = upsert(
-        session, User,
+        session,
+        User,
         keys={"issuer": claims["iss"], "sub": str(claims["sub"])},
         values={"name": name, "email": email, "last_seen_at": utcnow()},
         keep_if_null=("name", "email"),
     )
     course_id = upsert(
-        session, Course,
+        session,
+        Course,
         keys={"platform_id": platform_id, "context_id": str(context.get("id", NO_CONTEXT))},
-        values={"label": _text(context.get("label")) or "",
-                "title": _text(context.get("title"), 1000) or ""},
+        values={
+            "label": _text(context.get("label")) or "",
+            "title": _text(context.get("title"), 1000) or "",
+        },
     )
     upsert(
-        session, Enrolment,
+        session,
+        Enrolment,
         keys={"course_id": course_id, "user_id": user_id},
         values={"roles": roles, "ended_at": None, "name": name, "email": email},
     )
@@ -169,6 +176,7 @@ def record_request_context(session: Session, platform_id: int,
 
 
 # --------------------------------------------------------------------------- pending requests
+
 
 def save_pending(conn: redis.Redis, request: DeepLinkingRequest) -> str:
     """Keep the request while the teacher chooses; returns the unguessable id of its page."""
@@ -188,6 +196,7 @@ def consume_pending(conn: redis.Redis, token: str) -> bool:
 
 
 # --------------------------------------------------------------------------- the response
+
 
 class LabpoolResource(DeepLinkResource):
     """pylti1p3's resource link with §3.1's `text` (its own has no description)."""
@@ -218,7 +227,12 @@ def score_maximum(raw: str) -> float:
 
 
 def resource_link(
-    *, launch_url: str, title: str, text: str, environment_id: int, score_max: float,
+    *,
+    launch_url: str,
+    title: str,
+    text: str,
+    environment_id: int,
+    score_max: float,
     assignment_id: int | None = None,
 ) -> LabpoolResource:
     """The one content item: a resource link to the tool's launch URL whose custom parameters
@@ -241,8 +255,9 @@ def resource_link(
     return resource
 
 
-def response_jwt(request: DeepLinkingRequest, key: SigningKey,
-                 items: list[DeepLinkResource]) -> str:
+def response_jwt(
+    request: DeepLinkingRequest, key: SigningKey, items: list[DeepLinkResource]
+) -> str:
     """The signed `LtiDeepLinkingResponse` (§4.2) for `items` (none: the teacher cancelled)."""
     registration = (
         ServiceRegistration(key.kid)
@@ -265,6 +280,7 @@ def response_jwt(request: DeepLinkingRequest, key: SigningKey,
 
 
 # --------------------------------------------------------------------------- the launches after
+
 
 def id_in_custom(claims: Mapping[str, Any], name: str) -> int | None:
     """The id a deep-linked activity's custom parameter `name` carries (LTI Core §5.4.6), or

@@ -50,8 +50,11 @@ def origin_of(url: str) -> str | None:
     host = (parts.hostname or "").lower()
     if ":" in host:  # IPv6
         host = f"[{host}]"
-    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS[scheme]) else \
-        f"{scheme}://{host}:{port}"
+    return (
+        f"{scheme}://{host}"
+        if port in (None, DEFAULT_PORTS[scheme])
+        else f"{scheme}://{host}:{port}"
+    )
 
 
 def platform_origins(sessions: sessionmaker[Session], url_key: str = "") -> tuple[str, ...]:

@@ -81,24 +81,31 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     scope = ags.get("scope")
 
     params = {
-        "iss": claims["iss"], "sub": str(claims["sub"]),
-        "name": _text(claims.get("name")), "email": _text(claims.get("email")),
-        "platform_id": platform_id, "context_id": str(context.get("id", NO_CONTEXT)),
+        "iss": claims["iss"],
+        "sub": str(claims["sub"]),
+        "name": _text(claims.get("name")),
+        "email": _text(claims.get("email")),
+        "platform_id": platform_id,
+        "context_id": str(context.get("id", NO_CONTEXT)),
         "label": _text(context.get("label")) or "",
         "title": _text(context.get("title"), 1000) or "",
         "memberships_url": _text(nrps.get("context_memberships_url"), 2000),
-        "roles": roles, "resource_link_id": str(link["id"]),
-        "link_title": _text(link.get("title"), 1000) or "", "now": now,
+        "roles": roles,
+        "resource_link_id": str(link["id"]),
+        "link_title": _text(link.get("title"), 1000) or "",
+        "now": now,
         "custom_environment": id_in_custom(claims, CUSTOM_ENVIRONMENT),
         "custom_assignment": id_in_custom(claims, CUSTOM_ASSIGNMENT),
         "ags_scope": [s for s in scope if isinstance(s, str)][:20]
-        if isinstance(scope, list) else None,
+        if isinstance(scope, list)
+        else None,
         "ags_lineitems": _text(ags.get("lineitems"), 2000),
         "ags_lineitem": _text(ags.get("lineitem"), 2000),
     }
     if session.get_bind().dialect.name == "postgresql":
         user_id, course_id, activity_id, environment_id = session.execute(
-            _CONTEXT_UPSERT_PG, params).one()
+            _CONTEXT_UPSERT_PG, params
+        ).one()
     else:
         user_id, course_id, activity_id, environment_id = _upsert_context(session, params)
 
@@ -108,7 +115,10 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         choice = machine_for_learner(session, environment, course_id, user_id)
     session.execute(
         insert(Launch).values(
-            user_id=user_id, activity_id=activity_id, roles=roles, at=now,
+            user_id=user_id,
+            activity_id=activity_id,
+            roles=roles,
+            at=now,
             machine_id=choice.machine.id if choice else None,
         )
     )
@@ -167,36 +177,46 @@ a AS (
 SELECT u.id, c.id, a.id,
        COALESCE(a.environment_id, (SELECT id FROM environments WHERE name = 'default'))
 FROM u, c, a, (SELECT count(*) FROM e) AS enrolled
-""").bindparams(bindparam("roles", type_=JSON),
-               bindparam("custom_environment", type_=Integer),
-               bindparam("custom_assignment", type_=Integer),
-               bindparam("ags_scope", type_=JSON(none_as_null=True)),
-               bindparam("now", type_=UTCDateTime))
+""").bindparams(
+    bindparam("roles", type_=JSON),
+    bindparam("custom_environment", type_=Integer),
+    bindparam("custom_assignment", type_=Integer),
+    bindparam("ags_scope", type_=JSON(none_as_null=True)),
+    bindparam("now", type_=UTCDateTime),
+)
 
 
 def _upsert_context(session: Session, p: dict[str, Any]) -> tuple[int, int, int, int]:
     user_id = upsert(
-        session, User,
+        session,
+        User,
         keys={"issuer": p["iss"], "sub": p["sub"]},
         values={"name": p["name"], "email": p["email"], "last_seen_at": p["now"]},
         keep_if_null=("name", "email"),
     )
     course_id = upsert(
-        session, Course,
+        session,
+        Course,
         keys={"platform_id": p["platform_id"], "context_id": p["context_id"]},
         values={"label": p["label"], "title": p["title"], "memberships_url": p["memberships_url"]},
         keep_if_null=("memberships_url",),
     )
     upsert(
-        session, Enrolment,
+        session,
+        Enrolment,
         keys={"course_id": course_id, "user_id": user_id},
         values={"roles": p["roles"], "ended_at": None, "name": p["name"], "email": p["email"]},
     )
     activity_id = upsert(
-        session, Activity,
+        session,
+        Activity,
         keys={"course_id": course_id, "resource_link_id": p["resource_link_id"]},
-        values={"title": p["link_title"], "ags_scope": p["ags_scope"],
-                "ags_lineitems": p["ags_lineitems"], "ags_lineitem": p["ags_lineitem"]},
+        values={
+            "title": p["link_title"],
+            "ags_scope": p["ags_scope"],
+            "ags_lineitems": p["ags_lineitems"],
+            "ags_lineitem": p["ags_lineitem"],
+        },
         keep_if_null=("ags_scope", "ags_lineitems", "ags_lineitem"),
     )
     if p["custom_environment"] is not None or p["custom_assignment"] is not None:
@@ -214,8 +234,9 @@ UPDATE activities SET
     (SELECT s.id FROM assignments s JOIN activities t ON t.id = s.activity_id
      WHERE s.id = :custom_assignment AND t.course_id = :course_id))
 WHERE id = :activity_id
-""").bindparams(bindparam("custom_environment", type_=Integer),
-               bindparam("custom_assignment", type_=Integer))
+""").bindparams(
+    bindparam("custom_environment", type_=Integer), bindparam("custom_assignment", type_=Integer)
+)
 
 
 _environments: dict[int, tuple[float, Environment]] = {}

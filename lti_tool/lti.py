@@ -145,8 +145,12 @@ class DatabaseToolConf(ToolConfAbstract[Any]):
                 return None
             row = rows[0]
             found = KnownPlatform(
-                id=row.id, issuer=row.issuer, client_id=row.client_id, auth_url=row.auth_url,
-                token_url=row.token_url, jwks_url=row.jwks_url,
+                id=row.id,
+                issuer=row.issuer,
+                client_id=row.client_id,
+                auth_url=row.auth_url,
+                token_url=row.token_url,
+                jwks_url=row.jwks_url,
                 deployment_ids=frozenset(d.deployment_id for d in row.deployments),
             )
         self._cache.put(key, found)

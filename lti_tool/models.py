@@ -112,7 +112,8 @@ class Activity(Base):
     # custom parameter (lti_tool/deep_linking.py). use_alter: assignments refer to
     # activities too.
     assignment_id: Mapped[int | None] = mapped_column(
-        ForeignKey("assignments.id", ondelete="SET NULL", use_alter=True))
+        ForeignKey("assignments.id", ondelete="SET NULL", use_alter=True)
+    )
     # The launch's AGS claim (LTI AGS 2.0 §3.1): the scopes the platform grants for grades,
     # its line items container and, when the activity has a grade item, that line item.
     ags_scope: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))  # NULL, not 'null'

@@ -15,16 +15,22 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.templ
 
 
 def render_server(
-    settings: Settings, *, tool_upstream: str, listen: str | None = None,
-    auth_cache_s: int = 5, cache_dir: Path | None = None,
+    settings: Settings,
+    *,
+    tool_upstream: str,
+    listen: str | None = None,
+    auth_cache_s: int = 5,
+    cache_dir: Path | None = None,
 ) -> str:
     """The server block (plus maps and upstream) for the http context."""
     public = urlsplit(settings.public_url)
     # nginx's own state folder: its workers can write there, on whatever host nginx runs.
     cache_dir = cache_dir or Path("/var/lib/nginx/labpool-auth")
     if auth_cache_s > 0:
-        cache_path = (f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=labpool_auth:10m "
-                      "max_size=50m inactive=60s use_temp_path=off;\n")
+        cache_path = (
+            f"proxy_cache_path {cache_dir} levels=1:2 keys_zone=labpool_auth:10m "
+            "max_size=50m inactive=60s use_temp_path=off;\n"
+        )
         cache = (
             "        # Positive answers are reused briefly, per machine and cookie.\n"
             "        proxy_cache labpool_auth;\n"

@@ -40,8 +40,12 @@ def register_platform(
 ) -> Platform:
     """Add a platform, or add deployments to an existing (issuer, client id)."""
     allow_http = not settings.is_production
-    for label, url in (("issuer", issuer), ("auth URL", auth_url), ("token URL", token_url),
-                       ("JWKS URL", jwks_url)):
+    for label, url in (
+        ("issuer", issuer),
+        ("auth URL", auth_url),
+        ("token URL", token_url),
+        ("JWKS URL", jwks_url),
+    ):
         _check_url(label, url, allow_http)
     if not client_id.strip():
         raise RegistrationError("client id must not be empty")

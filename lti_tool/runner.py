@@ -90,7 +90,9 @@ def _free_loopback_port() -> int:
 
 
 def plan(
-    settings: Settings, nginx: str | None, isolation: Isolation | None = None,
+    settings: Settings,
+    nginx: str | None,
+    isolation: Isolation | None = None,
 ) -> tuple[Settings, list[str]]:
     """How to serve: the settings the children get (behind nginx: the tool on a loopback
     port, IDEs through the proxy) and the warnings to print. Raises CannotServe when the
@@ -102,25 +104,33 @@ def plan(
         if problems and not local_only:
             raise CannotServe(
                 "Labpool will not serve students' machines on this host at "
-                f"{settings.public_url}:\n  - " + "\n  - ".join(problems)
+                f"{settings.public_url}:\n  - "
+                + "\n  - ".join(problems)
                 + "\nRun it as root on a host with bubblewrap (apt-get install bubblewrap), "
-                "or use a loopback LABPOOL_PUBLIC_URL for a trial on this computer only.")
+                "or use a loopback LABPOOL_PUBLIC_URL for a trial on this computer only."
+            )
         warnings += [f"NOT ISOLATED: {problem}" for problem in problems]
     if nginx is None:
         if not local_only:
             raise CannotServe(
                 f"nginx is needed to serve {settings.public_url}: it is the one public port for "
-                "the tool and every student's IDE (apt-get install nginx-light).")
-        warnings.append("nginx is not installed (apt-get install nginx-light): browsers go "
-                        "straight to each IDE on 127.0.0.1, so only this computer can use it, "
-                        "and students' IDEs share the host's network.")
+                "the tool and every student's IDE (apt-get install nginx-light)."
+            )
+        warnings.append(
+            "nginx is not installed (apt-get install nginx-light): browsers go "
+            "straight to each IDE on 127.0.0.1, so only this computer can use it, "
+            "and students' IDEs share the host's network."
+        )
         return settings, warnings
     if urlsplit(settings.public_url).scheme == "https":
         raise CannotServe(
             "`labpool run` serves plain http; for https, run Labpool behind your TLS-terminating "
-            "nginx (README: \"IDEs behind nginx\") with `labpool nginx-config`.")
+            'nginx (README: "IDEs behind nginx") with `labpool nginx-config`.'
+        )
     behind = dataclasses.replace(
-        settings, ide_proxy=True, proxy_count=1,
+        settings,
+        ide_proxy=True,
+        proxy_count=1,
         listen=settings.listen or f"127.0.0.1:{_free_loopback_port()}",
     )
     return behind, warnings
@@ -134,8 +144,9 @@ def _start_nginx(settings: Settings, binary: str, prefix: Path) -> subprocess.Po
     listen = f"127.0.0.1:{port}" if is_loopback(settings.public_url) else str(port)
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(render_standalone(settings, prefix=prefix, tool_upstream=settings.listen,
-                                      listen=listen))
+    conf.write_text(
+        render_standalone(settings, prefix=prefix, tool_upstream=settings.listen, listen=listen)
+    )
     command = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")]
     checked = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
     if checked.returncode != 0:
@@ -182,7 +193,8 @@ def serve(settings: Settings, demo: bool) -> int:
         from lti_tool.web.practice_platform import PracticePlatform
 
         practice = PracticePlatform(
-            settings.data_dir, settings.public_url,
+            settings.data_dir,
+            settings.public_url,
             port=(urlsplit(settings.public_url).port or 80) + 1,
         )
         practice.start()
@@ -193,22 +205,30 @@ def serve(settings: Settings, demo: bool) -> int:
     children = {
         "web": subprocess.Popen(
             [
-                sys.executable, "-m", "gunicorn",
-                "--bind", f"{settings.listen_host}:{settings.listen_port}",
-                "--workers", str(settings.web_workers),
-                "--threads", "4",
-                "--access-logfile", "-",
-                "--log-level", "warning",
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"{settings.listen_host}:{settings.listen_port}",
+                "--workers",
+                str(settings.web_workers),
+                "--threads",
+                "4",
+                "--access-logfile",
+                "-",
+                "--log-level",
+                "warning",
                 "wsgi:app",
             ],
             env=env,
             cwd=Path(__file__).resolve().parent.parent,
         ),
-        **({"nginx": _start_nginx(settings, nginx, settings.data_dir / "nginx")}
-           if settings.ide_proxy and nginx else {}),
-        "worker": subprocess.Popen(
-            [sys.executable, "-m", "lti_tool.cli", "worker"], env=env
+        **(
+            {"nginx": _start_nginx(settings, nginx, settings.data_dir / "nginx")}
+            if settings.ide_proxy and nginx
+            else {}
         ),
+        "worker": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker"], env=env),
         "cron": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env),
     }
 
@@ -220,7 +240,9 @@ def serve(settings: Settings, demo: bool) -> int:
         click.echo(f"  nginx on the public port; the tool itself on {settings.listen}")
     for warning in warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
-    click.echo("Values for Moodle (Site administration → Plugins → Manage tools → configure a tool manually):")
+    click.echo(
+        "Values for Moodle (Site administration → Plugins → Manage tools → configure a tool manually):"
+    )
     for label, value in moodle_values(settings):
         click.echo(f"  {label + ':':22} {value}")
     if practice is not None:

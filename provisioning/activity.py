@@ -32,7 +32,8 @@ PARALLEL_IDE_CALLS = 16  # a class of 300 idle machines: seconds, not minutes, o
 def recorded_activity(machine: Machine, proxied: float | None) -> datetime | None:
     """The latest of the database's signals and the proxy's (epoch seconds, or None)."""
     handed = machine.assigned_at or (
-        machine.state_changed_at if machine.state is MachineState.assigned else None)
+        machine.state_changed_at if machine.state is MachineState.assigned else None
+    )
     seen = [t for t in (handed, machine.last_activity_at) if t is not None]
     if proxied:
         seen.append(datetime.fromtimestamp(proxied, UTC))
@@ -71,10 +72,15 @@ def is_idle(conn: redis.Redis, machine: Machine, now: datetime, idle_for: timede
     return reported is None or now - reported > idle_for
 
 
-def idle_among(conn: redis.Redis, machines: Sequence[Machine], now: datetime,
-               idle_for: dict[int, timedelta] | timedelta) -> list[Machine]:
+def idle_among(
+    conn: redis.Redis,
+    machines: Sequence[Machine],
+    now: datetime,
+    idle_for: dict[int, timedelta] | timedelta,
+) -> list[Machine]:
     """The machines that are idle (`is_idle`), asking their IDEs in parallel. `idle_for`
     is one timeout, or one per machine id."""
+
     def idle(machine: Machine) -> bool:
         limit = idle_for if isinstance(idle_for, timedelta) else idle_for[machine.id]
         return is_idle(conn, machine, now, limit)

@@ -81,11 +81,14 @@ def ide_command(machine_id: int, ide_kind: str, port: int) -> str:
     base_url = f"/ide/{machine_id}/"
     if ide_kind == "jupyterlab":
         # IdentityProvider.token defaults to $JUPYTER_TOKEN (argv would be visible to `ps`).
-        return (f"jupyter lab --ip=0.0.0.0 --port={port} --no-browser"
-                f" --ServerApp.base_url={base_url}")
+        return (
+            f"jupyter lab --ip=0.0.0.0 --port={port} --no-browser --ServerApp.base_url={base_url}"
+        )
     if ide_kind == "terminal":
-        return (f"jupyter server --ip=0.0.0.0 --port={port} --no-browser"
-                f" --ServerApp.base_url={base_url} --ServerApp.terminals_enabled=True")
+        return (
+            f"jupyter server --ip=0.0.0.0 --port={port} --no-browser"
+            f" --ServerApp.base_url={base_url} --ServerApp.terminals_enabled=True"
+        )
     if ide_kind == "code-server":
         # code-server has no base URL option: the proxy strips /ide/<id>/ before passing the
         # request on. `--auth none` on loopback only: the guard on `port` checks the token.
@@ -161,8 +164,14 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888, *,
-                 frame_ancestors: str = "'self'") -> str:
+def cloud_config(
+    machine_id: int,
+    ide_kind: str,
+    ide_token: str,
+    port: int = 8888,
+    *,
+    frame_ancestors: str = "'self'",
+) -> str:
     """The `#cloud-config` document itself (plain text). `frame_ancestors`: who may frame the
     IDE (`lti_tool.framing.frame_ancestors`: the tool and the registered platforms)."""
     if isinstance(machine_id, bool) or not isinstance(machine_id, int) or machine_id <= 0:
@@ -175,42 +184,89 @@ def cloud_config(machine_id: int, ide_kind: str, ide_token: str, port: int = 888
         raise ValueError(f"not a CSP source list: {frame_ancestors!r}")
     guarded = ide_kind == "code-server"
     variable = "IDE_GUARD_TOKEN" if guarded else "JUPYTER_TOKEN"
-    files = [{"path": ENV_FILE, "owner": "root:root", "permissions": "0600",
-              "content": f"{variable}={ide_token}\n"},
-             {"path": f"/etc/systemd/system/{UNIT_NAME}", "owner": "root:root",
-              "permissions": "0644", "content": _unit(machine_id, ide_kind, port)}]
+    files = [
+        {
+            "path": ENV_FILE,
+            "owner": "root:root",
+            "permissions": "0600",
+            "content": f"{variable}={ide_token}\n",
+        },
+        {
+            "path": f"/etc/systemd/system/{UNIT_NAME}",
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": _unit(machine_id, ide_kind, port),
+        },
+    ]
     if guarded:
-        files += [{"path": GUARD_SCRIPT, "owner": "root:root", "permissions": "0644",
-                   "content": GUARD_SOURCE},
-                  {"path": f"/etc/systemd/system/{GUARD_UNIT_NAME}", "owner": "root:root",
-                   "permissions": "0644", "content": _guard_unit(machine_id, port)}]
+        files += [
+            {
+                "path": GUARD_SCRIPT,
+                "owner": "root:root",
+                "permissions": "0644",
+                "content": GUARD_SOURCE,
+            },
+            {
+                "path": f"/etc/systemd/system/{GUARD_UNIT_NAME}",
+                "owner": "root:root",
+                "permissions": "0644",
+                "content": _guard_unit(machine_id, port),
+            },
+        ]
     files += [
-        {"path": "/etc/jupyter/jupyter_server_config.py", "owner": "root:root",
-         "permissions": "0644", "content": jupyter_server_config(f"frame-ancestors {frame_ancestors}")},
-        {"path": "/etc/udev/rules.d/90-labpool-home.rules", "owner": "root:root",
-         "permissions": "0644", "content": HOME_UDEV_RULE},
-        {"path": "/etc/systemd/system/labpool-home@.service", "owner": "root:root",
-         "permissions": "0644", "content": HOME_UNIT},
-        {"path": HOME_SCRIPT, "owner": "root:root", "permissions": "0755",
-         "content": HOME_MOUNT},
+        {
+            "path": "/etc/jupyter/jupyter_server_config.py",
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": jupyter_server_config(f"frame-ancestors {frame_ancestors}"),
+        },
+        {
+            "path": "/etc/udev/rules.d/90-labpool-home.rules",
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": HOME_UDEV_RULE,
+        },
+        {
+            "path": "/etc/systemd/system/labpool-home@.service",
+            "owner": "root:root",
+            "permissions": "0644",
+            "content": HOME_UNIT,
+        },
+        {"path": HOME_SCRIPT, "owner": "root:root", "permissions": "0755", "content": HOME_MOUNT},
     ]
     document = {
         # `default` keeps the image's admin user (reached with the key pair, if any);
         # `student` runs the IDE, with no password and no sudo.
-        "users": ["default", {"name": "student", "gecos": "Labpool student",
-                              "shell": "/bin/bash", "lock_passwd": True}],
+        "users": [
+            "default",
+            {
+                "name": "student",
+                "gecos": "Labpool student",
+                "shell": "/bin/bash",
+                "lock_passwd": True,
+            },
+        ],
         "write_files": files,
         # runcmd runs in the final stage, after the `student` user exists.
-        "runcmd": ["systemctl daemon-reload", "udevadm control --reload",
-                   *([f"systemctl enable --now {GUARD_UNIT_NAME}"] if guarded else []),
-                   f"systemctl enable --now {UNIT_NAME}"],
+        "runcmd": [
+            "systemctl daemon-reload",
+            "udevadm control --reload",
+            *([f"systemctl enable --now {GUARD_UNIT_NAME}"] if guarded else []),
+            f"systemctl enable --now {UNIT_NAME}",
+        ],
     }
     body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     return f"#cloud-config\n# Labpool machine {machine_id}: {ide_kind} on port {port}\n{body}"
 
 
-def user_data(machine_id: int, ide_kind: str, ide_token: str, port: int = 8888, *,
-              frame_ancestors: str = "'self'") -> str:
+def user_data(
+    machine_id: int,
+    ide_kind: str,
+    ide_token: str,
+    port: int = 8888,
+    *,
+    frame_ancestors: str = "'self'",
+) -> str:
     """The user-data for Nova's `POST /servers`: the cloud-config, base64-encoded (Nova takes
     user_data only as base64, at most 64 KiB)."""
     text = cloud_config(machine_id, ide_kind, ide_token, port, frame_ancestors=frame_ancestors)

@@ -47,7 +47,8 @@ def add_environment(
         raise EnvironmentRejected("the environment needs a name")
     if backend not in BACKENDS:
         raise EnvironmentRejected(
-            f"backend must be {' or '.join(repr(b) for b in sorted(BACKENDS))}, not {backend!r}")
+            f"backend must be {' or '.join(repr(b) for b in sorted(BACKENDS))}, not {backend!r}"
+        )
     can = BACKENDS[backend].capabilities
     try:
         kind = IdeKind(ide_kind)
@@ -57,7 +58,8 @@ def add_environment(
     if kind.value not in can.ide_kinds:
         raise EnvironmentRejected(
             f"the {backend} backend cannot run {kind.value}; it runs "
-            f"{', '.join(sorted(can.ide_kinds))}")
+            f"{', '.join(sorted(can.ide_kinds))}"
+        )
     given = {"image_id": image_id, "flavor_id": flavor_id, "network_id": network_id}
     missing = [flag for field, flag in can.needs if not given.get(field)]
     if missing:
@@ -65,14 +67,26 @@ def add_environment(
     if session.scalar(select(Environment.id).where(Environment.name == name)) is not None:
         raise EnvironmentRejected(f"an environment named {name!r} exists already")
     _check_pool_sizes(warm_target, max_size)
-    limits = {"memory_mb": memory_mb, "max_processes": max_processes,
-              "max_open_files": max_open_files, "max_file_size_mb": max_file_size_mb,
-              "cpu_seconds": cpu_seconds}
+    limits = {
+        "memory_mb": memory_mb,
+        "max_processes": max_processes,
+        "max_open_files": max_open_files,
+        "max_file_size_mb": max_file_size_mb,
+        "cpu_seconds": cpu_seconds,
+    }
     _check_limits(limits)
     env = Environment(
-        name=name, backend=backend, ide_kind=kind, image_id=image_id, flavor_id=flavor_id,
-        network_id=network_id, network_name=network_name, security_groups=security_groups or [],
-        key_name=key_name, volume_size_gb=volume_size_gb, idle_timeout_s=idle_timeout_s,
+        name=name,
+        backend=backend,
+        ide_kind=kind,
+        image_id=image_id,
+        flavor_id=flavor_id,
+        network_id=network_id,
+        network_name=network_name,
+        security_groups=security_groups or [],
+        key_name=key_name,
+        volume_size_gb=volume_size_gb,
+        idle_timeout_s=idle_timeout_s,
         **limits,
     )
     session.add(env)
@@ -85,8 +99,13 @@ def add_environment(
 
 # Below these a JupyterLab cannot start (it reserves address space, runs threads, opens
 # files); 0 means no limit.
-LIMIT_FLOORS = {"memory_mb": 512, "max_processes": 32, "max_open_files": 64,
-                "max_file_size_mb": 1, "cpu_seconds": 60}
+LIMIT_FLOORS = {
+    "memory_mb": 512,
+    "max_processes": 32,
+    "max_open_files": 64,
+    "max_file_size_mb": 1,
+    "cpu_seconds": 60,
+}
 
 
 def _check_limits(limits: dict[str, int]) -> None:
@@ -94,11 +113,13 @@ def _check_limits(limits: dict[str, int]) -> None:
         if value < 0 or 0 < value < LIMIT_FLOORS[name]:
             raise EnvironmentRejected(
                 f"{name.replace('_', '-')} must be 0 (no limit) or at least "
-                f"{LIMIT_FLOORS[name]}, not {value}")
+                f"{LIMIT_FLOORS[name]}, not {value}"
+            )
 
 
-def add_secured_environment(sessions: sessionmaker[Session], settings: Settings, *,
-                            name: str, **options: Any) -> tuple[str, str, list[str]]:
+def add_secured_environment(
+    sessions: sessionmaker[Session], settings: Settings, *, name: str, **options: Any
+) -> tuple[str, str, list[str]]:
     """`add_environment` as `labpool env add` does it: a cloud environment's security groups
     are first created or checked (see `backends.security_groups`) and stored as the ids its
     machines boot with. Returns (name, backend, group ids). Refused (EnvironmentRejected),
@@ -113,8 +134,13 @@ def add_secured_environment(sessions: sessionmaker[Session], settings: Settings,
     groups = list(options.get("security_groups") or [])
     if guarded:
         try:
-            groups = secure_ide_port(_cloud(settings), environment_name=name, groups=groups,
-                                     ide_port=ide_port, proxy_addresses=settings.proxy_addresses)
+            groups = secure_ide_port(
+                _cloud(settings),
+                environment_name=name,
+                groups=groups,
+                ide_port=ide_port,
+                proxy_addresses=settings.proxy_addresses,
+            )
         except ProvisioningError as exc:
             raise EnvironmentRejected(f"environment {name!r} not added: {exc}") from exc
     with transaction(sessions) as session:
@@ -122,8 +148,9 @@ def add_secured_environment(sessions: sessionmaker[Session], settings: Settings,
         return environment.name, environment.backend, list(environment.security_groups)
 
 
-def recheck_security_groups(sessions: sessionmaker[Session], settings: Settings,
-                            name: str) -> list[str]:
+def recheck_security_groups(
+    sessions: sessionmaker[Session], settings: Settings, name: str
+) -> list[str]:
     """Check a cloud environment's security groups again (after an admin changed them, or
     for one defined before Labpool checked them; one without groups gets its own) and
     store the ids. Refused: EnvironmentRejected, and the stored groups stay as they were."""
@@ -135,8 +162,13 @@ def recheck_security_groups(sessions: sessionmaker[Session], settings: Settings,
             raise EnvironmentRejected(f"no cloud environment named {name!r}")
         groups, ide_port = list(environment.security_groups or []), environment.ide_port
     try:
-        ids = secure_ide_port(_cloud(settings), environment_name=name, groups=groups, ide_port=ide_port,
-                              proxy_addresses=settings.proxy_addresses)
+        ids = secure_ide_port(
+            _cloud(settings),
+            environment_name=name,
+            groups=groups,
+            ide_port=ide_port,
+            proxy_addresses=settings.proxy_addresses,
+        )
     except ProvisioningError as exc:
         raise EnvironmentRejected(f"environment {name!r}: {exc}") from exc
     with transaction(sessions) as session:
@@ -156,8 +188,11 @@ def _cloud(settings: Settings) -> Any:
     """The cloud, for its security groups only (no image or flavor needed)."""
     from provisioning.backends.openstack import CloudSpec, OpenStackBackend
 
-    return OpenStackBackend(settings.openstack_cloud, CloudSpec("", "", ""),
-                            api_timeout=settings.openstack_api_timeout_s)
+    return OpenStackBackend(
+        settings.openstack_cloud,
+        CloudSpec("", "", ""),
+        api_timeout=settings.openstack_api_timeout_s,
+    )
 
 
 def _check_pool_sizes(warm_target: int, max_size: int) -> None:
@@ -168,11 +203,16 @@ def _check_pool_sizes(warm_target: int, max_size: int) -> None:
 
 
 def set_pool(
-    session: Session, env_name: str, *, warm_target: int | None = None,
-    max_size: int | None = None, paused: bool | None = None,
+    session: Session,
+    env_name: str,
+    *,
+    warm_target: int | None = None,
+    max_size: int | None = None,
+    paused: bool | None = None,
 ) -> Pool:
     pool = session.scalars(
-        select(Pool).join(Environment, Environment.id == Pool.environment_id)
+        select(Pool)
+        .join(Environment, Environment.id == Pool.environment_id)
         .where(Environment.name == env_name)
     ).one_or_none()
     if pool is None:

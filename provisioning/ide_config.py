@@ -11,8 +11,7 @@ def jupyter_server_config(csp: str) -> str:
         "c.ServerApp.tornado_settings = {\n"
         f"    'headers': {{'Content-Security-Policy': {csp!r}}},\n"
         "    'page_config_hook': lambda handler, config: {**config, 'token': ''},\n"
-        "}\n"
-        + PROXY_IDENTITY
+        "}\n" + PROXY_IDENTITY
     )
 
 

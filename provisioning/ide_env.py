@@ -27,18 +27,30 @@ class IdeEnvError(Exception):
 
 
 def base_python() -> str:
-    if SYSTEM_PYTHON.exists() and subprocess.run(
-        [str(SYSTEM_PYTHON), "-c", "import venv, ensurepip"], capture_output=True, check=False,
-    ).returncode == 0:
+    if (
+        SYSTEM_PYTHON.exists()
+        and subprocess.run(
+            [str(SYSTEM_PYTHON), "-c", "import venv, ensurepip"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    ):
         return str(SYSTEM_PYTHON)
     return getattr(sys, "_base_executable", sys.executable)
 
 
 def ide_env_ready(path: Path) -> bool:
     python = path / "bin" / "python"
-    return python.exists() and subprocess.run(
-        [str(python), "-c", "import jupyterlab, ipykernel"], capture_output=True, check=False,
-    ).returncode == 0
+    return (
+        python.exists()
+        and subprocess.run(
+            [str(python), "-c", "import jupyterlab, ipykernel"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def make_ide_env(path: Path, packages: tuple[str, ...] = IDE_PACKAGES, echo=print) -> Path:
@@ -54,8 +66,17 @@ def make_ide_env(path: Path, packages: tuple[str, ...] = IDE_PACKAGES, echo=prin
             # System site packages on: that is what lets `pip install --user` work in it
             # (a plain venv disables the user site).
             run([base_python(), "-m", "venv", "--system-site-packages", str(path)])
-        run([str(path / "bin" / "python"), "-m", "pip", "install", "--quiet",
-             "--disable-pip-version-check", *packages])
+        run(
+            [
+                str(path / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                *packages,
+            ]
+        )
     finally:
         os.umask(old_umask)
     if not ide_env_ready(path):

@@ -30,20 +30,29 @@ import sys
 HEAD_LIMIT = 64 * 1024
 HEAD_TIMEOUT = 30.0
 _AUTH = re.compile(rb"(?:token|bearer)[ \t]+(\S+)", re.IGNORECASE)
-_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n"
-           b"Connection: close\r\n\r\nForbidden\n")
-_BAD = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
-        b"Connection: close\r\n\r\nBad Request\n")
-_DOWN = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
-         b"Connection: close\r\n\r\nBad Gateway\n")
+_DENIED = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n"
+    b"Connection: close\r\n\r\nForbidden\n"
+)
+_BAD = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
+    b"Connection: close\r\n\r\nBad Request\n"
+)
+_DOWN = (
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
+    b"Connection: close\r\n\r\nBad Gateway\n"
+)
 
 
 def checked_head(head: bytes, token: bytes) -> bytes | None:
     """The request head to forward, or None when it does not carry the token (exactly one
     Authorization header, with the machine's token)."""
     lines = head[:-4].split(b"\r\n")
-    given = [line.split(b":", 1)[1].strip() for line in lines[1:]
-             if line.split(b":", 1)[0].strip().lower() == b"authorization" and b":" in line]
+    given = [
+        line.split(b":", 1)[1].strip()
+        for line in lines[1:]
+        if line.split(b":", 1)[0].strip().lower() == b"authorization" and b":" in line
+    ]
     match = _AUTH.fullmatch(given[0]) if len(given) == 1 else None
     if match is None or not hmac.compare_digest(match.group(1), token):
         return None
@@ -72,8 +81,12 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def _serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
-                 token: bytes, upstream: tuple[str, int]) -> None:
+async def _serve(
+    client_r: asyncio.StreamReader,
+    client_w: asyncio.StreamWriter,
+    token: bytes,
+    upstream: tuple[str, int],
+) -> None:
     try:
         try:
             head = await asyncio.wait_for(client_r.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
@@ -113,7 +126,8 @@ async def main(listen: str, upstream: str, token: str) -> None:
     secret = token.encode()
     host, port = _address(listen)
     server = await asyncio.start_server(
-        lambda r, w: _serve(r, w, secret, target), host, port, limit=HEAD_LIMIT)
+        lambda r, w: _serve(r, w, secret, target), host, port, limit=HEAD_LIMIT
+    )
     async with server:
         await server.serve_forever()
 

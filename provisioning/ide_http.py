@@ -41,7 +41,7 @@ def nginx_upstream(address: str) -> str:
 def ide_get(address: str, path: str, token: str, timeout: float = 2) -> tuple[int, bytes]:
     """GET `path` from the IDE at `address`; (status, body), or (0, b"") if it did not answer."""
     if address.startswith(UNIX):
-        conn: http.client.HTTPConnection = _UnixConnection(address[len(UNIX):], timeout)
+        conn: http.client.HTTPConnection = _UnixConnection(address[len(UNIX) :], timeout)
     else:
         # http.client parses `host:port` itself, and unwraps `[IPv6]:port` (a server on an
         # IPv6-only cloud network) only when it parses.

@@ -32,11 +32,19 @@ def machines_to_release(rt: Runtime, now: datetime) -> list[tuple[int, str]]:
             .where(Machine.state == MachineState.assigned, Machine.owner_id.is_not(None))
         ).all()
         pairs = [(m.course_id, m.owner_id) for m, _ in rows]
-        left = {tuple(row) for row in session.execute(
-            select(enrolments.c.course_id, enrolments.c.user_id)
-            .where(tuple_(enrolments.c.course_id, enrolments.c.user_id).in_(pairs),
-                   enrolments.c.ended_at.is_not(None))
-        )} if pairs else set()
+        left = (
+            {
+                tuple(row)
+                for row in session.execute(
+                    select(enrolments.c.course_id, enrolments.c.user_id).where(
+                        tuple_(enrolments.c.course_id, enrolments.c.user_id).in_(pairs),
+                        enrolments.c.ended_at.is_not(None),
+                    )
+                )
+            }
+            if pairs
+            else set()
+        )
     chosen: list[tuple[int, str]] = []
     maybe_idle: list[Machine] = []
     timeouts: dict[int, timedelta] = {}

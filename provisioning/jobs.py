@@ -75,7 +75,11 @@ def start_machine(machine_id: int) -> str:
         if time.time() >= deadline:
             # A start that was cut off (worker killed) and found again too late.
             backend.stop(spec)
-            _fail(rt, machine_id, f"the IDE did not answer within {rt.settings.machine_start_timeout_s} s")
+            _fail(
+                rt,
+                machine_id,
+                f"the IDE did not answer within {rt.settings.machine_start_timeout_s} s",
+            )
             return "error"
         if spec.ref and backend.poll(spec):
             log.info("machine %s: resuming a start that was interrupted", machine_id)
@@ -96,13 +100,16 @@ def start_machine(machine_id: int) -> str:
         time.sleep(HEALTH_INTERVAL_S)
     backend.stop(spec)
     _fail(
-        rt, machine_id,
+        rt,
+        machine_id,
         f"the IDE did not answer within {rt.settings.machine_start_timeout_s} s",
     )
     return "error"
 
 
-def _start_and_record(rt: Runtime, backend: OnDemandBackend, spec: MachineSpec) -> MachineSpec | None:
+def _start_and_record(
+    rt: Runtime, backend: OnDemandBackend, spec: MachineSpec
+) -> MachineSpec | None:
     """Start the machine and write where it is before anything else can go wrong."""
     started: Started = backend.start(spec)
     with transaction(rt.sessions) as session:
@@ -113,8 +120,13 @@ def _start_and_record(rt: Runtime, backend: OnDemandBackend, spec: MachineSpec) 
             machine.address = started.address
             machine.ide_token = started.ide_token
     recorded = MachineSpec(
-        id=spec.id, ide_kind=spec.ide_kind, owner_id=spec.owner_id, course_id=spec.course_id,
-        ref=started.ref, address=started.address, ide_token=started.ide_token,
+        id=spec.id,
+        ide_kind=spec.ide_kind,
+        owner_id=spec.owner_id,
+        course_id=spec.course_id,
+        ref=started.ref,
+        address=started.address,
+        ide_token=started.ide_token,
         limits=spec.limits,
     )
     if not keep:
@@ -205,7 +217,8 @@ def reconcile_all() -> int:
     rt = current_runtime()
     with rt.sessions() as session:
         pool_ids = session.scalars(
-            select(Pool.id).join(Environment, Environment.id == Pool.environment_id)
+            select(Pool.id)
+            .join(Environment, Environment.id == Pool.environment_id)
             .where(Environment.backend.in_(backends_that(lambda can: can.pooled)))
         ).all()
     for pool_id in pool_ids:

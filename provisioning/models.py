@@ -100,9 +100,13 @@ class Environment(Base):
 
     @property
     def limits(self) -> Limits:
-        return Limits(memory_mb=self.memory_mb, processes=self.max_processes,
-                      open_files=self.max_open_files, file_size_mb=self.max_file_size_mb,
-                      cpu_seconds=self.cpu_seconds)
+        return Limits(
+            memory_mb=self.memory_mb,
+            processes=self.max_processes,
+            open_files=self.max_open_files,
+            file_size_mb=self.max_file_size_mb,
+            cpu_seconds=self.cpu_seconds,
+        )
 
 
 class ClassSession(Base):
@@ -112,8 +116,9 @@ class ClassSession(Base):
     __tablename__ = "class_sessions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    activity_id: Mapped[int] = mapped_column(ForeignKey("activities.id", ondelete="CASCADE"),
-                                             index=True)
+    activity_id: Mapped[int] = mapped_column(
+        ForeignKey("activities.id", ondelete="CASCADE"), index=True
+    )
     weekday: Mapped[int] = mapped_column(Integer)  # 0 = Monday
     starts: Mapped[time] = mapped_column(Time)
     ends: Mapped[time] = mapped_column(Time)

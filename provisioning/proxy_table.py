@@ -24,16 +24,25 @@ ROUTE_TTL_S = 3600
 
 
 def publish_route(
-    conn: redis.Redis, machine_id: int, owner_id: int, address: str, token: str,
+    conn: redis.Redis,
+    machine_id: int,
+    owner_id: int,
+    address: str,
+    token: str,
     ide_kind: str = "jupyterlab",
 ) -> None:
     key = ROUTE_KEY.format(machine_id)
     pipe = conn.pipeline()
-    pipe.hset(key, mapping={
-        "owner": owner_id, "address": address, "token": token,
-        # code-server has no base URL: the proxy passes it the path below /ide/<id>.
-        "strip": "1" if ide_kind == "code-server" else "0",
-    })
+    pipe.hset(
+        key,
+        mapping={
+            "owner": owner_id,
+            "address": address,
+            "token": token,
+            # code-server has no base URL: the proxy passes it the path below /ide/<id>.
+            "strip": "1" if ide_kind == "code-server" else "0",
+        },
+    )
     pipe.expire(key, ROUTE_TTL_S)
     pipe.execute()
 
@@ -70,6 +79,8 @@ def _route_script(conn: redis.Redis) -> Any:
 def route_for_owner(conn: redis.Redis, machine_id: int, owner_id: int) -> dict[bytes, bytes]:
     """The machine's route (empty if released); records activity when `owner_id` owns it."""
     script = _route_script(conn)
-    flat = script(keys=[ROUTE_KEY.format(machine_id), ACTIVITY_KEY.format(machine_id)],
-                  args=[str(owner_id), int(time.time()), ROUTE_TTL_S])
+    flat = script(
+        keys=[ROUTE_KEY.format(machine_id), ACTIVITY_KEY.format(machine_id)],
+        args=[str(owner_id), int(time.time()), ROUTE_TTL_S],
+    )
     return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -73,8 +73,14 @@ class Actions:
     servers_by_machine: dict[int, list[ServerView]] = field(default_factory=dict)
 
 
-def decide(rows: Sequence[Row], servers: Sequence[ServerView], now: datetime, *,
-           start_timeout: timedelta, orphan_grace: timedelta) -> Actions:
+def decide(
+    rows: Sequence[Row],
+    servers: Sequence[ServerView],
+    now: datetime,
+    *,
+    start_timeout: timedelta,
+    orphan_grace: timedelta,
+) -> Actions:
     """Compare the pool's live machines (not stopped, not error) with its servers."""
     actions = Actions()
     by_machine: dict[int, list[ServerView]] = defaultdict(list)
@@ -107,7 +113,8 @@ def decide(rows: Sequence[Row], servers: Sequence[ServerView], now: datetime, *,
                 actions.to_requeue.append(row.id)
             elif now - row.since > start_timeout:
                 actions.failures.append(
-                    (row, f"the IDE did not answer within {start_timeout.seconds} s", found))
+                    (row, f"the IDE did not answer within {start_timeout.seconds} s", found)
+                )
             elif active:
                 actions.to_check.append((row, active[0].address or ""))
         elif row.state in (S.ready, S.assigned):
@@ -118,7 +125,8 @@ def decide(rows: Sequence[Row], servers: Sequence[ServerView], now: datetime, *,
     # Servers no live machine owns (the database forgot them, or a machine was removed while
     # its server stayed), after a grace period for creates still in flight.
     actions.orphans = [
-        s for s in servers
+        s
+        for s in servers
         if (s.machine_id is None or s.machine_id not in live_ids)
         and s.status not in GONE_STATUSES
         and (s.created is None or now - s.created > orphan_grace)
@@ -134,8 +142,18 @@ class WarmChange:
     notes: tuple[str, ...] = ()
 
 
-def decide_warm(*, floor: int, demand: int, in_session: bool, boost: int, paused: bool,
-                max_size: int, warm: int, ready: int, total: int) -> WarmChange:
+def decide_warm(
+    *,
+    floor: int,
+    demand: int,
+    in_session: bool,
+    boost: int,
+    paused: bool,
+    max_size: int,
+    warm: int,
+    ready: int,
+    total: int,
+) -> WarmChange:
     """The warm target is the largest of the pool's floor, what the classes in session want
     (`demand`) and the teachers' unexpired "warm now" boosts; a paused pool wants none.
     `warm`: unowned machines requested, starting or ready (`ready` of them ready); `total`:
@@ -158,8 +176,14 @@ class CreatePlan:
     held: str | None  # why nothing is created, when nothing is
 
 
-def decide_creates(waiting: Sequence[tuple[int, int | None]], *, paused: bool, building: int,
-                   max_concurrent: int, headroom: int | None) -> CreatePlan:
+def decide_creates(
+    waiting: Sequence[tuple[int, int | None]],
+    *,
+    paused: bool,
+    building: int,
+    max_concurrent: int,
+    headroom: int | None,
+) -> CreatePlan:
     """`waiting`: (machine id, owner id) of the `requested` machines, students' first; a
     paused pool still creates students' machines. `building`: creates in flight on the
     cloud; `headroom`: what the quota allows (None: unlimited)."""
@@ -215,8 +239,9 @@ def is_held(backoff_until: datetime | None, now: datetime) -> bool:
     return backoff_until is not None and backoff_until > now
 
 
-def after_pass(hold: PoolHold, *, ready: int, failures: int, now: datetime,
-               max_consecutive: int) -> PoolHold:
+def after_pass(
+    hold: PoolHold, *, ready: int, failures: int, now: datetime, max_consecutive: int
+) -> PoolHold:
     """A pass that brought machines up and lost none clears the count; machines failing in a
     row (a broken image, a bad flavor) hold creation, longer each time; an expired hold is
     lifted."""
@@ -228,9 +253,12 @@ def after_pass(hold: PoolHold, *, ready: int, failures: int, now: datetime,
         if count < max_consecutive:
             return PoolHold(count, hold.backoff_until, hold.hold_note)
         delay = min(30 * 2 ** (count - max_consecutive), BACKOFF_CAP_S)
-        return PoolHold(count, now + timedelta(seconds=delay),
-                        f"{count} machines failed in a row; creating more is paused for "
-                        f"{delay} s. Check the environment's image and flavor.")
+        return PoolHold(
+            count,
+            now + timedelta(seconds=delay),
+            f"{count} machines failed in a row; creating more is paused for "
+            f"{delay} s. Check the environment's image and flavor.",
+        )
     if hold.backoff_until is not None and hold.backoff_until <= now:
         return PoolHold(hold.consecutive_failures, None, None)
     return hold

@@ -84,17 +84,29 @@ class PassReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _spec(row: Row, env: Environment, pool_id: int, *, address: str | None = None,
-          token: str | None = None) -> MachineSpec:
+def _spec(
+    row: Row,
+    env: Environment,
+    pool_id: int,
+    *,
+    address: str | None = None,
+    token: str | None = None,
+) -> MachineSpec:
     return MachineSpec(
-        id=row.id, ide_kind=env.ide_kind.value, owner_id=row.owner_id, course_id=row.course_id,
-        ref={**row.ref, "pool_id": pool_id}, address=address or row.address,
+        id=row.id,
+        ide_kind=env.ide_kind.value,
+        owner_id=row.owner_id,
+        course_id=row.course_id,
+        ref={**row.ref, "pool_id": pool_id},
+        address=address or row.address,
         ide_token=token or row.ide_token,
     )
 
 
 def reconcile_pool(
-    rt: Runtime, pool_id: int, backend: PooledBackend | None = None,
+    rt: Runtime,
+    pool_id: int,
+    backend: PooledBackend | None = None,
     clock: datetime | None = None,
 ) -> PassReport:
     """One pass over one pool. Safe to run concurrently with launches; run at most one pass
@@ -106,14 +118,29 @@ def reconcile_pool(
         pool = session.get_one(Pool, pool_id)
         env = session.get_one(Environment, pool.environment_id)
         rows = [
-            Row(m.id, m.state, m.owner_id, m.course_id, dict(m.backend_ref or {}), m.address,
-                m.ide_token, m.state_changed_at)
+            Row(
+                m.id,
+                m.state,
+                m.owner_id,
+                m.course_id,
+                dict(m.backend_ref or {}),
+                m.address,
+                m.ide_token,
+                m.state_changed_at,
+            )
             for m in session.execute(
-                select(Machine.id, Machine.state, Machine.owner_id, Machine.course_id,
-                       Machine.backend_ref, Machine.address, Machine.ide_token,
-                       Machine.state_changed_at)
-                .where(Machine.environment_id == env.id,
-                       Machine.state.notin_([S.stopped, S.error]))
+                select(
+                    Machine.id,
+                    Machine.state,
+                    Machine.owner_id,
+                    Machine.course_id,
+                    Machine.backend_ref,
+                    Machine.address,
+                    Machine.ide_token,
+                    Machine.state_changed_at,
+                ).where(
+                    Machine.environment_id == env.id, Machine.state.notin_([S.stopped, S.error])
+                )
             )
         ]
     report.machines = len(rows)
@@ -127,16 +154,22 @@ def reconcile_pool(
         report.held = str(exc)
         return report
     report.servers = len(servers)
-    actions = decide(rows, servers, now,
-                     start_timeout=timedelta(seconds=rt.settings.cloud_start_timeout_s),
-                     orphan_grace=timedelta(seconds=rt.settings.orphan_grace_s))
+    actions = decide(
+        rows,
+        servers,
+        now,
+        start_timeout=timedelta(seconds=rt.settings.cloud_start_timeout_s),
+        orphan_grace=timedelta(seconds=rt.settings.orphan_grace_s),
+    )
     failures, to_check, to_stop = actions.failures, actions.to_check, actions.to_stop
 
     # 1. failures, 2. health checks, 3. stops
     with ThreadPoolExecutor(PARALLEL_CLOUD_CALLS) as pool_exec:
-        healthy = list(pool_exec.map(
-            lambda item: cloud.health(_spec(item[0], env, pool_id, address=item[1])), to_check
-        ))
+        healthy = list(
+            pool_exec.map(
+                lambda item: cloud.health(_spec(item[0], env, pool_id, address=item[1])), to_check
+            )
+        )
         list(pool_exec.map(lambda f: _delete_servers(cloud, f[2]), failures))
         list(pool_exec.map(lambda row: cloud.stop(_spec(row, env, pool_id)), to_stop))
         list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), actions.extras))
@@ -170,8 +203,15 @@ def reconcile_pool(
 def _delete_servers(cloud: PooledBackend, servers: list[ServerView]) -> None:
     for server in servers:
         try:
-            cloud.stop(MachineSpec(id=server.machine_id or 0, ide_kind="jupyterlab", owner_id=None,
-                                   course_id=None, ref={"server_id": server.server_id}))
+            cloud.stop(
+                MachineSpec(
+                    id=server.machine_id or 0,
+                    ide_kind="jupyterlab",
+                    owner_id=None,
+                    course_id=None,
+                    ref={"server_id": server.server_id},
+                )
+            )
         except ProvisioningError as exc:  # retried by the next pass
             log.warning("could not delete server %s: %s", server.server_id, exc)
 
@@ -187,8 +227,12 @@ def _mark_up(rt: Runtime, up: list[tuple[Row, str]]) -> int:
             result = session.execute(
                 update(Machine)
                 .where(Machine.id == row.id, Machine.state == S.starting)
-                .values(state=new_state, address=address, state_changed_at=now,
-                        assigned_at=now if row.owner_id else None)
+                .values(
+                    state=new_state,
+                    address=address,
+                    state_changed_at=now,
+                    assigned_at=now if row.owner_id else None,
+                )
                 .execution_options(synchronize_session=False)
             )
             done += result.rowcount
@@ -250,20 +294,38 @@ def _top_up_warm(
     with transaction(rt.sessions) as session:
         demand, in_session = scheduled_demand(session, env.id, clock)
         boost = boosted_target(session, env.id, clock)
-        counts = dict(session.execute(
-            select(Machine.state, func.count())
-            .where(Machine.environment_id == env.id, Machine.owner_id.is_(None),
-                   Machine.state.in_(CAPACITY_STATES))
-            .group_by(Machine.state)
-        ).all())
+        counts = dict(
+            session.execute(
+                select(Machine.state, func.count())
+                .where(
+                    Machine.environment_id == env.id,
+                    Machine.owner_id.is_(None),
+                    Machine.state.in_(CAPACITY_STATES),
+                )
+                .group_by(Machine.state)
+            ).all()
+        )
         warm = sum(counts.values())
-        total = session.scalar(
-            select(func.count()).where(Machine.environment_id == env.id,
-                                       Machine.state.in_(CAPACITY_STATES + (S.assigned,)))
-        ) or 0
-        change = decide_warm(floor=pool.warm_target, demand=demand, in_session=in_session,
-                             boost=boost, paused=pool.paused, max_size=pool.max_size, warm=warm,
-                             ready=counts.get(S.ready, 0), total=total)
+        total = (
+            session.scalar(
+                select(func.count()).where(
+                    Machine.environment_id == env.id,
+                    Machine.state.in_(CAPACITY_STATES + (S.assigned,)),
+                )
+            )
+            or 0
+        )
+        change = decide_warm(
+            floor=pool.warm_target,
+            demand=demand,
+            in_session=in_session,
+            boost=boost,
+            paused=pool.paused,
+            max_size=pool.max_size,
+            warm=warm,
+            ready=counts.get(S.ready, 0),
+            total=total,
+        )
         report.target = change.target
         report.notes.extend(change.notes)
         if change.add:
@@ -274,9 +336,13 @@ def _top_up_warm(
         if change.stop > 0:
             ids = session.scalars(
                 select(Machine.id)
-                .where(Machine.environment_id == env.id, Machine.state == S.ready,
-                       Machine.owner_id.is_(None))
-                .order_by(Machine.id.desc()).limit(change.stop)
+                .where(
+                    Machine.environment_id == env.id,
+                    Machine.state == S.ready,
+                    Machine.owner_id.is_(None),
+                )
+                .order_by(Machine.id.desc())
+                .limit(change.stop)
             ).all()
             # Conditional: a launch may claim one of them this very moment.
             session.execute(
@@ -298,11 +364,15 @@ def _create_requested(
             .where(Machine.environment_id == env.id, Machine.state == S.requested)
             .order_by(Machine.owner_id.is_(None), Machine.id)
         ).all()
-        building = session.scalar(
-            # The cap is per cloud: every pool of this backend counts.
-            select(func.count()).where(Machine.backend == env.backend,
-                                       Machine.state == S.starting)
-        ) or 0
+        building = (
+            session.scalar(
+                # The cap is per cloud: every pool of this backend counts.
+                select(func.count()).where(
+                    Machine.backend == env.backend, Machine.state == S.starting
+                )
+            )
+            or 0
+        )
     if not waiting:
         _set_quota_note(rt, pool.id, None)
         return 0, None
@@ -311,9 +381,13 @@ def _create_requested(
     except (CloudUnavailable, CloudConflict) as exc:
         _back_off(rt, pool.id, now, f"The cloud is not answering: {exc}")
         return 0, str(exc)
-    plan = decide_creates([(w.id, w.owner_id) for w in waiting], paused=pool.paused,
-                          building=building, max_concurrent=rt.settings.max_concurrent_creates,
-                          headroom=headroom)
+    plan = decide_creates(
+        [(w.id, w.owner_id) for w in waiting],
+        paused=pool.paused,
+        building=building,
+        max_concurrent=rt.settings.max_concurrent_creates,
+        headroom=headroom,
+    )
     _set_quota_note(rt, pool.id, plan.quota_note)
     if not plan.chosen:
         return 0, plan.held
@@ -326,14 +400,28 @@ def _create_requested(
             got = session.execute(
                 update(Machine)
                 .where(Machine.id == machine_id, Machine.state == S.requested)
-                .values(state=S.starting, ide_token=token, state_changed_at=utcnow(),
-                        backend_ref={"pool_id": pool.id})
+                .values(
+                    state=S.starting,
+                    ide_token=token,
+                    state_changed_at=utcnow(),
+                    backend_ref={"pool_id": pool.id},
+                )
                 .returning(Machine.owner_id, Machine.course_id)
                 .execution_options(synchronize_session=False)
             ).first()
             if got is not None:
-                claimed.append(Row(machine_id, S.starting, got.owner_id, got.course_id,
-                                   {"pool_id": pool.id}, None, token, now))
+                claimed.append(
+                    Row(
+                        machine_id,
+                        S.starting,
+                        got.owner_id,
+                        got.course_id,
+                        {"pool_id": pool.id},
+                        None,
+                        token,
+                        now,
+                    )
+                )
 
     def create(row: Row) -> tuple[Row, str | None, ProvisioningError | None]:
         try:
@@ -352,7 +440,8 @@ def _create_requested(
             if outcome == "created":
                 created += 1
                 session.execute(
-                    update(Machine).where(Machine.id == row.id)
+                    update(Machine)
+                    .where(Machine.id == row.id)
                     .values(backend_ref={"pool_id": pool.id, "server_id": server_id})
                     .execution_options(synchronize_session=False)
                 )
@@ -360,14 +449,16 @@ def _create_requested(
                 held = held or str(error)
             elif outcome == "requeue":
                 session.execute(
-                    update(Machine).where(Machine.id == row.id, Machine.state == S.starting)
+                    update(Machine)
+                    .where(Machine.id == row.id, Machine.state == S.starting)
                     .values(state=S.requested, ide_token=None, backend_ref=None)
                     .execution_options(synchronize_session=False)
                 )
                 held = str(error)
             else:
                 session.execute(
-                    update(Machine).where(Machine.id == row.id, Machine.state == S.starting)
+                    update(Machine)
+                    .where(Machine.id == row.id, Machine.state == S.starting)
                     .values(state=S.error, error=str(error), state_changed_at=utcnow())
                     .execution_options(synchronize_session=False)
                 )
@@ -382,8 +473,11 @@ def _create_requested(
 
 def _set_quota_note(rt: Runtime, pool_id: int, note: str | None) -> None:
     with transaction(rt.sessions) as session:
-        session.execute(update(Pool).where(Pool.id == pool_id, Pool.quota_note.is_distinct_from(note))
-                        .values(quota_note=note))
+        session.execute(
+            update(Pool)
+            .where(Pool.id == pool_id, Pool.quota_note.is_distinct_from(note))
+            .values(quota_note=note)
+        )
 
 
 def _back_off(rt: Runtime, pool_id: int, now: datetime, why: str) -> None:
@@ -401,7 +495,10 @@ def _finish(rt: Runtime, pool_id: int, now: datetime, report: PassReport) -> Non
         pool.last_pass_at = now
         hold = after_pass(
             PoolHold(pool.consecutive_failures, pool.backoff_until, pool.hold_note),
-            ready=report.ready, failures=report.failed, now=now,
-            max_consecutive=rt.settings.max_consecutive_failures)
+            ready=report.ready,
+            failures=report.failed,
+            now=now,
+            max_consecutive=rt.settings.max_consecutive_failures,
+        )
         pool.consecutive_failures = hold.consecutive_failures
         pool.backoff_until, pool.hold_note = hold.backoff_until, hold.hold_note

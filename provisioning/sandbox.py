@@ -94,13 +94,17 @@ class Isolation:
     def problems(self) -> list[str]:
         found = []
         if not self.own_users:
-            found.append("Labpool is not running as root, so every student's IDE runs as "
-                         "Labpool's own OS user: students can read each other's files and "
-                         "signal the tool's processes.")
+            found.append(
+                "Labpool is not running as root, so every student's IDE runs as "
+                "Labpool's own OS user: students can read each other's files and "
+                "signal the tool's processes."
+            )
         if not self.sandbox:
-            found.append("bubblewrap is missing or cannot create namespaces here "
-                         "(apt-get install bubblewrap): students' code sees the whole host, "
-                         "its network (PostgreSQL, Redis) and the tool's files.")
+            found.append(
+                "bubblewrap is missing or cannot create namespaces here "
+                "(apt-get install bubblewrap): students' code sees the whole host, "
+                "its network (PostgreSQL, Redis) and the tool's files."
+            )
         if self.prlimit is None:
             found.append("prlimit (util-linux) is missing: no memory or process limits.")
         return found
@@ -114,14 +118,19 @@ def host_isolation() -> Isolation:
     if bwrap:
         probe = subprocess.run(
             [bwrap, "--ro-bind", "/", "/", "--unshare-all", "--new-session", "true"],
-            capture_output=True, timeout=10, check=False,
+            capture_output=True,
+            timeout=10,
+            check=False,
         )
         works = probe.returncode == 0
         if not works:
-            log.warning("bubblewrap cannot create a sandbox here: %s",
-                        probe.stderr.decode(errors="replace").strip())
-    return Isolation(own_users=os.geteuid() == 0, sandbox=works, bwrap=bwrap,
-                     prlimit=shutil.which("prlimit"))
+            log.warning(
+                "bubblewrap cannot create a sandbox here: %s",
+                probe.stderr.decode(errors="replace").strip(),
+            )
+    return Isolation(
+        own_users=os.geteuid() == 0, sandbox=works, bwrap=bwrap, prlimit=shutil.which("prlimit")
+    )
 
 
 @dataclass(frozen=True)
@@ -139,15 +148,29 @@ def student_account(key: str) -> Account:
         entry = pwd.getpwnam(name)
         return Account(name, entry.pw_uid, entry.pw_gid)
     done = subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", "/usr/sbin/nologin", "--comment", "Labpool student", name],
-        capture_output=True, text=True, check=False,
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "Labpool student",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     try:  # another worker may have created it a moment ago: that is fine
         entry = pwd.getpwnam(name)
     except KeyError:
         raise BackendUnavailable(
-            f"cannot create the OS user for this student ({done.stderr.strip()})") from None
+            f"cannot create the OS user for this student ({done.stderr.strip()})"
+        ) from None
     return Account(name, entry.pw_uid, entry.pw_gid)
 
 
@@ -176,7 +199,12 @@ def _python_prefixes(python: Path) -> list[Path]:
 
 
 def bwrap_command(
-    bwrap: str, *, home: Path, socket_dir: Path, config_dir: Path, python: Path,
+    bwrap: str,
+    *,
+    home: Path,
+    socket_dir: Path,
+    config_dir: Path,
+    python: Path,
     share_network: bool,
 ) -> list[str]:
     """bubblewrap's arguments for one IDE (the command to run inside follows them).
@@ -185,8 +213,15 @@ def bwrap_command(
     exactly as long as that one waiting process (the machine's recorded pid). Killing it, or
     it dying for any reason, takes bwrap and everything in the sandbox with it, and the RQ
     worker that started it may come and go (bwrap's parent is not the worker)."""
-    args = [bwrap, "--die-with-parent", "--unshare-all", "--new-session",
-            "--ro-bind", "/usr", "/usr"]
+    args = [
+        bwrap,
+        "--die-with-parent",
+        "--unshare-all",
+        "--new-session",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
     setsid = shutil.which("setsid")
     if setsid:
         args = [setsid, "--fork", "--wait", *args]
@@ -200,11 +235,27 @@ def bwrap_command(
         if os.path.isdir(hidden):
             args += ["--tmpfs", hidden]
     args += [
-        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run",
-        "--tmpfs", "/var", "--dir", "/var/tmp",
-        "--bind", str(home), SANDBOX_HOME,
-        "--bind", str(socket_dir), SANDBOX_SOCKET_DIR,
-        "--ro-bind", str(config_dir), SANDBOX_CONFIG_DIR,
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--tmpfs",
+        "/var",
+        "--dir",
+        "/var/tmp",
+        "--bind",
+        str(home),
+        SANDBOX_HOME,
+        "--bind",
+        str(socket_dir),
+        SANDBOX_SOCKET_DIR,
+        "--ro-bind",
+        str(config_dir),
+        SANDBOX_CONFIG_DIR,
     ]
     for prefix in _python_prefixes(python):
         args += ["--ro-bind", str(prefix), str(prefix)]
@@ -253,6 +304,6 @@ def python_for_ide(ide_env: Path) -> Path:
     if not python.exists():
         raise BackendUnavailable(
             f"the IDE environment {ide_env} is missing: run `labpool ide-env` (it installs "
-            "JupyterLab there, apart from the tool's own packages)")
+            "JupyterLab there, apart from the tool's own packages)"
+        )
     return python
-

@@ -24,8 +24,9 @@ from lti_tool.roles import is_staff
 from provisioning.models import LIVE_STATES, ClassSession, Machine, WarmBoost
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))
-enrolments = table("enrolments", column("course_id"), column("user_id"), column("roles", JSON),
-                   column("ended_at"))
+enrolments = table(
+    "enrolments", column("course_id"), column("user_id"), column("roles", JSON), column("ended_at")
+)
 
 
 def session_is_on(meeting: ClassSession, now: datetime) -> bool:
@@ -38,7 +39,9 @@ def session_is_on(meeting: ClassSession, now: datetime) -> bool:
     for day in _around(local.date()):
         if day.weekday() != meeting.weekday:
             continue
-        start = datetime.combine(day, meeting.starts, zone) - timedelta(minutes=meeting.lead_minutes)
+        start = datetime.combine(day, meeting.starts, zone) - timedelta(
+            minutes=meeting.lead_minutes
+        )
         end = datetime.combine(day, meeting.ends, zone)
         if start <= local < end:
             return True
@@ -68,33 +71,44 @@ def scheduled_demand(session: Session, environment_id: int, now: datetime) -> tu
     learners = {
         (course_id, user_id)
         for course_id, user_id, roles in session.execute(
-            select(enrolments.c.course_id, enrolments.c.user_id, enrolments.c.roles)
-            .where(enrolments.c.course_id.in_(courses), enrolments.c.ended_at.is_(None))
+            select(enrolments.c.course_id, enrolments.c.user_id, enrolments.c.roles).where(
+                enrolments.c.course_id.in_(courses), enrolments.c.ended_at.is_(None)
+            )
         )
         if is_learner(roles)
     }
-    holding = {tuple(row) for row in session.execute(
-        select(Machine.course_id, Machine.owner_id)
-        .where(Machine.environment_id == environment_id, Machine.course_id.in_(courses),
-               Machine.owner_id.is_not(None), Machine.state.in_(LIVE_STATES))
-    )}
+    holding = {
+        tuple(row)
+        for row in session.execute(
+            select(Machine.course_id, Machine.owner_id).where(
+                Machine.environment_id == environment_id,
+                Machine.course_id.in_(courses),
+                Machine.owner_id.is_not(None),
+                Machine.state.in_(LIVE_STATES),
+            )
+        )
+    }
     return len(learners - holding), True
 
 
 def boosted_target(session: Session, environment_id: int, now: datetime) -> int:
     """The largest unexpired "warm now" of the activities using this environment (0 if none):
     boosts of several courses sharing a pool do not add up, the biggest class decides."""
-    return session.scalar(
-        select(func.max(WarmBoost.target))
-        .join(activities, activities.c.id == WarmBoost.activity_id)
-        .where(activities.c.environment_id == environment_id, WarmBoost.until > now)
-    ) or 0
+    return (
+        session.scalar(
+            select(func.max(WarmBoost.target))
+            .join(activities, activities.c.id == WarmBoost.activity_id)
+            .where(activities.c.environment_id == environment_id, WarmBoost.until > now)
+        )
+        or 0
+    )
 
 
 def class_size(session: Session, course_id: int) -> int:
     rows = session.execute(
-        select(enrolments.c.roles)
-        .where(enrolments.c.course_id == course_id, enrolments.c.ended_at.is_(None))
+        select(enrolments.c.roles).where(
+            enrolments.c.course_id == course_id, enrolments.c.ended_at.is_(None)
+        )
     ).scalars()
     return sum(1 for roles in rows if is_learner(roles))
 

@@ -27,7 +27,9 @@ PARALLEL_VOLUME_CALLS = 8
 
 
 def attach_student_volumes(
-    rt: Runtime, cloud: StudentVolumes, env: Environment,
+    rt: Runtime,
+    cloud: StudentVolumes,
+    env: Environment,
     servers_by_machine: dict[int, list[ServerView]],
 ) -> int:
     """Give every assigned machine of the environment its student's volume; returns how
@@ -37,19 +39,37 @@ def attach_student_volumes(
         # big pool this is an empty answer, not thousands of rows.
         machines = session.execute(
             select(Machine.id, Machine.owner_id, Machine.course_id)
-            .outerjoin(StudentVolume, (StudentVolume.owner_id == Machine.owner_id)
-                       & (StudentVolume.course_id == Machine.course_id))
-            .where(Machine.environment_id == env.id, Machine.state == MachineState.assigned,
-                   Machine.owner_id.is_not(None), Machine.course_id.is_not(None),
-                   or_(StudentVolume.id.is_(None), StudentVolume.status != "in-use",
-                       StudentVolume.machine_id.is_distinct_from(Machine.id)))
+            .outerjoin(
+                StudentVolume,
+                (StudentVolume.owner_id == Machine.owner_id)
+                & (StudentVolume.course_id == Machine.course_id),
+            )
+            .where(
+                Machine.environment_id == env.id,
+                Machine.state == MachineState.assigned,
+                Machine.owner_id.is_not(None),
+                Machine.course_id.is_not(None),
+                or_(
+                    StudentVolume.id.is_(None),
+                    StudentVolume.status != "in-use",
+                    StudentVolume.machine_id.is_distinct_from(Machine.id),
+                ),
+            )
         ).all()
         pairs = [(m.owner_id, m.course_id) for m in machines]
-        volumes = {
-            (v.owner_id, v.course_id): v
-            for v in session.scalars(select(StudentVolume).where(
-                tuple_(StudentVolume.owner_id, StudentVolume.course_id).in_(pairs)))
-        } if pairs else {}
+        volumes = (
+            {
+                (v.owner_id, v.course_id): v
+                for v in session.scalars(
+                    select(StudentVolume).where(
+                        tuple_(StudentVolume.owner_id, StudentVolume.course_id).in_(pairs)
+                    )
+                )
+            }
+            if pairs
+            else {}
+        )
+
     def settle(machine: Any) -> bool:
         machine_id, owner_id, course_id = machine
         volume = volumes.get((owner_id, course_id))
@@ -62,8 +82,9 @@ def attach_student_volumes(
             if volume is None:
                 _create(rt, cloud, env, owner_id, course_id)
                 return False
-            return bool(volume.volume_id) and _attach(rt, cloud, volume, machine_id,
-                                                      active[0].server_id)
+            return bool(volume.volume_id) and _attach(
+                rt, cloud, volume, machine_id, active[0].server_id
+            )
         except ProvisioningError as exc:  # the next pass tries again
             log.warning("volume of user %s in course %s: %s", owner_id, course_id, exc)
             return False
@@ -73,24 +94,28 @@ def attach_student_volumes(
         return sum(pool.map(settle, machines))
 
 
-def _create(rt: Runtime, cloud: StudentVolumes, env: Environment, owner_id: int,
-            course_id: int) -> None:
+def _create(
+    rt: Runtime, cloud: StudentVolumes, env: Environment, owner_id: int, course_id: int
+) -> None:
     with transaction(rt.sessions) as session:
-        volume = StudentVolume(owner_id=owner_id, course_id=course_id,
-                               size_gb=env.volume_size_gb, status="creating")
+        volume = StudentVolume(
+            owner_id=owner_id, course_id=course_id, size_gb=env.volume_size_gb, status="creating"
+        )
         session.add(volume)
         session.flush()
         row_id = volume.id
     volume_id = cloud.create_volume(
-        f"labpool-home-u{owner_id}-c{course_id}", env.volume_size_gb,
+        f"labpool-home-u{owner_id}-c{course_id}",
+        env.volume_size_gb,
         {"labpool_owner": str(owner_id), "labpool_course": str(course_id)},
     )
     with transaction(rt.sessions) as session:
         session.get_one(StudentVolume, row_id).volume_id = volume_id
 
 
-def _attach(rt: Runtime, cloud: StudentVolumes, volume: StudentVolume, machine_id: int,
-            server_id: str) -> bool:
+def _attach(
+    rt: Runtime, cloud: StudentVolumes, volume: StudentVolume, machine_id: int, server_id: str
+) -> bool:
     assert volume.volume_id is not None
     status = cloud.volume_status(volume.volume_id)
     if status != "available":  # still creating, or still on the student's previous server

@@ -37,7 +37,14 @@ from tests.fakecloud import FakeCloud
 from tests.fakeplatform import FakePlatform, ServedApp
 from tests.nginx import nginx_binary
 
-TABLES_CLEARED_BETWEEN_TESTS = ("launches", "machines", "activities", "enrolments", "courses", "users")
+TABLES_CLEARED_BETWEEN_TESTS = (
+    "launches",
+    "machines",
+    "activities",
+    "enrolments",
+    "courses",
+    "users",
+)
 
 
 class _LateApp:
@@ -61,7 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Students' sandboxes and nginx's workers (other OS users) must pass through the test's
     # folders; pytest's own /tmp/pytest-of-<user> is 0700 and reset by every other session.
     if not config.option.basetemp:
-        config.option.basetemp = os.path.join(tempfile.gettempdir(), f"labpool-pytest-{os.getpid()}")
+        config.option.basetemp = os.path.join(
+            tempfile.gettempdir(), f"labpool-pytest-{os.getpid()}"
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -70,6 +79,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 # --------------------------------------------------------------------------- outside tools
+
 
 @dataclass(frozen=True)
 class Need:
@@ -98,19 +108,30 @@ _APT = "apt-get update && apt-get install -y"
 NEEDS: dict[str, tuple[Need, ...]] = {
     "nginx": (Need("nginx", lambda: nginx_binary() is not None, f"{_APT} nginx-light"),),
     "browser": (
-        Need("Chromium", lambda: chromium_path() is not None,
-             f"{_APT} chromium (or set LABPOOL_TEST_CHROMIUM to a Chromium binary)"),
-        Need("the Python package playwright",
-             lambda: importlib.util.find_spec("playwright") is not None,
-             ".venv/bin/pip install -e '.[test]' (do NOT run `playwright install`: the tests "
-             "drive Debian's chromium)"),
+        Need(
+            "Chromium",
+            lambda: chromium_path() is not None,
+            f"{_APT} chromium (or set LABPOOL_TEST_CHROMIUM to a Chromium binary)",
+        ),
+        Need(
+            "the Python package playwright",
+            lambda: importlib.util.find_spec("playwright") is not None,
+            ".venv/bin/pip install -e '.[test]' (do NOT run `playwright install`: the tests "
+            "drive Debian's chromium)",
+        ),
     ),
     "sandbox": (
-        Need("root", lambda: _isolation().own_users,
-             "run the tests as root (each student's IDE runs as its own OS user)"),
-        Need("a working bubblewrap", lambda: _isolation().sandbox,
-             f"{_APT} bubblewrap (installed but failing: this host or container does not "
-             "allow user namespaces)"),
+        Need(
+            "root",
+            lambda: _isolation().own_users,
+            "run the tests as root (each student's IDE runs as its own OS user)",
+        ),
+        Need(
+            "a working bubblewrap",
+            lambda: _isolation().sandbox,
+            f"{_APT} bubblewrap (installed but failing: this host or container does not "
+            "allow user namespaces)",
+        ),
         Need("prlimit", lambda: _isolation().prlimit is not None, f"{_APT} util-linux"),
     ),
 }
@@ -124,8 +145,13 @@ def in_ci() -> bool:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """The one rule for a missing tool: fail under CI=true, skip otherwise, and say what to
     install either way."""
-    missing = [need for marker, needs in NEEDS.items() if item.get_closest_marker(marker)
-               for need in needs if not need.present()]
+    missing = [
+        need
+        for marker, needs in NEEDS.items()
+        if item.get_closest_marker(marker)
+        for need in needs
+        if not need.present()
+    ]
     if not missing:
         return
     message = "needs " + "; and ".join(f"{need.what}: {need.install}" for need in missing)
@@ -164,7 +190,9 @@ def tool_server() -> Iterator[ServedApp]:
 
 
 @pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp) -> Iterator[Settings]:
+def settings(
+    tmp_path_factory: pytest.TempPathFactory, tool_server: ServedApp
+) -> Iterator[Settings]:
     data_dir = tmp_path_factory.mktemp("labpool-data")
     passable(data_dir)
     db_url = os.environ.get("LABPOOL_TEST_DATABASE_URL")
@@ -221,10 +249,14 @@ def platform(tool: ServedApp, rt: Runtime) -> Iterator[FakePlatform]:
         args = fake.platform_add_args()
         with transaction(rt.sessions) as session:
             register_platform(
-                session, rt.settings,
-                issuer=args["issuer"], client_id=args["client_id"],
-                deployment_ids=[args["deployment_id"]], auth_url=args["auth_url"],
-                token_url=args["token_url"], jwks_url=args["jwks_url"],
+                session,
+                rt.settings,
+                issuer=args["issuer"],
+                client_id=args["client_id"],
+                deployment_ids=[args["deployment_id"]],
+                auth_url=args["auth_url"],
+                token_url=args["token_url"],
+                jwks_url=args["jwks_url"],
             )
         yield fake
 
@@ -257,8 +289,9 @@ def browser() -> Iterator[requests.Session]:
 
 
 @pytest.fixture
-def cloud(request: pytest.FixtureRequest, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+def cloud(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeCloud]:
     """The fake OpenStack (tests/fakecloud), the only cloud openstacksdk sees as `cloud="fake"`
     (here and in RQ workers this test starts). Configure it with
     `@pytest.mark.fake_cloud(boot_time=0.2, ide="stub", ...)`: any `FakeCloud` keyword; the
@@ -285,7 +318,7 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path,
 def fake_cloud_threads(port: int) -> list[str]:
     """Names of the threads that run the IDEs of the fake cloud on `port`."""
     prefix = f"fakecloud-ide:{port}-"
-    return sorted(t.name[len(prefix):] for t in threading.enumerate() if t.name.startswith(prefix))
+    return sorted(t.name[len(prefix) :] for t in threading.enumerate() if t.name.startswith(prefix))
 
 
 def run_worker_burst(settings: Settings, timeout: float = 120) -> str:

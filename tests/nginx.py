@@ -93,14 +93,24 @@ class Nginx:
         if binary is None:
             raise NginxError("nginx is not installed (apt-get install nginx-light)")
         return [
-            binary, "-p", str(self.prefix), "-c", str(self.conf_path),
-            "-e", str(self.prefix / "logs" / "error.log"), *extra,
+            binary,
+            "-p",
+            str(self.prefix),
+            "-c",
+            str(self.conf_path),
+            "-e",
+            str(self.prefix / "logs" / "error.log"),
+            *extra,
         ]
 
     def check(self) -> None:
         """`nginx -t`: raise NginxError with nginx's message when the config is refused."""
-        done = subprocess.run(self._command("-t", "-q", "-g", "daemon off;"),
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            self._command("-t", "-q", "-g", "daemon off;"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if done.returncode != 0:
             raise NginxError(f"nginx -t refused {self.conf_path}:\n{done.stderr}")
 
@@ -109,7 +119,9 @@ class Nginx:
         self._out = (self.prefix / "logs" / "stdout.log").open("wb")
         self.process = subprocess.Popen(
             self._command("-g", "daemon off;"),
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         waiting = list(self.ports)
@@ -118,9 +130,12 @@ class Nginx:
                 raise NginxError(f"nginx exited ({self.process.returncode}):\n{self.logs()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise NginxError(f"nginx did not listen on {waiting} in {timeout} s:\n{self.logs()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", waiting[0]), timeout=0.5
+                raise NginxError(
+                    f"nginx did not listen on {waiting} in {timeout} s:\n{self.logs()}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5),
             ):
                 waiting.pop(0)
                 continue
@@ -145,8 +160,10 @@ class Nginx:
         parts = []
         for name in ("stdout.log", "error.log"):
             with contextlib.suppress(OSError):
-                parts.append(f"--- {name}\n" + (self.prefix / "logs" / name).read_text(
-                    errors="replace")[-chars:])
+                parts.append(
+                    f"--- {name}\n"
+                    + (self.prefix / "logs" / name).read_text(errors="replace")[-chars:]
+                )
         return "\n".join(parts)
 
     def access_log(self) -> str:

@@ -29,16 +29,22 @@ class StubIde:
     """Jupyter's /api/status for machine 7, for the right token only; remembers the asks."""
 
     def __init__(self) -> None:
-        self.status: dict[str, Any] | None = {"connections": 0, "kernels": 0,
-                                              "last_activity": NOW.isoformat()}
+        self.status: dict[str, Any] | None = {
+            "connections": 0,
+            "kernels": 0,
+            "last_activity": NOW.isoformat(),
+        }
         self.asked = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 stub.asked += 1
-                ok = (self.path == "/ide/7/api/status" and stub.status is not None
-                      and self.headers.get("X-Labpool-Token") == TOKEN)
+                ok = (
+                    self.path == "/ide/7/api/status"
+                    and stub.status is not None
+                    and self.headers.get("X-Labpool-Token") == TOKEN
+                )
                 body = json.dumps(stub.status).encode() if ok else b""
                 self.send_response(200 if ok else 403)
                 self.send_header("Content-Length", str(len(body)))
@@ -72,12 +78,23 @@ def ide(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[StubId
     server.server_close()
 
 
-def machine(*, assigned_ago: timedelta, seen_ago: timedelta | None = None,
-            address: str | None = None, machine_id: int = 7) -> Machine:
-    return Machine(id=machine_id, state=MachineState.assigned, backend="local",
-                   assigned_at=NOW - assigned_ago, state_changed_at=NOW - assigned_ago,
-                   last_activity_at=NOW - seen_ago if seen_ago else None,
-                   address=address, ide_token=TOKEN)
+def machine(
+    *,
+    assigned_ago: timedelta,
+    seen_ago: timedelta | None = None,
+    address: str | None = None,
+    machine_id: int = 7,
+) -> Machine:
+    return Machine(
+        id=machine_id,
+        state=MachineState.assigned,
+        backend="local",
+        assigned_at=NOW - assigned_ago,
+        state_changed_at=NOW - assigned_ago,
+        last_activity_at=NOW - seen_ago if seen_ago else None,
+        address=address,
+        ide_token=TOKEN,
+    )
 
 
 def test_the_latest_of_the_database_and_the_proxy_counts() -> None:
@@ -107,7 +124,8 @@ def test_recent_cheap_signals_spare_the_ide_a_call(rt: Runtime, ide: tuple[StubI
 
 
 def test_the_ide_is_asked_before_a_machine_is_taken_away(
-        rt: Runtime, ide: tuple[StubIde, str]) -> None:
+    rt: Runtime, ide: tuple[StubIde, str]
+) -> None:
     stub, address = ide
     m = machine(assigned_ago=timedelta(hours=2), seen_ago=timedelta(hours=1), address=address)
     # A kernel computing for an hour: the proxy saw nothing, the IDE did.
@@ -115,8 +133,10 @@ def test_the_ide_is_asked_before_a_machine_is_taken_away(
     assert stub.asked == 1
     stub.status = {"connections": 1, "last_activity": (NOW - timedelta(hours=2)).isoformat()}
     assert not is_idle(rt.redis, m, NOW, IDLE_FOR)  # a browser is connected
-    stub.status = {"connections": 0,
-                   "last_activity": (NOW - timedelta(hours=1)).isoformat().replace("+00:00", "Z")}
+    stub.status = {
+        "connections": 0,
+        "last_activity": (NOW - timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+    }
     assert is_idle(rt.redis, m, NOW, IDLE_FOR)
     stub.status = None  # the IDE does not answer: the cheap signals decide
     assert is_idle(rt.redis, m, NOW, IDLE_FOR)

@@ -59,10 +59,13 @@ def test_a_pooled_backend_is_never_started_on_demand(rt: Runtime) -> None:
 
 
 def test_the_web_edge_asks_what_a_cloud_machine_can_do_without_loading_openstacksdk() -> None:
-    code = ("import sys, lti_tool.web.app; from provisioning.backends import capabilities; "
-            "assert capabilities('openstack').pooled; print('openstack' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    code = (
+        "import sys, lti_tool.web.app; from provisioning.backends import capabilities; "
+        "assert capabilities('openstack').pooled; print('openstack' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 
@@ -74,8 +77,7 @@ def env_add(*args: str) -> object:
 def test_env_add_refuses_an_ide_the_backend_cannot_run_and_stores_nothing(rt: Runtime) -> None:
     result = env_add("cs-here", "--backend", "local", "--ide", "code-server")
     assert result.exit_code != 0  # type: ignore[attr-defined]
-    assert "the local backend cannot run code-server; it runs jupyterlab" in (
-        result.output)  # type: ignore[attr-defined]
+    assert "the local backend cannot run code-server; it runs jupyterlab" in (result.output)  # type: ignore[attr-defined]
     with rt.sessions() as session:
         assert session.scalar(select(Environment).where(Environment.name == "cs-here")) is None
 
@@ -89,7 +91,9 @@ def test_env_add_names_what_a_cloud_environment_lacks(rt: Runtime) -> None:
     assert "an openstack environment needs --flavor, --network" in result.output  # type: ignore[attr-defined]
 
 
-NAME_TEST = re.compile(r"""(==|!=)\s*["'](local|openstack)["']|["'](local|openstack)["']\s*(==|!=)""")
+NAME_TEST = re.compile(
+    r"""(==|!=)\s*["'](local|openstack)["']|["'](local|openstack)["']\s*(==|!=)"""
+)
 
 
 def test_nothing_outside_the_backends_compares_a_backend_name() -> None:

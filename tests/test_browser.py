@@ -51,8 +51,9 @@ def _chromium_and_playwright() -> tuple[Any, str]:
     return sync_playwright, chromium
 
 
-def _launch_in_browser(page: Any, platform: FakePlatform, tool_url: str, claims: dict[str, Any],
-                       lands_on: str) -> None:
+def _launch_in_browser(
+    page: Any, platform: FakePlatform, tool_url: str, claims: dict[str, Any], lands_on: str
+) -> None:
     """Open the activity from the (fake) course page and wait for the tool's page `lands_on`
     (a glob)."""
     entry = f"{platform.url}/mod/lti/launch.php?id={secrets.randbelow(10**6)}"

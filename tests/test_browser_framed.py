@@ -27,8 +27,10 @@ FRAME_TIMEOUT_MS = 20_000
 
 
 def _course_page(src: str) -> str:
-    return ("<!doctype html><html><head><title>Course</title></head><body>"
-            f'<iframe id="activity" src="{src}" width="1100" height="800"></iframe></body></html>')
+    return (
+        "<!doctype html><html><head><title>Course</title></head><body>"
+        f'<iframe id="activity" src="{src}" width="1100" height="800"></iframe></body></html>'
+    )
 
 
 def _frames(page) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
@@ -58,14 +60,15 @@ def test_the_status_page_and_the_ide_render_in_a_frame_of_the_registered_platfor
             try:
                 expect(frame.locator("#state")).to_be_visible(timeout=FRAME_TIMEOUT_MS)
             except AssertionError:
-                raise AssertionError(f"the framed launch got stuck: {seen} {_frames(page)[1:]}") from None
+                raise AssertionError(
+                    f"the framed launch got stuck: {seen} {_frames(page)[1:]}"
+                ) from None
             activity = page.frame(url=re.compile(r".*/machines/\d+$"))
             assert activity is not None, [f.url for f in page.frames]
             machine_id = int(activity.url.rsplit("/", 1)[1])
             assert page.url == course  # Moodle's page stays; the activity is in the frame
 
-            worker = threading.Thread(target=run_worker_burst, args=(rt.settings, 90),
-                                      daemon=True)
+            worker = threading.Thread(target=run_worker_burst, args=(rt.settings, 90), daemon=True)
             worker.start()
             # The status page moves the same frame on to the IDE, which agrees to be framed.
             expect(frame.locator(".jp-LabShell")).to_be_visible(timeout=IDE_TIMEOUT_MS)
@@ -100,7 +103,8 @@ def test_a_page_on_an_unregistered_origin_cannot_frame_the_tool(tool, platform):
             page = browser.new_context().new_page()
             page.goto(registered)
             expect(page.frame_locator("#activity").locator("body")).to_contain_text(
-                "Labpool", timeout=FRAME_TIMEOUT_MS)
+                "Labpool", timeout=FRAME_TIMEOUT_MS
+            )
 
             page.goto(stranger)
             page.wait_for_timeout(1500)

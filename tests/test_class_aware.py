@@ -43,10 +43,13 @@ def course_of(rt: Runtime, context_id: str = "2") -> int:
 
 def current_members(rt: Runtime, course_id: int) -> set[str]:
     with rt.sessions() as session:
-        return set(session.scalars(
-            select(User.sub).join(Enrolment, Enrolment.user_id == User.id)
-            .where(Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))
-        ))
+        return set(
+            session.scalars(
+                select(User.sub)
+                .join(Enrolment, Enrolment.user_id == User.id)
+                .where(Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))
+            )
+        )
 
 
 def csrf_of(browser, class_url: str) -> str:  # type: ignore[no-untyped-def]
@@ -55,19 +58,25 @@ def csrf_of(browser, class_url: str) -> str:  # type: ignore[no-untyped-def]
 
 # --- roster ------------------------------------------------------------------------------
 
+
 def test_roster_sync_pages_through_moodle_and_ends_those_who_left(tool, platform, rt, browser):
     teacher_launch(platform, tool, browser)
     course_id = course_of(rt)
-    platform.set_roster("2", [platform.member("3", role="Instructor", name="Terry Teacher")]
-                        + [platform.member(str(i), name=f"Student {i}") for i in range(10, 15)])
+    platform.set_roster(
+        "2",
+        [platform.member("3", role="Instructor", name="Terry Teacher")]
+        + [platform.member(str(i), name=f"Student {i}") for i in range(10, 15)],
+    )
     report = sync_course(rt, course_id, page_size=2)
     assert report.pages == 3 and report.members == 6
     assert current_members(rt, course_id) == {"3", "10", "11", "12", "13", "14"}
     page_requests = [q for path, q in platform.roster_requests if "memberships" in path]
     assert all(q.get("limit") == "2" for q in page_requests[-3:])
 
-    platform.set_roster("2", [platform.member("3", role="Instructor")]
-                        + [platform.member(str(i)) for i in (10, 11, 12)])
+    platform.set_roster(
+        "2",
+        [platform.member("3", role="Instructor")] + [platform.member(str(i)) for i in (10, 11, 12)],
+    )
     assert sync_course(rt, course_id, page_size=2).ended == 2
     assert current_members(rt, course_id) == {"3", "10", "11", "12"}
     with rt.sessions() as session:
@@ -100,7 +109,9 @@ def test_the_access_token_is_fetched_once_and_shared(tool, platform, rt, browser
 
 def test_a_removed_student_loses_the_machine_at_the_next_idle_check(tool, platform, rt, browser):
     with requests.Session() as student:
-        machine_id = machine_id_of(platform.launch(student, tool.url, platform.learner(sub="4")).launch_response)
+        machine_id = machine_id_of(
+            platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+        )
     run_worker_burst(rt.settings)
     teacher_launch(platform, tool, browser)
     course_id = course_of(rt)
@@ -113,8 +124,11 @@ def test_a_removed_student_loses_the_machine_at_the_next_idle_check(tool, platfo
 
 # --- idle release -------------------------------------------------------------------------
 
+
 def test_idle_release_keeps_the_students_files(tool, platform, rt, browser):
-    first = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    first = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
     run_worker_burst(rt.settings)
     wait_for_state(browser, tool, first, "assigned")
     with rt.sessions() as session:
@@ -123,7 +137,8 @@ def test_idle_release_keeps_the_students_files(tool, platform, rt, browser):
     written = requests.put(
         f"http://{address}/ide/{first}/api/contents/notes.txt",
         json={"type": "file", "format": "text", "content": "kept across machines"},
-        params={"token": token}, timeout=10,
+        params={"token": token},
+        timeout=10,
     )
     assert written.status_code in (200, 201)
 
@@ -132,18 +147,24 @@ def test_idle_release_keeps_the_students_files(tool, platform, rt, browser):
     assert release_idle_machines(rt, now=later) == [first]
     assert browser.get(f"{tool.url}/machines/{first}/state").json()["state"] == "stopped"
 
-    second = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    second = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
     assert second != first
     run_worker_burst(rt.settings)
     wait_for_state(browser, tool, second, "assigned")
     with rt.sessions() as session:
         machine = session.get_one(Machine, second)
-    read = requests.get(f"http://{machine.address}/ide/{second}/api/contents/notes.txt",
-                        params={"token": machine.ide_token}, timeout=10)
+    read = requests.get(
+        f"http://{machine.address}/ide/{second}/api/contents/notes.txt",
+        params={"token": machine.ide_token},
+        timeout=10,
+    )
     assert read.json()["content"] == "kept across machines"
 
 
 # --- the schedule -------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cloud_rt(rt, cloud):  # type: ignore[no-untyped-def]
@@ -155,13 +176,28 @@ def cloud_rt(rt, cloud):  # type: ignore[no-untyped-def]
 def test_the_schedule_warms_the_pool_for_the_class_and_shrinks_it_after(cloud_rt):
     rt, cloud = cloud_rt
     with transaction(rt.sessions) as session:
-        env = add_environment(session, name=f"lab-{uuid.uuid4().hex[:6]}", backend="openstack",
-                              image_id="img", flavor_id="flv", network_id="net", warm_target=0)
+        env = add_environment(
+            session,
+            name=f"lab-{uuid.uuid4().hex[:6]}",
+            backend="openstack",
+            image_id="img",
+            flavor_id="flv",
+            network_id="net",
+            warm_target=0,
+        )
         pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
         course_id, activity_id = _course_with_learners(session, env.id, learners=3)
         # Mondays 10:00–11:00 in Paris, warm 15 minutes ahead.
-        session.add(ClassSession(activity_id=activity_id, weekday=0, starts=time(10, 0),
-                                 ends=time(11, 0), timezone="Europe/Paris", lead_minutes=15))
+        session.add(
+            ClassSession(
+                activity_id=activity_id,
+                weekday=0,
+                starts=time(10, 0),
+                ends=time(11, 0),
+                timezone="Europe/Paris",
+                lead_minutes=15,
+            )
+        )
     paris_monday = datetime(2026, 11, 23, tzinfo=UTC)  # a Monday; Paris is UTC+1
 
     def warm_at(hh: int, mm: int) -> dict[str, int]:
@@ -169,7 +205,10 @@ def test_the_schedule_warms_the_pool_for_the_class_and_shrinks_it_after(cloud_rt
         for _ in range(30):
             report = reconcile_pool(rt, pool_id, clock=clock)
             counts = _states(rt, env.id)
-            if counts.get("requested", 0) + counts.get("starting", 0) + counts.get("stopping", 0) == 0:
+            if (
+                counts.get("requested", 0) + counts.get("starting", 0) + counts.get("stopping", 0)
+                == 0
+            ):
                 break
         return {k: v for k, v in counts.items() if k != "stopped"} | {"target": report.target}
 
@@ -185,8 +224,9 @@ def _course_with_learners(session, env_id: int, learners: int) -> tuple[int, int
 
     platform = session.scalar(select(Platform).limit(1))
     if platform is None:
-        platform = Platform(issuer="https://moodle.test", client_id="c", auth_url="x", token_url="x",
-                            jwks_url="x")
+        platform = Platform(
+            issuer="https://moodle.test", client_id="c", auth_url="x", token_url="x", jwks_url="x"
+        )
         session.add(platform)
         session.flush()
     course = Course(platform_id=platform.id, context_id=uuid.uuid4().hex)
@@ -198,20 +238,35 @@ def _course_with_learners(session, env_id: int, learners: int) -> tuple[int, int
     students = [User(issuer="https://moodle.test", sub=uuid.uuid4().hex) for _ in range(learners)]
     session.add_all([teacher, *students])
     session.flush()
-    session.add(Enrolment(course_id=course.id, user_id=teacher.id,
-                          roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"]))
-    session.add_all(Enrolment(course_id=course.id, user_id=s.id,
-                              roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"])
-                    for s in students)
+    session.add(
+        Enrolment(
+            course_id=course.id,
+            user_id=teacher.id,
+            roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"],
+        )
+    )
+    session.add_all(
+        Enrolment(
+            course_id=course.id,
+            user_id=s.id,
+            roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"],
+        )
+        for s in students
+    )
     session.flush()
     return course.id, activity.id
 
 
 def _states(rt: Runtime, env_id: int) -> dict[str, int]:
     with rt.sessions() as session:
-        return {state.value: n for state, n in session.execute(
-            select(Machine.state, func.count()).where(Machine.environment_id == env_id)
-            .group_by(Machine.state))}
+        return {
+            state.value: n
+            for state, n in session.execute(
+                select(Machine.state, func.count())
+                .where(Machine.environment_id == env_id)
+                .group_by(Machine.state)
+            )
+        }
 
 
 # --- teacher-only actions -------------------------------------------------------------------
@@ -223,11 +278,14 @@ def test_learners_get_403_for_every_teacher_action(tool, platform, rt, browser):
     class_url = teacher_launch(platform, tool, browser)
     activity_id = class_url.split("/activities/")[1].split("/")[0]
     with requests.Session() as student:
-        machine_id = machine_id_of(platform.launch(student, tool.url, platform.learner(sub="4")).launch_response)
+        machine_id = machine_id_of(
+            platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+        )
         student_csrf = student.cookies.get("labpool_session")  # whatever it holds, it is no teacher
         for action in ACTIONS:
-            answer = student.post(f"{tool.url}/activities/{activity_id}/{action}",
-                                  data={"csrf": student_csrf or ""})
+            answer = student.post(
+                f"{tool.url}/activities/{activity_id}/{action}", data={"csrf": student_csrf or ""}
+            )
             assert answer.status_code == 403, action
         reset = student.post(f"{tool.url}/activities/{activity_id}/machines/{machine_id}/reset")
         assert reset.status_code == 403
@@ -239,44 +297,76 @@ def test_teacher_sets_the_schedule_and_bad_input_is_refused(tool, platform, rt, 
     activity_id = class_url.split("/activities/")[1].split("/")[0]
     csrf = csrf_of(browser, class_url)
     url = f"{tool.url}/activities/{activity_id}/schedule"
-    ok = browser.post(url, data={"csrf": csrf, "weekday": "2", "starts": "09:00", "ends": "10:30",
-                                 "timezone": "Europe/Paris", "lead_minutes": "15"},
-                      allow_redirects=False)
+    ok = browser.post(
+        url,
+        data={
+            "csrf": csrf,
+            "weekday": "2",
+            "starts": "09:00",
+            "ends": "10:30",
+            "timezone": "Europe/Paris",
+            "lead_minutes": "15",
+        },
+        allow_redirects=False,
+    )
     assert ok.status_code == 303
     for bad, why in [
         ({"weekday": "9", "starts": "09:00", "ends": "10:00"}, "day of the week"),
         ({"weekday": "1", "starts": "10:00", "ends": "09:00"}, "end after"),
         ({"weekday": "1", "starts": "nine", "ends": "10:00"}, "09:30"),
-        ({"weekday": "1", "starts": "09:00", "ends": "10:00", "timezone": "Mars/Olympus"}, "time zone"),
+        (
+            {"weekday": "1", "starts": "09:00", "ends": "10:00", "timezone": "Mars/Olympus"},
+            "time zone",
+        ),
     ]:
         answer = browser.post(url, data={"csrf": csrf, **bad})
         assert answer.status_code == 400 and why in answer.text, (bad, answer.text[:300])
-    assert browser.post(url, data={"csrf": "stale", "weekday": "1", "starts": "09:00",
-                                   "ends": "10:00"}).status_code == 403
+    assert (
+        browser.post(
+            url, data={"csrf": "stale", "weekday": "1", "starts": "09:00", "ends": "10:00"}
+        ).status_code
+        == 403
+    )
     schedule = browser.get(class_url + ".json").json()["schedule"]
-    assert schedule == [{"id": schedule[0]["id"], "day": "Wednesday", "starts": "09:00",
-                         "ends": "10:30", "timezone": "Europe/Paris", "lead_minutes": 15}]
+    assert schedule == [
+        {
+            "id": schedule[0]["id"],
+            "day": "Wednesday",
+            "starts": "09:00",
+            "ends": "10:30",
+            "timezone": "Europe/Paris",
+            "lead_minutes": 15,
+        }
+    ]
 
 
 def test_teacher_resets_a_students_machine_keeping_the_files(tool, platform, rt, browser):
     with requests.Session() as student:
-        old = machine_id_of(platform.launch(student, tool.url, platform.learner(sub="4")).launch_response)
+        old = machine_id_of(
+            platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+        )
     class_url = teacher_launch(platform, tool, browser)
     activity_id = class_url.split("/activities/")[1].split("/")[0]
     csrf = csrf_of(browser, class_url)
-    answer = browser.post(f"{tool.url}/activities/{activity_id}/machines/{old}/reset",
-                          data={"csrf": csrf}, allow_redirects=False)
+    answer = browser.post(
+        f"{tool.url}/activities/{activity_id}/machines/{old}/reset",
+        data={"csrf": csrf},
+        allow_redirects=False,
+    )
     assert answer.status_code == 303
     roster = browser.get(class_url + ".json").json()["roster"]
     (row,) = [r for r in roster if r["role"] == "student"]
     assert row["machine"] != old and row["state"] == "requested"
     with rt.sessions() as session:
         assert session.get_one(Machine, old).state in (S.stopping, S.stopped)
-        owners = session.scalars(select(Machine.owner_id).where(Machine.id.in_([old, row["machine"]]))).all()
+        owners = session.scalars(
+            select(Machine.owner_id).where(Machine.id.in_([old, row["machine"]]))
+        ).all()
     assert len(set(owners)) == 1
 
 
 # --- "warm now" -----------------------------------------------------------------------------
+
 
 def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
     cloud_rt, tool, platform, rt
@@ -285,9 +375,16 @@ def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
     big class's teacher does not cancel the big class's boost."""
     crt, _cloud = cloud_rt
     with transaction(rt.sessions) as session:
-        env = add_environment(session, name=f"lab-{uuid.uuid4().hex[:6]}", backend="openstack",
-                              image_id="img", flavor_id="flv", network_id="net", warm_target=0,
-                              max_size=10)
+        env = add_environment(
+            session,
+            name=f"lab-{uuid.uuid4().hex[:6]}",
+            backend="openstack",
+            image_id="img",
+            flavor_id="flv",
+            network_id="net",
+            warm_target=0,
+            max_size=10,
+        )
         env_id = env.id
         pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
 
@@ -302,17 +399,26 @@ def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
             activity_id = int(class_url.split("/activities/")[1].split("/")[0])
             with transaction(rt.sessions) as session:
                 course_id = session.get_one(Activity, activity_id).course_id
-                students = [User(issuer=platform.issuer, sub=uuid.uuid4().hex)
-                            for _ in range(learners)]
+                students = [
+                    User(issuer=platform.issuer, sub=uuid.uuid4().hex) for _ in range(learners)
+                ]
                 session.add_all(students)
                 session.flush()
-                session.add_all(Enrolment(course_id=course_id, user_id=s.id,
-                                          roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"])
-                                for s in students)
+                session.add_all(
+                    Enrolment(
+                        course_id=course_id,
+                        user_id=s.id,
+                        roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"],
+                    )
+                    for s in students
+                )
             csrf = csrf_of(browser, class_url)
             base = f"{tool.url}/activities/{activity_id}"
-            chosen = browser.post(f"{base}/environment", data={"csrf": csrf, "environment_id": env_id},
-                                  allow_redirects=False)
+            chosen = browser.post(
+                f"{base}/environment",
+                data={"csrf": csrf, "environment_id": env_id},
+                allow_redirects=False,
+            )
             assert chosen.status_code == 303
             warmed = browser.post(f"{base}/warm-now", data={"csrf": csrf}, allow_redirects=False)
             assert warmed.status_code == 303
@@ -327,8 +433,11 @@ def test_warm_now_boosts_are_kept_per_activity_and_the_pool_takes_the_largest(
         boosts = {b.activity_id: b.target for b in session.scalars(select(WarmBoost))}
         assert boosts == {big: 4, small: 1}
         # The big class's boost runs out: the small one's still holds the pool up.
-        session.execute(update(WarmBoost).where(WarmBoost.activity_id == big)
-                        .values(until=datetime.now(UTC) - timedelta(seconds=1)))
+        session.execute(
+            update(WarmBoost)
+            .where(WarmBoost.activity_id == big)
+            .values(until=datetime.now(UTC) - timedelta(seconds=1))
+        )
     assert reconcile_pool(crt, pool_id).target == 1
 
 
@@ -342,15 +451,30 @@ def test_upserted_ids_follow_the_rows_even_when_the_rows_already_exist(rt):
     def upsert(subs: list[str]) -> list[int]:
         with transaction(rt.sessions) as session:
             return upsert_many(
-                session, User, ("issuer", "sub"),
-                [{"issuer": "https://order.example", "sub": sub, "name": None, "email": None,
-                  "last_seen_at": utcnow()} for sub in subs],
-                update_columns=("name", "email"), keep_if_null=("name", "email"))
+                session,
+                User,
+                ("issuer", "sub"),
+                [
+                    {
+                        "issuer": "https://order.example",
+                        "sub": sub,
+                        "name": None,
+                        "email": None,
+                        "last_seen_at": utcnow(),
+                    }
+                    for sub in subs
+                ],
+                update_columns=("name", "email"),
+                keep_if_null=("name", "email"),
+            )
 
     first = dict(zip(["50", "3", "7"], upsert(["50", "3", "7"]), strict=True))
     again = dict(zip(["7", "3", "50", "9"], upsert(["7", "3", "50", "9"]), strict=True))
     assert {sub: again[sub] for sub in first} == first
     with rt.sessions() as session:
-        stored = dict(session.execute(
-            select(User.sub, User.id).where(User.issuer == "https://order.example")).all())
+        stored = dict(
+            session.execute(
+                select(User.sub, User.id).where(User.issuer == "https://order.example")
+            ).all()
+        )
     assert stored == again

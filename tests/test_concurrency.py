@@ -18,8 +18,13 @@ def _warm_machines(rt, n: int) -> list[int]:  # type: ignore[no-untyped-def]
     with transaction(rt.sessions) as session:
         env = default_environment(session)
         machines = [
-            Machine(environment_id=env.id, backend="local", state=MachineState.ready,
-                    address=f"127.0.0.1:{20000 + i}", ide_token=f"t{i}")
+            Machine(
+                environment_id=env.id,
+                backend="local",
+                state=MachineState.ready,
+                address=f"127.0.0.1:{20000 + i}",
+                ide_token=f"t{i}",
+            )
             for i in range(n)
         ]
         session.add_all(machines)

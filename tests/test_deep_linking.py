@@ -71,21 +71,35 @@ def verified_with_tool_jwks(tool, platform, token: str) -> dict:  # type: ignore
     keyset = requests.get(f"{tool.url}/lti/jwks.json", timeout=10).json()
     kid = jwt.get_unverified_header(token)["kid"]
     key = next(jwt.PyJWK(k) for k in keyset["keys"] if k["kid"] == kid)
-    return jwt.decode(token, key.key, algorithms=["RS256"], audience=platform.issuer,
-                      issuer=platform.client_id, options={"require": ["exp", "iat", "nonce"]})
+    return jwt.decode(
+        token,
+        key.key,
+        algorithms=["RS256"],
+        audience=platform.issuer,
+        issuer=platform.client_id,
+        options={"require": ["exp", "iat", "nonce"]},
+    )
 
 
 def test_teacher_picks_an_environment_and_moodle_gets_a_signed_resource_link(
-        tool, platform, rt, browser, lab_environment):
+    tool, platform, rt, browser, lab_environment
+):
     request_data = "moodle-opaque:42"
-    result, page_url, page = open_selection(platform, tool, browser,
-                                            dl_settings={"data": request_data})
+    result, page_url, page = open_selection(
+        platform, tool, browser, dl_settings={"data": request_data}
+    )
     assert "week-1-lab" in page.text
 
-    answer = browser.post(page_url, data={
-        "csrf": csrf_of(page), "environment_id": str(lab_environment),
-        "title": "Week 1 lab", "text": "Pandas warm-up", "score_maximum": "20",
-    })
+    answer = browser.post(
+        page_url,
+        data={
+            "csrf": csrf_of(page),
+            "environment_id": str(lab_environment),
+            "title": "Week 1 lab",
+            "text": "Pandas warm-up",
+            "score_maximum": "20",
+        },
+    )
     action, moodle = post_to_moodle(answer)
     settings = result.claims[DL_SETTINGS]
     assert action == settings["deep_link_return_url"]
@@ -117,22 +131,29 @@ def test_teacher_picks_an_environment_and_moodle_gets_a_signed_resource_link(
         "text": "Pandas warm-up",
         "url": f"{tool.url}/lti/launch",
         "custom": {"labpool_environment": str(lab_environment)},
-        "lineItem": {"scoreMaximum": 20, "label": "Week 1 lab",
-                     "resourceId": f"environment-{lab_environment}", "tag": "labpool"},
+        "lineItem": {
+            "scoreMaximum": 20,
+            "label": "Week 1 lab",
+            "resourceId": f"environment-{lab_environment}",
+            "tag": "labpool",
+        },
     }
 
     # One answer per request: the page is gone once answered.
-    again = browser.post(page_url, data={"csrf": csrf_of(page),
-                                         "environment_id": str(lab_environment)})
+    again = browser.post(
+        page_url, data={"csrf": csrf_of(page), "environment_id": str(lab_environment)}
+    )
     assert again.status_code == 410
 
 
 def test_without_data_in_the_request_the_response_has_no_data_claim(
-        tool, platform, rt, browser, lab_environment):
+    tool, platform, rt, browser, lab_environment
+):
     result, page_url, page = open_selection(platform, tool, browser)
     assert "data" not in result.claims[DL_SETTINGS]
-    answer = browser.post(page_url, data={"csrf": csrf_of(page),
-                                          "environment_id": str(lab_environment)})
+    answer = browser.post(
+        page_url, data={"csrf": csrf_of(page), "environment_id": str(lab_environment)}
+    )
     claims = verified_with_tool_jwks(tool, platform, parse_auto_submit_form(answer.text)[2]["JWT"])
     assert DL + "data" not in claims
     [item] = claims[DL + "content_items"]
@@ -156,32 +177,42 @@ def test_cancel_answers_no_content_items_and_still_echoes_data(tool, platform, r
 
 
 def test_learner_cannot_select_content_and_nothing_is_written(tool, platform, rt, browser):
-    result = platform.launch(browser, tool.url, platform.deep_linking(
-        roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"]))
+    result = platform.launch(
+        browser,
+        tool.url,
+        platform.deep_linking(roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"]),
+    )
     assert result.launch_response.status_code == 403
     assert "teachers" in result.launch_response.text
     assert count_rows(rt) == NOTHING
     assert not list(rt.redis.scan_iter("labpool:deep-link:*"))
 
 
-@pytest.mark.parametrize("dl_settings, reason", [
-    ({"deep_link_return_url": "https://evil.example/mod/lti/contentitem_return.php"},
-     "own site"),
-    ({"deep_link_return_url": "javascript:alert(1)"}, "not an http(s) URL"),
-    ({"deep_link_return_url": None}, "not an http(s) URL"),
-    # (pylti1p3's message check refuses this one before Labpool's does.)
-    ({"accept_types": ["link", "html"]}, "resource link"),
-])
-def test_bad_deep_linking_settings_are_refused_with_400(tool, platform, rt, browser,
-                                                         dl_settings, reason):
+@pytest.mark.parametrize(
+    "dl_settings, reason",
+    [
+        (
+            {"deep_link_return_url": "https://evil.example/mod/lti/contentitem_return.php"},
+            "own site",
+        ),
+        ({"deep_link_return_url": "javascript:alert(1)"}, "not an http(s) URL"),
+        ({"deep_link_return_url": None}, "not an http(s) URL"),
+        # (pylti1p3's message check refuses this one before Labpool's does.)
+        ({"accept_types": ["link", "html"]}, "resource link"),
+    ],
+)
+def test_bad_deep_linking_settings_are_refused_with_400(
+    tool, platform, rt, browser, dl_settings, reason
+):
     result = platform.launch(browser, tool.url, platform.deep_linking(dl_settings=dl_settings))
     assert result.launch_response.status_code == 400
     assert reason in result.launch_response.text
     assert count_rows(rt) == NOTHING
 
 
-def test_a_forged_choice_is_refused_and_nothing_is_signed(tool, platform, rt, browser,
-                                                          lab_environment):
+def test_a_forged_choice_is_refused_and_nothing_is_signed(
+    tool, platform, rt, browser, lab_environment
+):
     _, page_url, page = open_selection(platform, tool, browser)
     csrf = csrf_of(page)
     for form, status in [
@@ -197,30 +228,37 @@ def test_a_forged_choice_is_refused_and_nothing_is_signed(tool, platform, rt, br
     # Someone else's browser (no session of this teacher) cannot answer for them, nor can
     # another teacher of the course with a session of their own.
     with requests.Session() as stranger:
-        assert stranger.post(page_url, data={"csrf": csrf,
-                                             "environment_id": str(lab_environment)}
-                             ).status_code == 403
+        assert (
+            stranger.post(
+                page_url, data={"csrf": csrf, "environment_id": str(lab_environment)}
+            ).status_code
+            == 403
+        )
         other = platform.launch(stranger, tool.url, platform.instructor(sub="9"))
         class_page = stranger.get(urljoin(tool.url, other.launch_response.headers["Location"]))
-        taken = stranger.post(page_url, data={"csrf": csrf_of(class_page),
-                                              "environment_id": str(lab_environment)})
+        taken = stranger.post(
+            page_url, data={"csrf": csrf_of(class_page), "environment_id": str(lab_environment)}
+        )
         assert taken.status_code == 403 and "someone else" in taken.text
     # The selection is still open: the teacher can still choose.
     assert browser.get(page_url).status_code == 200
 
 
 def test_a_launch_of_the_new_activity_lands_on_the_chosen_environment(
-        tool, platform, rt, browser, lab_environment):
+    tool, platform, rt, browser, lab_environment
+):
     _, page_url, page = open_selection(platform, tool, browser)
-    answer = browser.post(page_url, data={"csrf": csrf_of(page),
-                                          "environment_id": str(lab_environment)})
+    answer = browser.post(
+        page_url, data={"csrf": csrf_of(page), "environment_id": str(lab_environment)}
+    )
     token = parse_auto_submit_form(answer.text)[2]["JWT"]
     [item] = jwt.decode(token, options={"verify_signature": False})[DL + "content_items"]
 
     # Moodle now launches the activity it made, with the item's custom parameters.
     custom = {**platform.learner()[LTI + "custom"], **item["custom"]}
-    launch = platform.launch(browser, tool.url,
-                             platform.learner(sub="4", resource_link_id="77", custom=custom))
+    launch = platform.launch(
+        browser, tool.url, platform.learner(sub="4", resource_link_id="77", custom=custom)
+    )
     assert launch.launch_response.status_code == 303, launch.launch_response.text[:300]
     with rt.sessions() as session:
         activity = session.scalars(select(Activity).where(Activity.resource_link_id == "77")).one()
@@ -230,32 +268,40 @@ def test_a_launch_of_the_new_activity_lands_on_the_chosen_environment(
 
 
 def test_the_teachers_later_choice_wins_over_the_custom_parameter(
-        tool, platform, rt, browser, lab_environment):
+    tool, platform, rt, browser, lab_environment
+):
     custom = {"labpool_environment": str(lab_environment)}
-    teacher = platform.launch(browser, tool.url,
-                              platform.instructor(resource_link_id="78", custom=custom))
+    teacher = platform.launch(
+        browser, tool.url, platform.instructor(resource_link_id="78", custom=custom)
+    )
     class_url = urljoin(tool.url, teacher.launch_response.headers["Location"])
     with rt.sessions() as session:
         activity = session.scalars(select(Activity).where(Activity.resource_link_id == "78")).one()
-        default_id = session.scalars(select(Environment.id).where(
-            Environment.name == "default")).one()
+        default_id = session.scalars(
+            select(Environment.id).where(Environment.name == "default")
+        ).one()
     assert activity.environment_id == lab_environment
     page = browser.get(class_url)
-    chosen = browser.post(f"{tool.url}/activities/{activity.id}/environment",
-                          data={"csrf": csrf_of(page), "environment_id": str(default_id)},
-                          allow_redirects=False)
+    chosen = browser.post(
+        f"{tool.url}/activities/{activity.id}/environment",
+        data={"csrf": csrf_of(page), "environment_id": str(default_id)},
+        allow_redirects=False,
+    )
     assert chosen.status_code == 303
-    platform.launch(browser, tool.url, platform.learner(sub="4", resource_link_id="78",
-                                                        custom=custom))
+    platform.launch(
+        browser, tool.url, platform.learner(sub="4", resource_link_id="78", custom=custom)
+    )
     with rt.sessions() as session:
         assert session.get_one(Activity, activity.id).environment_id == default_id
 
 
 @pytest.mark.parametrize("value", ["999999", "abc", "", "12345678901234567890", "٣"])
-def test_a_custom_parameter_naming_no_environment_is_ignored(tool, platform, rt, browser,
-                                                              value):
-    launch = platform.launch(browser, tool.url, platform.learner(
-        sub="4", resource_link_id="79", custom={"labpool_environment": value}))
+def test_a_custom_parameter_naming_no_environment_is_ignored(tool, platform, rt, browser, value):
+    launch = platform.launch(
+        browser,
+        tool.url,
+        platform.learner(sub="4", resource_link_id="79", custom={"labpool_environment": value}),
+    )
     assert launch.launch_response.status_code == 303, launch.launch_response.text[:300]
     with rt.sessions() as session:
         activity = session.scalars(select(Activity).where(Activity.resource_link_id == "79")).one()
@@ -269,10 +315,13 @@ def test_teacher_picks_an_assignment_of_the_course(tool, platform, rt, browser, 
     platform.launch(browser, tool.url, platform.instructor(resource_link_id="80"))
     with transaction(rt.sessions) as session:
         activity = session.scalars(select(Activity).where(Activity.resource_link_id == "80")).one()
-        assignment = Assignment(activity_id=activity.id, name="hw1", title="Homework 1",
-                                max_score=12.5)
-        other_course = Course(platform_id=session.get_one(Course, activity.course_id).platform_id,
-                              context_id="elsewhere")
+        assignment = Assignment(
+            activity_id=activity.id, name="hw1", title="Homework 1", max_score=12.5
+        )
+        other_course = Course(
+            platform_id=session.get_one(Course, activity.course_id).platform_id,
+            context_id="elsewhere",
+        )
         session.add_all([assignment, other_course])
         session.flush()
         foreign = Activity(course_id=other_course.id, resource_link_id="x")
@@ -285,28 +334,51 @@ def test_teacher_picks_an_assignment_of_the_course(tool, platform, rt, browser, 
 
     _, page_url, page = open_selection(platform, tool, browser)
     assert "Homework 1" in page.text and "Not yours" not in page.text
-    refused = browser.post(page_url, data={"csrf": csrf_of(page),
-                                           "environment_id": str(lab_environment),
-                                           "assignment_id": str(theirs_id)})
+    refused = browser.post(
+        page_url,
+        data={
+            "csrf": csrf_of(page),
+            "environment_id": str(lab_environment),
+            "assignment_id": str(theirs_id),
+        },
+    )
     assert refused.status_code == 400
-    answer = browser.post(page_url, data={"csrf": csrf_of(page),
-                                          "environment_id": str(lab_environment),
-                                          "assignment_id": str(assignment_id), "title": ""})
+    answer = browser.post(
+        page_url,
+        data={
+            "csrf": csrf_of(page),
+            "environment_id": str(lab_environment),
+            "assignment_id": str(assignment_id),
+            "title": "",
+        },
+    )
     _, moodle = post_to_moodle(answer)
     assert moodle.status_code == 200
     claims = verified_with_tool_jwks(tool, platform, parse_auto_submit_form(answer.text)[2]["JWT"])
     [item] = claims[DL + "content_items"]
-    assert item["custom"] == {"labpool_environment": str(lab_environment),
-                              "labpool_assignment": str(assignment_id)}
+    assert item["custom"] == {
+        "labpool_environment": str(lab_environment),
+        "labpool_assignment": str(assignment_id),
+    }
     assert item["title"] == "Homework 1"
-    assert item["lineItem"] == {"scoreMaximum": 12.5, "label": "Homework 1",
-                                "resourceId": f"assignment-{assignment_id}", "tag": "labpool"}
+    assert item["lineItem"] == {
+        "scoreMaximum": 12.5,
+        "label": "Homework 1",
+        "resourceId": f"assignment-{assignment_id}",
+        "tag": "labpool",
+    }
 
     # The new activity's launch takes the assignment; another course's is never taken.
-    platform.launch(browser, tool.url, platform.learner(sub="4", resource_link_id="81",
-                                                        custom=item["custom"]))
-    platform.launch(browser, tool.url, platform.learner(
-        sub="4", resource_link_id="82", custom={"labpool_assignment": str(theirs_id)}))
+    platform.launch(
+        browser, tool.url, platform.learner(sub="4", resource_link_id="81", custom=item["custom"])
+    )
+    platform.launch(
+        browser,
+        tool.url,
+        platform.learner(
+            sub="4", resource_link_id="82", custom={"labpool_assignment": str(theirs_id)}
+        ),
+    )
     with rt.sessions() as session:
         by_link = {a.resource_link_id: a for a in session.scalars(select(Activity))}
         assert by_link["81"].assignment_id == assignment_id

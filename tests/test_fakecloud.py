@@ -60,12 +60,18 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def create(conn: openstack.connection.Connection, name: str, tags: list[str] | None = None,
-           **extra: Any) -> Any:
+def create(
+    conn: openstack.connection.Connection, name: str, tags: list[str] | None = None, **extra: Any
+) -> Any:
     return conn.compute.create_server(
-        name=name, image_id="img-1", flavor_id="m1.small",
+        name=name,
+        image_id="img-1",
+        flavor_id="m1.small",
         networks=[{"uuid": "0d1c2b3a-4f5e-4d6c-8b7a-695847362514"}],
-        user_data=b64("#cloud-config\n{}\n"), tags=tags or ["labpool", "pool-1"], **extra)
+        user_data=b64("#cloud-config\n{}\n"),
+        tags=tags or ["labpool", "pool-1"],
+        **extra,
+    )
 
 
 def wait_active(conn: openstack.connection.Connection, server: Any) -> Any:
@@ -94,26 +100,35 @@ def test_create_builds_then_active_with_address(cloud: FakeCloud, conn: Any) -> 
     assert base64.b64decode(seen["user_data"]).startswith(b"#cloud-config")
     # Connection setup as OPENSTACK.md says: identity discovery, token, compute discovery.
     assert [(r.method, r.path) for r in cloud.request_log[:4]] == [
-        ("GET", "/identity/v3"), ("POST", "/identity/v3/auth/tokens"),
-        ("GET", "/compute/v2.1"), ("POST", "/compute/v2.1/servers")]
+        ("GET", "/identity/v3"),
+        ("POST", "/identity/v3/auth/tokens"),
+        ("GET", "/compute/v2.1"),
+        ("POST", "/compute/v2.1/servers"),
+    ]
 
 
 def test_user_data_must_be_base64(conn: Any) -> None:
     with pytest.raises(os_exc.BadRequestException, match="base64"):
-        conn.compute.create_server(name="x", image_id="i", flavor_id="f", networks="none",
-                                   user_data="#!/bin/sh\necho not encoded\n")
+        conn.compute.create_server(
+            name="x",
+            image_id="i",
+            flavor_id="f",
+            networks="none",
+            user_data="#!/bin/sh\necho not encoded\n",
+        )
 
 
-@pytest.mark.fake_cloud(images={"img-1"}, flavors={"m1.small": {"vcpus": 2, "ram": 4096, "disk": 20}})
+@pytest.mark.fake_cloud(
+    images={"img-1"}, flavors={"m1.small": {"vcpus": 2, "ram": 4096, "disk": 20}}
+)
 def test_unknown_image_or_flavor_is_400(conn: Any) -> None:
     with pytest.raises(os_exc.BadRequestException, match="Image nope could not be found"):
-        conn.compute.create_server(name="x", image_id="nope", flavor_id="m1.small",
-                                   networks="none")
+        conn.compute.create_server(name="x", image_id="nope", flavor_id="m1.small", networks="none")
     with pytest.raises(os_exc.BadRequestException, match="Flavor m9 could not be found"):
-        conn.compute.create_server(name="x", image_id="img-1", flavor_id="m9",
-                                   networks="none")
-    ok = conn.compute.create_server(name="x", image_id="img-1", flavor_id="m1.small",
-                                    networks="none")
+        conn.compute.create_server(name="x", image_id="img-1", flavor_id="m9", networks="none")
+    ok = conn.compute.create_server(
+        name="x", image_id="img-1", flavor_id="m1.small", networks="none"
+    )
     assert conn.compute.get_server(ok.id).flavor.ram == 4096
 
 
@@ -170,7 +185,8 @@ def test_quota_403_and_delete_frees_it(cloud: FakeCloud, conn: Any) -> None:
     with pytest.raises(os_exc.ForbiddenException) as err:
         create(conn, "c")
     assert "Quota exceeded for instances: Requested 1, but already used 2 of 2 instances" in str(
-        err.value)
+        err.value
+    )
     assert err.value.status_code == 403
 
     limits = conn.compute.get_limits().absolute
@@ -261,8 +277,7 @@ def test_vanished_server_is_not_found(cloud: FakeCloud, conn: Any) -> None:
 @pytest.mark.parametrize("mode", ["502", "reset"])
 def test_lost_create_response_leaves_server(cloud: FakeCloud, conn: Any, mode: str) -> None:
     cloud.lose_next_create_response(mode)
-    expected = (os_exc.HttpException if mode == "502"
-                else keystoneauth1.exceptions.ConnectFailure)
+    expected = os_exc.HttpException if mode == "502" else keystoneauth1.exceptions.ConnectFailure
     with pytest.raises(expected):
         create(conn, "lost", tags=["labpool", "pool-9", "machine-7"])
     assert cloud.count("POST", "/compute/v2.1/servers") == 1  # no silent retry
@@ -303,8 +318,9 @@ def test_wrong_credentials_and_missing_token_are_401(cloud: FakeCloud) -> None:
         list(openstack.connect(cloud="fake").compute.servers())
     answer = requests.get(f"{cloud.url}/compute/v2.1/servers/detail", timeout=5)
     assert answer.status_code == 401
-    answer = requests.get(f"{cloud.url}/compute/v2.1/servers", timeout=5,
-                          headers={"X-Auth-Token": "made-up"})
+    answer = requests.get(
+        f"{cloud.url}/compute/v2.1/servers", timeout=5, headers={"X-Auth-Token": "made-up"}
+    )
     assert answer.status_code == 401
 
 
@@ -314,23 +330,41 @@ def test_expired_token_reauthenticates(cloud: FakeCloud, conn: Any) -> None:
     cloud.reset_counters()
     list(conn.compute.servers())
     assert [(r.method, r.path) for r in cloud.request_log] == [
-        ("GET", "/compute/v2.1/servers/detail"), ("POST", "/identity/v3/auth/tokens"),
-        ("GET", "/compute/v2.1/servers/detail")]
+        ("GET", "/compute/v2.1/servers/detail"),
+        ("POST", "/identity/v3/auth/tokens"),
+        ("GET", "/compute/v2.1/servers/detail"),
+    ]
 
 
 def test_microversion_negotiation(cloud: FakeCloud, conn: Any) -> None:
     token = conn.session.get_token()
-    body = {"server": {"name": "x", "imageRef": "i", "flavorRef": "f", "networks": "none",
-                       "tags": ["a"]}}
+    body = {
+        "server": {
+            "name": "x",
+            "imageRef": "i",
+            "flavorRef": "f",
+            "networks": "none",
+            "tags": ["a"],
+        }
+    }
     url = f"{cloud.url}/compute/v2.1/servers"
-    old = requests.post(url, json=body, timeout=5, headers={
-        "X-Auth-Token": token, "OpenStack-API-Version": "compute 2.51"})
+    old = requests.post(
+        url,
+        json=body,
+        timeout=5,
+        headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.51"},
+    )
     assert old.status_code == 400 and "'tags' was unexpected" in old.text
-    future = requests.get(url, timeout=5, headers={
-        "X-Auth-Token": token, "OpenStack-API-Version": "compute 2.200"})
+    future = requests.get(
+        url, timeout=5, headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute 2.200"}
+    )
     assert future.status_code == 406
-    latest = requests.post(url, json=body, timeout=5, headers={
-        "X-Auth-Token": token, "OpenStack-API-Version": "compute latest"})
+    latest = requests.post(
+        url,
+        json=body,
+        timeout=5,
+        headers={"X-Auth-Token": token, "OpenStack-API-Version": "compute latest"},
+    )
     assert latest.status_code == 202
     assert latest.headers["OpenStack-API-Version"] == "compute 2.96"
 
@@ -381,9 +415,23 @@ def test_deleting_server_frees_its_volumes(cloud: FakeCloud, conn: Any) -> None:
 def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clouds = tmp_path / "clouds.yaml"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakecloud", "--port", "0", "--boot-time", "0",
-         "--quota", "3", "--clouds-yaml", str(clouds)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tests.fakecloud",
+            "--port",
+            "0",
+            "--boot-time",
+            "0",
+            "--quota",
+            "3",
+            "--clouds-yaml",
+            str(clouds),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         assert "listening on http://127.0.0.1:" in proc.stdout.readline()
@@ -397,29 +445,41 @@ def test_standalone_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # -- IDEs on the servers ----------------------------------------------------------------
-def create_machine(conn: openstack.connection.Connection, machine_id: int, token: str,
-                   **extra: Any) -> Any:
+def create_machine(
+    conn: openstack.connection.Connection, machine_id: int, token: str, **extra: Any
+) -> Any:
     """A server as the openstack backend creates it: cloud-init user-data and tags."""
     return conn.compute.create_server(
-        name=f"labpool-{machine_id}", image_id="img-1", flavor_id="m1.small",
+        name=f"labpool-{machine_id}",
+        image_id="img-1",
+        flavor_id="m1.small",
         networks=[{"uuid": "0d1c2b3a-4f5e-4d6c-8b7a-695847362514"}],
-        user_data=cloud_init.user_data(machine_id=machine_id, ide_kind="jupyterlab",
-                                       ide_token=token),
-        tags=["labpool", "pool-1", f"machine-{machine_id}"], **extra)
+        user_data=cloud_init.user_data(
+            machine_id=machine_id, ide_kind="jupyterlab", ide_token=token
+        ),
+        tags=["labpool", "pool-1", f"machine-{machine_id}"],
+        **extra,
+    )
 
 
 def ide_address(server: Any, port: int = 8888) -> str:
     """As the openstack backend reads it: the first fixed IP, ":", the IDE port."""
-    fixed = [a for addrs in server.addresses.values() for a in addrs
-             if a.get("OS-EXT-IPS:type") == "fixed"]
+    fixed = [
+        a
+        for addrs in server.addresses.values()
+        for a in addrs
+        if a.get("OS-EXT-IPS:type") == "fixed"
+    ]
     return f"{fixed[0]['addr']}:{port}"
 
 
-def ide_get(address: str, path: str, token: str | None = None,
-            timeout: float = 2) -> requests.Response:
+def ide_get(
+    address: str, path: str, token: str | None = None, timeout: float = 2
+) -> requests.Response:
     headers = {"Authorization": f"token {token}"} if token else {}
-    return requests.get(f"http://{address}{path}", headers=headers, timeout=timeout,
-                        allow_redirects=False)
+    return requests.get(
+        f"http://{address}{path}", headers=headers, timeout=timeout, allow_redirects=False
+    )
 
 
 def answers(address: str, machine_id: int, token: str) -> bool:
@@ -438,18 +498,30 @@ def test_token_from_user_data() -> None:
     # code-server's guard reads the same file, under its own name.
     assert token_from_user_data(cloud_init.user_data(7, "code-server", token)) == token
     encoded = base64.b64encode(f"export JUPYTER_TOKEN='{token}'\n".encode()).decode()
-    assert token_from_user_data(b64(
-        "#cloud-config\nwrite_files:\n- path: /etc/other\n  content: JUPYTER_TOKEN=nope\n"
-        f"- path: /etc/labpool/ide.env\n  encoding: b64\n  content: {encoded}\n")) == token
-    for junk in (None, "", "%%% not base64", b64("#!/bin/sh\necho hi\n"), b64("- a\n- b\n"),
-                 b64("write_files: [{path: /etc/labpool/ide.env, content: 'OTHER=1'}]"),
-                 b64("#cloud-config\nwrite_files: {oops: 1}\n"), b64(": : :\n\t[")):
+    assert (
+        token_from_user_data(
+            b64(
+                "#cloud-config\nwrite_files:\n- path: /etc/other\n  content: JUPYTER_TOKEN=nope\n"
+                f"- path: /etc/labpool/ide.env\n  encoding: b64\n  content: {encoded}\n"
+            )
+        )
+        == token
+    )
+    for junk in (
+        None,
+        "",
+        "%%% not base64",
+        b64("#!/bin/sh\necho hi\n"),
+        b64("- a\n- b\n"),
+        b64("write_files: [{path: /etc/labpool/ide.env, content: 'OTHER=1'}]"),
+        b64("#cloud-config\nwrite_files: {oops: 1}\n"),
+        b64(": : :\n\t["),
+    ):
         assert token_from_user_data(junk) is None
 
 
 @STUB_IDES
-def test_stub_ide_answers_once_active_and_only_with_its_token(cloud: FakeCloud,
-                                                              conn: Any) -> None:
+def test_stub_ide_answers_once_active_and_only_with_its_token(cloud: FakeCloud, conn: Any) -> None:
     token = secrets.token_urlsafe(32)
     created = create_machine(conn, 7, token)
     address = cloud.ide_address(created.id)
@@ -470,16 +542,21 @@ def test_stub_ide_answers_once_active_and_only_with_its_token(cloud: FakeCloud,
 
     assert ide_get(address, "/ide/7/api/status").status_code == 403
     assert ide_get(address, "/ide/7/api/status", "wrong-" + token).status_code == 403
-    assert requests.get(f"http://{address}/ide/7/api/status?token={token}",
-                        timeout=2).status_code == 200
+    assert (
+        requests.get(f"http://{address}/ide/7/api/status?token={token}", timeout=2).status_code
+        == 200
+    )
     page = ide_get(address, "/ide/7/lab/tree/x.ipynb", token)
     assert (page.status_code, page.text) == (200, "stub IDE")
     assert ide_get(address, "/ide/7/lab").status_code == 403
     assert ide_get(address, "/ide/8/api/status", token).status_code == 404
     with requests.Session() as session:  # keep-alive: several requests on one connection
         for _ in range(3):
-            answer = session.get(f"http://{address}/ide/7/api/status", timeout=2,
-                                 headers={"Authorization": f"token {token}"})
+            answer = session.get(
+                f"http://{address}/ide/7/api/status",
+                timeout=2,
+                headers={"Authorization": f"token {token}"},
+            )
             assert answer.status_code == 200
 
 
@@ -548,17 +625,25 @@ def test_stub_ide_hang(cloud: FakeCloud, conn: Any) -> None:
 
 
 @STUB_IDES
-def test_server_without_token_gets_no_ide(cloud: FakeCloud, conn: Any,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_server_without_token_gets_no_ide(
+    cloud: FakeCloud, conn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="tests.fakecloud.ide")
     server = wait_active(conn, create(conn, "bare", tags=["labpool", "machine-9"]))
     assert not cloud.ide_running(server.id)
     assert "JUPYTER_TOKEN" in (cloud.ide_skipped(server.id) or "")
     assert not answers(ide_address(server), 9, "whatever")
     assert any(server.id in r.getMessage() and "no IDE" in r.getMessage() for r in caplog.records)
-    untagged = wait_active(conn, conn.compute.create_server(
-        name="untagged", image_id="img-1", flavor_id="m1.small", networks="none",
-        user_data=cloud_init.user_data(9, "jupyterlab", secrets.token_urlsafe(32))))
+    untagged = wait_active(
+        conn,
+        conn.compute.create_server(
+            name="untagged",
+            image_id="img-1",
+            flavor_id="m1.small",
+            networks="none",
+            user_data=cloud_init.user_data(9, "jupyterlab", secrets.token_urlsafe(32)),
+        ),
+    )
     assert "machine-<id>" in (cloud.ide_skipped(untagged.id) or "")
 
 
@@ -577,8 +662,9 @@ def test_fifty_stub_ides_at_once(cloud: FakeCloud, conn: Any) -> None:
     assert set(by_machine) == set(tokens)
 
     def check(mid: int) -> int:
-        return ide_get(ide_address(by_machine[mid]), f"/ide/{mid}/api/status",
-                       tokens[mid]).status_code
+        return ide_get(
+            ide_address(by_machine[mid]), f"/ide/{mid}/api/status", tokens[mid]
+        ).status_code
 
     with ThreadPoolExecutor(max_workers=25) as pool:
         assert list(pool.map(check, tokens)) == [200] * 50
@@ -589,8 +675,7 @@ def test_fifty_stub_ides_at_once(cloud: FakeCloud, conn: Any) -> None:
 
 
 @STUB_IDES
-def test_ide_addresses_skip_busy_ports_and_other_clouds(cloud: FakeCloud,
-                                                       conn: Any) -> None:
+def test_ide_addresses_skip_busy_ports_and_other_clouds(cloud: FakeCloud, conn: Any) -> None:
     first = cloud.ide_address(create_machine(conn, 1, secrets.token_urlsafe(32)).id)
     ip = ipaddress.ip_address(first.split(":")[0])
     squatters = []
@@ -672,16 +757,26 @@ def test_security_groups_are_validated_like_neutron(conn: Any, cloud: FakeCloud)
     (default,) = list(network.security_groups(name="default"))
     rules = list(network.security_group_rules(security_group_id=default.id))
     assert sorted((r.direction, r.ether_type, r.remote_group_id) for r in rules) == [
-        ("egress", "IPv4", None), ("egress", "IPv6", None),
-        ("ingress", "IPv4", default.id), ("ingress", "IPv6", default.id)]
+        ("egress", "IPv4", None),
+        ("egress", "IPv6", None),
+        ("ingress", "IPv4", default.id),
+        ("ingress", "IPv6", default.id),
+    ]
 
     group = network.create_security_group(name="ide", description="IDE port")
-    assert [(r.direction, r.remote_ip_prefix) for r in
-            network.security_group_rules(security_group_id=group.id)] == [
-        ("egress", None), ("egress", None)]  # Neutron's defaults for a new group
+    assert [
+        (r.direction, r.remote_ip_prefix)
+        for r in network.security_group_rules(security_group_id=group.id)
+    ] == [("egress", None), ("egress", None)]  # Neutron's defaults for a new group
     rule = network.create_security_group_rule(
-        security_group_id=group.id, direction="ingress", ether_type="IPv4", protocol="tcp",
-        port_range_min=8888, port_range_max=8888, remote_ip_prefix="10.0.0.5")
+        security_group_id=group.id,
+        direction="ingress",
+        ether_type="IPv4",
+        protocol="tcp",
+        port_range_min=8888,
+        port_range_max=8888,
+        remote_ip_prefix="10.0.0.5",
+    )
     assert rule.remote_ip_prefix == "10.0.0.5/32"  # stored normalized
     assert network.get_security_group_rule(rule.id).port_range_max == 8888
 
@@ -691,14 +786,18 @@ def test_security_groups_are_validated_like_neutron(conn: Any, cloud: FakeCloud)
         return lambda: network.create_security_group_rule(**body)
 
     before = len(cloud.state.security_group_rules)
-    assert neutron_error(add(protocol="tcp", port_range_min=8888, port_range_max=8888,
-                             remote_ip_prefix="10.0.0.5/32")) == (
-        409, f"Security group rule already exists. Rule id is {rule.id}.")
+    assert neutron_error(
+        add(
+            protocol="tcp", port_range_min=8888, port_range_max=8888, remote_ip_prefix="10.0.0.5/32"
+        )
+    ) == (409, f"Security group rule already exists. Rule id is {rule.id}.")
     assert neutron_error(add(port_range_min=22, port_range_max=22))[0] == 400  # no protocol
     assert neutron_error(add(protocol="tcp", port_range_min=90, port_range_max=80))[0] == 400
     assert neutron_error(add(protocol="tcp", port_range_min=0, port_range_max=80))[0] == 400
     assert neutron_error(add(remote_ip_prefix="::/0")) == (
-        400, "Conflicting value ethertype IPv4 for CIDR ::/0")
+        400,
+        "Conflicting value ethertype IPv4 for CIDR ::/0",
+    )
     assert neutron_error(add(remote_ip_prefix="10.0.0.0/8", remote_group_id=group.id))[0] == 400
     assert neutron_error(add(remote_ip_prefix="10.0.0.300/32"))[0] == 400
     assert neutron_error(add(protocol="carrier-pigeon"))[0] == 400
@@ -714,16 +813,19 @@ def test_security_groups_are_validated_like_neutron(conn: Any, cloud: FakeCloud)
     conn.compute.delete_server(server.id)
     network.delete_security_group(group.id)
     assert network.find_security_group("ide") is None
-    assert not [r for r in cloud.state.security_group_rules.values()
-                if r["security_group_id"] == group.id]
+    assert not [
+        r for r in cloud.state.security_group_rules.values() if r["security_group_id"] == group.id
+    ]
 
 
 def connect_from(source: str, address: str, path: str, token: str) -> int | None:
     """GET ``path`` from a socket bound to ``source`` (another machine's fixed IP plays that
     machine); the status code, or None when the connection is refused or reset."""
     host, port = address.rsplit(":", 1)
-    request = (f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: token {token}\r\n"
-               "Connection: close\r\n\r\n").encode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: token {token}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     with socket.socket() as sock:
         sock.settimeout(2)
         sock.bind((source, 0))
@@ -738,17 +840,28 @@ def connect_from(source: str, address: str, path: str, token: str) -> int | None
 
 @pytest.mark.fake_cloud(ide="stub", enforce_security_groups=True)
 def test_stub_ides_answer_only_the_sources_their_security_groups_admit(
-        cloud: FakeCloud, conn: Any) -> None:
+    cloud: FakeCloud, conn: Any
+) -> None:
     group = conn.network.create_security_group(name="labpool-ide")
     conn.network.create_security_group_rule(
-        security_group_id=group.id, direction="ingress", ether_type="IPv4",
-        protocol="tcp", port_range_min=8888, port_range_max=8888,
-        remote_ip_prefix="127.0.0.1/32")  # the proxy's address in tests
+        security_group_id=group.id,
+        direction="ingress",
+        ether_type="IPv4",
+        protocol="tcp",
+        port_range_min=8888,
+        port_range_max=8888,
+        remote_ip_prefix="127.0.0.1/32",
+    )  # the proxy's address in tests
     tokens = {mid: secrets.token_urlsafe(32) for mid in (1, 2, 3, 4)}
-    servers = {mid: wait_active(conn, create_machine(
-        conn, mid, tokens[mid], security_groups=[{"name": group.id}])) for mid in (1, 2)}
-    servers |= {mid: wait_active(conn, create_machine(conn, mid, tokens[mid]))
-                for mid in (3, 4)}  # no group: Nova puts them in `default`
+    servers = {
+        mid: wait_active(
+            conn, create_machine(conn, mid, tokens[mid], security_groups=[{"name": group.id}])
+        )
+        for mid in (1, 2)
+    }
+    servers |= {
+        mid: wait_active(conn, create_machine(conn, mid, tokens[mid])) for mid in (3, 4)
+    }  # no group: Nova puts them in `default`
     address = {mid: ide_address(server) for mid, server in servers.items()}
     ip = {mid: a.rsplit(":", 1)[0] for mid, a in address.items()}
     status = "/ide/{}/api/status"
@@ -766,9 +879,14 @@ def test_stub_ides_answer_only_the_sources_their_security_groups_admit(
     # The rules are read as stored, when the connection comes: opening the port to the
     # private network lets machine 2 in; deleting that rule shuts it out again.
     wide = conn.network.create_security_group_rule(
-        security_group_id=group.id, direction="ingress", ether_type="IPv4",
-        protocol="tcp", port_range_min=8000, port_range_max=9000,
-        remote_ip_prefix="127.1.0.0/16")
+        security_group_id=group.id,
+        direction="ingress",
+        ether_type="IPv4",
+        protocol="tcp",
+        port_range_min=8000,
+        port_range_max=9000,
+        remote_ip_prefix="127.1.0.0/16",
+    )
     assert connect_from(ip[2], address[1], status.format(1), tokens[1]) == 200
     conn.network.delete_security_group_rule(wide.id)
     assert connect_from(ip[2], address[1], status.format(1), tokens[1]) is None

@@ -34,15 +34,19 @@ S = MachineState
 PROXY = "127.0.0.1/32"  # where the proxy and the workers reach the fake's machines from
 # `cloud` (conftest.py): the stubs answer only whom their server's security groups admit (see
 # make_pool).
-pytestmark = pytest.mark.fake_cloud(boot_time=0.2, max_instances=40, ide="stub",
-                                    enforce_security_groups=True)
+pytestmark = pytest.mark.fake_cloud(
+    boot_time=0.2, max_instances=40, ide="stub", enforce_security_groups=True
+)
 
 
 @pytest.fixture
 def crt(rt: Runtime, cloud) -> Runtime:  # type: ignore[no-untyped-def]
     """The runtime, pointed at the fake cloud, with short timeouts."""
     settings = dataclasses.replace(
-        rt.settings, openstack_cloud="fake", cloud_start_timeout_s=20, orphan_grace_s=0,
+        rt.settings,
+        openstack_cloud="fake",
+        cloud_start_timeout_s=20,
+        orphan_grace_s=0,
         proxy_addresses=(PROXY,),
     )
     return Runtime(settings=settings, sessions=rt.sessions, redis=rt.redis)
@@ -52,9 +56,15 @@ def make_pool(rt: Runtime, warm: int = 0, max_size: int = 20) -> tuple[int, int]
     """A cloud environment as `labpool env add` makes it: with its own security group,
     whose IDE port admits the proxy (and workers: this test process, at 127.0.0.1) alone."""
     name, _, _ = add_secured_environment(
-        rt.sessions, rt.settings, name=f"cloud-{uuid.uuid4().hex[:6]}", backend="openstack",
-        image_id="img-golden", flavor_id="m1.small", network_id="net-private",
-        warm_target=warm, max_size=max_size,
+        rt.sessions,
+        rt.settings,
+        name=f"cloud-{uuid.uuid4().hex[:6]}",
+        backend="openstack",
+        image_id="img-golden",
+        flavor_id="m1.small",
+        network_id="net-private",
+        warm_target=warm,
+        max_size=max_size,
     )
     with rt.sessions() as session:
         env_id = session.scalar(select(Environment.id).where(Environment.name == name))
@@ -101,7 +111,9 @@ def use_environment(rt: Runtime, env_id: int) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def test_launch_on_a_cloud_pool_ends_on_a_machine_whose_ide_answers(tool, platform, crt, cloud, browser):
+def test_launch_on_a_cloud_pool_ends_on_a_machine_whose_ide_answers(
+    tool, platform, crt, cloud, browser
+):
     env_id, pool_id = make_pool(crt)
     platform.launch(browser, tool.url, platform.instructor(sub="1"))  # creates the activity
     use_environment(crt, env_id)
@@ -122,8 +134,11 @@ def test_launch_on_a_cloud_pool_ends_on_a_machine_whose_ide_answers(tool, platfo
     with crt.sessions() as session:
         machine = session.get_one(Machine, machine_id)
         address, token = machine.address, machine.ide_token
-    answer = requests.get(f"http://{address}/ide/{machine_id}/api/status",
-                          headers={"Authorization": f"token {token}"}, timeout=5)
+    answer = requests.get(
+        f"http://{address}/ide/{machine_id}/api/status",
+        headers={"Authorization": f"token {token}"},
+        timeout=5,
+    )
     assert answer.status_code == 200
     assert machines_per_server(cloud) == {f"machine-{machine_id}": 1}
 
@@ -134,11 +149,14 @@ def test_a_machines_ide_refuses_another_machine_and_admits_the_proxy(crt, cloud)
     env_id, pool_id = make_pool(crt, warm=2)
     passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 2)
     with crt.sessions() as session:
-        (mine, other) = session.scalars(select(Machine).where(Machine.environment_id == env_id)
-                                        .order_by(Machine.id)).all()
+        (mine, other) = session.scalars(
+            select(Machine).where(Machine.environment_id == env_id).order_by(Machine.id)
+        ).all()
     host, port = mine.address.rsplit(":", 1)
-    request = (f"GET /ide/{mine.id}/api/status HTTP/1.1\r\nHost: {mine.address}\r\n"
-               f"Authorization: token {mine.ide_token}\r\nConnection: close\r\n\r\n").encode()
+    request = (
+        f"GET /ide/{mine.id}/api/status HTTP/1.1\r\nHost: {mine.address}\r\n"
+        f"Authorization: token {mine.ide_token}\r\nConnection: close\r\n\r\n"
+    ).encode()
 
     def status_from(source: str) -> bytes:
         with socket.socket() as sock:
@@ -186,8 +204,11 @@ def test_surplus_warm_machines_are_stopped(crt, cloud, rt):
     passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 3)
     with transaction(rt.sessions) as session:
         session.execute(update(Pool).where(Pool.id == pool_id).values(warm_target=1))
-    passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1
-                 and len(live_servers(cloud)) == 1)
+    passes_until(
+        crt,
+        pool_id,
+        lambda: states(crt, env_id).get("ready") == 1 and len(live_servers(cloud)) == 1,
+    )
     assert states(crt, env_id) == {"ready": 1, "stopped": 2}
 
 
@@ -206,8 +227,10 @@ def test_a_worker_killed_mid_create_leaves_no_orphan_and_no_duplicate(crt, cloud
     cloud.set_latency(1.0)  # every cloud call now takes a second
     reconcile_all_in(crt)  # the periodic trigger queues a pass
     worker = subprocess.Popen(
-        [sys.executable, "-m", "lti_tool.cli", "worker", "--burst"], env=dict(os.environ),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "lti_tool.cli", "worker", "--burst"],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30
@@ -216,8 +239,10 @@ def test_a_worker_killed_mid_create_leaves_no_orphan_and_no_duplicate(crt, cloud
             time.sleep(0.05)
         # Mid-create, before any answer came back: the worker and its work horse (RQ puts
         # the horse in a session of its own) die at once.
-        for process in [*psutil.Process(worker.pid).children(recursive=True),
-                        psutil.Process(worker.pid)]:
+        for process in [
+            *psutil.Process(worker.pid).children(recursive=True),
+            psutil.Process(worker.pid),
+        ]:
             process.send_signal(signal.SIGKILL)
     finally:
         worker.wait()
@@ -291,18 +316,26 @@ def test_lost_and_stuck_servers_are_replaced(crt, cloud):
     passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1)
     (server,) = live_servers(cloud)
     cloud.vanish_server(server["id"])
-    passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1
-                 and states(crt, env_id).get("error") == 1)
+    passes_until(
+        crt,
+        pool_id,
+        lambda: states(crt, env_id).get("ready") == 1 and states(crt, env_id).get("error") == 1,
+    )
     with crt.sessions() as session:
-        assert session.scalar(select(Machine.error).where(Machine.state == S.error)) == \
-            "the cloud lost the machine's server"
+        assert (
+            session.scalar(select(Machine.error).where(Machine.state == S.error))
+            == "the cloud lost the machine's server"
+        )
 
 
 def test_servers_unknown_to_the_database_are_deleted_after_the_grace(crt, cloud):
     env_id, pool_id = make_pool(crt)
     conn = openstack.connect(cloud="fake")
     conn.compute.create_server(
-        name="stray", image_id="img", flavor_id="flv", networks=[{"uuid": "net"}],
+        name="stray",
+        image_id="img",
+        flavor_id="flv",
+        networks=[{"uuid": "net"}],
         tags=["labpool", f"pool-{pool_id}", "machine-999999"],
     )
     waiting = dataclasses.replace(crt.settings, orphan_grace_s=3600)
@@ -325,11 +358,26 @@ def test_cloud_outage_backs_off_with_a_readable_note(crt, cloud):
 
 def test_300_concurrent_claims_on_300_ready_machines_give_300_distinct_machines(rt):
     with transaction(rt.sessions) as session:
-        env = add_environment(session, name="claims", backend="openstack", image_id="i",
-                              flavor_id="f", network_id="n", max_size=300)
+        env = add_environment(
+            session,
+            name="claims",
+            backend="openstack",
+            image_id="i",
+            flavor_id="f",
+            network_id="n",
+            max_size=300,
+        )
         env_id = env.id
-        session.add_all(Machine(environment_id=env_id, backend="openstack", state=S.ready,
-                                address="10.0.0.1:8888", ide_token="t") for _ in range(300))
+        session.add_all(
+            Machine(
+                environment_id=env_id,
+                backend="openstack",
+                state=S.ready,
+                address="10.0.0.1:8888",
+                ide_token="t",
+            )
+            for _ in range(300)
+        )
         users = _users(session, 300)
         course_id = _course(session)
 
@@ -355,15 +403,15 @@ def _users(session, n: int) -> list[int]:  # type: ignore[no-untyped-def]
 def _course(session) -> int:  # type: ignore[no-untyped-def]
     platform = session.scalar(select(Platform).limit(1))
     if platform is None:
-        platform = Platform(issuer="https://moodle.test", client_id="c", auth_url="x",
-                            token_url="x", jwks_url="x")
+        platform = Platform(
+            issuer="https://moodle.test", client_id="c", auth_url="x", token_url="x", jwks_url="x"
+        )
         session.add(platform)
         session.flush()
     course = Course(platform_id=platform.id, context_id=uuid.uuid4().hex)
     session.add(course)
     session.flush()
     return course.id
-
 
 
 def test_teacher_picks_the_cloud_environment_and_sees_the_pool(tool, platform, crt, cloud, browser):
@@ -378,18 +426,25 @@ def test_teacher_picks_the_cloud_environment_and_sees_the_pool(tool, platform, c
     # A student cannot change it, nor see the pool.
     with requests.Session() as student:
         platform.launch(student, tool.url, platform.learner(sub="4"))
-        refused = student.post(f"{tool.url}/activities/{activity_id}/environment",
-                               data={"environment_id": env_id, "csrf": csrf})
+        refused = student.post(
+            f"{tool.url}/activities/{activity_id}/environment",
+            data={"environment_id": env_id, "csrf": csrf},
+        )
         assert refused.status_code == 403
         assert student.get(class_url + ".json").status_code == 403
 
-    chosen = browser.post(f"{tool.url}/activities/{activity_id}/environment",
-                          data={"environment_id": env_id, "csrf": csrf}, allow_redirects=False)
+    chosen = browser.post(
+        f"{tool.url}/activities/{activity_id}/environment",
+        data={"environment_id": env_id, "csrf": csrf},
+        allow_redirects=False,
+    )
     assert chosen.status_code == 303
     with crt.sessions() as session:
         assert session.get_one(Activity, int(activity_id)).environment_id == env_id
-    garbage = browser.post(f"{tool.url}/activities/{activity_id}/environment",
-                           data={"environment_id": "nope", "csrf": csrf})
+    garbage = browser.post(
+        f"{tool.url}/activities/{activity_id}/environment",
+        data={"environment_id": "nope", "csrf": csrf},
+    )
     assert garbage.status_code == 400
 
     passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready") == 1)
@@ -432,7 +487,9 @@ def test_a_students_volume_follows_them_from_machine_to_machine(crt, cloud, rt):
         passes_until(crt, pool_id, lambda: states(crt, env_id).get("ready", 0) >= 1)
         with transaction(rt.sessions) as session:
             second_id = claim_warm_machine(session, env_id, course, user).id
-    passes_until(crt, pool_id, lambda: volume().machine_id == second_id and volume().status == "in-use")
+    passes_until(
+        crt, pool_id, lambda: volume().machine_id == second_id and volume().status == "in-use"
+    )
     (cloud_volume,) = cloud.volumes()  # the same volume, never a second one
     second_server = [s["id"] for s in live_servers(cloud) if f"machine-{second_id}" in s["tags"]][0]
     assert cloud_volume["attachments"][0]["server_id"] == second_server

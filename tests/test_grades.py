@@ -35,7 +35,9 @@ def gradebook(platform, tool):  # type: ignore[no-untyped-def]
 
 
 def launch_teacher(platform, tool, browser, **claims):  # type: ignore[no-untyped-def]
-    response = platform.launch(browser, tool.url, platform.instructor(sub="3", **claims)).launch_response
+    response = platform.launch(
+        browser, tool.url, platform.instructor(sub="3", **claims)
+    ).launch_response
     assert response.status_code == 303, response.text[:300]
     class_url = tool.url + response.headers["Location"]
     return class_url, int(class_url.split("/activities/")[1].split("/")[0])
@@ -43,7 +45,9 @@ def launch_teacher(platform, tool, browser, **claims):  # type: ignore[no-untype
 
 def launch_student(platform, tool, sub: str, **claims) -> requests.Session:  # type: ignore[no-untyped-def]
     browser = requests.Session()
-    response = platform.launch(browser, tool.url, platform.learner(sub=sub, **claims)).launch_response
+    response = platform.launch(
+        browser, tool.url, platform.learner(sub=sub, **claims)
+    ).launch_response
     assert response.status_code == 303, response.text[:300]
     return browser
 
@@ -55,9 +59,16 @@ def csrf_of(browser, url: str) -> str:  # type: ignore[no-untyped-def]
 def create_assignment(tool, browser, activity_id, name="lab1", max_score="10"):  # type: ignore[no-untyped-def]
     """Through the class page's form; returns the new assignment's id."""
     class_url = f"{tool.url}/activities/{activity_id}/class"
-    response = browser.post(f"{tool.url}/activities/{activity_id}/assignments", data={
-        "csrf": csrf_of(browser, class_url), "name": name, "title": f"Lab {name}",
-        "max_score": max_score}, allow_redirects=False)
+    response = browser.post(
+        f"{tool.url}/activities/{activity_id}/assignments",
+        data={
+            "csrf": csrf_of(browser, class_url),
+            "name": name,
+            "title": f"Lab {name}",
+            "max_score": max_score,
+        },
+        allow_redirects=False,
+    )
     assert response.status_code == 303, response.text[:500]
     page = browser.get(class_url).text
     assert name in page
@@ -84,22 +95,28 @@ def user_id_of(rt, sub: str) -> int:  # type: ignore[no-untyped-def]
 
 def grade(tool, browser, activity_id, assignment, user_id, score, comment=""):  # type: ignore[no-untyped-def]
     page = f"{tool.url}/activities/{activity_id}/assignments/{assignment}"
-    return browser.post(f"{page}/grades/{user_id}", data={
-        "csrf": csrf_of(browser, page), "score": score, "comment": comment},
-        allow_redirects=False)
+    return browser.post(
+        f"{page}/grades/{user_id}",
+        data={"csrf": csrf_of(browser, page), "score": score, "comment": comment},
+        allow_redirects=False,
+    )
 
 
 def make_due(rt) -> None:  # type: ignore[no-untyped-def]
     """Time passes: every pending row's next attempt has come."""
     with transaction(rt.sessions) as session:
-        session.execute(update(ScoreOutbox).where(ScoreOutbox.status == ScoreStatus.pending)
-                        .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(ScoreOutbox)
+            .where(ScoreOutbox.status == ScoreStatus.pending)
+            .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+        )
 
 
 def rows(rt, user_id):  # type: ignore[no-untyped-def]
     with rt.sessions() as session:
-        return session.scalars(select(ScoreOutbox).where(ScoreOutbox.user_id == user_id)
-                               .order_by(ScoreOutbox.id)).all()
+        return session.scalars(
+            select(ScoreOutbox).where(ScoreOutbox.user_id == user_id).order_by(ScoreOutbox.id)
+        ).all()
 
 
 # -------------------------------------------------------------------------------- tests
@@ -132,7 +149,9 @@ def test_manual_grade_arrives_in_moodles_gradebook(tool, platform, rt, browser, 
 
 def test_scores_url_keeps_the_line_items_query_string():
     url = "http://m/mod/lti/services.php/2/lineitems/2/lineitem?type_id=1"
-    assert scores_url(url) == "http://m/mod/lti/services.php/2/lineitems/2/lineitem/scores?type_id=1"
+    assert (
+        scores_url(url) == "http://m/mod/lti/services.php/2/lineitems/2/lineitem/scores?type_id=1"
+    )
 
 
 def test_a_409_is_resent_once_with_a_newer_timestamp(tool, platform, rt, browser, gradebook):
@@ -141,8 +160,12 @@ def test_a_409_is_resent_once_with_a_newer_timestamp(tool, platform, rt, browser
     lab = create_assignment(tool, browser, activity_id)
     student = user_id_of(rt, "4")
     # Moodle already holds a grade stamped this very second (a teacher's edit in Moodle).
-    gradebook.grades[("2", "2", "4")] = {"timestamp": utcnow(), "comment": "", "grade": 1,
-                                         "score_given": 1}
+    gradebook.grades[("2", "2", "4")] = {
+        "timestamp": utcnow(),
+        "comment": "",
+        "grade": 1,
+        "score_given": 1,
+    }
     grade(tool, browser, activity_id, lab, student, "9")
     send_due_scores(rt)
     statuses = [status for status, _ in gradebook.score_posts]
@@ -151,18 +174,27 @@ def test_a_409_is_resent_once_with_a_newer_timestamp(tool, platform, rt, browser
     assert rows(rt, student)[-1].status is ScoreStatus.sent
 
 
-def test_a_second_409_fails_with_moodles_reason_and_never_loops(tool, platform, rt, browser, gradebook):
+def test_a_second_409_fails_with_moodles_reason_and_never_loops(
+    tool, platform, rt, browser, gradebook
+):
     launch_student(platform, tool, "4")
     _, activity_id = launch_teacher(platform, tool, browser)
     lab = create_assignment(tool, browser, activity_id)
     student = user_id_of(rt, "4")
-    gradebook.grades[("2", "2", "4")] = {"timestamp": utcnow() + timedelta(hours=1),
-                                         "comment": "", "grade": 1, "score_given": 1}
+    gradebook.grades[("2", "2", "4")] = {
+        "timestamp": utcnow() + timedelta(hours=1),
+        "comment": "",
+        "grade": 1,
+        "score_given": 1,
+    }
     grade(tool, browser, activity_id, lab, student, "9")
     send_due_scores(rt)
     assert [s for s, _ in gradebook.score_posts] == [409, 409]
     row = rows(rt, student)[-1]
-    assert row.status is ScoreStatus.failed and "Refusing score with an earlier timestamp" in row.last_error
+    assert (
+        row.status is ScoreStatus.failed
+        and "Refusing score with an earlier timestamp" in row.last_error
+    )
     page = browser.get(f"{tool.url}/activities/{activity_id}/assignments/{lab}").text
     assert "Refusing score with an earlier timestamp" in page and "Send again" in page
     make_due(rt)
@@ -171,7 +203,8 @@ def test_a_second_409_fails_with_moodles_reason_and_never_loops(tool, platform, 
 
 
 def test_platform_down_then_back_every_grade_arrives_once_and_the_newest_wins(
-        tool, platform, rt, browser, gradebook):
+    tool, platform, rt, browser, gradebook
+):
     for sub in ("4", "5", "6"):
         launch_student(platform, tool, sub)
     _, activity_id = launch_teacher(platform, tool, browser)
@@ -196,12 +229,15 @@ def test_platform_down_then_back_every_grade_arrives_once_and_the_newest_wins(
     accepted = [p["userId"] for p in gradebook.accepted]
     assert sorted(accepted) == ["4", "5", "6"]  # once each
     assert gradebook.grade("4")["score_given"] == 8  # the newest, not 3
-    assert [r.status for r in rows(rt, user_id_of(rt, "4"))] == [ScoreStatus.superseded,
-                                                                 ScoreStatus.sent]
+    assert [r.status for r in rows(rt, user_id_of(rt, "4"))] == [
+        ScoreStatus.superseded,
+        ScoreStatus.sent,
+    ]
 
 
 def test_a_stale_post_held_up_in_flight_never_overwrites_a_newer_grade(
-        tool, platform, rt, browser, gradebook, settings):
+    tool, platform, rt, browser, gradebook, settings
+):
     """A worker POSTs grade 3, is killed before it records anything; the teacher regrades 9,
     which is sent; the old POST reaching Moodle after it loses (older timestamp), and the old
     row is never sent again."""
@@ -223,9 +259,13 @@ def test_a_stale_post_held_up_in_flight_never_overwrites_a_newer_grade(
 
     gradebook.on_score = hold_first
     enqueue(rt.redis, settings.queue_name, SEND_JOB, old_row)
-    worker = subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker", "--burst"],
-                              env=dict(os.environ), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lti_tool.cli", "worker", "--burst"],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert in_flight.wait(60), "the worker never POSTed"
         os.killpg(worker.pid, signal.SIGKILL)
@@ -254,7 +294,8 @@ def test_a_stale_post_held_up_in_flight_never_overwrites_a_newer_grade(
 
 
 def test_an_answer_lost_after_moodle_stored_the_score_is_resent_newer(
-        tool, platform, rt, browser, gradebook):
+    tool, platform, rt, browser, gradebook
+):
     launch_student(platform, tool, "4")
     _, activity_id = launch_teacher(platform, tool, browser)
     lab = create_assignment(tool, browser, activity_id)
@@ -274,14 +315,18 @@ def test_a_line_item_is_created_when_the_activity_has_none(tool, platform, rt, b
     lab = create_assignment(tool, browser, activity_id, max_score="20")
     grade(tool, browser, activity_id, lab, user_id_of(rt, "4"), "15")
     assert send_due_scores(rt) == {"sent": 1}
-    created = [(key, item) for key, item in gradebook.lineitems.items()
-               if item["resourceId"] == f"labpool-assignment-{lab}"]
+    created = [
+        (key, item)
+        for key, item in gradebook.lineitems.items()
+        if item["resourceId"] == f"labpool-assignment-{lab}"
+    ]
     assert len(created) == 1 and created[0][1]["scoreMaximum"] == 20
     (course, item_id), _ = created[0]
     assert gradebook.grade("4", course, item_id)["score_given"] == 15
     with rt.sessions() as session:
         assert session.get_one(Assignment, lab).lineitem_url.endswith(
-            f"/lineitems/{item_id}/lineitem?type_id=1")
+            f"/lineitems/{item_id}/lineitem?type_id=1"
+        )
 
 
 def test_bad_grades_are_refused_and_change_nothing(tool, platform, rt, browser, gradebook):
@@ -300,7 +345,8 @@ def test_bad_grades_are_refused_and_change_nothing(tool, platform, rt, browser, 
 
 
 def test_a_learner_can_neither_grade_nor_read_another_students_grade(
-        tool, platform, rt, browser, gradebook, settings):
+    tool, platform, rt, browser, gradebook, settings
+):
     mallory = launch_student(platform, tool, "5")
     launch_student(platform, tool, "4")
     _, activity_id = launch_teacher(platform, tool, browser)
@@ -315,11 +361,17 @@ def test_a_learner_can_neither_grade_nor_read_another_students_grade(
     assert mallory.get(f"{tool.url}/activities/{activity_id}/class").status_code == 403
     token = session_csrf(mallory, settings)  # her own session's valid token
     for target in (alice, mallory_id):
-        answer = mallory.post(f"{page}/grades/{target}", data={"csrf": token, "score": "10"},
-                              allow_redirects=False)
+        answer = mallory.post(
+            f"{page}/grades/{target}", data={"csrf": token, "score": "10"}, allow_redirects=False
+        )
         assert answer.status_code == 403
-    assert mallory.post(f"{tool.url}/activities/{activity_id}/assignments",
-                        data={"csrf": token, "name": "x", "max_score": "1"}).status_code == 403
+    assert (
+        mallory.post(
+            f"{tool.url}/activities/{activity_id}/assignments",
+            data={"csrf": token, "name": "x", "max_score": "1"},
+        ).status_code
+        == 403
+    )
     mine = mallory.get(f"{tool.url}/courses/{course_id}/my-work")
     assert mine.status_code == 200 and "not graded yet" in mine.text
     assert "secret feedback" not in mine.text and "9 / 10" not in mine.text

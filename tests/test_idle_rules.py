@@ -33,10 +33,21 @@ def lab(rt: Runtime) -> dict[str, Any]:
     """A course, its environment (30 min idle timeout, 4 h sessions at most)."""
     with transaction(rt.sessions) as session:
         env = add_environment(session, name=f"idle-{uuid.uuid4().hex[:6]}")
-        session.execute(update(Environment).where(Environment.id == env.id).values(
-            idle_timeout_s=int(IDLE.total_seconds()), max_session_s=int(MAX_SESSION.total_seconds())))
-        platform = Platform(issuer=f"https://moodle-{uuid.uuid4().hex[:6]}.test", client_id="c",
-                            auth_url="x", token_url="x", jwks_url="x")
+        session.execute(
+            update(Environment)
+            .where(Environment.id == env.id)
+            .values(
+                idle_timeout_s=int(IDLE.total_seconds()),
+                max_session_s=int(MAX_SESSION.total_seconds()),
+            )
+        )
+        platform = Platform(
+            issuer=f"https://moodle-{uuid.uuid4().hex[:6]}.test",
+            client_id="c",
+            auth_url="x",
+            token_url="x",
+            jwks_url="x",
+        )
         session.add(platform)
         session.flush()
         course = Course(platform_id=platform.id, context_id=uuid.uuid4().hex)
@@ -45,20 +56,37 @@ def lab(rt: Runtime) -> dict[str, Any]:
         return {"env": env.id, "course": course.id, "issuer": platform.issuer}
 
 
-def assigned(rt: Runtime, lab: dict[str, Any], *, assigned_ago: timedelta,
-             active_ago: timedelta | None = None, left: bool = False) -> int:
+def assigned(
+    rt: Runtime,
+    lab: dict[str, Any],
+    *,
+    assigned_ago: timedelta,
+    active_ago: timedelta | None = None,
+    left: bool = False,
+) -> int:
     """A student's assigned machine, handed over `assigned_ago`, last used `active_ago`."""
     with transaction(rt.sessions) as session:
         student = User(issuer=lab["issuer"], sub=uuid.uuid4().hex)
         session.add(student)
         session.flush()
-        session.add(Enrolment(course_id=lab["course"], user_id=student.id,
-                              roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"],
-                              ended_at=NOW - timedelta(minutes=1) if left else None))
-        machine = Machine(environment_id=lab["env"], owner_id=student.id, course_id=lab["course"],
-                          state=MachineState.assigned, backend="local",
-                          state_changed_at=NOW - assigned_ago, assigned_at=NOW - assigned_ago,
-                          last_activity_at=None if active_ago is None else NOW - active_ago)
+        session.add(
+            Enrolment(
+                course_id=lab["course"],
+                user_id=student.id,
+                roles=["http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"],
+                ended_at=NOW - timedelta(minutes=1) if left else None,
+            )
+        )
+        machine = Machine(
+            environment_id=lab["env"],
+            owner_id=student.id,
+            course_id=lab["course"],
+            state=MachineState.assigned,
+            backend="local",
+            state_changed_at=NOW - assigned_ago,
+            assigned_at=NOW - assigned_ago,
+            last_activity_at=None if active_ago is None else NOW - active_ago,
+        )
         session.add(machine)
         session.flush()
         return machine.id
@@ -70,7 +98,9 @@ def released(rt: Runtime) -> dict[int, str]:
 
 def test_a_machine_used_exactly_the_idle_timeout_ago_stays_and_a_second_later_goes(rt, lab):
     at_limit = assigned(rt, lab, assigned_ago=timedelta(hours=1), active_ago=IDLE)
-    past = assigned(rt, lab, assigned_ago=timedelta(hours=1), active_ago=IDLE + timedelta(seconds=1))
+    past = assigned(
+        rt, lab, assigned_ago=timedelta(hours=1), active_ago=IDLE + timedelta(seconds=1)
+    )
     assert released(rt) == {past: IDLE_REASON}
     assert at_limit not in released(rt)
 
@@ -89,15 +119,15 @@ def test_the_latest_signal_wins_activity_after_the_hand_over_keeps_the_machine(r
 
 def test_the_maximum_session_ends_even_a_busy_machine_at_its_boundary(rt, lab):
     at_limit = assigned(rt, lab, assigned_ago=MAX_SESSION, active_ago=timedelta(seconds=1))
-    past = assigned(rt, lab, assigned_ago=MAX_SESSION + timedelta(seconds=1),
-                    active_ago=timedelta(seconds=1))
+    past = assigned(
+        rt, lab, assigned_ago=MAX_SESSION + timedelta(seconds=1), active_ago=timedelta(seconds=1)
+    )
     assert released(rt) == {past: TOO_LONG}
     assert at_limit not in released(rt)
 
 
 def test_a_student_who_left_the_course_loses_the_machine_even_while_using_it(rt, lab):
-    gone = assigned(rt, lab, assigned_ago=timedelta(minutes=10), active_ago=timedelta(0),
-                    left=True)
+    gone = assigned(rt, lab, assigned_ago=timedelta(minutes=10), active_ago=timedelta(0), left=True)
     stays = assigned(rt, lab, assigned_ago=timedelta(minutes=10), active_ago=timedelta(0))
     assert released(rt) == {gone: LEFT}
     assert stays not in released(rt)

@@ -50,14 +50,25 @@ class Running:
         assert self.spec.address and self.spec.address.startswith("unix:")
         return self.spec.address.removeprefix("unix:")
 
-    def request(self, method: str, path: str, body: dict | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes, list[str]]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, list[str]]:
         conn = _UnixConnection(self.socket_path, timeout=30)
         try:
-            conn.request(method, f"/ide/{self.spec.id}/{path}",
-                         body=json.dumps(body) if body is not None else None,
-                         headers={TOKEN_HEADER: self.spec.ide_token or "", "Host": "127.0.0.1",
-                                  **(headers or {})})
+            conn.request(
+                method,
+                f"/ide/{self.spec.id}/{path}",
+                body=json.dumps(body) if body is not None else None,
+                headers={
+                    TOKEN_HEADER: self.spec.ide_token or "",
+                    "Host": "127.0.0.1",
+                    **(headers or {}),
+                },
+            )
             resp = conn.getresponse()
             return resp.status, resp.read(), resp.headers.get_all("Set-Cookie") or []
         finally:
@@ -73,24 +84,35 @@ class Running:
             jar.load(raw)
         xsrf = jar["_xsrf"].value
         status, body, _ = self.request(
-            "POST", "api/kernels", {"name": "python3"},
-            headers={"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf,
-                     "Content-Type": "application/json"})
+            "POST",
+            "api/kernels",
+            {"name": "python3"},
+            headers={
+                "Cookie": f"_xsrf={xsrf}",
+                "X-XSRFToken": xsrf,
+                "Content-Type": "application/json",
+            },
+        )
         assert status == 201, body
         kernel_id = json.loads(body)["id"]
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.socket_path)
         return websocket.create_connection(
             f"ws://127.0.0.1/ide/{self.spec.id}/api/kernels/{kernel_id}/channels",
-            socket=sock, header=[f"{TOKEN_HEADER}: {self.spec.ide_token}"], timeout=60)
+            socket=sock,
+            header=[f"{TOKEN_HEADER}: {self.spec.ide_token}"],
+            timeout=60,
+        )
 
 
 def start(backend: LocalBackend, machine_id: int, owner_id: int, course_id: int = 1) -> Running:
-    spec = MachineSpec(id=machine_id, ide_kind="jupyterlab", owner_id=owner_id,
-                       course_id=course_id, limits=LIMITS)
+    spec = MachineSpec(
+        id=machine_id, ide_kind="jupyterlab", owner_id=owner_id, course_id=course_id, limits=LIMITS
+    )
     started = backend.start(spec)
-    spec = dataclasses.replace(spec, ref=started.ref, address=started.address,
-                               ide_token=started.ide_token)
+    spec = dataclasses.replace(
+        spec, ref=started.ref, address=started.address, ide_token=started.ide_token
+    )
     deadline = time.monotonic() + 60
     while not backend.health(spec):
         log = backend.machine_dir(machine_id) / "ide.log"
@@ -128,22 +150,25 @@ def run(ws: websocket.WebSocket, code: str) -> object:
     return json.loads(ast.literal_eval(result["result"]))
 
 
-ATTEMPT = '''
+ATTEMPT = """
 def attempt(f):
     try:
         return "allowed: " + repr(f())[:200]
     except BaseException as exc:
         return "refused: " + type(exc).__name__
-'''
+"""
 
 
 def test_the_ide_runs_as_the_students_own_user_in_its_own_namespaces(machines, alice_kernel):
     alice, _ = machines
     ide_env = alice.backend.ide_env
-    seen = run(alice_kernel, f"""
+    seen = run(
+        alice_kernel,
+        f"""
 import os
 [os.getuid(), os.getcwd(), sorted(os.listdir("/")), sorted(os.listdir("/proc"))[:50], sorted(os.listdir({str(ide_env.parent)!r}))]
-""")
+""",
+    )
     uid, cwd, top, procs, beside_ide_env = seen  # type: ignore[misc]
     assert uid == pwd.getpwnam(f"lp-{ALICE}").pw_uid != 0
     assert cwd == "/home/student"
@@ -174,28 +199,36 @@ def test_a_notebook_cannot_reach_another_student_or_the_tool(machines, alice_ker
         "the tool's environ": f"open('/proc/{os.getpid()}/environ', 'rb').read()",
         "signal the tool": f"os.kill({os.getpid()}, 15)",
         "signal bob's IDE": f"os.kill({bob.spec.ref['pid']}, 9)",
-        "write into the tool's virtualenv":
-            f"open({str(tool_venv / 'lib' / 'evil.pth')!r}, 'w').write('x')",
-        "write into the IDE's environment":
-            f"open({str(alice.backend.ide_env / 'lib' / 'evil.pth')!r}, 'w').write('x')",
+        "write into the tool's virtualenv": f"open({str(tool_venv / 'lib' / 'evil.pth')!r}, 'w').write('x')",
+        "write into the IDE's environment": f"open({str(alice.backend.ide_env / 'lib' / 'evil.pth')!r}, 'w').write('x')",
         "postgres on loopback": "socket.create_connection(('127.0.0.1', 5432), timeout=2)",
         "redis": (
             f"socket.socket(socket.AF_UNIX).connect({redis_url.path!r})"
-            if redis_url.scheme == "unix" else
-            f"socket.create_connection(({redis_url.hostname!r}, {redis_url.port or 6379}), timeout=2)"
+            if redis_url.scheme == "unix"
+            else f"socket.create_connection(({redis_url.hostname!r}, {redis_url.port or 6379}), timeout=2)"
         ),
         "the database server": (
             f"socket.create_connection(({db_url.hostname or '127.0.0.1'!r}, {db_url.port or 5432}), timeout=2)"
-            if db_url.scheme.startswith("postgresql") else "open('/nonexistent')"),
+            if db_url.scheme.startswith("postgresql")
+            else "open('/nonexistent')"
+        ),
         "the tool's web server": f"socket.create_connection(('127.0.0.1', {tool.port}), timeout=2)",
         "root's home": "os.listdir('/root')",
     }
-    code = "import os, socket\n" + ATTEMPT + "{" + ", ".join(
-        f"{name!r}: attempt(lambda: {expr})" for name, expr in checks.items()) + "}"
+    code = (
+        "import os, socket\n"
+        + ATTEMPT
+        + "{"
+        + ", ".join(f"{name!r}: attempt(lambda: {expr})" for name, expr in checks.items())
+        + "}"
+    )
     results = run(alice_kernel, code)
     print(json.dumps(results, indent=1))  # what stopped each attempt, for the record
-    allowed = {name: outcome for name, outcome in results.items()  # type: ignore[union-attr]
-               if not outcome.startswith("refused")}
+    allowed = {
+        name: outcome
+        for name, outcome in results.items()  # type: ignore[union-attr]
+        if not outcome.startswith("refused")
+    }
     assert not allowed, allowed
     # Nothing happened to the tool, to Bob, or to the tool's files.
     assert requests.get(tool.url + "/healthz", timeout=5).ok
@@ -209,7 +242,9 @@ def test_limits_hold_and_the_tool_keeps_serving(machines, tool):
     try:
         memory = run(ws, ATTEMPT + "attempt(lambda: len(bytearray(1536 * 1024 * 1024)))")
         assert memory == "refused: MemoryError"
-        bomb = run(ws, """
+        bomb = run(
+            ws,
+            """
 import os, time
 children, refused = [], None
 for _ in range(500):
@@ -226,10 +261,15 @@ for pid in children:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
 [len(children), refused]
-""")
+""",
+        )
         started, errno = bomb  # type: ignore[misc]
         assert errno == 11 and started < LIMITS.processes  # EAGAIN at the student's limit
-        big = run(ws, ATTEMPT + "attempt(lambda: open('/home/student/big', 'wb').write(b'x' * 100 * 1024 * 1024))")
+        big = run(
+            ws,
+            ATTEMPT
+            + "attempt(lambda: open('/home/student/big', 'wb').write(b'x' * 100 * 1024 * 1024))",
+        )
         assert big.startswith("refused")  # type: ignore[union-attr]
     finally:
         ws.close()
@@ -278,9 +318,13 @@ def test_nothing_of_a_sandbox_outlives_its_recorded_process(machines):
     uid = pwd.getpwnam(f"lp-{owner}").pw_uid
 
     def alive() -> list[str]:
-        return [p.info["name"] for p in psutil.process_iter(["name", "uids", "status"])
-                if p.info["uids"] and p.info["uids"].real == uid
-                and p.info["status"] != psutil.STATUS_ZOMBIE]
+        return [
+            p.info["name"]
+            for p in psutil.process_iter(["name", "uids", "status"])
+            if p.info["uids"]
+            and p.info["uids"].real == uid
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
 
     assert "sleep" in alive()
     os.killpg(running.spec.ref["pid"], 9)

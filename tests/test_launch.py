@@ -63,15 +63,21 @@ def test_learner_launch_ends_at_a_jupyterlab_that_answers(tool, platform, rt, br
 
 
 def test_second_launch_reuses_the_same_machine(tool, platform, rt, browser):
-    first = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
-    second = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    first = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
+    second = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
     assert first == second
     assert count_rows(rt)["machines"] == 1
     assert count_rows(rt)["launches"] == 2
 
 
 def test_another_student_gets_another_machine(tool, platform, rt, browser):
-    mine = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    mine = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
     with requests.Session() as other_browser:
         theirs = machine_id_of(
             platform.launch(other_browser, tool.url, platform.learner(sub="5")).launch_response
@@ -86,7 +92,9 @@ def test_another_student_gets_another_machine(tool, platform, rt, browser):
 
 def test_instructor_launch_shows_the_class_page(tool, platform, rt, browser):
     student = requests.Session()
-    machine_id = machine_id_of(platform.launch(student, tool.url, platform.learner(sub="4")).launch_response)
+    machine_id = machine_id_of(
+        platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+    )
 
     result = platform.launch(browser, tool.url, platform.instructor(sub="3"))
     assert result.launch_response.status_code == 303
@@ -112,11 +120,25 @@ def test_platform_registered_with_the_cli_can_launch(tool, rt, browser):
 
     with FakePlatform(tool_url=tool.url, key_namespace="second-moodle") as moodle:
         args = moodle.platform_add_args()
-        result = CliRunner().invoke(main, [
-            "platform", "add", "--issuer", args["issuer"], "--client-id", args["client_id"],
-            "--deployment-id", args["deployment_id"], "--auth-url", args["auth_url"],
-            "--token-url", args["token_url"], "--jwks-url", args["jwks_url"],
-        ])
+        result = CliRunner().invoke(
+            main,
+            [
+                "platform",
+                "add",
+                "--issuer",
+                args["issuer"],
+                "--client-id",
+                args["client_id"],
+                "--deployment-id",
+                args["deployment_id"],
+                "--auth-url",
+                args["auth_url"],
+                "--token-url",
+                args["token_url"],
+                "--jwks-url",
+                args["jwks_url"],
+            ],
+        )
         assert result.exit_code == 0, result.output
         launched = moodle.launch(browser, tool.url, moodle.learner(sub="42"))
     machine_id = machine_id_of(launched.launch_response)
@@ -131,7 +153,9 @@ def test_a_start_lost_with_its_worker_is_picked_up_again(tool, platform, rt, bro
 
     from config.db import transaction
 
-    machine_id = machine_id_of(platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response)
+    machine_id = machine_id_of(
+        platform.launch(browser, tool.url, platform.learner(sub="4")).launch_response
+    )
     rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")  # the job is gone
     with transaction(rt.sessions) as session:
         machine = session.get(Machine, machine_id)

@@ -38,6 +38,7 @@ def assert_refused(response: requests.Response, rt, reason: str) -> None:  # typ
 
 # --- rejected: certification guide -------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "case, kwargs, reason",
     [
@@ -51,24 +52,54 @@ def assert_refused(response: requests.Response, rt, reason: str) -> None:  # typ
         ("missing deployment id", {"drop": (DEPLOYMENT_ID,)}, "deployment"),
         ("missing resource link id", {"drop": ((RESOURCE_LINK, "id"),)}, "resource link"),
         ("missing sub", {"drop": ("sub",)}, "sub"),
-        ("expired", {"mutate": lambda c: c.update(iat=int(time.time()) - 600, exp=int(time.time()) - 540)}, "expired"),
-        ("iat in the future", {"mutate": lambda c: c.update(iat=int(time.time()) + 600, exp=int(time.time()) + 660)}, "iat"),
+        (
+            "expired",
+            {"mutate": lambda c: c.update(iat=int(time.time()) - 600, exp=int(time.time()) - 540)},
+            "expired",
+        ),
+        (
+            "iat in the future",
+            {"mutate": lambda c: c.update(iat=int(time.time()) + 600, exp=int(time.time()) + 660)},
+            "iat",
+        ),
         # --- ours ---
         ("missing exp", {"drop": ("exp",)}, "exp"),
         ("missing iat", {"drop": ("iat",)}, "iat"),
         ("alg confusion HS256 with the public key", {"alg": "HS256"}, "RS256"),
         ("alg none", {"alg": "none"}, "RS256"),
-        ("signed by a key the platform does not own", {"sign_with": foreign_private_key()}, "signature"),
-        ("audience is another tool", {"mutate": lambda c: c.update(aud="someone-else")}, "registration not found"),
-        ("several audiences and no azp", {"mutate": lambda c: c.update(aud=[c["aud"], "other"])}, "azp"),
-        ("azp is another tool", {"mutate": lambda c: c.update(aud=[c["aud"], "other"], azp="other")}, "registration not found"),
-        ("unknown deployment", {"mutate": lambda c: c.__setitem__(DEPLOYMENT_ID, "999")}, "not recognised"),
+        (
+            "signed by a key the platform does not own",
+            {"sign_with": foreign_private_key()},
+            "signature",
+        ),
+        (
+            "audience is another tool",
+            {"mutate": lambda c: c.update(aud="someone-else")},
+            "registration not found",
+        ),
+        (
+            "several audiences and no azp",
+            {"mutate": lambda c: c.update(aud=[c["aud"], "other"])},
+            "azp",
+        ),
+        (
+            "azp is another tool",
+            {"mutate": lambda c: c.update(aud=[c["aud"], "other"], azp="other")},
+            "registration not found",
+        ),
+        (
+            "unknown deployment",
+            {"mutate": lambda c: c.__setitem__(DEPLOYMENT_ID, "999")},
+            "not recognised",
+        ),
         ("missing state cookie", {"without_state_cookie": True}, "cookie"),
         ("wrong state", {"state_override": "state-forged"}, "state"),
         ("garbage types in claims", {"mutate": lambda c: c.update(iss=12345)}, "registration"),
     ],
 )
-def test_bad_launch_is_refused_and_nothing_is_written(case, kwargs, reason, tool, platform, rt, browser):
+def test_bad_launch_is_refused_and_nothing_is_written(
+    case, kwargs, reason, tool, platform, rt, browser
+):
     result = platform.launch(browser, tool.url, platform.learner(), **kwargs)
     assert_refused(result.launch_response, rt, reason)
 
@@ -110,14 +141,19 @@ def test_login_for_a_foreign_target_is_refused(tool, platform, browser):
     assert "target_link_uri" in response.text
 
 
-@pytest.mark.parametrize("evil", [
-    "{tool}.evil.example/lti/launch",  # the tool's URL as a string prefix of another host
-    "{tool}0/lti/launch",  # another port
-    "{tool}@evil.example/lti/launch",  # the tool's host:port as user info
-    "https://{hostport}/lti/launch",  # another scheme
-    "{tool}/lti/../../evil",
-])
-def test_login_for_a_target_that_only_looks_like_the_tool_is_refused(evil, tool, platform, rt, browser):
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "{tool}.evil.example/lti/launch",  # the tool's URL as a string prefix of another host
+        "{tool}0/lti/launch",  # another port
+        "{tool}@evil.example/lti/launch",  # the tool's host:port as user info
+        "https://{hostport}/lti/launch",  # another scheme
+        "{tool}/lti/../../evil",
+    ],
+)
+def test_login_for_a_target_that_only_looks_like_the_tool_is_refused(
+    evil, tool, platform, rt, browser
+):
     form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
     form["target_link_uri"] = evil.format(tool=tool.url, hostport=tool.url.split("//")[1])
     before = set(rt.redis.keys("labpool:lti:*"))
@@ -130,15 +166,21 @@ def test_login_for_a_target_that_only_looks_like_the_tool_is_refused(evil, tool,
 def test_framed_login_gets_the_cookie_check_page(tool, platform, browser):
     form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
     framed = browser.post(
-        f"{tool.url}/lti/login", data=form, headers={"Sec-Fetch-Dest": "iframe"},
+        f"{tool.url}/lti/login",
+        data=form,
+        headers={"Sec-Fetch-Dest": "iframe"},
         allow_redirects=False,
     )
     assert framed.status_code == 200
     assert "lti1p3_new_window" in framed.text  # the page reopens the launch in a new window
     # The page's follow-up request (cookies work, or a new window) goes on to the platform.
     form["lti1p3_new_window"] = "1"
-    follow = browser.get(f"{tool.url}/lti/login", params=form, headers={"Sec-Fetch-Dest": "iframe"},
-                         allow_redirects=False)
+    follow = browser.get(
+        f"{tool.url}/lti/login",
+        params=form,
+        headers={"Sec-Fetch-Dest": "iframe"},
+        allow_redirects=False,
+    )
     assert follow.status_code == 302
     assert follow.headers["Location"].startswith(platform.auth_url)
 
@@ -153,7 +195,8 @@ def test_state_cookie_is_secure_and_samesite_none_behind_an_https_proxy(rt, plat
     client = create_app(https).test_client()
     form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
     response = client.post(
-        "/lti/login", data=form,
+        "/lti/login",
+        data=form,
         headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": tool.url.split("//")[1]},
     )
     assert response.status_code == 302
@@ -166,11 +209,30 @@ def test_state_cookie_is_secure_and_samesite_none_behind_an_https_proxy(rt, plat
 
 # --- accepted: certification guide ------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "case, overrides, staff",
     [
-        ("student with several roles", {"roles": [ROLE_LEARNER, "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Student"]}, False),
-        ("teacher with several roles", {"roles": [ROLE_INSTRUCTOR, "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Faculty"]}, True),
+        (
+            "student with several roles",
+            {
+                "roles": [
+                    ROLE_LEARNER,
+                    "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Student",
+                ]
+            },
+            False,
+        ),
+        (
+            "teacher with several roles",
+            {
+                "roles": [
+                    ROLE_INSTRUCTOR,
+                    "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Faculty",
+                ]
+            },
+            True,
+        ),
         ("short role", {"roles": ["Instructor"]}, True),
         ("unknown role", {"roles": ["http://example.com/roles#Wizard"]}, False),
         ("no role", {"roles": []}, False),
@@ -277,10 +339,18 @@ def test_a_key_set_refetched_for_a_new_kid_drops_the_removed_key(tool, platform,
     platform.rotate_key(retire_old=True)
     try:
         # The new kid is not in the cached set: one refetch, which no longer lists the old key.
-        assert platform.launch(browser, tool.url, platform.learner()).launch_response.status_code == 303
+        assert (
+            platform.launch(browser, tool.url, platform.learner()).launch_response.status_code
+            == 303
+        )
         before = count_rows(rt)
-        refused = platform.launch(browser, tool.url, platform.learner(),
-                                  sign_with=old.private_key, header={"kid": old.kid})
+        refused = platform.launch(
+            browser,
+            tool.url,
+            platform.learner(),
+            sign_with=old.private_key,
+            header={"kid": old.kid},
+        )
         assert_refused_without_writes(refused.launch_response, rt, before, "no RS256 key")
     finally:
         platform.publish_keys()
@@ -295,7 +365,9 @@ def test_context_claim_shapes(platform):
 def test_login_state_expires_with_the_login_and_no_launch_data_is_kept(tool, platform, rt, browser):
     """pylti1p3 would keep the whole id_token (name, email) in Redis for a day."""
     form = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
-    assert browser.post(f"{tool.url}/lti/login", data=form, allow_redirects=False).status_code == 302
+    assert (
+        browser.post(f"{tool.url}/lti/login", data=form, allow_redirects=False).status_code == 302
+    )
     keys = rt.redis.keys("labpool:lti:*")
     assert keys and all(0 < rt.redis.ttl(k) <= 600 for k in keys)
 

@@ -21,18 +21,28 @@ print(",".join(loaded))
 """
 
 
-@pytest.mark.parametrize("what, imports", [
-    ("the provisioning jobs", "import provisioning.jobs"),
-    ("the reconciler", "import provisioning.reconciler"),
-    # What `labpool worker` preloads, and the CLI module every process starts from.
-    ("the worker", "import lti_tool.cli, lti_tool.models, lti_tool.services.nrps, "
-                   "provisioning.reconciler, provisioning.jobs"),
-    ("the roster service", "import lti_tool.services.nrps"),
-    ("the runner", "import lti_tool.runner"),
-])
+@pytest.mark.parametrize(
+    "what, imports",
+    [
+        ("the provisioning jobs", "import provisioning.jobs"),
+        ("the reconciler", "import provisioning.reconciler"),
+        # What `labpool worker` preloads, and the CLI module every process starts from.
+        (
+            "the worker",
+            "import lti_tool.cli, lti_tool.models, lti_tool.services.nrps, "
+            "provisioning.reconciler, provisioning.jobs",
+        ),
+        ("the roster service", "import lti_tool.services.nrps"),
+        ("the runner", "import lti_tool.runner"),
+    ],
+)
 def test_workers_and_the_cli_load_no_flask(what, imports):
-    done = subprocess.run([sys.executable, "-c", NO_FLASK.format(imports=imports)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_FLASK.format(imports=imports)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"{what} loads {done.stdout.strip()}"
 

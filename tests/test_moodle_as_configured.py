@@ -46,9 +46,14 @@ def second_tool_type(tool, platform: FakePlatform, rt: Runtime) -> Iterator[Fake
     args = other.platform_add_args()
     with transaction(rt.sessions) as session:
         register_platform(
-            session, rt.settings, issuer=args["issuer"], client_id=args["client_id"],
-            deployment_ids=[args["deployment_id"]], auth_url=args["auth_url"],
-            token_url=args["token_url"], jwks_url=args["jwks_url"],
+            session,
+            rt.settings,
+            issuer=args["issuer"],
+            client_id=args["client_id"],
+            deployment_ids=[args["deployment_id"]],
+            auth_url=args["auth_url"],
+            token_url=args["token_url"],
+            jwks_url=args["jwks_url"],
         )
     yield other
     with transaction(rt.sessions) as session:
@@ -66,7 +71,8 @@ def launch_to(platform: FakePlatform, tool, session: requests.Session, claims: d
 def course_id_of(rt: Runtime, platform: FakePlatform, context_id: str = "2") -> int:
     with rt.sessions() as session:
         return session.scalars(
-            select(Course.id).join(Platform, Platform.id == Course.platform_id)
+            select(Course.id)
+            .join(Platform, Platform.id == Course.platform_id)
             .where(Platform.client_id == platform.client_id, Course.context_id == context_id)
         ).one()
 
@@ -78,14 +84,20 @@ def forget_access_tokens(rt: Runtime) -> None:
 
 # --- 1. access tokens per (issuer, client id) -------------------------------------------
 
+
 def test_a_token_of_another_tool_type_is_refused_by_the_fake_moodle(platform, second_tool_type):
     platform.set_roster("2", [platform.member("4")])
-    token = platform.issue_token(["https://purl.imsglobal.org/spec/lti-nrps/scope/"
-                                  "contextmembership.readonly"])
+    token = platform.issue_token(
+        ["https://purl.imsglobal.org/spec/lti-nrps/scope/contextmembership.readonly"]
+    )
     headers = {"Authorization": f"Bearer {token}"}
-    assert requests.get(platform.memberships_url("2"), headers=headers, timeout=5).status_code == 200
-    assert requests.get(second_tool_type.memberships_url("2"), headers=headers,
-                        timeout=5).status_code == 401
+    assert (
+        requests.get(platform.memberships_url("2"), headers=headers, timeout=5).status_code == 200
+    )
+    assert (
+        requests.get(second_tool_type.memberships_url("2"), headers=headers, timeout=5).status_code
+        == 401
+    )
 
 
 def test_two_client_ids_on_one_issuer_each_sync_with_their_own_token(
@@ -107,13 +119,16 @@ def test_two_client_ids_on_one_issuer_each_sync_with_their_own_token(
     assert platform.tokens_issued == issued + 2  # one per client id, each cached
     made = platform.service_calls[calls:]
     assert [c["status"] for c in made] == [200] * 4
-    owner = {platform.deployment_id: platform.client_id,
-             second_tool_type.deployment_id: second_tool_type.client_id}
+    owner = {
+        platform.deployment_id: platform.client_id,
+        second_tool_type.deployment_id: second_tool_type.client_id,
+    }
     assert all(c["token_client_id"] == owner[c["type_id"]] for c in made)
     assert {c["type_id"] for c in made} == set(owner)
 
 
 # --- 2. platform-call failures where the teacher looks ------------------------------------
+
 
 def test_a_failed_sync_is_shown_on_the_class_page_and_cleared_by_the_next_success(
     tool, platform, rt, browser
@@ -156,16 +171,19 @@ def test_a_refused_token_says_what_the_admin_should_check(tool, platform, rt, br
 
 # --- 3. staff access follows the launch ----------------------------------------------------
 
+
 def test_an_admin_launch_not_on_the_roster_keeps_the_class_page_after_the_sync(
     tool, platform, rt, browser
 ):
-    class_url = launch_to(platform, tool, browser,
-                          platform.instructor(sub="2", roles=MOODLE_ADMIN_ROLES))
+    class_url = launch_to(
+        platform, tool, browser, platform.instructor(sub="2", roles=MOODLE_ADMIN_ROLES)
+    )
     assert browser.get(class_url).status_code == 200
     course_id = course_id_of(rt, platform)
     # NRPS lists enrolled users only: the site admin is not there.
-    platform.set_roster("2", [platform.member("3", role="Instructor"),
-                              platform.member("43"), platform.member("44")])
+    platform.set_roster(
+        "2", [platform.member("3", role="Instructor"), platform.member("43"), platform.member("44")]
+    )
     sync_course(rt, course_id)
 
     assert browser.get(class_url).status_code == 200
@@ -176,8 +194,9 @@ def test_an_admin_launch_not_on_the_roster_keeps_the_class_page_after_the_sync(
 
     # Even with the enrolment gone, the launch session keeps the page...
     with transaction(rt.sessions) as session:
-        session.execute(update(Enrolment).where(Enrolment.course_id == course_id)
-                        .values(ended_at=utcnow()))
+        session.execute(
+            update(Enrolment).where(Enrolment.course_id == course_id).values(ended_at=utcnow())
+        )
     assert browser.get(class_url).status_code == 200
     # ...but only that session: a learner's session of the same course gets nothing.
     with requests.Session() as student:
@@ -194,12 +213,16 @@ def test_the_sync_ends_an_admin_whose_launch_session_is_over(tool, platform, rt,
     assert sync_course(rt, course_id).ended == 1
     with rt.sessions() as session:
         admin = session.scalars(select(User.id).where(User.sub == "2")).one()
-        ended = session.scalars(select(Enrolment.ended_at).where(
-            Enrolment.user_id == admin, Enrolment.course_id == course_id)).one()
+        ended = session.scalars(
+            select(Enrolment.ended_at).where(
+                Enrolment.user_id == admin, Enrolment.course_id == course_id
+            )
+        ).one()
     assert ended is not None
 
 
 # --- 4. who may frame the IDE and the tool's pages ----------------------------------------
+
 
 def test_the_ide_csp_admits_the_tool_and_every_registered_platform(
     tool, platform, second_tool_type, rt
@@ -214,8 +237,15 @@ def test_the_ide_csp_admits_the_tool_and_every_registered_platform(
     config = jupyter_server_config(f"frame-ancestors {local.frame_ancestors}")
     assert f"frame-ancestors 'self' {origin_of(tool.url)}" in config and platform.url in config
 
-    cloud_env = Environment(name="cloud", backend="openstack", ide_kind="jupyterlab",
-                            image_id="img", flavor_id="flv", network_id="net", ide_port=8888)
+    cloud_env = Environment(
+        name="cloud",
+        backend="openstack",
+        ide_kind="jupyterlab",
+        image_id="img",
+        flavor_id="flv",
+        network_id="net",
+        ide_port=8888,
+    )
     forget_platform_origins()
     with transaction(rt.sessions):  # as `labpool volumes delete` asks, holding SQLite's lock
         cloud = backend_for(cloud_env.backend, rt.settings, cloud_env)  # reads nothing yet
@@ -237,22 +267,31 @@ def test_tool_pages_may_be_framed_by_the_platforms_and_are_never_cached(
     tool, platform, rt, browser
 ):
     with requests.Session() as student:
-        status_url = tool.url + f"/machines/{machine_id_of(platform.launch(student, tool.url, platform.learner(sub='46')).launch_response)}"
+        status_url = (
+            tool.url
+            + f"/machines/{machine_id_of(platform.launch(student, tool.url, platform.learner(sub='46')).launch_response)}"
+        )
         pages = [student.get(status_url), student.get(status_url + "/state")]
     class_url = launch_to(platform, tool, browser, platform.instructor(sub="3"))
-    pages += [browser.get(class_url), browser.get(class_url + ".json"),
-              browser.get(f"{tool.url}/machines/999999")]  # an error page
+    pages += [
+        browser.get(class_url),
+        browser.get(class_url + ".json"),
+        browser.get(f"{tool.url}/machines/999999"),
+    ]  # an error page
     for page in pages:
         assert page.headers["Cache-Control"] == "no-store", page.url
         csp = page.headers["Content-Security-Policy"]
         assert csp.startswith("frame-ancestors 'self'") and platform.url in csp, page.url
     assert pages[-1].status_code == 403
     jwks = browser.get(f"{tool.url}/lti/jwks.json")
-    assert "public" in jwks.headers["Cache-Control"] and "max-age=300" in jwks.headers["Cache-Control"]
+    assert (
+        "public" in jwks.headers["Cache-Control"] and "max-age=300" in jwks.headers["Cache-Control"]
+    )
     assert "no-store" not in jwks.headers["Cache-Control"]
 
 
 # --- 5. cookies inside the frame -----------------------------------------------------------
+
 
 def test_state_cookies_carry_samesite_lax_on_plain_http(tool, platform, browser):
     form = platform.login_form(platform.learner(sub="47"), login_hint="47", lti_message_hint="{}")
@@ -279,8 +318,12 @@ def test_state_cookies_over_https_are_secure_samesite_none_and_partitioned():
 
 def test_a_framed_login_checks_cookies_and_offers_one_new_tab_button(tool, platform, browser):
     form = platform.login_form(platform.learner(sub="48"), login_hint="48", lti_message_hint="{}")
-    answer = browser.post(f"{tool.url}/lti/login", data=form,
-                          headers={"Sec-Fetch-Dest": "iframe"}, allow_redirects=False)
+    answer = browser.post(
+        f"{tool.url}/lti/login",
+        data=form,
+        headers={"Sec-Fetch-Dest": "iframe"},
+        allow_redirects=False,
+    )
     assert answer.status_code == 200
     assert answer.text.count('id="lti1p3-new-tab-link"') == 1
     assert "Open the activity in a new tab" in answer.text
@@ -289,23 +332,31 @@ def test_a_framed_login_checks_cookies_and_offers_one_new_tab_button(tool, platf
 
 # --- 6. names as the registration allows ---------------------------------------------------
 
+
 def test_a_registration_without_names_shows_a_short_label_never_another_registrations_names(
     tool, platform, second_tool_type, rt
 ):
     sharing, private = platform, second_tool_type
     with requests.Session() as s1, requests.Session() as s2:
-        launch_to(sharing, tool, s1, sharing.learner(sub="50", name="Alice Example",
-                                                     email="alice@example.edu"))
+        launch_to(
+            sharing,
+            tool,
+            s1,
+            sharing.learner(sub="50", name="Alice Example", email="alice@example.edu"),
+        )
         launch_to(private, tool, s2, private.learner(sub="50", name=None, email=None))
     with requests.Session() as teacher_a, requests.Session() as teacher_b:
         class_a = launch_to(sharing, tool, teacher_a, sharing.instructor(sub="3"))
-        class_b = launch_to(private, tool, teacher_b, private.instructor(sub="3", name=None,
-                                                                         email=None))
+        class_b = launch_to(
+            private, tool, teacher_b, private.instructor(sub="3", name=None, email=None)
+        )
         # The private registration's roster carries no names either.
         sharing.set_roster("2", [sharing.member("3", role="Instructor"), sharing.member("50")])
         sync_course(rt, course_id_of(rt, private))
 
-        row_b = {r["lms_user_id"]: r for r in teacher_b.get(class_b + ".json").json()["roster"]}["50"]
+        row_b = {r["lms_user_id"]: r for r in teacher_b.get(class_b + ".json").json()["roster"]}[
+            "50"
+        ]
         assert LABEL.fullmatch(row_b["student"]) and row_b["student"].startswith("Student ")
         assert row_b["email"] == "" and row_b["named"] is False
         page_b = teacher_b.get(class_b).text
@@ -316,7 +367,9 @@ def test_a_registration_without_names_shows_a_short_label_never_another_registra
         expected = short_labels(rt.settings.secret_key, platform.issuer, ["50"])["50"]
         assert row_b["student"] == f"Student {expected}"  # a keyed hash, not "user 50"
 
-        row_a = {r["lms_user_id"]: r for r in teacher_a.get(class_a + ".json").json()["roster"]}["50"]
+        row_a = {r["lms_user_id"]: r for r in teacher_a.get(class_a + ".json").json()["roster"]}[
+            "50"
+        ]
         assert row_a["student"] == "Alice Example" and row_a["email"] == "alice@example.edu"
 
 

@@ -55,15 +55,25 @@ FORBIDDEN = ("LABPOOL_", "OS_", "password", "labpool-secret", "appcred-secret", 
 def backend(cloud: FakeCloud) -> Iterator[OpenStackBackend]:
     with cloud.state.lock:  # Nova looks the group up in Neutron
         cloud.state.add_security_group("labpool-ide")
-    spec = CloudSpec(image_id="img-1", flavor_id="m1.small", network_id=cloud.config.network_id,
-                     security_groups=["labpool-ide"], key_name="ops")
+    spec = CloudSpec(
+        image_id="img-1",
+        flavor_id="m1.small",
+        network_id=cloud.config.network_id,
+        security_groups=["labpool-ide"],
+        key_name="ops",
+    )
     yield OpenStackBackend("fake", spec)
     forget_connections()  # the next test's fake cloud listens on another port
 
 
 def machine(machine_id: int = 42, pool_id: int = POOL, **changes: Any) -> MachineSpec:
-    values: dict[str, Any] = dict(id=machine_id, ide_kind="jupyterlab", owner_id=None,
-                                  course_id=None, ref={"pool_id": pool_id})
+    values: dict[str, Any] = dict(
+        id=machine_id,
+        ide_kind="jupyterlab",
+        owner_id=None,
+        course_id=None,
+        ref={"pool_id": pool_id},
+    )
     values.update(changes)
     return MachineSpec(**values)
 
@@ -101,15 +111,19 @@ def test_user_data_is_a_small_cloud_config_that_starts_the_ide(kind: str) -> Non
     assert len(text) < (12000 if kind == "code-server" else 4000)
     document = yaml.safe_load(text)
     assert set(document) == {"users", "write_files", "runcmd"}  # no mounts, no packages
-    assert document["users"][1] == {"name": "student", "gecos": "Labpool student",
-                                    "shell": "/bin/bash", "lock_passwd": True}
+    assert document["users"][1] == {
+        "name": "student",
+        "gecos": "Labpool student",
+        "shell": "/bin/bash",
+        "lock_passwd": True,
+    }
     assert "sudo" not in document["users"][1]
     files = {f["path"]: f for f in document["write_files"]}
     unit = files["/etc/systemd/system/labpool-ide.service"]["content"]
     # The student's volume, attached after boot, becomes their home.
     assert "labpool-home@%k.service" in files["/etc/udev/rules.d/90-labpool-home.rules"]["content"]
     mount = files["/usr/local/sbin/labpool-mount-home"]
-    assert mount["permissions"] == "0755" and "mount \"$disk\" /home/student" in mount["content"]
+    assert mount["permissions"] == "0755" and 'mount "$disk" /home/student' in mount["content"]
     assert "User=student" in unit.splitlines()
     assert document["runcmd"][-1] == "systemctl enable --now labpool-ide.service"
     (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
@@ -121,14 +135,17 @@ def test_user_data_is_a_small_cloud_config_that_starts_the_ide(kind: str) -> Non
         env = files["/etc/labpool/ide.env"]
         assert env["content"] == f"IDE_GUARD_TOKEN={TOKEN}\n" and env["permissions"] == "0600"
         guard = files["/etc/systemd/system/labpool-ide-guard.service"]["content"].splitlines()
-        assert "ExecStart=/usr/bin/python3 /usr/local/lib/labpool/ide_guard.py 0.0.0.0:8888 " \
-               "127.0.0.1:8889" in guard
+        assert (
+            "ExecStart=/usr/bin/python3 /usr/local/lib/labpool/ide_guard.py 0.0.0.0:8888 "
+            "127.0.0.1:8889" in guard
+        )
         assert {"DynamicUser=yes", "EnvironmentFile=/etc/labpool/ide.env"} <= set(guard)
         assert "systemctl enable --now labpool-ide-guard.service" in document["runcmd"]
     else:
         assert "--ip=0.0.0.0 --port=8888 --no-browser --ServerApp.base_url=/ide/42/" in exec_start
-        assert exec_start.startswith("ExecStart=jupyter lab" if kind == "jupyterlab"
-                                     else "ExecStart=jupyter server")
+        assert exec_start.startswith(
+            "ExecStart=jupyter lab" if kind == "jupyterlab" else "ExecStart=jupyter server"
+        )
         env = files["/etc/labpool/ide.env"]
         assert env["content"] == f"JUPYTER_TOKEN={TOKEN}\n" and env["permissions"] == "0600"
         assert "EnvironmentFile=/etc/labpool/ide.env" in unit
@@ -147,7 +164,8 @@ def test_user_data_refuses_what_could_break_the_document() -> None:
 
 # -- create and the pool's list -------------------------------------------------------------
 def test_create_boots_one_tagged_server_that_starts_the_ide(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     server_id = backend.create(machine(42, ide_token=TOKEN))
     (server,) = cloud.servers()
     assert server_id == server["id"]
@@ -168,7 +186,8 @@ def test_create_boots_one_tagged_server_that_starts_the_ide(
 
 
 def test_the_pool_list_shows_build_then_active_with_the_ide_address(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     boot(backend, machine(42))
     (view,) = backend.list_pool_servers(POOL)
     assert (view.machine_id, view.status, view.address, view.fault) == (42, "BUILD", None, None)
@@ -187,7 +206,8 @@ def test_a_connection_is_made_once_per_process(cloud: FakeCloud, backend: OpenSt
 
 @pytest.mark.parametrize("mode", ["502", "reset"])
 def test_a_lost_create_answer_is_cloud_unavailable_and_the_server_carries_its_machine(
-        cloud: FakeCloud, backend: OpenStackBackend, mode: str) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend, mode: str
+) -> None:
     """The reconciler's next pass finds the server by its tags and adopts it (test_fleet)."""
     cloud.lose_next_create_response(mode)
     with pytest.raises(CloudUnavailable, match="will try again"):
@@ -200,16 +220,22 @@ def test_a_lost_create_answer_is_cloud_unavailable_and_the_server_carries_its_ma
 
 # -- failures -------------------------------------------------------------------------------
 def test_a_server_in_error_reports_the_clouds_fault(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     cloud.error_next_create()
     boot(backend, machine(42))
     view = wait_for_status(backend, 42, "ERROR")
     assert (view.status, view.fault, view.machine_id, view.address) == (
-        "ERROR", NO_VALID_HOST, 42, None)
+        "ERROR",
+        NO_VALID_HOST,
+        42,
+        None,
+    )
 
 
 def test_a_vanished_server_leaves_the_pool_list(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     spec = boot(backend, machine(42))
     assert [v.machine_id for v in backend.list_pool_servers(POOL)] == [42]
     cloud.vanish_server(spec.ref["server_id"])
@@ -217,21 +243,26 @@ def test_a_vanished_server_leaves_the_pool_list(
 
 
 def test_quota_exceeded_reads_well_and_names_no_secret(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     cloud.set_quota(1)
     boot(backend, machine(1))
     with pytest.raises(QuotaExceeded) as err:
         boot(backend, machine(2))
     message = str(err.value)
-    assert message == ("The cloud's quota is used up: Quota exceeded for instances: "
-                       "Requested 1, but already used 1 of 1 instances")
+    assert message == (
+        "The cloud's quota is used up: Quota exceeded for instances: "
+        "Requested 1, but already used 1 of 1 instances"
+    )
     assert len(cloud.servers()) == 1
 
 
 def test_a_conflict_is_cloud_conflict(cloud: FakeCloud, backend: OpenStackBackend) -> None:
     cloud.fail_next("POST", "/compute/v2.1/servers", 409, message="task_state is not None")
-    with pytest.raises(CloudConflict, match="refused to create the machine's server for now: "
-                                            "task_state is not None"):
+    with pytest.raises(
+        CloudConflict,
+        match="refused to create the machine's server for now: task_state is not None",
+    ):
         boot(backend, machine(42))
     spec = boot(backend, machine(42))
     cloud.fail_next("DELETE", "/compute/v2.1/servers/", 409, message="task_state deleting")
@@ -240,7 +271,8 @@ def test_a_conflict_is_cloud_conflict(cloud: FakeCloud, backend: OpenStackBacken
 
 
 def test_server_errors_and_timeouts_are_cloud_unavailable(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     cloud.fail_next("POST", "/compute/v2.1/servers", 503)
     with pytest.raises(CloudUnavailable, match="failed when Labpool tried to create"):
         boot(backend, machine(42))
@@ -263,7 +295,8 @@ def test_server_errors_and_timeouts_are_cloud_unavailable(
 
 
 def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     cloud.config.password = "rotated-elsewhere"
     with pytest.raises(BackendUnavailable, match="refused Labpool's credentials") as err:
         boot(backend, machine(42))
@@ -279,13 +312,18 @@ def test_bad_credentials_or_unknown_cloud_are_backend_unavailable(
 # listing, however loaded the machine (with 0.2 s this failed about half the time).
 @pytest.mark.fake_cloud(boot_time=3, max_instances=10)
 def test_list_pool_servers_pages_through_the_pool_in_a_few_requests(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     for machine_id in range(1, 8):
         boot(backend, machine(machine_id))
     boot(backend, machine(100, pool_id=POOL + 1))
     untagged = openstack.connect(cloud="fake").compute.create_server(
-        name="by-hand", image_id="img-1", flavor_id="m1.small", networks="none",
-        tags=["labpool", f"pool-{POOL}"])
+        name="by-hand",
+        image_id="img-1",
+        flavor_id="m1.small",
+        networks="none",
+        tags=["labpool", f"pool-{POOL}"],
+    )
     cloud.config.max_limit = 3
     cloud.reset_counters()
 
@@ -315,7 +353,8 @@ def test_quota_headroom_follows_usage(cloud: FakeCloud, backend: OpenStackBacken
 
 
 def test_stop_deletes_the_server_and_a_second_stop_is_fine(
-        cloud: FakeCloud, backend: OpenStackBackend) -> None:
+    cloud: FakeCloud, backend: OpenStackBackend
+) -> None:
     spec = boot(backend, machine(42))
     backend.stop(spec)
     assert cloud.servers() == []
@@ -334,10 +373,14 @@ def ide_stub() -> Iterator[str]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            ok = (self.path == "/ide/42/api/status"
-                  and self.headers.get("Authorization") == f"token {TOKEN}")
-            ok = ok or (self.path == "/healthz"  # code-server's, behind its guard
-                        and self.headers.get("Authorization") == f"token {TOKEN}")
+            ok = (
+                self.path == "/ide/42/api/status"
+                and self.headers.get("Authorization") == f"token {TOKEN}"
+            )
+            ok = ok or (
+                self.path == "/healthz"  # code-server's, behind its guard
+                and self.headers.get("Authorization") == f"token {TOKEN}"
+            )
             self.send_response(200 if ok else 403)
             self.end_headers()
 
@@ -392,12 +435,16 @@ def code_server() -> Iterator[tuple[int, list[dict[str, str]]]]:
                     return
                 head += chunk
             lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in
-                       (line.partition(":") for line in lines[1:])}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:])
+            }
             seen.append({"target": lines[0].split()[1], **headers})
             if lines[0].split()[1] == "/ws":
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                             b"Connection: Upgrade\r\n\r\n")
+                conn.sendall(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\n"
+                )
                 while data := conn.recv(4096):
                     conn.sendall(data.upper())
                 return
@@ -417,7 +464,8 @@ def code_server() -> Iterator[tuple[int, list[dict[str, str]]]]:
 
 
 def test_code_server_refuses_requests_without_the_machines_token(
-        code_server: tuple[int, list[dict[str, str]]]) -> None:
+    code_server: tuple[int, list[dict[str, str]]],
+) -> None:
     """The guard the user-data writes, started as its systemd unit says (addresses changed
     to free loopback ports), in front of a code-server stand-in."""
     upstream_port, seen = code_server
@@ -427,16 +475,19 @@ def test_code_server_refuses_requests_without_the_machines_token(
     (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     python, script, listen, upstream = exec_start.removeprefix("ExecStart=").split()
     assert (python, script, listen, upstream) == (
-        "/usr/bin/python3", "/usr/local/lib/labpool/ide_guard.py", "0.0.0.0:8888",
-        "127.0.0.1:8889")
-    env_file = dict(line.split("=", 1) for line in
-                    files["/etc/labpool/ide.env"].splitlines())
+        "/usr/bin/python3",
+        "/usr/local/lib/labpool/ide_guard.py",
+        "0.0.0.0:8888",
+        "127.0.0.1:8889",
+    )
+    env_file = dict(line.split("=", 1) for line in files["/etc/labpool/ide.env"].splitlines())
     script_path = Path(tempfile.mkdtemp()) / "ide_guard.py"
     script_path.write_text(files[script])
     port = free_port()
     guard = subprocess.Popen(
         [sys.executable, str(script_path), f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}"],
-        env={"PATH": os.environ.get("PATH", ""), **env_file})
+        env={"PATH": os.environ.get("PATH", ""), **env_file},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
@@ -454,12 +505,20 @@ def test_code_server_refuses_requests_without_the_machines_token(
 
         # Another machine on the network, without the token or with a wrong one: refused
         # on the machine itself, and nothing reaches code-server.
-        for wrong in (None, "", f"token {TOKEN[:-1]}", "token ", f"Basic {TOKEN}",
-                      f"token wrong-{TOKEN}"):
+        for wrong in (
+            None,
+            "",
+            f"token {TOKEN[:-1]}",
+            "token ",
+            f"Basic {TOKEN}",
+            f"token wrong-{TOKEN}",
+        ):
             assert get("/healthz", wrong).status_code == 403, wrong
         with socket.create_connection(("127.0.0.1", port)) as sock:  # two headers: refused
-            sock.sendall(f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: token {TOKEN}\r\n"
-                         f"Authorization: token {TOKEN}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: token {TOKEN}\r\n"
+                f"Authorization: token {TOKEN}\r\n\r\n".encode()
+            )
             assert sock.recv(100).startswith(b"HTTP/1.1 403")
         assert seen == []
 
@@ -473,8 +532,10 @@ def test_code_server_refuses_requests_without_the_machines_token(
 
         # A WebSocket upgrade with the token becomes a byte stream both ways.
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                         f"Connection: Upgrade\r\nAuthorization: token {TOKEN}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nAuthorization: token {TOKEN}\r\n\r\n".encode()
+            )
             reply = b""
             while b"\r\n\r\n" not in reply:
                 reply += sock.recv(4096)
@@ -509,8 +570,20 @@ def admin(cloud: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 def env_add(admin: Any, cloud: FakeCloud, name: str, *extra: str) -> Any:
-    return admin("env", "add", name, "--backend", "openstack", "--image", "img-1",
-                 "--flavor", "m1.small", "--network", cloud.config.network_id, *extra)
+    return admin(
+        "env",
+        "add",
+        name,
+        "--backend",
+        "openstack",
+        "--image",
+        "img-1",
+        "--flavor",
+        "m1.small",
+        "--network",
+        cloud.config.network_id,
+        *extra,
+    )
 
 
 def stored_environment(rt: Any, name: str) -> Any:
@@ -520,30 +593,49 @@ def stored_environment(rt: Any, name: str) -> Any:
 
     with rt.sessions() as session:
         env = session.scalars(select(Environment).where(Environment.name == name)).first()
-        pools = session.scalars(select(Pool).join(Environment)
-                                .where(Environment.name == name)).all()
-        return (None if env is None else (list(env.security_groups), len(pools)))
+        pools = session.scalars(
+            select(Pool).join(Environment).where(Environment.name == name)
+        ).all()
+        return None if env is None else (list(env.security_groups), len(pools))
 
 
 def rules_of(cloud: FakeCloud, group_id: str) -> list[tuple[Any, ...]]:
-    keys = ("direction", "ethertype", "protocol", "port_range_min", "port_range_max",
-            "remote_ip_prefix", "remote_group_id")
+    keys = (
+        "direction",
+        "ethertype",
+        "protocol",
+        "port_range_min",
+        "port_range_max",
+        "remote_ip_prefix",
+        "remote_group_id",
+    )
     with cloud.state.lock:
-        return sorted((tuple(r[k] for k in keys) for r in cloud.state.security_group_rules.values()
-                       if r["security_group_id"] == group_id), key=str)
+        return sorted(
+            (
+                tuple(r[k] for k in keys)
+                for r in cloud.state.security_group_rules.values()
+                if r["security_group_id"] == group_id
+            ),
+            key=str,
+        )
 
 
 def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
-        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any
+) -> None:
     result = env_add(admin, cloud, "lab")
     assert result.exit_code == 0, result.output
     (group_id,), pools = stored_environment(rt, "lab")
     assert pools == 1
     assert cloud.state.security_groups[group_id]["name"] == "labpool-lab"
-    assert rules_of(cloud, group_id) == sorted([
-        ("egress", "IPv4", None, None, None, None, None),  # Neutron's defaults
-        ("egress", "IPv6", None, None, None, None, None),
-        ("ingress", "IPv4", "tcp", 8888, 8888, "10.0.0.5/32", None)], key=str)
+    assert rules_of(cloud, group_id) == sorted(
+        [
+            ("egress", "IPv4", None, None, None, None, None),  # Neutron's defaults
+            ("egress", "IPv6", None, None, None, None, None),
+            ("ingress", "IPv4", "tcp", 8888, 8888, "10.0.0.5/32", None),
+        ],
+        key=str,
+    )
 
     # Its machines boot into that group alone (not `default`).
     from provisioning.backends import pooled_backend_for
@@ -551,8 +643,9 @@ def test_env_add_creates_a_group_whose_ide_port_admits_only_the_proxy(
 
     with rt.sessions() as session:
         environment = session.scalars(select_env("lab")).one()
-    backend = pooled_backend_for(environment, dataclasses.replace(rt.settings,
-                                                                  openstack_cloud="fake"))
+    backend = pooled_backend_for(
+        environment, dataclasses.replace(rt.settings, openstack_cloud="fake")
+    )
     backend.create(machine(5, ide_token=TOKEN))
     (server,) = cloud.servers()
     assert server["security_groups"] == [{"name": "labpool-lab"}]
@@ -582,8 +675,12 @@ def open_group(cloud: FakeCloud, name: str, **rule: Any) -> str:
         cloud.state.default_security_group()  # as any first look at the groups makes it
         group = cloud.state.add_security_group(name)
         cloud.state.add_security_group_rule(
-            security_group_id=group["id"], protocol="tcp", port_range_min=8888,
-            port_range_max=8888, remote_ip_prefix=f"{PROXY}/32")
+            security_group_id=group["id"],
+            protocol="tcp",
+            port_range_min=8888,
+            port_range_max=8888,
+            remote_ip_prefix=f"{PROXY}/32",
+        )
         if rule:
             values = dict(protocol="tcp", port_range_min=8888, port_range_max=8888)
             values.update(rule)
@@ -593,19 +690,32 @@ def open_group(cloud: FakeCloud, name: str, **rule: Any) -> str:
         return str(group["id"])
 
 
-@pytest.mark.parametrize("rule, said", [
-    (dict(remote_ip_prefix="0.0.0.0/0"), "from 0.0.0.0/0"),
-    (dict(description="no remote at all"), "from anywhere (0.0.0.0/0)"),
-    (dict(protocol=None, port_range_min=None, port_range_max=None,
-          remote_ip_prefix="0.0.0.0/0"), "from 0.0.0.0/0"),  # every protocol and port
-    (dict(remote_ip_prefix="10.0.0.0/16"), "from 10.0.0.0/16"),  # the private network
-    (dict(remote_group_id="itself"), "(machines)"),  # the VMs themselves
-    (dict(port_range_min=8000, port_range_max=9000, remote_ip_prefix="192.0.2.0/24"),
-     "from 192.0.2.0/24"),
-    (dict(ethertype="IPv6", remote_ip_prefix="::/0"), "from ::/0"),
-])
+@pytest.mark.parametrize(
+    "rule, said",
+    [
+        (dict(remote_ip_prefix="0.0.0.0/0"), "from 0.0.0.0/0"),
+        (dict(description="no remote at all"), "from anywhere (0.0.0.0/0)"),
+        (
+            dict(
+                protocol=None,
+                port_range_min=None,
+                port_range_max=None,
+                remote_ip_prefix="0.0.0.0/0",
+            ),
+            "from 0.0.0.0/0",
+        ),  # every protocol and port
+        (dict(remote_ip_prefix="10.0.0.0/16"), "from 10.0.0.0/16"),  # the private network
+        (dict(remote_group_id="itself"), "(machines)"),  # the VMs themselves
+        (
+            dict(port_range_min=8000, port_range_max=9000, remote_ip_prefix="192.0.2.0/24"),
+            "from 192.0.2.0/24",
+        ),
+        (dict(ethertype="IPv6", remote_ip_prefix="::/0"), "from ::/0"),
+    ],
+)
 def test_env_add_refuses_a_group_that_admits_the_ide_port_from_elsewhere_and_stores_nothing(
-        admin: Any, cloud: FakeCloud, rt: Any, rule: dict[str, Any], said: str) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any, rule: dict[str, Any], said: str
+) -> None:
     open_group(cloud, "wide", **rule)
     groups_before = set(cloud.state.security_groups)
     result = env_add(admin, cloud, "lab", "--security-group", "wide")
@@ -618,17 +728,20 @@ def test_env_add_refuses_a_group_that_admits_the_ide_port_from_elsewhere_and_sto
 
 
 def test_env_add_accepts_a_named_group_closed_but_for_the_proxy(
-        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any
+) -> None:
     # SSH from anywhere is the admin's business; the IDE port is ours.
-    group_id = open_group(cloud, "mine", port_range_min=22, port_range_max=22,
-                          remote_ip_prefix="0.0.0.0/0")
+    group_id = open_group(
+        cloud, "mine", port_range_min=22, port_range_max=22, remote_ip_prefix="0.0.0.0/0"
+    )
     result = env_add(admin, cloud, "lab", "--security-group", "mine")
     assert result.exit_code == 0, result.output
     assert stored_environment(rt, "lab") == ([group_id], 1)  # stored by id
 
 
 def test_env_add_refuses_groups_that_shut_the_proxy_out_or_do_not_exist(
-        admin: Any, cloud: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with cloud.state.lock:
         cloud.state.add_security_group("closed")
     result = env_add(admin, cloud, "lab", "--security-group", "closed")
@@ -645,11 +758,15 @@ def test_env_add_refuses_groups_that_shut_the_proxy_out_or_do_not_exist(
 
 
 def test_a_broken_rule_in_the_clouds_answer_is_refused_clearly(
-        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any
+) -> None:
     group_id = open_group(cloud, "odd")
     with cloud.state.lock:
-        rule = next(r for r in cloud.state.security_group_rules.values()
-                    if r["security_group_id"] == group_id and r["direction"] == "ingress")
+        rule = next(
+            r
+            for r in cloud.state.security_group_rules.values()
+            if r["security_group_id"] == group_id and r["direction"] == "ingress"
+        )
         rule["remote_ip_prefix"] = "somewhere"
     result = env_add(admin, cloud, "lab", "--security-group", "odd")
     assert result.exit_code != 0
@@ -658,7 +775,8 @@ def test_a_broken_rule_in_the_clouds_answer_is_refused_clearly(
 
 
 def test_a_failed_rule_removes_the_group_labpool_made(
-        admin: Any, cloud: FakeCloud, rt: Any) -> None:
+    admin: Any, cloud: FakeCloud, rt: Any
+) -> None:
     cloud.fail_next("POST", "/networking/v2.0/security-group-rules", 500)
     result = env_add(admin, cloud, "lab")
     assert result.exit_code != 0 and "it will try again" in result.output

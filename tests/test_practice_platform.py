@@ -30,8 +30,9 @@ class _Forms(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "form":
-            self.forms.append({"action": a.get("action"), "method": (a.get("method") or "").lower(),
-                               "fields": {}})
+            self.forms.append(
+                {"action": a.get("action"), "method": (a.get("method") or "").lower(), "fields": {}}
+            )
         elif tag == "input" and self.forms and a.get("name"):
             self.forms[-1]["fields"][a["name"]] = a.get("value", "")
         elif tag == "a":
@@ -55,10 +56,16 @@ def practice(tmp_path):
 
 def _auth_query(practice, **overrides):
     params = {
-        "scope": "openid", "response_type": "id_token", "response_mode": "form_post",
-        "prompt": "none", "client_id": CLIENT_ID, "redirect_uri": TOOL_URL + "/lti/launch",
-        "login_hint": "student1", "lti_message_hint": "student1",
-        "state": "state-abc", "nonce": "nonce-xyz",
+        "scope": "openid",
+        "response_type": "id_token",
+        "response_mode": "form_post",
+        "prompt": "none",
+        "client_id": CLIENT_ID,
+        "redirect_uri": TOOL_URL + "/lti/launch",
+        "login_hint": "student1",
+        "lti_message_hint": "student1",
+        "state": "state-abc",
+        "nonce": "nonce-xyz",
     }
     params.update(overrides)
     return practice.url + "/auth?" + urlencode({k: v for k, v in params.items() if v is not None})
@@ -105,8 +112,14 @@ def test_auth_answers_a_signed_id_token_that_verifies_against_the_jwks(practice)
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "RS256" and header["kid"] == practice.kid
     signing_key = jwt.PyJWKClient(practice.url + "/jwks").get_signing_key_from_jwt(token)
-    claims = jwt.decode(token, signing_key.key, algorithms=["RS256"], audience=CLIENT_ID,
-                        issuer=practice.url, options={"require": ["exp", "iat", "nonce"]})
+    claims = jwt.decode(
+        token,
+        signing_key.key,
+        algorithms=["RS256"],
+        audience=CLIENT_ID,
+        issuer=practice.url,
+        options={"require": ["exp", "iat", "nonce"]},
+    )
     assert claims["aud"] == CLIENT_ID
     assert claims["exp"] == claims["iat"] + 60
     assert claims["sub"] == "101" and claims["name"] == "Student One"
@@ -126,14 +139,28 @@ def test_auth_answers_a_signed_id_token_that_verifies_against_the_jwks(practice)
     jwks = requests.get(practice.url + "/jwks", timeout=5).json()
     (key,) = jwks["keys"]
     assert {k: key[k] for k in ("kty", "alg", "use", "kid")} == {
-        "kty": "RSA", "alg": "RS256", "use": "sig", "kid": practice.kid}
+        "kty": "RSA",
+        "alg": "RS256",
+        "use": "sig",
+        "kid": practice.kid,
+    }
 
 
 def test_teacher_gets_the_instructor_role(practice):
-    r = requests.post(practice.url + "/auth", data={
-        "scope": "openid", "response_type": "id_token", "client_id": CLIENT_ID,
-        "redirect_uri": TOOL_URL + "/lti/launch", "login_hint": "teacher",
-        "lti_message_hint": "teacher", "state": "s", "nonce": "n"}, timeout=5)
+    r = requests.post(
+        practice.url + "/auth",
+        data={
+            "scope": "openid",
+            "response_type": "id_token",
+            "client_id": CLIENT_ID,
+            "redirect_uri": TOOL_URL + "/lti/launch",
+            "login_hint": "teacher",
+            "lti_message_hint": "teacher",
+            "state": "s",
+            "nonce": "n",
+        },
+        timeout=5,
+    )
     assert r.status_code == 200, r.text
     token = _Forms(r.text).forms[0]["fields"]["id_token"]
     claims = jwt.decode(token, options={"verify_signature": False})
@@ -141,16 +168,19 @@ def test_teacher_gets_the_instructor_role(practice):
     assert claims[LTI + "roles"] == ["http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"]
 
 
-@pytest.mark.parametrize("overrides", [
-    {"redirect_uri": "http://evil.example/lti/launch"},
-    {"client_id": "someone-else"},
-    {"response_type": "code"},
-    {"scope": "profile"},
-    {"nonce": None},
-    {"state": None},
-    {"login_hint": "mallory", "lti_message_hint": "mallory"},
-    {"lti_message_hint": "student2"},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"redirect_uri": "http://evil.example/lti/launch"},
+        {"client_id": "someone-else"},
+        {"response_type": "code"},
+        {"scope": "profile"},
+        {"nonce": None},
+        {"state": None},
+        {"login_hint": "mallory", "lti_message_hint": "mallory"},
+        {"lti_message_hint": "student2"},
+    ],
+)
 def test_auth_refuses_bad_requests_with_400(practice, overrides):
     r = requests.get(_auth_query(practice, **overrides), timeout=5)
     assert r.status_code == 400
@@ -166,9 +196,13 @@ def test_token_endpoint_is_not_implemented_yet(practice):
 def test_registration_values(practice):
     reg = practice.registration()
     assert reg == {
-        "issuer": practice.url, "client_id": CLIENT_ID, "deployment_ids": [DEPLOYMENT_ID],
-        "auth_url": practice.url + "/auth", "token_url": practice.url + "/token",
-        "jwks_url": practice.url + "/jwks", "name": "Practice platform",
+        "issuer": practice.url,
+        "client_id": CLIENT_ID,
+        "deployment_ids": [DEPLOYMENT_ID],
+        "auth_url": practice.url + "/auth",
+        "token_url": practice.url + "/token",
+        "jwks_url": practice.url + "/jwks",
+        "name": "Practice platform",
     }
     assert not practice.url.endswith("/")
 

@@ -74,8 +74,9 @@ class _Echo:
         request = Request(environ)
         headers = {name.lower(): value for name, value in request.headers.items()}
         self.seen.append({"path": request.full_path, **headers})
-        return Response(json.dumps({"echo": True, "headers": headers}),
-                        mimetype="application/json")(environ, start_response)
+        return Response(
+            json.dumps({"echo": True, "headers": headers}), mimetype="application/json"
+        )(environ, start_response)
 
 
 @dataclasses.dataclass
@@ -89,7 +90,9 @@ class Proxied:
     echo_app: _Echo
 
     def cookie_for(self, owner_id: int, machine_id: int) -> str:
-        return self.flask_app.extensions["labpool.ide_cookies"].dumps({"u": owner_id, "m": machine_id})
+        return self.flask_app.extensions["labpool.ide_cookies"].dumps(
+            {"u": owner_id, "m": machine_id}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +111,16 @@ def proxied(
     echo_app = _Echo()
     saved = platform.tool_url, list(platform.registered_redirect_uris)
     platform.register_tool(url, [*saved[1], url + platform.LAUNCH_PATH])
-    with ServedApp(counter) as tool, ServedApp(echo_app) as echo, Nginx(
-        settings, tmp_path_factory.mktemp("nginx"),
-        tool_upstream=f"127.0.0.1:{tool.port}", auth_cache_s=AUTH_CACHE_S,
-    ) as nginx:
+    with (
+        ServedApp(counter) as tool,
+        ServedApp(echo_app) as echo,
+        Nginx(
+            settings,
+            tmp_path_factory.mktemp("nginx"),
+            tool_upstream=f"127.0.0.1:{tool.port}",
+            auth_cache_s=AUTH_CACHE_S,
+        ) as nginx,
+    ):
         try:
             yield Proxied(url, tool, flask_app, counter, nginx, echo, echo_app)
         finally:
@@ -132,8 +141,9 @@ def echo_machine(proxied: Proxied, rt: Runtime) -> Iterator[tuple[int, int, str]
 # --------------------------------------------------------------------------- helpers
 
 
-def launch_through_nginx(proxied: Proxied, platform: FakePlatform, browser: requests.Session,
-                         sub: str) -> int:
+def launch_through_nginx(
+    proxied: Proxied, platform: FakePlatform, browser: requests.Session, sub: str
+) -> int:
     result = platform.launch(browser, proxied.url, platform.learner(sub=sub))
     response = result.launch_response
     assert response.status_code == 303, response.text[:500]
@@ -175,14 +185,21 @@ def is_jupyterlab(response: requests.Response) -> bool:
 
 
 def refused_to_handover(response: requests.Response, machine_id: int) -> bool:
-    return (response.status_code == 302
-            and response.headers["Location"].endswith(f"/machines/{machine_id}/open"))
+    return response.status_code == 302 and response.headers["Location"].endswith(
+        f"/machines/{machine_id}/open"
+    )
 
 
 def raw_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
     """GET `path` exactly as written; (status, response head)."""
-    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
-             *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers.items()),
+        "",
+        "",
+    ]
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall("\r\n".join(lines).encode())
         data = b""
@@ -196,14 +213,32 @@ def execute(ws: websocket.WebSocket, code: str, timeout: float = 60) -> dict[str
     """Run `code` in the kernel behind `ws` (Jupyter's JSON websocket protocol): its
     execute_result's text and its stdout."""
     msg_id = uuid.uuid4().hex
-    ws.send(json.dumps({
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "student",
-                   "session": uuid.uuid4().hex, "version": "5.3",
-                   "date": datetime.now(UTC).isoformat()},
-        "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
-        "content": {"code": code, "silent": False, "store_history": False,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-    }))
+    ws.send(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": "execute_request",
+                    "username": "student",
+                    "session": uuid.uuid4().hex,
+                    "version": "5.3",
+                    "date": datetime.now(UTC).isoformat(),
+                },
+                "parent_header": {},
+                "metadata": {},
+                "buffers": [],
+                "channel": "shell",
+                "content": {
+                    "code": code,
+                    "silent": False,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+            }
+        )
+    )
     result: dict[str, Any] = {"stdout": "", "frames": []}
     deadline = time.monotonic() + timeout
     while "reply" not in result or "result" not in result:
@@ -249,10 +284,14 @@ def test_a_student_reaches_their_notebook_through_the_proxy(proxied, platform, r
     assert token and machine.address
 
     # Headers a client sends cannot choose the upstream or the token.
-    steered = browser.get(f"{proxied.url}/ide/{machine_id}/lab", headers={
-        "X-Upstream": f"127.0.0.1:{proxied.tool.port}", "X-IDE-Token": "chosen-by-the-client",
-        "Authorization": "token chosen-by-the-client",
-    })
+    steered = browser.get(
+        f"{proxied.url}/ide/{machine_id}/lab",
+        headers={
+            "X-Upstream": f"127.0.0.1:{proxied.tool.port}",
+            "X-IDE-Token": "chosen-by-the-client",
+            "Authorization": "token chosen-by-the-client",
+        },
+    )
     assert is_jupyterlab(steered)
 
     # A kernel, created and driven through nginx with the browser's cookies, as JupyterLab's
@@ -263,15 +302,18 @@ def test_a_student_reaches_their_notebook_through_the_proxy(proxied, platform, r
     # The IDE's own XSRF check is on behind the proxy: the token is not a "token login".
     unchecked = browser.post(kernels, json={"name": "python3"}, headers={"Origin": proxied.url})
     assert unchecked.status_code == 403 and "_xsrf" in unchecked.text
-    created = browser.post(kernels, json={"name": "python3"},
-                           headers={"Origin": proxied.url, "X-XSRFToken": xsrf})
+    created = browser.post(
+        kernels, json={"name": "python3"}, headers={"Origin": proxied.url, "X-XSRFToken": xsrf}
+    )
     assert created.status_code == 201, created.text
     kernel_id = created.json()["id"]
     cookie = browser.cookies.get(IDE_COOKIE, path=f"/ide/{machine_id}/")
     assert cookie
     ws = websocket.create_connection(
         f"ws://127.0.0.1:{proxied.nginx.ports[0]}/ide/{machine_id}/api/kernels/{kernel_id}/channels",
-        cookie=f"{IDE_COOKIE}={cookie}", origin=proxied.url, timeout=60,
+        cookie=f"{IDE_COOKIE}={cookie}",
+        origin=proxied.url,
+        timeout=60,
     )
     try:
         handshake = "\n".join(f"{k}: {v}" for k, v in (ws.getheaders() or {}).items())
@@ -297,16 +339,19 @@ def test_the_lab_page_does_not_carry_the_ides_token(proxied, rt, tmp_path):
     backend = LocalBackend(tmp_path, settings=dataclasses.replace(rt.settings, ide_proxy=True))
     spec = MachineSpec(id=machine_id, ide_kind="jupyterlab", owner_id=owner_id, course_id=1)
     started = backend.start(spec)
-    spec = dataclasses.replace(spec, ref=started.ref, address=started.address,
-                               ide_token=started.ide_token)
+    spec = dataclasses.replace(
+        spec, ref=started.ref, address=started.address, ide_token=started.ide_token
+    )
     try:
         deadline = time.monotonic() + 60
         while not backend.health(spec):
             assert backend.poll(spec) and time.monotonic() < deadline, "JupyterLab did not start"
             time.sleep(0.2)
         publish_route(rt.redis, machine_id, owner_id, started.address, started.ide_token)
-        lab = requests.get(f"{proxied.url}/ide/{machine_id}/lab", headers={
-            "Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"})
+        lab = requests.get(
+            f"{proxied.url}/ide/{machine_id}/lab",
+            headers={"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"},
+        )
         assert is_jupyterlab(lab)
         assert started.address.startswith("unix:")
         assert started.ide_token not in lab.text
@@ -337,12 +382,16 @@ def test_a_student_cannot_open_another_students_machine(proxied, platform, rt):
         # Her valid cookie copied to Bob's path is refused outright.
         alices_cookie = alice.cookies.get(IDE_COOKIE, path=f"/ide/{alices}/")
         for path in ("lab", "api/status", "api/contents"):
-            copied = requests.get(f"{proxied.url}/ide/{bobs}/{path}", allow_redirects=False,
-                                  headers={"Cookie": f"{IDE_COOKIE}={alices_cookie}"})
+            copied = requests.get(
+                f"{proxied.url}/ide/{bobs}/{path}",
+                allow_redirects=False,
+                headers={"Cookie": f"{IDE_COOKIE}={alices_cookie}"},
+            )
             assert copied.status_code == 403, (path, copied.status_code)
         # ... while it still opens her own.
-        own = requests.get(f"{proxied.url}/ide/{alices}/lab",
-                           headers={"Cookie": f"{IDE_COOKIE}={alices_cookie}"})
+        own = requests.get(
+            f"{proxied.url}/ide/{alices}/lab", headers={"Cookie": f"{IDE_COOKIE}={alices_cookie}"}
+        )
         assert is_jupyterlab(own)
 
 
@@ -358,20 +407,26 @@ def test_expired_and_forged_cookies_go_back_to_the_handover(proxied, echo_machin
     expired_signer.signer = SignedLongAgo
     expired = expired_signer.dumps({"u": owner_id, "m": machine_id})
     forged = URLSafeTimedSerializer("not the tool's key", salt="labpool ide cookie").dumps(
-        {"u": owner_id, "m": machine_id})
+        {"u": owner_id, "m": machine_id}
+    )
     tampered = proxied.cookie_for(owner_id, machine_id)[:-2] + "xx"
 
     for cookie in (expired, forged, tampered, ""):
-        refused = requests.get(f"{proxied.url}/ide/{machine_id}/lab", allow_redirects=False,
-                               headers={"Cookie": f"{IDE_COOKIE}={cookie}"})
+        refused = requests.get(
+            f"{proxied.url}/ide/{machine_id}/lab",
+            allow_redirects=False,
+            headers={"Cookie": f"{IDE_COOKIE}={cookie}"},
+        )
         assert refused_to_handover(refused, machine_id), (cookie, refused.status_code)
     no_cookie = requests.get(f"{proxied.url}/ide/{machine_id}/api/status", allow_redirects=False)
     assert refused_to_handover(no_cookie, machine_id)
     assert proxied.echo_app.seen == []  # the machine was never reached
 
     # The same request with a valid cookie does reach it.
-    valid = requests.get(f"{proxied.url}/ide/{machine_id}/lab",
-                         headers={"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"})
+    valid = requests.get(
+        f"{proxied.url}/ide/{machine_id}/lab",
+        headers={"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"},
+    )
     assert valid.status_code == 200 and valid.json()["echo"] is True
 
 
@@ -399,9 +454,7 @@ def test_a_released_machine_is_no_longer_reachable(proxied, platform, rt, browse
     assert "Your machine was stopped" in status.text
 
 
-def test_the_client_cannot_choose_the_upstream_or_see_the_proxys_headers(
-    proxied, echo_machine
-):
+def test_the_client_cannot_choose_the_upstream_or_see_the_proxys_headers(proxied, echo_machine):
     machine_id, owner_id, token = echo_machine
     cookie = proxied.cookie_for(owner_id, machine_id)
     tool_address = f"127.0.0.1:{proxied.tool.port}"
@@ -427,8 +480,11 @@ def test_the_client_cannot_choose_the_upstream_or_see_the_proxys_headers(
 
     # Without a valid cookie, naming an upstream gets nowhere.
     seen_before = len(proxied.echo_app.seen)
-    steered = requests.get(f"{proxied.url}/ide/{machine_id}/lab", allow_redirects=False,
-                           headers={k: v for k, v in sent.items() if k != "Cookie"})
+    steered = requests.get(
+        f"{proxied.url}/ide/{machine_id}/lab",
+        allow_redirects=False,
+        headers={k: v for k, v in sent.items() if k != "Cookie"},
+    )
     assert refused_to_handover(steered, machine_id)
     assert len(proxied.echo_app.seen) == seen_before
 
@@ -441,9 +497,17 @@ def test_the_auth_check_is_not_reachable_from_outside(proxied, echo_machine):
 
     # Through nginx: /proxy/ is closed and the internal location is internal, however the
     # path is spelled (sent as is: requests would normalise some of these).
-    for path in ("/proxy/auth", "/proxy/auth/", "/_labpool_auth", "/%70roxy/auth",
-                 "//proxy/auth", "/./proxy/auth", f"/ide/{machine_id}/../../proxy/auth",
-                 "/proxy%2Fauth", "/proxy/auth?x=1"):
+    for path in (
+        "/proxy/auth",
+        "/proxy/auth/",
+        "/_labpool_auth",
+        "/%70roxy/auth",
+        "//proxy/auth",
+        "/./proxy/auth",
+        f"/ide/{machine_id}/../../proxy/auth",
+        "/proxy%2Fauth",
+        "/proxy/auth?x=1",
+    ):
         status, head = raw_get(proxied.nginx.ports[0], path, {**asking, PROXY_HEADER: secret})
         assert status == 404, path
         assert "x-upstream" not in head.lower() and "x-ide-token" not in head.lower(), path
@@ -486,12 +550,20 @@ def test_activity_seen_by_the_proxy_is_recorded(proxied, echo_machine, rt):
 def test_code_server_machines_get_the_path_below_their_prefix(proxied, echo_machine, rt):
     """code-server has no base URL: the tool tells nginx to pass the path below /ide/<id>."""
     machine_id, owner_id, token = echo_machine
-    publish_route(rt.redis, machine_id, owner_id, f"127.0.0.1:{proxied.echo.port}", token,
-                  ide_kind="code-server")
+    publish_route(
+        rt.redis,
+        machine_id,
+        owner_id,
+        f"127.0.0.1:{proxied.echo.port}",
+        token,
+        ide_kind="code-server",
+    )
     time.sleep(AUTH_CACHE_S + 0.2)  # a cached answer from before would still say "whole path"
     cookie = proxied.cookie_for(owner_id, machine_id)
-    answer = requests.get(f"{proxied.url}/ide/{machine_id}/static/x.js?v=1",
-                          headers={"Cookie": f"{IDE_COOKIE}={cookie}"})
+    answer = requests.get(
+        f"{proxied.url}/ide/{machine_id}/static/x.js?v=1",
+        headers={"Cookie": f"{IDE_COOKIE}={cookie}"},
+    )
     assert answer.status_code == 200
     assert proxied.echo_app.seen[-1]["path"] == "/static/x.js?v=1"
 
@@ -504,8 +576,12 @@ def test_writes_and_websockets_from_another_origin_are_refused(proxied, echo_mac
     url = f"{proxied.url}/ide/{machine_id}/api/terminals"
     cookie = {"Cookie": f"{IDE_COOKIE}={proxied.cookie_for(owner_id, machine_id)}"}
     foreign = f"http://127.0.0.1:{free_port()}"
-    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
     ws_path = f"/ide/{machine_id}/terminals/websocket/1"
 
     # A plain read first, so that nginx caches a "yes" for this cookie: the cache must not
@@ -580,9 +656,16 @@ def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_id
     ide = f"{proxied.url}/ide/{machine_id}/"
     terminals = f"{ide}api/terminals"
     cookies = [
-        {"name": c.name, "value": c.value or "", "domain": "127.0.0.1", "path": c.path,
-         "httpOnly": c.name != "_xsrf", "sameSite": "Lax"}
-        for c in browser.cookies if c.path.startswith(("/ide/", "/"))
+        {
+            "name": c.name,
+            "value": c.value or "",
+            "domain": "127.0.0.1",
+            "path": c.path,
+            "httpOnly": c.name != "_xsrf",
+            "sameSite": "Lax",
+        }
+        for c in browser.cookies
+        if c.path.startswith(("/ide/", "/"))
     ]
     # A real server on another port of this host: another origin of the same site (a page
     # Playwright made up would count as a public page, which Chromium already keeps away
@@ -600,8 +683,11 @@ def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_id
             results = page.evaluate("window.results")
             assert results["ws"] == "refused", results
             # They did reach the proxy, which refused them there.
-            refused = [line for line in proxied.nginx.access_log()[logged_before:].splitlines()
-                       if f"/ide/{machine_id}/" in line and '" 403 ' in line]
+            refused = [
+                line
+                for line in proxied.nginx.access_log()[logged_before:].splitlines()
+                if f"/ide/{machine_id}/" in line and '" 403 ' in line
+            ]
             assert len(refused) == 2, refused
             assert browser.get(terminals).json() == []  # nothing was created
 
@@ -611,7 +697,12 @@ def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_id
             assert len(browser.get(terminals).json()) == 1
         finally:
             chrome.close()
-    home = LocalBackend(rt.settings.data_dir, settings=rt.settings).home_folder(MachineSpec(
-        id=machine_id, ide_kind="jupyterlab", owner_id=machine_row(rt, machine_id).owner_id,
-        course_id=machine_row(rt, machine_id).course_id))
+    home = LocalBackend(rt.settings.data_dir, settings=rt.settings).home_folder(
+        MachineSpec(
+            id=machine_id,
+            ide_kind="jupyterlab",
+            owner_id=machine_row(rt, machine_id).owner_id,
+            course_id=machine_row(rt, machine_id).course_id,
+        )
+    )
     assert not (home / "pwned").exists()

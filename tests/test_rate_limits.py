@@ -47,8 +47,9 @@ def test_logins_past_the_limit_get_429_with_retry_after_and_write_nothing(rt, pl
     assert "Too many requests" in refused.get_data(as_text=True)
     assert set(rt.redis.keys("labpool:lti:*")) == before  # no nonce for a refused login
 
-    as_json = client.get("/lti/login", query_string=form, headers={"Accept": "application/json"},
-                         **_from(address))
+    as_json = client.get(
+        "/lti/login", query_string=form, headers={"Accept": "application/json"}, **_from(address)
+    )
     assert as_json.status_code == 429
     assert "Too many requests" in as_json.get_json()["error"]
     assert "Retry-After" in as_json.headers
@@ -71,8 +72,9 @@ def test_behind_a_proxy_the_forwarded_address_is_counted(rt, platform, tool):
     first, second = _address(), _address()
 
     def login(student: str) -> int:
-        return client.post("/lti/login", data=form, headers={"X-Forwarded-For": student},
-                           **_from(nginx)).status_code
+        return client.post(
+            "/lti/login", data=form, headers={"X-Forwarded-For": student}, **_from(nginx)
+        ).status_code
 
     assert [login(first), login(second), login(first)] == [302, 302, 429]
 
@@ -81,7 +83,9 @@ def test_launches_past_the_limit_get_429(rt, tool):
     client = _client(rt, launch_rate_limit=2)
     address = _address()
     statuses = [
-        client.post("/lti/launch", data={"id_token": "x", "state": "y"}, **_from(address)).status_code
+        client.post(
+            "/lti/launch", data={"id_token": "x", "state": "y"}, **_from(address)
+        ).status_code
         for _ in range(3)
     ]
     assert statuses == [400, 400, 429]
@@ -90,8 +94,10 @@ def test_launches_past_the_limit_get_429(rt, tool):
 def test_teacher_actions_past_the_limit_get_429(rt, tool):
     client = _client(rt, teacher_action_rate_limit=2)
     address = _address()
-    statuses = [client.post("/activities/1/warm-now", data={"csrf": "stale"},
-                            **_from(address)).status_code for _ in range(3)]
+    statuses = [
+        client.post("/activities/1/warm-now", data={"csrf": "stale"}, **_from(address)).status_code
+        for _ in range(3)
+    ]
     assert statuses == [403, 403, 429]  # counted before the CSRF and teacher checks
     # The count is shared by every action of that address, not by other addresses.
     assert client.post("/activities/1/stop-idle", **_from(address)).status_code == 429
@@ -102,7 +108,9 @@ def test_a_limit_of_zero_counts_nothing(rt, tool):
     client = _client(rt, launch_rate_limit=0)
     address = _address()
     for _ in range(5):
-        response = client.post("/lti/launch", data={"id_token": "x", "state": "y"}, **_from(address))
+        response = client.post(
+            "/lti/launch", data={"id_token": "x", "state": "y"}, **_from(address)
+        )
         assert response.status_code == 400
     assert not rt.redis.keys(f"labpool:rate:launch:{address}:*")
 
@@ -116,8 +124,9 @@ def test_500_refused_logins_leave_one_counter_in_redis_and_a_valid_one_its_nonce
     address = _address()
     good = platform.login_form(platform.learner(), login_hint="4", lti_message_hint="hint")
     with FakePlatform(tool_url=tool.url, key_namespace="stranger") as stranger:
-        unknown_issuer = stranger.login_form(stranger.learner(), login_hint="4",
-                                             lti_message_hint="hint")
+        unknown_issuer = stranger.login_form(
+            stranger.learner(), login_hint="4", lti_message_hint="hint"
+        )
     refused_forms = [
         {},
         {"target_link_uri": "https://evil.example/"},
@@ -128,8 +137,9 @@ def test_500_refused_logins_leave_one_counter_in_redis_and_a_valid_one_its_nonce
     ]
     before = set(rt.redis.keys("*"))
     for i in range(500):
-        response = client.get("/lti/login", query_string=refused_forms[i % len(refused_forms)],
-                              **_from(address))
+        response = client.get(
+            "/lti/login", query_string=refused_forms[i % len(refused_forms)], **_from(address)
+        )
         assert response.status_code == 400, response.get_data(as_text=True)[:300]
     added = set(rt.redis.keys("*")) - before
     assert [key.decode() for key in added] == [

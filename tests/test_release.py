@@ -40,8 +40,12 @@ def test_first_release_adds_the_files_as_the_homes_owner_private(home):
 def test_rerelease_updates_untouched_copies_and_keeps_edited_ones(home):
     first = release_files(home, "lab1", {"a.ipynb": NOTEBOOK_V1, "b.ipynb": NOTEBOOK_V1})
     (home / "lab1" / "b.ipynb").write_bytes(b"my answers")  # the student worked on b
-    second = release_files(home, "lab1", {"a.ipynb": NOTEBOOK_V2, "b.ipynb": NOTEBOOK_V2,
-                                          "c.ipynb": NOTEBOOK_V1}, first.manifest)
+    second = release_files(
+        home,
+        "lab1",
+        {"a.ipynb": NOTEBOOK_V2, "b.ipynb": NOTEBOOK_V2, "c.ipynb": NOTEBOOK_V1},
+        first.manifest,
+    )
     assert second.updated == ["a.ipynb"] and second.kept == ["b.ipynb"]
     assert second.added == ["c.ipynb"]
     assert (home / "lab1" / "a.ipynb").read_bytes() == NOTEBOOK_V2

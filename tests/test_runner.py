@@ -57,14 +57,39 @@ def served(tmp_path: Path) -> Iterator[tuple[str, FakePlatform, subprocess.Popen
     with FakePlatform(tool_url=url) as moodle:
         args = moodle.platform_add_args()
         added = subprocess.run(
-            [*cli, "platform", "add", "--issuer", args["issuer"], "--client-id", args["client_id"],
-             "--deployment-id", args["deployment_id"], "--auth-url", args["auth_url"],
-             "--token-url", args["token_url"], "--jwks-url", args["jwks_url"]],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            [
+                *cli,
+                "platform",
+                "add",
+                "--issuer",
+                args["issuer"],
+                "--client-id",
+                args["client_id"],
+                "--deployment-id",
+                args["deployment_id"],
+                "--auth-url",
+                args["auth_url"],
+                "--token-url",
+                args["token_url"],
+                "--jwks-url",
+                args["jwks_url"],
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert added.returncode == 0, added.stderr
         log = (tmp_path / "run.log").open("wb")
-        runner = subprocess.Popen([*cli, "run"], env=env, cwd=ROOT, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen(
+            [*cli, "run"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 60
             while True:
@@ -120,15 +145,17 @@ def test_run_refuses_a_public_address_it_cannot_keep_students_apart_on():
     from lti_tool.runner import CannotServe
 
     public = ADDRESS or "192.0.2.10"  # plan() reads the URL only; no need to bind it
-    settings = load_settings({"LABPOOL_PUBLIC_URL": f"http://{public}:8080",
-                              "LABPOOL_DATA_DIR": "/tmp/labpool-unused"})
+    settings = load_settings(
+        {"LABPOOL_PUBLIC_URL": f"http://{public}:8080", "LABPOOL_DATA_DIR": "/tmp/labpool-unused"}
+    )
     with pytest.raises(CannotServe, match="nginx is needed"):
         plan(settings, nginx=None)
     behind, warnings = plan(settings, nginx="/usr/sbin/nginx")
     assert behind.ide_proxy and behind.proxy_count == 1 and behind.listen.startswith("127.0.0.1:")
     assert warnings == []
-    loopback = load_settings({"LABPOOL_PUBLIC_URL": "http://127.0.0.1:8080",
-                              "LABPOOL_DATA_DIR": "/tmp/labpool-unused"})
+    loopback = load_settings(
+        {"LABPOOL_PUBLIC_URL": "http://127.0.0.1:8080", "LABPOOL_DATA_DIR": "/tmp/labpool-unused"}
+    )
     direct, warnings = plan(loopback, nginx=None)
     assert not direct.ide_proxy and any("nginx is not installed" in w for w in warnings)
 

@@ -22,7 +22,9 @@ def test_defaults_give_the_single_server_mode(tmp_path):
     assert load_settings({"LABPOOL_DATA_DIR": str(tmp_path)}).secret_key == settings.secret_key
 
 
-@pytest.mark.parametrize("missing", ["LABPOOL_DATABASE_URL", "LABPOOL_REDIS_URL", "LABPOOL_SECRET_KEY"])
+@pytest.mark.parametrize(
+    "missing", ["LABPOOL_DATABASE_URL", "LABPOOL_REDIS_URL", "LABPOOL_SECRET_KEY"]
+)
 def test_production_names_each_missing_setting(missing, tmp_path):
     env = {
         "LABPOOL_DATA_DIR": str(tmp_path),
@@ -48,7 +50,11 @@ def test_malformed_values_name_the_variable(tmp_path):
 def test_toml_file_is_read_and_the_environment_wins(tmp_path):
     path = tmp_path / "labpool.toml"
     path.write_text('web_workers = 7\npublic_url = "http://127.0.0.1:9000"\n')
-    env = {"LABPOOL_CONFIG": str(path), "LABPOOL_DATA_DIR": str(tmp_path), "LABPOOL_WEB_WORKERS": "3"}
+    env = {
+        "LABPOOL_CONFIG": str(path),
+        "LABPOOL_DATA_DIR": str(tmp_path),
+        "LABPOOL_WEB_WORKERS": "3",
+    }
     settings = load_settings(env)
     assert settings.web_workers == 3
     assert settings.listen_port == 9000
@@ -60,11 +66,22 @@ def test_toml_file_is_read_and_the_environment_wins(tmp_path):
 def test_platform_add_and_list(rt):
     runner = CliRunner()
     args = [
-        "platform", "add", "--issuer", "http://moodle.test:8081", "--client-id", "abc",
-        "--deployment-id", "1", "--deployment-id", "2",
-        "--auth-url", "http://moodle.test:8081/mod/lti/auth.php",
-        "--token-url", "http://moodle.test:8081/mod/lti/token.php",
-        "--jwks-url", "http://moodle.test:8081/mod/lti/certs.php",
+        "platform",
+        "add",
+        "--issuer",
+        "http://moodle.test:8081",
+        "--client-id",
+        "abc",
+        "--deployment-id",
+        "1",
+        "--deployment-id",
+        "2",
+        "--auth-url",
+        "http://moodle.test:8081/mod/lti/auth.php",
+        "--token-url",
+        "http://moodle.test:8081/mod/lti/token.php",
+        "--jwks-url",
+        "http://moodle.test:8081/mod/lti/certs.php",
     ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -77,10 +94,25 @@ def test_platform_add_and_list(rt):
 
 
 def test_platform_add_refuses_bad_urls(rt):
-    result = CliRunner().invoke(main, [
-        "platform", "add", "--issuer", "moodle.test", "--client-id", "abc",
-        "--deployment-id", "1", "--auth-url", "x", "--token-url", "x", "--jwks-url", "x",
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "platform",
+            "add",
+            "--issuer",
+            "moodle.test",
+            "--client-id",
+            "abc",
+            "--deployment-id",
+            "1",
+            "--auth-url",
+            "x",
+            "--token-url",
+            "x",
+            "--jwks-url",
+            "x",
+        ],
+    )
     assert result.exit_code != 0
     assert "issuer must be an http(s) URL" in result.output
 
@@ -99,14 +131,36 @@ def test_env_add_sets_the_sandbox_limits_and_refuses_ones_an_ide_cannot_start_un
     from provisioning.models import Environment
 
     runner = CliRunner()
-    added = runner.invoke(main, ["env", "add", "small", "--memory-mb", "1024",
-                                 "--max-processes", "64", "--cpu-seconds", "3600"])
+    added = runner.invoke(
+        main,
+        [
+            "env",
+            "add",
+            "small",
+            "--memory-mb",
+            "1024",
+            "--max-processes",
+            "64",
+            "--cpu-seconds",
+            "3600",
+        ],
+    )
     assert added.exit_code == 0, added.output
     refused = runner.invoke(main, ["env", "add", "tiny", "--memory-mb", "16"])
-    assert refused.exit_code != 0 and "memory-mb must be 0 (no limit) or at least 512" in refused.output
+    assert (
+        refused.exit_code != 0
+        and "memory-mb must be 0 (no limit) or at least 512" in refused.output
+    )
     with rt.sessions() as session:
         small = session.scalars(select(Environment).where(Environment.name == "small")).one()
-        assert session.scalars(select(Environment).where(Environment.name == "tiny")).first() is None
+        assert (
+            session.scalars(select(Environment).where(Environment.name == "tiny")).first() is None
+        )
     limits = small.limits
-    assert (limits.memory_mb, limits.processes, limits.open_files, limits.cpu_seconds) == (1024, 64, 1024, 3600)
+    assert (limits.memory_mb, limits.processes, limits.open_files, limits.cpu_seconds) == (
+        1024,
+        64,
+        1024,
+        3600,
+    )
     assert f"--as={1024 * 1024 * 1024}" in limits.prlimit_args()

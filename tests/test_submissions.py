@@ -38,9 +38,18 @@ NOTEBOOK = b'{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}'
 
 def make_assignment(tool, browser, activity_id, name="lab1", due_at="", late_policy="mark_late"):  # type: ignore[no-untyped-def]
     class_url = f"{tool.url}/activities/{activity_id}/class"
-    response = browser.post(f"{tool.url}/activities/{activity_id}/assignments", data={
-        "csrf": csrf_of(browser, class_url), "name": name, "title": f"Lab {name}",
-        "max_score": "10", "due_at": due_at, "late_policy": late_policy}, allow_redirects=False)
+    response = browser.post(
+        f"{tool.url}/activities/{activity_id}/assignments",
+        data={
+            "csrf": csrf_of(browser, class_url),
+            "name": name,
+            "title": f"Lab {name}",
+            "max_score": "10",
+            "due_at": due_at,
+            "late_policy": late_policy,
+        },
+        allow_redirects=False,
+    )
     assert response.status_code == 303, response.text[:500]
     page = browser.get(class_url).text
     before = page.split(f"folder <code>{name}</code>")[0]
@@ -56,7 +65,8 @@ def home_of(rt, course_id: int, user_id: int) -> tuple[Path, sandbox.Account | N
     """The student's real home, as the local backend makes it: their own OS user (root) or
     the tool's, 0700."""
     home = LocalBackend(rt.settings.data_dir, settings=rt.settings).home_folder(
-        MachineSpec(id=0, ide_kind="jupyterlab", owner_id=user_id, course_id=course_id))
+        MachineSpec(id=0, ide_kind="jupyterlab", owner_id=user_id, course_id=course_id)
+    )
     account = sandbox.student_account(str(user_id)) if os.geteuid() == 0 else None
     shutil.rmtree(home, ignore_errors=True)  # ids come back after the tables are cleared
     sandbox.prepare_home(home, account)
@@ -82,16 +92,23 @@ def write_folder(home: Path, account, files: dict[str, bytes], folder: str = "la
 
 def submit(tool, browser, course_id, assignment_id, **extra):  # type: ignore[no-untyped-def]
     page = f"{tool.url}/courses/{course_id}/assignments/{assignment_id}/submission"
-    return browser.post(f"{tool.url}/courses/{course_id}/assignments/{assignment_id}/submit",
-                        data={"csrf": csrf_of(browser, page), **extra}, allow_redirects=False,
-                        timeout=60)
+    return browser.post(
+        f"{tool.url}/courses/{course_id}/assignments/{assignment_id}/submit",
+        data={"csrf": csrf_of(browser, page), **extra},
+        allow_redirects=False,
+        timeout=60,
+    )
 
 
 def versions(rt, user_id: int, assignment_id: int) -> list[Submission]:  # type: ignore[no-untyped-def]
     with rt.sessions() as session:
-        return list(session.scalars(select(Submission).where(
-            Submission.user_id == user_id, Submission.assignment_id == assignment_id)
-            .order_by(Submission.version)))
+        return list(
+            session.scalars(
+                select(Submission)
+                .where(Submission.user_id == user_id, Submission.assignment_id == assignment_id)
+                .order_by(Submission.version)
+            )
+        )
 
 
 def stored(rt, submission: Submission) -> Path:  # type: ignore[no-untyped-def]
@@ -112,9 +129,17 @@ def course(tool, platform, rt, browser):  # type: ignore[no-untyped-def]
     course_id = course_of(rt, activity_id)
     lab = make_assignment(tool, browser, activity_id)
     a, b = user_id_of(rt, "4"), user_id_of(rt, "5")
-    yield {"activity": activity_id, "course": course_id, "lab": lab, "alice": alice, "bob": bob,
-           "alice_id": a, "bob_id": b, "alice_home": home_of(rt, course_id, a),
-           "bob_home": home_of(rt, course_id, b)}
+    yield {
+        "activity": activity_id,
+        "course": course_id,
+        "lab": lab,
+        "alice": alice,
+        "bob": bob,
+        "alice_id": a,
+        "bob_id": b,
+        "alice_home": home_of(rt, course_id, a),
+        "bob_home": home_of(rt, course_id, b),
+    }
 
 
 # -------------------------------------------------------------------------------- tests
@@ -250,8 +275,11 @@ def test_resubmission_makes_version_2_and_keeps_version_1(tool, rt, course):
     assert v2.file_count == 2 and v2.checksum != v1.checksum
     assert stored(rt, v1_again).read_bytes() == first_bytes  # version 1 untouched
     assert zip_names_and_data(stored(rt, v2))["lab1.ipynb"] == b"my answers"
-    page = course["alice"].get(
-        f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submission").text
+    page = (
+        course["alice"]
+        .get(f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submission")
+        .text
+    )
     assert page.count('data-version="') == 2 and "2 (current)" in page
 
 
@@ -264,8 +292,11 @@ def test_double_clicks_store_one_version(tool, rt, course):
     codes: list[int] = []
 
     def click() -> None:
-        codes.append(course["alice"].post(url, data={"csrf": token}, allow_redirects=False,
-                                          timeout=60).status_code)
+        codes.append(
+            course["alice"]
+            .post(url, data={"csrf": token}, allow_redirects=False, timeout=60)
+            .status_code
+        )
 
     clicks = [threading.Thread(target=click) for _ in range(3)]
     for t in clicks:
@@ -278,8 +309,14 @@ def test_double_clicks_store_one_version(tool, rt, course):
 
 @pytest.mark.parametrize("policy", ["refuse", "mark_late"])
 def test_after_the_due_date_the_late_policy_decides(tool, rt, browser, course, policy):
-    late = make_assignment(tool, browser, course["activity"], name="late1",
-                           due_at="2020-01-01T00:00", late_policy=policy)
+    late = make_assignment(
+        tool,
+        browser,
+        course["activity"],
+        name="late1",
+        due_at="2020-01-01T00:00",
+        late_policy=policy,
+    )
     home, account = course["alice_home"]
     write_folder(home, account, {"work.ipynb": NOTEBOOK}, folder="late1")
     response = submit(tool, course["alice"], course["course"], late)
@@ -294,7 +331,8 @@ def test_after_the_due_date_the_late_policy_decides(tool, rt, browser, course, p
         page = course["alice"].get(tool.url + response.headers["Location"]).text
         assert "— late" in page
         teacher_page = browser.get(
-            f"{tool.url}/activities/{course['activity']}/assignments/{late}").text
+            f"{tool.url}/activities/{course['activity']}/assignments/{late}"
+        ).text
         assert "late</strong>" in teacher_page
 
 
@@ -316,7 +354,9 @@ def test_a_learner_cannot_act_for_or_see_another(tool, rt, browser, course):
     assert len(versions(rt, course["alice_id"], course["lab"])) == 1
 
     # Bob's own page lists his version only.
-    page = bob.get(f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submission").text
+    page = bob.get(
+        f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submission"
+    ).text
     assert alice_v1.checksum[:12] not in page and bob_v1.checksum[:12] in page
     # Teacher routes: 403 for a learner, nothing started.
     assert bob.get(f"{base}/submissions/{alice_v1.id}.zip").status_code == 403
@@ -327,16 +367,21 @@ def test_a_learner_cannot_act_for_or_see_another(tool, rt, browser, course):
     assert rt.redis.get(f"labpool:collect:{course['lab']}") is None
     # No CSRF token: refused, nothing stored.
     write_folder(bob_home, bob_account, {"lab1.ipynb": b"BOB'S NEW WORK"})
-    response = bob.post(f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submit",
-                        data={}, allow_redirects=False)
+    response = bob.post(
+        f"{tool.url}/courses/{course['course']}/assignments/{course['lab']}/submit",
+        data={},
+        allow_redirects=False,
+    )
     assert response.status_code == 403
     assert len(versions(rt, course["bob_id"], course["lab"])) == 1
     # Someone with no session at all.
     anonymous = requests.Session()
     assert anonymous.get(f"{base}/submissions/{alice_v1.id}.zip").status_code == 401
     # An assignment id of no activity of this course: 404, not someone else's page.
-    assert bob.get(f"{tool.url}/courses/{course['course']}/assignments/999999/submission"
-                   ).status_code == 404
+    assert (
+        bob.get(f"{tool.url}/courses/{course['course']}/assignments/999999/submission").status_code
+        == 404
+    )
 
 
 def test_collect_now_collects_every_student_in_a_job(tool, rt, settings, browser, course):
@@ -379,8 +424,10 @@ def test_collect_now_collects_every_student_in_a_job(tool, rt, settings, browser
     # Collecting again with nothing changed stores nothing new.
     browser.post(f"{base}/collect", data={"csrf": token})
     run_worker_burst(settings)
-    assert browser.get(f"{base}/collect").json()["outcomes"][str(course["alice_id"])][
-        "kind"] == "unchanged"
+    assert (
+        browser.get(f"{base}/collect").json()["outcomes"][str(course["alice_id"])]["kind"]
+        == "unchanged"
+    )
     assert len(versions(rt, course["alice_id"], course["lab"])) == 1
     with rt.sessions() as session:
         assert session.get_one(Assignment, course["lab"]).name == "lab1"

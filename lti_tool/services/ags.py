@@ -117,71 +117,106 @@ class AgsClient:
         self.connector = connector
         self.scopes = token_scopes(granted_scopes)
 
-    def _request(self, method: str, url: str, *, body: Any = None, content_type: str = "",
-                 accept: str = "application/json") -> requests.Response:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Any = None,
+        content_type: str = "",
+        accept: str = "application/json",
+    ) -> requests.Response:
         """One call with a bearer token; a 401 drops the cached token and tries once more
         (the platform may have dropped it early: tool type re-saved)."""
         if SCORE_SCOPE not in self.scopes and LINEITEM_SCOPE not in self.scopes:
-            raise AgsError("the platform does not let Labpool send grades for this activity "
-                           "(no AGS score scope in the launch)", status=403)
+            raise AgsError(
+                "the platform does not let Labpool send grades for this activity "
+                "(no AGS score scope in the launch)",
+                status=403,
+            )
         for attempt in (1, 2):
             try:
                 token = self.connector.get_access_token(self.scopes)
             except LtiServiceException as exc:
                 status = exc.response.status_code
-                raise AgsError("the platform refused Labpool an access token "
-                               f"({_platform_message(exc.response)})", status=status) from exc
+                raise AgsError(
+                    "the platform refused Labpool an access token "
+                    f"({_platform_message(exc.response)})",
+                    status=status,
+                ) from exc
             except (requests.RequestException, ValueError, KeyError) as exc:
-                raise AgsError(f"no answer from the platform's token endpoint: "
-                               f"{type(exc).__name__}") from exc
+                raise AgsError(
+                    f"no answer from the platform's token endpoint: {type(exc).__name__}"
+                ) from exc
             headers = {"Authorization": f"Bearer {token}", "Accept": accept}
             if content_type:
                 headers["Content-Type"] = content_type
             try:
                 response = self.connector.http.request(
-                    method, url, headers=headers,
-                    data=json.dumps(body) if body is not None else None, timeout=TIMEOUT_S)
+                    method,
+                    url,
+                    headers=headers,
+                    data=json.dumps(body) if body is not None else None,
+                    timeout=TIMEOUT_S,
+                )
             except requests.RequestException as exc:
                 raise AgsError(f"no answer from the platform: {type(exc).__name__}") from exc
             if response.status_code == 401 and attempt == 1:
                 self.connector.forget_access_token(self.scopes)
                 continue
             if not response.ok:
-                raise AgsError(f"the platform refused: {_platform_message(response)}",
-                               status=response.status_code)
+                raise AgsError(
+                    f"the platform refused: {_platform_message(response)}",
+                    status=response.status_code,
+                )
             return response
         raise AssertionError("unreachable")
 
     def post_score(self, lineitem_url: str, score: Score) -> None:
         """Publish one score (§3.4). Raises AgsError; `conflict` on Moodle's 409."""
-        self._request("POST", scores_url(lineitem_url), body=score_body(score),
-                      content_type=SCORE_TYPE)
+        self._request(
+            "POST", scores_url(lineitem_url), body=score_body(score), content_type=SCORE_TYPE
+        )
 
     def can_manage_lineitems(self) -> bool:
         return LINEITEM_SCOPE in self.scopes
 
-    def find_or_create_lineitem(self, lineitems_url: str, *, resource_id: str, label: str,
-                                score_maximum: float, resource_link_id: str | None) -> str:
+    def find_or_create_lineitem(
+        self,
+        lineitems_url: str,
+        *,
+        resource_id: str,
+        label: str,
+        score_maximum: float,
+        resource_link_id: str | None,
+    ) -> str:
         """The line item tagged `resource_id` in the container, created if missing (§3.2).
         Looking first makes a retry after a lost answer find the item it created."""
         parts = urlsplit(lineitems_url)
         query = parts.query + ("&" if parts.query else "") + urlencode({"resource_id": resource_id})
-        found = self._request("GET", urlunsplit(parts._replace(query=query)),
-                              accept=LINEITEMS_TYPE)
+        found = self._request("GET", urlunsplit(parts._replace(query=query)), accept=LINEITEMS_TYPE)
         try:
             items = found.json()
         except ValueError as exc:
             raise AgsError("the platform's line items are not JSON", status=502) from exc
         for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict) and item.get("resourceId") == resource_id \
-                    and isinstance(item.get("id"), str):
+            if (
+                isinstance(item, dict)
+                and item.get("resourceId") == resource_id
+                and isinstance(item.get("id"), str)
+            ):
                 return item["id"]
-        body: dict[str, Any] = {"scoreMaximum": score_maximum, "label": label[:255] or resource_id,
-                                "resourceId": resource_id, "tag": "labpool"}
+        body: dict[str, Any] = {
+            "scoreMaximum": score_maximum,
+            "label": label[:255] or resource_id,
+            "resourceId": resource_id,
+            "tag": "labpool",
+        }
         if resource_link_id:
             body["resourceLinkId"] = resource_link_id
-        created = self._request("POST", lineitems_url, body=body, content_type=LINEITEM_TYPE,
-                                accept=LINEITEM_TYPE)
+        created = self._request(
+            "POST", lineitems_url, body=body, content_type=LINEITEM_TYPE, accept=LINEITEM_TYPE
+        )
         try:
             item_id = created.json().get("id")
         except (ValueError, AttributeError) as exc:

@@ -49,8 +49,12 @@ class CachedTokenConnector(ServiceConnector):
 
     def _scope_key(self, scopes) -> str:  # type: ignore[no-untyped-def, override]
         reg = self._registration
-        parts = [reg.get_issuer() or "", reg.get_client_id() or "", reg.get_auth_token_url() or "",
-                 *sorted(scopes)]
+        parts = [
+            reg.get_issuer() or "",
+            reg.get_client_id() or "",
+            reg.get_auth_token_url() or "",
+            *sorted(scopes),
+        ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def forget_access_token(self, scopes: list[str]) -> None:

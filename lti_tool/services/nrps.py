@@ -89,9 +89,10 @@ def fetch_roster(
     retried = False
     while url:
         if url in seen or pages >= MAX_PAGES:
-            raise RosterError(f"the platform's roster pages do not end (at page {pages})",
-                              "Tell the site administrator: the platform's roster paging is "
-                              "broken.")
+            raise RosterError(
+                f"the platform's roster pages do not end (at page {pages})",
+                "Tell the site administrator: the platform's roster paging is broken.",
+            )
         try:
             page, next_url = service.get_members_page(url)
         except LtiServiceException as exc:
@@ -149,8 +150,11 @@ def _valid_member(raw: Any, page: int) -> Member:
     roles = raw.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise RosterError(f"roster page {page}: member {raw['user_id']!r} has malformed roles")
-    member: Member = {"user_id": raw["user_id"], "roles": roles,
-                      "status": raw.get("status", "Active")}
+    member: Member = {
+        "user_id": raw["user_id"],
+        "roles": roles,
+        "status": raw.get("status", "Active"),
+    }
     for name in ("name", "email"):
         if isinstance(raw.get(name), str) and raw[name]:
             member[name] = raw[name][:255]  # type: ignore[literal-required]
@@ -163,27 +167,51 @@ def apply_roster(session: Session, course: Course, issuer: str, members: list[Me
     now = utcnow()
     members = list({m["user_id"]: m for m in members}.values())  # a platform may repeat one
     user_ids = upsert_many(
-        session, User, ("issuer", "sub"),
-        [{"issuer": issuer, "sub": m["user_id"], "name": m.get("name"), "email": m.get("email"),
-          "last_seen_at": now} for m in members],
-        update_columns=("name", "email"), keep_if_null=("name", "email"),
+        session,
+        User,
+        ("issuer", "sub"),
+        [
+            {
+                "issuer": issuer,
+                "sub": m["user_id"],
+                "name": m.get("name"),
+                "email": m.get("email"),
+                "last_seen_at": now,
+            }
+            for m in members
+        ],
+        update_columns=("name", "email"),
+        keep_if_null=("name", "email"),
     )
     staff = staff_launches(session, course.id, now - timedelta(seconds=LAUNCH_SESSION_S))
     upsert_many(
-        session, Enrolment, ("course_id", "user_id"),
+        session,
+        Enrolment,
+        ("course_id", "user_id"),
         # The roster is this registration's word on names now: a name it no longer shares
         # is cleared. A staff launcher listed as a learner keeps the launch's roles.
-        [{"course_id": course.id, "user_id": uid, "ended_at": None, "started_at": now,
-          "roles": m["roles"] if is_staff(m["roles"]) or uid not in staff else staff[uid],
-          "name": m.get("name"), "email": m.get("email")}
-         for uid, m in zip(user_ids, members, strict=True)],
+        [
+            {
+                "course_id": course.id,
+                "user_id": uid,
+                "ended_at": None,
+                "started_at": now,
+                "roles": m["roles"] if is_staff(m["roles"]) or uid not in staff else staff[uid],
+                "name": m.get("name"),
+                "email": m.get("email"),
+            }
+            for uid, m in zip(user_ids, members, strict=True)
+        ],
         update_columns=("roles", "ended_at", "name", "email"),
     )
     kept = set(user_ids) | set(staff)
     ended = session.execute(
         update(Enrolment)
-        .where(Enrolment.course_id == course.id, Enrolment.ended_at.is_(None),
-               Enrolment.user_id.notin_(kept) if kept else True)
+        .where(
+            Enrolment.course_id == course.id,
+            Enrolment.ended_at.is_(None),
+            Enrolment.user_id.notin_(kept) if kept else True,
+        )
         .values(ended_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -210,7 +238,8 @@ def sync_course(rt: Runtime, course_id: int, page_size: int = PAGE_SIZE) -> Sync
                 raise RosterError(
                     "the platform does not share this course's roster with Labpool",
                     "Ask the site administrator to turn on “IMS LTI Names and Role "
-                    "Provisioning” for this tool in Moodle, then open the activity again.")
+                    "Provisioning” for this tool in Moodle, then open the activity again.",
+                )
             platform = session.get_one(Platform, course.platform_id)
             connector = connector_for(session, rt, platform)
             url, issuer = course.memberships_url, platform.issuer

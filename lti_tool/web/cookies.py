@@ -40,8 +40,14 @@ class LabpoolCookieService(FlaskCookieService):
         secure = self._secure or bool(self._request.is_secure())
         for key, data in self._cookie_data_to_set.items():
             response.set_cookie(
-                key, data["value"], max_age=data["exp"], path="/", httponly=True,
-                secure=secure, samesite="None" if secure else "Lax", partitioned=secure,
+                key,
+                data["value"],
+                max_age=data["exp"],
+                path="/",
+                httponly=True,
+                secure=secure,
+                samesite="None" if secure else "Lax",
+                partitioned=secure,
             )
 
 

@@ -70,10 +70,17 @@ def begin(platform: KnownPlatform, client_id: str, claims: Mapping[str, Any]):  
     with transaction(rt.sessions) as session:
         user_id, course_id = record_request_context(session, platform.id, claims)
     pending = DeepLinkingRequest(
-        platform_id=platform.id, issuer=platform.issuer, client_id=client_id,
-        deployment_id=str(deployment_id), return_url=settings.return_url,
-        has_data=settings.has_data, data=settings.data, user_id=user_id, course_id=course_id,
-        title=settings.title, text=settings.text,
+        platform_id=platform.id,
+        issuer=platform.issuer,
+        client_id=client_id,
+        deployment_id=str(deployment_id),
+        return_url=settings.return_url,
+        has_data=settings.has_data,
+        data=settings.data,
+        user_id=user_id,
+        course_id=course_id,
+        title=settings.title,
+        text=settings.text,
     )
     sign_in(user_id, staff_course_id=course_id)
     token = save_pending(rt.redis, pending)
@@ -103,13 +110,20 @@ def selection_page(token: str):  # type: ignore[no-untyped-def]
         assignments = _course_assignments(session, pending.course_id)
         # Where a teacher creates an assignment: the class page of an activity of this course.
         class_activity = session.scalars(
-            select(Activity.id).where(Activity.course_id == pending.course_id)
-            .order_by(Activity.id.desc()).limit(1)
+            select(Activity.id)
+            .where(Activity.course_id == pending.course_id)
+            .order_by(Activity.id.desc())
+            .limit(1)
         ).first()
         return render_template(
             "deep_link.html",
-            token=token, pending=pending, course=course, environments=environments,
-            assignments=assignments, class_activity=class_activity, csrf=csrf_token(),
+            token=token,
+            pending=pending,
+            course=course,
+            environments=environments,
+            assignments=assignments,
+            class_activity=class_activity,
+            csrf=csrf_token(),
             default_score=DEFAULT_SCORE_MAXIMUM,
         )
 
@@ -118,7 +132,8 @@ def _course_assignments(session: Any, course_id: int) -> list[tuple[Assignment, 
     """The course's assignments (each belongs to an activity of the course), with the
     activity's title."""
     return [
-        (assignment, title) for assignment, title in session.execute(
+        (assignment, title)
+        for assignment, title in session.execute(
             select(Assignment, Activity.title)
             .join(Activity, Activity.id == Assignment.activity_id)
             .where(Activity.course_id == course_id)
@@ -147,24 +162,32 @@ def choose(token: str):  # type: ignore[no-untyped-def]
             assignment = session.scalars(
                 select(Assignment)
                 .join(Activity, Activity.id == Assignment.activity_id)
-                .where(Assignment.id == _int_field(form, "assignment_id"),
-                       Activity.course_id == pending.course_id)
+                .where(
+                    Assignment.id == _int_field(form, "assignment_id"),
+                    Activity.course_id == pending.course_id,
+                )
             ).first()
             if assignment is None:
-                raise WebError("That assignment is not one of this course's; choose one from "
-                               "the list.")
+                raise WebError(
+                    "That assignment is not one of this course's; choose one from the list."
+                )
         try:
             score_max = score_maximum(
                 form.get("score_maximum", "").strip()
-                or str(assignment.max_score if assignment else DEFAULT_SCORE_MAXIMUM))
+                or str(assignment.max_score if assignment else DEFAULT_SCORE_MAXIMUM)
+            )
         except DeepLinkingRefused as exc:
             raise WebError(str(exc)) from None
         title = form.get("title", "").strip()[:255] or (
-            assignment.title if assignment and assignment.title else environment.name)
+            assignment.title if assignment and assignment.title else environment.name
+        )
         text = form.get("text", "").strip()[:2000]
         item = resource_link(
-            launch_url=rt.settings.url("/lti/launch"), title=title, text=text,
-            environment_id=environment.id, score_max=score_max,
+            launch_url=rt.settings.url("/lti/launch"),
+            title=title,
+            text=text,
+            environment_id=environment.id,
+            score_max=score_max,
             assignment_id=assignment.id if assignment else None,
         )
         key = active_signing_key(session, rt.settings.secret_key)
@@ -185,10 +208,14 @@ def cancel(token: str):  # type: ignore[no-untyped-def]
 def _respond(token: str, pending: DeepLinkingRequest, jwt: str):  # type: ignore[no-untyped-def]
     # One response per request: a second POST (double click, back button) finds it gone.
     if not consume_pending(runtime().redis, token):
-        raise SelectionExpired("This selection was answered already. Choose “Select content” "
-                               "in Moodle again.")
-    log.info("deep linking response for course %s sent to %s", pending.course_id,
-             pending.return_url.split("?")[0])
+        raise SelectionExpired(
+            "This selection was answered already. Choose “Select content” in Moodle again."
+        )
+    log.info(
+        "deep linking response for course %s sent to %s",
+        pending.course_id,
+        pending.return_url.split("?")[0],
+    )
     return render_template("deep_link_return.html", return_url=pending.return_url, jwt=jwt)
 
 

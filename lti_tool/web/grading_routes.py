@@ -51,7 +51,8 @@ def _students(session: Session, course_id: int) -> list[tuple[User, str]]:
     """The course's current learners (and anyone who has a grade here), with what the
     teacher calls them (only what this course's registration shared)."""
     rows = session.execute(
-        select(User, Enrolment).join(Enrolment, Enrolment.user_id == User.id)
+        select(User, Enrolment)
+        .join(Enrolment, Enrolment.user_id == User.id)
         .where(Enrolment.course_id == course_id, Enrolment.ended_at.is_(None))
     ).all()
     learners = [(u, e) for u, e in rows if not is_staff(e.roles or [])]
@@ -70,8 +71,10 @@ def delivery(row: ScoreOutbox | None) -> dict:
     if row.status is ScoreStatus.failed:
         return {"status": "failed", "text": f"not taken: {row.last_error or 'unknown'}"}
     if row.last_error:
-        return {"status": "waiting",
-                "text": f"waiting: {row.last_error}; next try {_when(row.next_attempt_at)}"}
+        return {
+            "status": "waiting",
+            "text": f"waiting: {row.last_error}; next try {_when(row.next_attempt_at)}",
+        }
     return {"status": "waiting", "text": "waiting to be sent"}
 
 
@@ -80,10 +83,14 @@ def _when(value: datetime | None) -> str:
 
 
 def newest_rows(session: Session, assignment_id: int) -> dict[int, ScoreOutbox]:
-    newest = select(func.max(ScoreOutbox.id)).where(
-        ScoreOutbox.assignment_id == assignment_id).group_by(ScoreOutbox.user_id)
-    return {r.user_id: r for r in session.scalars(
-        select(ScoreOutbox).where(ScoreOutbox.id.in_(newest)))}
+    newest = (
+        select(func.max(ScoreOutbox.id))
+        .where(ScoreOutbox.assignment_id == assignment_id)
+        .group_by(ScoreOutbox.user_id)
+    )
+    return {
+        r.user_id: r for r in session.scalars(select(ScoreOutbox).where(ScoreOutbox.id.in_(newest)))
+    }
 
 
 @bp.post("/activities/<int:activity_id>/assignments")
@@ -96,8 +103,10 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
     form = request.form
     name = form.get("name", "").strip()
     if not NAME.fullmatch(name):
-        raise WebError("The folder name must be 1 to 64 letters, digits, dots, dashes or "
-                       "underscores, starting with a letter or digit.")
+        raise WebError(
+            "The folder name must be 1 to 64 letters, digits, dots, dashes or "
+            "underscores, starting with a letter or digit."
+        )
     try:
         max_score = float(form.get("max_score", "").strip())
     except ValueError:
@@ -123,11 +132,20 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
     try:
         with rt.sessions() as session, session.begin():
             activity = taught_activity(session, activity_id)
-            if session.scalar(select(Assignment.id).where(
-                    Assignment.activity_id == activity.id, Assignment.name == name)):
+            if session.scalar(
+                select(Assignment.id).where(
+                    Assignment.activity_id == activity.id, Assignment.name == name
+                )
+            ):
                 raise WebError(f"This activity already has an assignment named {name!r}.", 409)
-            assignment = Assignment(activity_id=activity.id, name=name, title=title,
-                                    max_score=max_score, due_at=due_at, late_policy=late_policy)
+            assignment = Assignment(
+                activity_id=activity.id,
+                name=name,
+                title=title,
+                max_score=max_score,
+                due_at=due_at,
+                late_policy=late_policy,
+            )
             session.add(assignment)
             if files:
                 session.flush()  # its id names its folder
@@ -135,8 +153,10 @@ def create_assignment(activity_id: int):  # type: ignore[no-untyped-def]
     except BaseException:
         remove_folder(folder)  # nothing kept of a refused or failed creation
         raise
-    flash(f"Assignment {title!r} created"
-          + (f" with {len(files.files)} files: publish it on its page." if files else "."))
+    flash(
+        f"Assignment {title!r} created"
+        + (f" with {len(files.files)} files: publish it on its page." if files else ".")
+    )
     return redirect(url_for("teacher.class_page", activity_id=activity_id), 303)
 
 
@@ -145,21 +165,38 @@ def assignment_page(activity_id: int, assignment_id: int):  # type: ignore[no-un
     with runtime().sessions() as session:
         activity = taught_activity(session, activity_id)
         assignment = _assignment_of(session, activity, assignment_id)
-        grades = {g.user_id: g for g in session.scalars(
-            select(Grade).where(Grade.assignment_id == assignment.id))}
+        grades = {
+            g.user_id: g
+            for g in session.scalars(select(Grade).where(Grade.assignment_id == assignment.id))
+        }
         rows = newest_rows(session, assignment.id)
         submissions: dict[int, Submission] = {}
-        for s in session.scalars(select(Submission).where(
-                Submission.assignment_id == assignment.id).order_by(Submission.version)):
+        for s in session.scalars(
+            select(Submission)
+            .where(Submission.assignment_id == assignment.id)
+            .order_by(Submission.version)
+        ):
             submissions[s.user_id] = s  # the newest wins
-        students = [{
-            "user_id": user.id, "name": name, "grade": grades.get(user.id),
-            "delivery": delivery(rows.get(user.id)), "submission": submissions.get(user.id),
-        } for user, name in _students(session, activity.course_id)]
+        students = [
+            {
+                "user_id": user.id,
+                "name": name,
+                "grade": grades.get(user.id),
+                "delivery": delivery(rows.get(user.id)),
+                "submission": submissions.get(user.id),
+            }
+            for user, name in _students(session, activity.course_id)
+        ]
         return render_template(
-            "assignment.html", activity=activity, assignment=assignment, students=students,
-            course=session.get_one(Course, activity.course_id), csrf=csrf_token(), when=_when,
-            release=release_overview(session, assignment))
+            "assignment.html",
+            activity=activity,
+            assignment=assignment,
+            students=students,
+            course=session.get_one(Course, activity.course_id),
+            csrf=csrf_token(),
+            when=_when,
+            release=release_overview(session, assignment),
+        )
 
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/grades/<int:user_id>")
@@ -173,15 +210,23 @@ def enter_grade(activity_id: int, assignment_id: int, user_id: int):  # type: ig
         _check_student(session, activity, user_id)
         try:
             score = parse_score(request.form.get("score", ""), assignment.max_score)
-            row = record_grade(session, assignment, user_id, score,
-                               request.form.get("comment", ""), graded_by=current_user_id())
+            row = record_grade(
+                session,
+                assignment,
+                user_id,
+                score,
+                request.form.get("comment", ""),
+                graded_by=current_user_id(),
+            )
         except GradeRejected as exc:
             raise WebError(str(exc)) from None
         row_id = row.id
     enqueue(rt.redis, rt.settings.queue_name, SEND_JOB, row_id)
     flash("Grade saved; it is on its way to the gradebook.")
-    return redirect(url_for("grading.assignment_page", activity_id=activity_id,
-                            assignment_id=assignment_id), 303)
+    return redirect(
+        url_for("grading.assignment_page", activity_id=activity_id, assignment_id=assignment_id),
+        303,
+    )
 
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/grades/<int:user_id>/send")
@@ -198,8 +243,10 @@ def resend_grade(activity_id: int, assignment_id: int, user_id: int):  # type: i
             raise WebError(str(exc)) from None
     enqueue(rt.redis, rt.settings.queue_name, SEND_JOB, row_id)
     flash("The grade is sent again.")
-    return redirect(url_for("grading.assignment_page", activity_id=activity_id,
-                            assignment_id=assignment_id), 303)
+    return redirect(
+        url_for("grading.assignment_page", activity_id=activity_id, assignment_id=assignment_id),
+        303,
+    )
 
 
 def _check_student(session: Session, activity: Activity, user_id: int) -> None:
@@ -215,19 +262,37 @@ def my_work(course_id: int):  # type: ignore[no-untyped-def]
     with runtime().sessions() as session:
         if enrolment_roles(session, user_id, course_id) is None:
             raise Forbidden("You are not enrolled in this course.")
-        assignments = session.execute(
-            select(Assignment).join(Activity, Activity.id == Assignment.activity_id)
-            .where(Activity.course_id == course_id).order_by(Assignment.id)
-        ).scalars().all()
+        assignments = (
+            session.execute(
+                select(Assignment)
+                .join(Activity, Activity.id == Assignment.activity_id)
+                .where(Activity.course_id == course_id)
+                .order_by(Assignment.id)
+            )
+            .scalars()
+            .all()
+        )
         ids = [a.id for a in assignments]
-        grades = {g.assignment_id: g for g in session.scalars(
-            select(Grade).where(Grade.user_id == user_id, Grade.assignment_id.in_(ids)))}
+        grades = {
+            g.assignment_id: g
+            for g in session.scalars(
+                select(Grade).where(Grade.user_id == user_id, Grade.assignment_id.in_(ids))
+            )
+        }
         submissions: dict[int, Submission] = {}
-        for s in session.scalars(select(Submission).where(
-                Submission.user_id == user_id, Submission.assignment_id.in_(ids))
-                .order_by(Submission.version)):
+        for s in session.scalars(
+            select(Submission)
+            .where(Submission.user_id == user_id, Submission.assignment_id.in_(ids))
+            .order_by(Submission.version)
+        ):
             submissions[s.assignment_id] = s
         return render_template(
-            "my_work.html", course=session.get_one(Course, course_id), csrf=csrf_token(),
-            work=[{"assignment": a, "grade": grades.get(a.id),
-                   "submission": submissions.get(a.id)} for a in assignments], when=_when)
+            "my_work.html",
+            course=session.get_one(Course, course_id),
+            csrf=csrf_token(),
+            work=[
+                {"assignment": a, "grade": grades.get(a.id), "submission": submissions.get(a.id)}
+                for a in assignments
+            ],
+            when=_when,
+        )

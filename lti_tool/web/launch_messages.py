@@ -32,8 +32,7 @@ class LabpoolOIDCLogin(FlaskOIDCLogin):
     ship)."""
 
     def __init__(self, request: FlaskRequest, tool_config: Any, *, secure: bool):
-        super().__init__(request, tool_config,
-                         cookie_service=LabpoolCookieService(request, secure))
+        super().__init__(request, tool_config, cookie_service=LabpoolCookieService(request, secure))
 
     def get_cookies_allowed_js_check(self):  # type: ignore[override]
         protocol, params = self.get_cookies_allowed_js_check_params()

@@ -128,4 +128,3 @@ def jwks():  # type: ignore[no-untyped-def]
     response.cache_control.max_age = 300
     response.cache_control.public = True
     return response
-

@@ -57,7 +57,8 @@ def _nudge_if_stale(machine: Machine) -> None:
         # A pooled machine becomes ready only when a reconciler pass sees its IDE answer:
         # waiting students ask for a pass (at most one queued per pool).
         stale = machine.state in (MachineState.requested, MachineState.starting) and (
-            age > CLOUD_NUDGE_AFTER)
+            age > CLOUD_NUDGE_AFTER
+        )
     else:
         stale = (machine.state is MachineState.requested and age > NUDGE_AFTER) or (
             machine.state is MachineState.starting
@@ -109,8 +110,9 @@ LANDING = {"jupyterlab": "lab", "terminal": "terminals/1", "code-server": ""}
 def _still_assigned(machine_id: int, address: str) -> bool:
     with runtime().sessions() as session:
         machine = session.get(Machine, machine_id)
-        return bool(machine and machine.state is MachineState.assigned
-                    and machine.address == address)
+        return bool(
+            machine and machine.state is MachineState.assigned and machine.address == address
+        )
 
 
 @bp.get("/machines/<int:machine_id>/open")

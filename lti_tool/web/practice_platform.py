@@ -72,10 +72,17 @@ AGS_SCOPES = [
 ROLE_LEARNER = "http://purl.imsglobal.org/vocab/lis/v2/membership#Learner"
 ROLE_INSTRUCTOR = "http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor"
 
-COURSE = {"id": "practice-1", "label": "PRACTICE", "title": "Practice course",
-          "type": ["CourseSection"]}
-ACTIVITY = {"id": "lab-1", "title": "Python lab",
-            "description": "A browser IDE on a machine of your own, provided by Labpool."}
+COURSE = {
+    "id": "practice-1",
+    "label": "PRACTICE",
+    "title": "Practice course",
+    "type": ["CourseSection"],
+}
+ACTIVITY = {
+    "id": "lab-1",
+    "title": "Python lab",
+    "description": "A browser IDE on a machine of your own, provided by Labpool.",
+}
 
 
 @dataclass(frozen=True)
@@ -96,19 +103,48 @@ class PracticeUser:
 USERS: dict[str, PracticeUser] = {
     u.who: u
     for u in (
-        PracticeUser("student1", "101", "Student", "One", "student1@example.com",
-                     ROLE_LEARNER, "Launch as student 1"),
-        PracticeUser("student2", "102", "Student", "Two", "student2@example.com",
-                     ROLE_LEARNER, "Launch as student 2"),
-        PracticeUser("student3", "103", "Student", "Three", "student3@example.com",
-                     ROLE_LEARNER, "Launch as student 3"),
-        PracticeUser("teacher", "100", "Teacher", "Practice", "teacher@example.com",
-                     ROLE_INSTRUCTOR, "Launch as teacher"),
+        PracticeUser(
+            "student1",
+            "101",
+            "Student",
+            "One",
+            "student1@example.com",
+            ROLE_LEARNER,
+            "Launch as student 1",
+        ),
+        PracticeUser(
+            "student2",
+            "102",
+            "Student",
+            "Two",
+            "student2@example.com",
+            ROLE_LEARNER,
+            "Launch as student 2",
+        ),
+        PracticeUser(
+            "student3",
+            "103",
+            "Student",
+            "Three",
+            "student3@example.com",
+            ROLE_LEARNER,
+            "Launch as student 3",
+        ),
+        PracticeUser(
+            "teacher",
+            "100",
+            "Teacher",
+            "Practice",
+            "teacher@example.com",
+            ROLE_INSTRUCTOR,
+            "Launch as teacher",
+        ),
     )
 }
 
 
 # --- the signing key -----------------------------------------------------------------------
+
 
 def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey:
     """The RSA 2048 key in ``path``; created (mode 0600, never overwriting) on first use."""
@@ -165,10 +201,13 @@ _STYLE = """
 </style>
 """
 
-HOME_PAGE = """<!doctype html>
+HOME_PAGE = (
+    """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Labpool practice platform</title>""" + _STYLE + """</head>
+<title>Labpool practice platform</title>"""
+    + _STYLE
+    + """</head>
 <body>
 <h1>Labpool practice platform — a stand-in for Moodle</h1>
 <p class="muted">This page plays the part of your learning platform, so you can try Labpool
@@ -188,10 +227,14 @@ at <code>{{ tool_url }}</code>. It is a demo: nobody is asked for a password.</p
 client id <code>{{ client_id }}</code>, deployment <code>{{ deployment_id }}</code>.</p>
 </body></html>
 """
+)
 
-AUTO_POST_PAGE = """<!doctype html>
+AUTO_POST_PAGE = (
+    """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>{{ title }}</title>""" + _STYLE + """</head>
+<title>{{ title }}</title>"""
+    + _STYLE
+    + """</head>
 <body>
 <form id="ltiAutoForm" method="post" action="{{ action }}">
 {% for name, value in fields.items() %}
@@ -203,6 +246,7 @@ AUTO_POST_PAGE = """<!doctype html>
 <script>document.getElementById("ltiAutoForm").submit();</script>
 </body></html>
 """
+)
 
 
 class PracticePlatform:
@@ -236,8 +280,10 @@ class PracticePlatform:
         self.port = server.server_port
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1},
-            name="labpool-practice-platform", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="labpool-practice-platform",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -254,8 +300,12 @@ class PracticePlatform:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     # --- what the tool needs to know ---
@@ -289,8 +339,18 @@ class PracticePlatform:
 
     def jwks(self) -> dict[str, Any]:
         jwk = RSAAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
-        return {"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid,
-                          "n": jwk["n"], "e": jwk["e"]}]}
+        return {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "alg": "RS256",
+                    "use": "sig",
+                    "kid": self.kid,
+                    "n": jwk["n"],
+                    "e": jwk["e"],
+                }
+            ]
+        }
 
     # --- the id_token ---
 
@@ -349,7 +409,9 @@ class PracticePlatform:
 
     def id_token(self, user: PracticeUser, nonce: str) -> str:
         return jwt.encode(
-            self.claims(user, nonce), self._key, algorithm="RS256",
+            self.claims(user, nonce),
+            self._key,
+            algorithm="RS256",
             headers={"kid": self.kid, "typ": "JWT"},
         )
 
@@ -360,8 +422,10 @@ class PracticePlatform:
         if params.get("client_id") != CLIENT_ID:
             return f"Unknown client_id {params.get('client_id')!r}: this platform only knows {CLIENT_ID!r}."
         if params.get("redirect_uri") != self.launch_url:
-            return (f"redirect_uri {params.get('redirect_uri')!r} is not the tool's registered "
-                    f"launch URL {self.launch_url!r}.")
+            return (
+                f"redirect_uri {params.get('redirect_uri')!r} is not the tool's registered "
+                f"launch URL {self.launch_url!r}."
+            )
         if params.get("response_type") != "id_token":
             return "response_type must be 'id_token'."
         if "openid" not in (params.get("scope") or "").split():
@@ -386,8 +450,13 @@ class PracticePlatform:
         @app.get("/")
         def home() -> str:
             return render_template_string(
-                HOME_PAGE, tool_url=platform.tool_url, course=COURSE, activity=ACTIVITY,
-                users=list(USERS.values()), issuer=platform.url, client_id=CLIENT_ID,
+                HOME_PAGE,
+                tool_url=platform.tool_url,
+                course=COURSE,
+                activity=ACTIVITY,
+                users=list(USERS.values()),
+                issuer=platform.url,
+                client_id=CLIENT_ID,
                 deployment_id=DEPLOYMENT_ID,
             )
 
@@ -405,8 +474,11 @@ class PracticePlatform:
                 "lti_deployment_id": DEPLOYMENT_ID,
             }
             return render_template_string(
-                AUTO_POST_PAGE, title="Launching Labpool…", action=platform.login_url,
-                fields=fields, message=f"Opening {ACTIVITY['title']} as {user.name}…",
+                AUTO_POST_PAGE,
+                title="Launching Labpool…",
+                action=platform.login_url,
+                fields=fields,
+                message=f"Opening {ACTIVITY['title']} as {user.name}…",
             )
 
         @app.route("/auth", methods=["GET", "POST"])
@@ -416,13 +488,18 @@ class PracticePlatform:
             if problem is not None:
                 return Response(
                     "The practice platform refused this login request: " + problem + "\n",
-                    status=400, mimetype="text/plain",
+                    status=400,
+                    mimetype="text/plain",
                 )
             user = USERS[params["login_hint"]]
             return render_template_string(
-                AUTO_POST_PAGE, title="Signing you in…", action=params["redirect_uri"],
-                fields={"id_token": platform.id_token(user, params["nonce"]),
-                        "state": params["state"]},
+                AUTO_POST_PAGE,
+                title="Signing you in…",
+                action=params["redirect_uri"],
+                fields={
+                    "id_token": platform.id_token(user, params["nonce"]),
+                    "state": params["state"],
+                },
                 message=f"Signing in to Labpool as {user.name}…",
             )
 
@@ -433,10 +510,12 @@ class PracticePlatform:
             return response
 
         def unsupported(what: str) -> tuple[Response, int]:
-            return jsonify({
-                "error": "unsupported",
-                "error_description": f"The practice platform does not implement {what} yet.",
-            }), 501
+            return jsonify(
+                {
+                    "error": "unsupported",
+                    "error_description": f"The practice platform does not implement {what} yet.",
+                }
+            ), 501
 
         @app.post("/token")
         def token() -> tuple[Response, int]:

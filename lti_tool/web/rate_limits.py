@@ -50,7 +50,11 @@ def client_address() -> str:
 
 
 def over_limit(
-    conn: redis.Redis, group: str, client: str, limit: int, window_s: int,
+    conn: redis.Redis,
+    group: str,
+    client: str,
+    limit: int,
+    window_s: int,
     now: float | None = None,
 ) -> int | None:
     """Count one request of `client` in `group`; None if it is within `limit` per window,
@@ -96,15 +100,24 @@ def check_rate_limit(group: str, setting: str) -> Response | None:
         return None
     if retry_after is None:
         return None
-    log.info("rate limit: %s %s from %s refused (more than %s in %s s)",
-             request.method, request.path, client, limit, window_s)
-    message = (f"Too many requests from your network in a short time. Wait {retry_after} "
-               "seconds, then try again.")
+    log.info(
+        "rate limit: %s %s from %s refused (more than %s in %s s)",
+        request.method,
+        request.path,
+        client,
+        limit,
+        window_s,
+    )
+    message = (
+        f"Too many requests from your network in a short time. Wait {retry_after} "
+        "seconds, then try again."
+    )
     if request.accept_mimetypes.best == "application/json":
         response = jsonify(error=message)
     else:
-        response = Response(render_template("error.html", title="Too many requests",
-                                            message=message))
+        response = Response(
+            render_template("error.html", title="Too many requests", message=message)
+        )
     response.status_code = 429
     response.headers["Retry-After"] = str(retry_after)
     return response

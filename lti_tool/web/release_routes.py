@@ -71,8 +71,9 @@ def incoming_files(required: bool) -> NewFiles | None:
         raise WebError("Upload files or name a git repository, not both.")
     try:
         if git_url:
-            git = check_source(git_url, request.form.get("git_branch", ""),
-                               request.form.get("git_folder", ""))
+            git = check_source(
+                git_url, request.form.get("git_branch", ""), request.form.get("git_folder", "")
+            )
             new = NewFiles(fetch(*git), git)
         elif has_upload:
             assert upload is not None and upload.filename
@@ -92,8 +93,9 @@ def keep_source(data_dir: Path, assignment: Assignment, new: NewFiles) -> Path:
     caller commits; on failure it removes the returned folder)."""
     folder = write_folder(assignments_root(data_dir) / str(assignment.id), "source", new.files)
     assignment.source_path = str(folder)
-    assignment.source = (AssignmentSource.nbgrader if nbgrader_notebooks(new.files)
-                         else AssignmentSource.files)
+    assignment.source = (
+        AssignmentSource.nbgrader if nbgrader_notebooks(new.files) else AssignmentSource.files
+    )
     assignment.git_url, assignment.git_branch, assignment.git_folder = new.git or (None, None, None)
     return folder
 
@@ -113,7 +115,9 @@ def _replace_source(activity_id: int, assignment_id: int, new: NewFiles) -> None
     flash(f"{len(new.files)} files kept. Publish them to make the student version.")
 
 
-def _assignment(session: Session, activity_id: int, assignment_id: int) -> tuple[Activity, Assignment]:
+def _assignment(
+    session: Session, activity_id: int, assignment_id: int
+) -> tuple[Activity, Assignment]:
     activity = taught_activity(session, activity_id)
     assignment = session.get(Assignment, assignment_id)
     if assignment is None or assignment.activity_id != activity.id:
@@ -122,8 +126,10 @@ def _assignment(session: Session, activity_id: int, assignment_id: int) -> tuple
 
 
 def _back(activity_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
-    return redirect(url_for("grading.assignment_page", activity_id=activity_id,
-                            assignment_id=assignment_id), 303)
+    return redirect(
+        url_for("grading.assignment_page", activity_id=activity_id, assignment_id=assignment_id),
+        303,
+    )
 
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/files")
@@ -188,8 +194,10 @@ def publish_assignment(activity_id: int, assignment_id: int):  # type: ignore[no
     for stale in source.parent.glob("release-of-*"):
         if str(stale) not in (str(release), old_release):
             remove_folder(stale)
-    flash("Published: students get it when they next open the activity, or press "
-          "\"Release to class\" now.")
+    flash(
+        "Published: students get it when they next open the activity, or press "
+        '"Release to class" now.'
+    )
     return _back(activity_id, assignment_id)
 
 
@@ -206,16 +214,25 @@ def release_to_class(activity_id: int, assignment_id: int):  # type: ignore[no-u
         current = is_current(assignment.source_path, assignment.release_path)
     if not enqueue_release(rt, RELEASE_TO_CLASS_JOB, assignment_id):
         raise WebError("The job queue is not reachable; try again in a minute.", 503)
-    flash("Releasing to the class: the table below fills in as homes receive it."
-          + ("" if current else " (The newest upload is not published yet: this releases "
-                                "the published version.)"))
+    flash(
+        "Releasing to the class: the table below fills in as homes receive it."
+        + (
+            ""
+            if current
+            else " (The newest upload is not published yet: this releases the published version.)"
+        )
+    )
     return _back(activity_id, assignment_id)
 
 
 def release_overview(session: Session, assignment: Assignment) -> dict:
     """What the assignment page's release section shows."""
-    rows = {r.user_id: r for r in session.scalars(
-        select(AssignmentRelease).where(AssignmentRelease.assignment_id == assignment.id))}
+    rows = {
+        r.user_id: r
+        for r in session.scalars(
+            select(AssignmentRelease).where(AssignmentRelease.assignment_id == assignment.id)
+        )
+    }
     return {
         "rows": rows,
         "version": Path(assignment.release_path).name if assignment.release_path else None,

@@ -67,9 +67,13 @@ def my_submission(course_id: int, assignment_id: int):  # type: ignore[no-untype
     with runtime().sessions() as session:
         assignment = _students_assignment(session, course_id, assignment_id)
         return render_template(
-            "my_submission.html", course=session.get_one(Course, course_id),
-            assignment=assignment, versions=versions_of(session, assignment.id, user_id),
-            csrf=csrf_token(), when=_when)
+            "my_submission.html",
+            course=session.get_one(Course, course_id),
+            assignment=assignment,
+            versions=versions_of(session, assignment.id, user_id),
+            csrf=csrf_token(),
+            when=_when,
+        )
 
 
 @bp.post("/courses/<int:course_id>/assignments/<int:assignment_id>/submit")
@@ -86,15 +90,20 @@ def submit(course_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
         raise WebError(str(exc), _status_of(exc)) from None
     s = outcome.submission
     if outcome.unchanged:
-        flash(f"Nothing changed since version {s.version} (submitted at {_when(s.submitted_at)}, "
-              f"{s.file_count} files): it stays your submission.")
+        flash(
+            f"Nothing changed since version {s.version} (submitted at {_when(s.submitted_at)}, "
+            f"{s.file_count} files): it stays your submission."
+        )
     else:
-        flash(f"Submitted at {_when(s.submitted_at)}, {s.file_count} files "
-              f"(version {s.version}){' — late' if s.late else ''}.")
+        flash(
+            f"Submitted at {_when(s.submitted_at)}, {s.file_count} files "
+            f"(version {s.version}){' — late' if s.late else ''}."
+        )
     for item in outcome.skipped:
         flash(f"Not included: {item['path']} ({item['why']}).")
-    return redirect(url_for("submissions.my_submission", course_id=course_id,
-                            assignment_id=assignment_id), 303)
+    return redirect(
+        url_for("submissions.my_submission", course_id=course_id, assignment_id=assignment_id), 303
+    )
 
 
 @bp.post("/activities/<int:activity_id>/assignments/<int:assignment_id>/collect")
@@ -109,10 +118,15 @@ def collect_now(activity_id: int, assignment_id: int):  # type: ignore[no-untype
         started = start_collection(rt, assignment.id, current_user_id())
     except FolderError as exc:
         raise WebError(str(exc), 503) from None
-    flash("Collecting every student's folder…" if started
-          else "A collection of this assignment is already under way.")
-    return redirect(url_for("grading.assignment_page", activity_id=activity_id,
-                            assignment_id=assignment_id), 303)
+    flash(
+        "Collecting every student's folder…"
+        if started
+        else "A collection of this assignment is already under way."
+    )
+    return redirect(
+        url_for("grading.assignment_page", activity_id=activity_id, assignment_id=assignment_id),
+        303,
+    )
 
 
 @bp.get("/activities/<int:activity_id>/assignments/<int:assignment_id>/collect")
@@ -134,22 +148,36 @@ def class_submissions(activity_id: int, assignment_id: int):  # type: ignore[no-
         activity = taught_activity(session, activity_id)
         assignment = _assignment_of(session, activity, assignment_id)
         names = {u.id: name for u, name in _students(session, activity.course_id)}
-        rows = session.scalars(select(Submission).where(
-            Submission.assignment_id == assignment.id)
-            .order_by(Submission.user_id, Submission.version.desc())).all()
+        rows = session.scalars(
+            select(Submission)
+            .where(Submission.assignment_id == assignment.id)
+            .order_by(Submission.user_id, Submission.version.desc())
+        ).all()
         by_student: dict[int, list[Submission]] = {}
         for row in rows:
             by_student.setdefault(row.user_id, []).append(row)
-        students = [{"user_id": uid, "name": names.get(uid, f"Former student #{uid}"),
-                     "versions": by_student.get(uid, [])}
-                    for uid in [*names, *[u for u in by_student if u not in names]]]
+        students = [
+            {
+                "user_id": uid,
+                "name": names.get(uid, f"Former student #{uid}"),
+                "versions": by_student.get(uid, []),
+            }
+            for uid in [*names, *[u for u in by_student if u not in names]]
+        ]
         return render_template(
-            "submissions.html", activity=activity, assignment=assignment, students=students,
-            course=session.get_one(Course, activity.course_id), when=_when)
+            "submissions.html",
+            activity=activity,
+            assignment=assignment,
+            students=students,
+            course=session.get_one(Course, activity.course_id),
+            when=_when,
+        )
 
 
-@bp.get("/activities/<int:activity_id>/assignments/<int:assignment_id>"
-        "/submissions/<int:submission_id>.zip")
+@bp.get(
+    "/activities/<int:activity_id>/assignments/<int:assignment_id>"
+    "/submissions/<int:submission_id>.zip"
+)
 def download(activity_id: int, assignment_id: int, submission_id: int):  # type: ignore[no-untyped-def]
     """A stored version as its zip, streamed from the stored copy (instructors only)."""
     rt = runtime()
@@ -164,6 +192,13 @@ def download(activity_id: int, assignment_id: int, submission_id: int):  # type:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise WebError("The stored copy of this submission is missing on the server.", 410) from None
-    return send_file(os.fdopen(fd, "rb"), mimetype="application/zip", as_attachment=True,
-                     download_name=name, max_age=0)
+        raise WebError(
+            "The stored copy of this submission is missing on the server.", 410
+        ) from None
+    return send_file(
+        os.fdopen(fd, "rb"),
+        mimetype="application/zip",
+        as_attachment=True,
+        download_name=name,
+        max_age=0,
+    )

@@ -91,12 +91,18 @@ def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
         environment = environment_of(session, activity.id)
         pool = session.scalars(select(Pool).where(Pool.environment_id == environment.id)).first()
         if pool is None:
-            raise WebError("Warm pools need a cloud environment; this activity's machines are "
-                           "started on demand.")
+            raise WebError(
+                "Warm pools need a cloud environment; this activity's machines are "
+                "started on demand."
+            )
         target = min(class_size(session, activity.course_id), pool.max_size)
         # One statement: a double click (two requests at once) updates, never collides.
-        upsert(session, WarmBoost, {"activity_id": activity.id},
-               {"target": target, "until": utcnow() + WARM_NOW_FOR})
+        upsert(
+            session,
+            WarmBoost,
+            {"activity_id": activity.id},
+            {"target": target, "until": utcnow() + WARM_NOW_FOR},
+        )
         pool_id = pool.id
     reconcile_soon(rt, pool_id)
     return _back(activity_id, f"Warming {target} machine(s) for the next two hours.")
@@ -113,9 +119,11 @@ def stop_idle(activity_id: int):  # type: ignore[no-untyped-def]
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
         machines = session.scalars(
-            select(Machine).where(Machine.course_id == activity.course_id,
-                                  Machine.environment_id == environment.id,
-                                  Machine.state == MachineState.assigned)
+            select(Machine).where(
+                Machine.course_id == activity.course_id,
+                Machine.environment_id == environment.id,
+                Machine.state == MachineState.assigned,
+            )
         ).all()
     candidates = [m.id for m in idle_among(rt.redis, machines, now, IDLE_AFTER)]
     idle = []
@@ -161,8 +169,10 @@ def roster_sync(activity_id: int):  # type: ignore[no-untyped-def]
         activity = taught_activity(session, activity_id)
         course = session.get_one(Course, activity.course_id)
         if not course.memberships_url:
-            raise WebError("Moodle does not share this course's roster with Labpool: turn on "
-                           "“IMS LTI Names and Role Provisioning” for the tool.")
+            raise WebError(
+                "Moodle does not share this course's roster with Labpool: turn on "
+                "“IMS LTI Names and Role Provisioning” for the tool."
+            )
     enqueue(rt.redis, rt.settings.queue_name, SYNC_JOB, activity.course_id)
     return _back(activity_id, "The roster is being synced.")
 
@@ -187,8 +197,16 @@ def add_class_session(activity_id: int):  # type: ignore[no-untyped-def]
     rt = runtime()
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
-        session.add(ClassSession(activity_id=activity.id, weekday=weekday, starts=starts,
-                                 ends=ends, timezone=zone, lead_minutes=lead))
+        session.add(
+            ClassSession(
+                activity_id=activity.id,
+                weekday=weekday,
+                starts=starts,
+                ends=ends,
+                timezone=zone,
+                lead_minutes=lead,
+            )
+        )
         environment = environment_of(session, activity.id)
     pool_id = pool_of(rt, environment.id)
     if pool_id is not None:

@@ -46,8 +46,10 @@ def pool_status(session: Session, environment: Environment) -> dict | None:
         f"{state.value}{'' if owned else '_warm'}": n
         for state, owned, n in session.execute(
             select(Machine.state, Machine.owner_id.is_not(None), func.count())
-            .where(Machine.environment_id == environment.id,
-                   Machine.state.notin_([MachineState.stopped]))
+            .where(
+                Machine.environment_id == environment.id,
+                Machine.state.notin_([MachineState.stopped]),
+            )
             .group_by(Machine.state, Machine.owner_id.is_not(None))
         )
     }
@@ -73,22 +75,29 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
     their newest machine in the activity's environment."""
     environment = environment_of(session, activity.id)
     volumes = {
-        v.owner_id: v for v in session.scalars(
-            select(StudentVolume).where(StudentVolume.course_id == activity.course_id))
+        v.owner_id: v
+        for v in session.scalars(
+            select(StudentVolume).where(StudentVolume.course_id == activity.course_id)
+        )
     }
     newest = {}
     for machine in session.scalars(
         select(Machine)
-        .where(Machine.course_id == activity.course_id, Machine.environment_id == environment.id,
-               Machine.owner_id.is_not(None))
+        .where(
+            Machine.course_id == activity.course_id,
+            Machine.environment_id == environment.id,
+            Machine.owner_id.is_not(None),
+        )
         .order_by(Machine.id)
     ):
         newest[machine.owner_id] = machine  # the last one wins
     enrolled = session.execute(
         select(User, Enrolment)
         .join(Enrolment, Enrolment.user_id == User.id)
-        .where(Enrolment.course_id == activity.course_id,
-               Enrolment.ended_at.is_(None) | User.id.in_(newest))
+        .where(
+            Enrolment.course_id == activity.course_id,
+            Enrolment.ended_at.is_(None) | User.id.in_(newest),
+        )
     ).all()
     listed = {user.id for user, _ in enrolled}
     extra = session.scalars(select(User).where(User.id.in_(set(newest) - listed))).all()
@@ -102,25 +111,28 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
         role = "left the course" if roles is None else ("teacher" if is_staff(roles) else "student")
         # Only what this course's registration shared (the enrolment's), never User.name.
         shown = (enrolment.name if enrolment else None) or (
-            f"{'Teacher' if role == 'teacher' else 'Student'} {labels[user.sub]}")
+            f"{'Teacher' if role == 'teacher' else 'Student'} {labels[user.sub]}"
+        )
         machine = newest.get(user.id)
         # The idle rules' own reading (no IDE asked: one page, a whole class).
         seen = last_activity(redis, machine) if machine is not None else None
-        rows.append({
-            "user_id": user.id,
-            "student": shown,
-            "named": bool(enrolment and enrolment.name),
-            "lms_user_id": user.sub,
-            "email": (enrolment.email or "") if enrolment else "",
-            "role": role,
-            "machine": machine.id if machine else None,
-            "state": machine.state.value if machine else "no machine",
-            "since": _when(machine.state_changed_at) if machine else "",
-            "last_activity": _when(seen),
-            "error": (machine.error or "") if machine else "",
-            "storage": _storage(environment, volumes.get(user.id)),
-            "mine": user.id == current_user_id(),
-        })
+        rows.append(
+            {
+                "user_id": user.id,
+                "student": shown,
+                "named": bool(enrolment and enrolment.name),
+                "lms_user_id": user.sub,
+                "email": (enrolment.email or "") if enrolment else "",
+                "role": role,
+                "machine": machine.id if machine else None,
+                "state": machine.state.value if machine else "no machine",
+                "since": _when(machine.state_changed_at) if machine else "",
+                "last_activity": _when(seen),
+                "error": (machine.error or "") if machine else "",
+                "storage": _storage(environment, volumes.get(user.id)),
+                "mine": user.id == current_user_id(),
+            }
+        )
     rows.sort(key=lambda r: (r["role"] != "student", r["student"].lower()))
     return rows
 
@@ -130,16 +142,25 @@ def _storage(environment: Environment, volume: StudentVolume | None) -> str:
         return "home folder"
     if volume is None:
         return "volume created at first launch"
-    state = {"in-use": "attached", "available": "kept, not attached"}.get(volume.status, volume.status)
+    state = {"in-use": "attached", "available": "kept, not attached"}.get(
+        volume.status, volume.status
+    )
     return f"volume {volume.size_gb} GB, {state}" + (f": {volume.error}" if volume.error else "")
 
 
 def class_schedule(session: Session, activity: Activity) -> list[dict]:
     return [
-        {"id": m.id, "day": WEEKDAYS[m.weekday], "starts": m.starts.strftime("%H:%M"),
-         "ends": m.ends.strftime("%H:%M"), "timezone": m.timezone, "lead_minutes": m.lead_minutes}
+        {
+            "id": m.id,
+            "day": WEEKDAYS[m.weekday],
+            "starts": m.starts.strftime("%H:%M"),
+            "ends": m.ends.strftime("%H:%M"),
+            "timezone": m.timezone,
+            "lead_minutes": m.lead_minutes,
+        }
         for m in session.scalars(
-            select(ClassSession).where(ClassSession.activity_id == activity.id)
+            select(ClassSession)
+            .where(ClassSession.activity_id == activity.id)
             .order_by(ClassSession.weekday, ClassSession.starts)
         )
     ]
@@ -178,7 +199,8 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             environment=environment,
             # Said where the teacher looks, not only on the server's console.
             isolation_problems=host_isolation().problems
-            if capabilities(environment.backend).on_host else [],
+            if capabilities(environment.backend).on_host
+            else [],
             environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
             view=class_view(session, activity),
             assignments=activity_assignments(session, activity.id),

@@ -36,9 +36,21 @@ if TYPE_CHECKING:
     from provisioning.models import Environment
 
 __all__ = [
-    "BACKENDS", "Backend", "Capabilities", "MachineSpec", "OnDemandBackend", "PooledBackend",
-    "ServerView", "Started", "StudentVolumes", "backend_for", "backends_that", "capabilities",
-    "on_demand_backend_for", "pooled_backend_for", "volumes_backend_for",
+    "BACKENDS",
+    "Backend",
+    "Capabilities",
+    "MachineSpec",
+    "OnDemandBackend",
+    "PooledBackend",
+    "ServerView",
+    "Started",
+    "StudentVolumes",
+    "backend_for",
+    "backends_that",
+    "capabilities",
+    "on_demand_backend_for",
+    "pooled_backend_for",
+    "volumes_backend_for",
 ]
 
 
@@ -55,12 +67,23 @@ class Registered:
 _CLOUD_IDES = frozenset({"jupyterlab", "code-server", "terminal"})
 
 BACKENDS: dict[str, Registered] = {
-    "local": Registered("provisioning.backends.local:LocalBackend", Capabilities(
-        ide_kinds=frozenset({"jupyterlab"}), pooled=False, volumes=False, on_host=True)),
-    "openstack": Registered("provisioning.backends.openstack:OpenStackBackend", Capabilities(
-        ide_kinds=_CLOUD_IDES, pooled=True, volumes=True, on_host=False,
-        needs=(("image_id", "--image"), ("flavor_id", "--flavor"), ("network_id", "--network")),
-        security_groups=True)),
+    "local": Registered(
+        "provisioning.backends.local:LocalBackend",
+        Capabilities(
+            ide_kinds=frozenset({"jupyterlab"}), pooled=False, volumes=False, on_host=True
+        ),
+    ),
+    "openstack": Registered(
+        "provisioning.backends.openstack:OpenStackBackend",
+        Capabilities(
+            ide_kinds=_CLOUD_IDES,
+            pooled=True,
+            volumes=True,
+            on_host=False,
+            needs=(("image_id", "--image"), ("flavor_id", "--flavor"), ("network_id", "--network")),
+            security_groups=True,
+        ),
+    ),
 }
 
 

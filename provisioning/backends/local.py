@@ -54,7 +54,10 @@ class LocalBackend(OnDemandBackend):
     capabilities = BACKENDS[name].capabilities
 
     def __init__(
-        self, data_dir: Path, frame_ancestors: str = "'self'", *,
+        self,
+        data_dir: Path,
+        frame_ancestors: str = "'self'",
+        *,
         settings: Settings | None = None,
     ):
         self.data_dir = data_dir.resolve()
@@ -64,14 +67,16 @@ class LocalBackend(OnDemandBackend):
         self.proxy_group = settings.proxy_group if settings else "www-data"
 
     @classmethod
-    def for_environment(cls, settings: Settings, environment: Environment | None = None
-                        ) -> LocalBackend:
+    def for_environment(
+        cls, settings: Settings, environment: Environment | None = None
+    ) -> LocalBackend:
         """Every local environment's machines run alike; the environment's limits come with
         each machine (`MachineSpec.limits`)."""
         from provisioning.backends import ide_frame_ancestors
 
-        return cls(settings.data_dir, frame_ancestors=ide_frame_ancestors(settings),
-                   settings=settings)
+        return cls(
+            settings.data_dir, frame_ancestors=ide_frame_ancestors(settings), settings=settings
+        )
 
     def home_folder(self, machine: MachineSpec) -> Path:
         if machine.owner_id is None:
@@ -87,7 +92,11 @@ class LocalBackend(OnDemandBackend):
                 f"the local backend cannot run {machine.ide_kind!r} machines yet"
             )
         return [
-            str(python), "-m", "jupyterlab", "--no-browser", *listen,
+            str(python),
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            *listen,
             f"--ServerApp.base_url={machine.base_url}",
             f"--ServerApp.root_dir={sandbox.SANDBOX_HOME}",
             # Reached only through the proxy (or loopback in direct mode), with a token:
@@ -108,7 +117,8 @@ class LocalBackend(OnDemandBackend):
         account = None
         if isolation.own_users:
             account = sandbox.student_account(
-                f"{machine.owner_id}" if machine.owner_id is not None else f"m{machine.id}")
+                f"{machine.owner_id}" if machine.owner_id is not None else f"m{machine.id}"
+            )
         home = self.home_folder(machine)
         sandbox.prepare_home(home, account)
 
@@ -130,31 +140,48 @@ class LocalBackend(OnDemandBackend):
 
         token = secrets.token_urlsafe(32)
         if self.use_socket:
-            inside = f"{sandbox.SANDBOX_SOCKET_DIR}/{SOCKET_NAME}" if isolation.sandbox \
+            inside = (
+                f"{sandbox.SANDBOX_SOCKET_DIR}/{SOCKET_NAME}"
+                if isolation.sandbox
                 else str(socket_dir / SOCKET_NAME)
+            )
             listen = [f"--ServerApp.sock={inside}", "--ServerApp.sock_mode=0660"]
             address = f"{UNIX}{socket_dir / SOCKET_NAME}"
             port = None
         else:
             port = free_port()
-            listen = ["--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-                      "--ServerApp.port_retries=0"]
+            listen = [
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                "--ServerApp.port_retries=0",
+            ]
             address = f"127.0.0.1:{port}"
 
         command = self._command(machine, python, listen)
         if isolation.sandbox:
             assert isolation.bwrap is not None
-            command = sandbox.bwrap_command(
-                isolation.bwrap, home=home, socket_dir=socket_dir, config_dir=config_dir,
-                python=python, share_network=not self.use_socket,
-            ) + command
+            command = (
+                sandbox.bwrap_command(
+                    isolation.bwrap,
+                    home=home,
+                    socket_dir=socket_dir,
+                    config_dir=config_dir,
+                    python=python,
+                    share_network=not self.use_socket,
+                )
+                + command
+            )
             home_inside, config_inside = sandbox.SANDBOX_HOME, sandbox.SANDBOX_CONFIG_DIR
         else:
             command = [c.replace(sandbox.SANDBOX_HOME, str(home)) for c in command]
             home_inside, config_inside = str(home), str(config_dir)
         if isolation.prlimit:
-            command = [isolation.prlimit, *(machine.limits or sandbox.Limits()).prlimit_args(),
-                       "--", *command]
+            command = [
+                isolation.prlimit,
+                *(machine.limits or sandbox.Limits()).prlimit_args(),
+                "--",
+                *command,
+            ]
         # The IDE runs student code: it gets none of the tool's environment, only this.
         env = {
             "PATH": f"{python.parent}:/usr/local/bin:/usr/bin:/bin",
@@ -164,7 +191,8 @@ class LocalBackend(OnDemandBackend):
             "SHELL": "/bin/bash",
             "JUPYTER_TOKEN": token,  # the environment, not argv: argv is visible to `ps`
             "JUPYTER_CONFIG_DIR": config_inside,
-            "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime" if isolation.sandbox
+            "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime"
+            if isolation.sandbox
             else str(machine_dir / "runtime"),
             "PYTHONUSERBASE": f"{home_inside}/.local",
             # What JupyterLab writes goes to the home (the config folder is read-only).
@@ -175,8 +203,13 @@ class LocalBackend(OnDemandBackend):
         with log_path.open("ab") as log_file:
             try:
                 process = subprocess.Popen(
-                    command, cwd=home, env=env, stdin=subprocess.DEVNULL,
-                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                    command,
+                    cwd=home,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                     user=account.uid if account else None,
                     group=account.gid if account else None,
                     extra_groups=[] if account else None,
@@ -186,8 +219,12 @@ class LocalBackend(OnDemandBackend):
                 raise BackendUnavailable(f"cannot start the IDE: {exc}") from exc
         create_time = psutil.Process(process.pid).create_time()
         return Started(
-            ref={"pid": process.pid, "create_time": create_time, "port": port,
-                 "uid": account.uid if account else None},
+            ref={
+                "pid": process.pid,
+                "create_time": create_time,
+                "port": port,
+                "uid": account.uid if account else None,
+            },
             address=address,
             ide_token=token,
         )

@@ -60,8 +60,17 @@ from provisioning.ide_http import ide_get
 if TYPE_CHECKING:
     from provisioning.models import Environment
 
-__all__ = ["CloudSpec", "OpenStackBackend", "ServerView", "connection_for", "forget_connections",
-           "token_digest", "CloudConflict", "CloudUnavailable", "QuotaExceeded"]
+__all__ = [
+    "CloudSpec",
+    "OpenStackBackend",
+    "ServerView",
+    "connection_for",
+    "forget_connections",
+    "token_digest",
+    "CloudConflict",
+    "CloudUnavailable",
+    "QuotaExceeded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +137,14 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
     name = "openstack"
     capabilities = BACKENDS[name].capabilities
 
-    def __init__(self, cloud: str, cloud_spec: CloudSpec, *, api_timeout: float | None = 30.0,
-                 frame_ancestors: str | Callable[[], str] = "'self'"):
+    def __init__(
+        self,
+        cloud: str,
+        cloud_spec: CloudSpec,
+        *,
+        api_timeout: float | None = 30.0,
+        frame_ancestors: str | Callable[[], str] = "'self'",
+    ):
         """`cloud` names an entry of clouds.yaml; `api_timeout` bounds every request, so a
         hung cloud costs a worker seconds, not forever (None: clouds.yaml's `api_timeout`).
         `frame_ancestors` is the IDE's CSP source list (or what computes it, asked only when
@@ -162,8 +177,9 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
         return value if isinstance(value, str) else value()
 
     @classmethod
-    def for_environment(cls, settings: Settings, environment: Environment | None
-                        ) -> OpenStackBackend:
+    def for_environment(
+        cls, settings: Settings, environment: Environment | None
+    ) -> OpenStackBackend:
         """The cloud backend for an environment: its image, flavor and network, on the cloud
         named by the settings."""
         from provisioning.backends import ide_frame_ancestors
@@ -172,8 +188,10 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
             raise BackendUnavailable("the openstack backend needs the machine's environment")
         missing = [name for name, _ in cls.capabilities.needs if not getattr(environment, name)]
         if missing:
-            raise BackendUnavailable(f"environment {environment.name!r} lacks "
-                                     f"{', '.join(missing)} for the openstack backend")
+            raise BackendUnavailable(
+                f"environment {environment.name!r} lacks "
+                f"{', '.join(missing)} for the openstack backend"
+            )
         spec = CloudSpec(
             image_id=environment.image_id or "",
             flavor_id=environment.flavor_id or "",
@@ -183,16 +201,22 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
             key_name=environment.key_name,
             ide_port=environment.ide_port,
         )
-        return cls(settings.openstack_cloud, spec, api_timeout=settings.openstack_api_timeout_s,
-                   # read when a server boots, not now (see __init__)
-                   frame_ancestors=lambda: ide_frame_ancestors(settings))
+        return cls(
+            settings.openstack_cloud,
+            spec,
+            api_timeout=settings.openstack_api_timeout_s,
+            # read when a server boots, not now (see __init__)
+            frame_ancestors=lambda: ide_frame_ancestors(settings),
+        )
 
     # -- the PooledBackend interface ------------------------------------------------------
     def create(self, machine: MachineSpec) -> str:
         """Boot a server for a machine the caller knows has none (the reconciler, which has
         just listed the pool); returns the server id. `machine.ide_token` must be set."""
         if machine.ide_kind not in self.capabilities.ide_kinds:
-            raise BackendUnavailable(f"the openstack backend cannot run {machine.ide_kind!r} machines")
+            raise BackendUnavailable(
+                f"the openstack backend cannot run {machine.ide_kind!r} machines"
+            )
         if not machine.ide_token:
             raise ValueError("create() needs the machine's IDE token")
         return self._create(machine, _pool_id(machine), machine.ide_token)
@@ -238,12 +262,24 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
                 body = response.json()
                 for raw in body.get("servers", []):
                     server = _ListedServer(raw)
-                    views.append(ServerView(
-                        server_id=server.id, machine_id=_machine_id(server),
-                        status=str(server.status), address=self._address(server),
-                        fault=_fault(server), created=_created(server)))
-                url = next((link.get("href") for link in body.get("servers_links", [])
-                            if link.get("rel") == "next"), None)
+                    views.append(
+                        ServerView(
+                            server_id=server.id,
+                            machine_id=_machine_id(server),
+                            status=str(server.status),
+                            address=self._address(server),
+                            fault=_fault(server),
+                            created=_created(server),
+                        )
+                    )
+                url = next(
+                    (
+                        link.get("href")
+                        for link in body.get("servers_links", [])
+                        if link.get("rel") == "next"
+                    ),
+                    None,
+                )
                 if url in seen:  # a cloud whose "next" goes round in circles
                     break
                 if url:
@@ -264,7 +300,9 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
     def create_volume(self, name: str, size_gb: int, metadata: dict[str, str]) -> str:
         with self._errors("create a student's volume", creating=True):
             conn = connection_for(self.cloud, self.api_timeout)
-            return str(conn.block_storage.create_volume(size=size_gb, name=name, metadata=metadata).id)
+            return str(
+                conn.block_storage.create_volume(size=size_gb, name=name, metadata=metadata).id
+            )
 
     def volume_status(self, volume_id: str) -> str:
         """Cinder's status (creating, available, in-use, error, …), or `gone`."""
@@ -284,7 +322,8 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
         """Only ever on an admin's explicit request: the student's files go with it."""
         with self._errors("delete a student's volume"):
             connection_for(self.cloud, self.api_timeout).block_storage.delete_volume(
-                volume_id, ignore_missing=True)
+                volume_id, ignore_missing=True
+            )
 
     # -- cloud calls -------------------------------------------------------------------------
     def _create(self, machine: MachineSpec, pool_id: int, token: str) -> str:
@@ -300,10 +339,18 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
                 image_id=spec.image_id,
                 flavor_id=spec.flavor_id,
                 networks=[{"uuid": spec.network_id}],
-                user_data=cloud_init.user_data(machine.id, machine.ide_kind, token, spec.ide_port,
-                                               frame_ancestors=self.frame_ancestors()),
+                user_data=cloud_init.user_data(
+                    machine.id,
+                    machine.ide_kind,
+                    token,
+                    spec.ide_port,
+                    frame_ancestors=self.frame_ancestors(),
+                ),
                 tags=["labpool", f"pool-{pool_id}", f"machine-{machine.id}"],
-                metadata={"labpool_machine": str(machine.id), TOKEN_DIGEST_KEY: token_digest(token)},
+                metadata={
+                    "labpool_machine": str(machine.id),
+                    TOKEN_DIGEST_KEY: token_digest(token),
+                },
                 **extra,
             )
         log.info("machine %s: created server %s", machine.id, server.id)
@@ -324,8 +371,9 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
         for network, entries in addresses.items():
             if (wanted and network != wanted) or not isinstance(entries, list):
                 continue
-            for entry in sorted((e for e in entries if isinstance(e, dict)),
-                                key=lambda e: e.get("version") != 4):  # IPv4 first
+            for entry in sorted(
+                (e for e in entries if isinstance(e, dict)), key=lambda e: e.get("version") != 4
+            ):  # IPv4 first
                 addr = entry.get("addr")
                 if not isinstance(addr, str) or entry.get("OS-EXT-IPS:type", "fixed") != "fixed":
                     continue
@@ -342,53 +390,63 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
         except ProvisioningError:
             raise
         except os_exc.HttpException as exc:
-            raise _http_error(exc.status_code, _detail(exc.details), action, creating,
-                              self.cloud) from exc
+            raise _http_error(
+                exc.status_code, _detail(exc.details), action, creating, self.cloud
+            ) from exc
         except ks_exc.HttpError as exc:  # from the identity service, while authenticating
             raise _http_error(exc.http_status, "", action, False, self.cloud) from exc
         except ks_exc.ConnectTimeout as exc:
             raise CloudUnavailable(
                 f"The cloud did not answer in time when Labpool tried to {action}; "
-                "it will try again.") from exc
+                "it will try again."
+            ) from exc
         except ks_exc.SSLError as exc:
             raise BackendUnavailable(
                 f"The cloud's TLS certificate was not accepted when Labpool tried to {action}; "
-                f"an administrator must check cloud {self.cloud!r}.") from exc
+                f"an administrator must check cloud {self.cloud!r}."
+            ) from exc
         except ks_exc.ConnectionError as exc:
             raise CloudUnavailable(
-                f"The cloud could not be reached when Labpool tried to {action}; "
-                "it will try again.") from exc
+                f"The cloud could not be reached when Labpool tried to {action}; it will try again."
+            ) from exc
         except (os_exc.ConfigException, ks_exc.AuthPluginException) as exc:
             raise BackendUnavailable(
                 f"Cloud {self.cloud!r} is not configured properly (clouds.yaml or "
-                f"OS_CLIENT_CONFIG_FILE on the workers: {type(exc).__name__}).") from exc
+                f"OS_CLIENT_CONFIG_FILE on the workers: {type(exc).__name__})."
+            ) from exc
         except (os_exc.SDKException, ks_exc.ClientException) as exc:
             raise CloudUnavailable(
                 f"The cloud's answer could not be used when Labpool tried to {action} "
-                f"({type(exc).__name__}); it will try again.") from exc
+                f"({type(exc).__name__}); it will try again."
+            ) from exc
 
 
-def _http_error(status: int | None, detail: str, action: str, creating: bool,
-                cloud: str) -> ProvisioningError:
+def _http_error(
+    status: int | None, detail: str, action: str, creating: bool, cloud: str
+) -> ProvisioningError:
     said = f": {detail}" if detail else f" (HTTP {status})"
     if status == 401:
         return BackendUnavailable(
             f"The cloud refused Labpool's credentials; an administrator must check cloud "
-            f"{cloud!r} in clouds.yaml.")
+            f"{cloud!r} in clouds.yaml."
+        )
     if status == 403 and creating and "quota" in detail.lower():
         return QuotaExceeded(f"The cloud's quota is used up{said}")
     if status == 403:
         return BackendUnavailable(f"The cloud does not allow Labpool to {action}{said}")
     if status == 409:
-        return CloudConflict(f"The cloud is busy with this server and refused to {action} "
-                             f"for now{said}")
+        return CloudConflict(
+            f"The cloud is busy with this server and refused to {action} for now{said}"
+        )
     if status == 400:
         return BackendUnavailable(
             f"The cloud refused to {action}{said}. An administrator should check the image, "
-            "flavor, network and security groups of this environment.")
+            "flavor, network and security groups of this environment."
+        )
     if status is None or status >= 500 or status == 429:
-        return CloudUnavailable(f"The cloud failed when Labpool tried to {action}{said}; "
-                                "it will try again.")
+        return CloudUnavailable(
+            f"The cloud failed when Labpool tried to {action}{said}; it will try again."
+        )
     return ProvisioningError(f"The cloud refused to {action}{said}")
 
 

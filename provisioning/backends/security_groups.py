@@ -88,8 +88,14 @@ def group_name(environment_name: str) -> str:
     return "labpool-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", environment_name).strip("-") or "env")
 
 
-def secure_ide_port(backend: OpenStackBackend, *, environment_name: str, groups: Sequence[str],
-                    ide_port: int, proxy_addresses: Sequence[str]) -> list[str]:
+def secure_ide_port(
+    backend: OpenStackBackend,
+    *,
+    environment_name: str,
+    groups: Sequence[str],
+    ide_port: int,
+    proxy_addresses: Sequence[str],
+) -> list[str]:
     """The ids of the security groups the environment's machines get, after making sure they
     admit TCP `ide_port` from `proxy_addresses` and from nowhere else.
 
@@ -104,7 +110,8 @@ def secure_ide_port(backend: OpenStackBackend, *, environment_name: str, groups:
         raise IdePortExposed(
             "LABPOOL_PROXY_ADDRESSES is not set: Labpool needs the address(es) of the nginx "
             "host(s) (and of the workers, which check each machine's IDE) to let only them "
-            "reach the IDE port of cloud machines.")
+            "reach the IDE port of cloud machines."
+        )
     network = backend.network
     ids: list[str] = []
     if groups:
@@ -126,9 +133,14 @@ def check_rules(rules: Sequence[Rule], ide_port: int, proxies: Sequence[Network]
         if not rule.covers(ide_port):
             continue
         prefix = rule.remote_ip_prefix
-        if prefix is not None and not (rule.remote_group_id or rule.remote_address_group_id) \
-                and any(prefix.version == p.version and prefix.subnet_of(p)  # type: ignore[arg-type]
-                        for p in proxies):
+        if (
+            prefix is not None
+            and not (rule.remote_group_id or rule.remote_address_group_id)
+            and any(
+                prefix.version == p.version and prefix.subnet_of(p)  # type: ignore[arg-type]
+                for p in proxies
+            )
+        ):
             admitted.append(prefix)
             continue
         raise IdePortExposed(
@@ -136,27 +148,33 @@ def check_rules(rules: Sequence[Rule], ide_port: int, proxies: Sequence[Network]
             f"{rule.source()} (rule {rule.id}): other machines on the network could reach "
             "the students' IDEs. Only the proxy's addresses (LABPOOL_PROXY_ADDRESSES: "
             f"{', '.join(str(p) for p in proxies)}) may be admitted on that port; remove the "
-            "rule, or name no group and Labpool creates one.")
+            "rule, or name no group and Labpool creates one."
+        )
     for proxy in proxies:
-        if not any(proxy.version == a.version and proxy.subnet_of(a)  # type: ignore[arg-type]
-                   for a in admitted):
+        if not any(
+            proxy.version == a.version and proxy.subnet_of(a)  # type: ignore[arg-type]
+            for a in admitted
+        ):
             raise IdePortExposed(
                 f"the security groups do not admit the IDE port (TCP {ide_port}) from the "
                 f"proxy's address {proxy}: the proxy could not reach the machines. Add an "
-                "ingress rule for it, or name no group and Labpool creates one.")
+                "ingress rule for it, or name no group and Labpool creates one."
+            )
 
 
 # -- cloud calls ------------------------------------------------------------------------------
-def _find_group(backend: OpenStackBackend, network: Any, ref: str,
-                missing_ok: bool = False) -> str | None:
+def _find_group(
+    backend: OpenStackBackend, network: Any, ref: str, missing_ok: bool = False
+) -> str | None:
     with backend.cloud_errors("look up the security group"):
         try:
             group = network.find_security_group(ref, ignore_missing=False)
         except os_exc.NotFoundException:
             group = None
         except os_exc.DuplicateResource:
-            raise BackendUnavailable(f"several security groups are named {ref!r}; give the "
-                                     "id of the one to use") from None
+            raise BackendUnavailable(
+                f"several security groups are named {ref!r}; give the id of the one to use"
+            ) from None
     if group is None:
         if missing_ok:
             return None
@@ -166,29 +184,40 @@ def _find_group(backend: OpenStackBackend, network: Any, ref: str,
     return group.id
 
 
-def _create_group(backend: OpenStackBackend, network: Any, name: str, ide_port: int,
-                  proxies: Sequence[Network]) -> str:
+def _create_group(
+    backend: OpenStackBackend, network: Any, name: str, ide_port: int, proxies: Sequence[Network]
+) -> str:
     """The environment's group: TCP `ide_port` from each proxy address; Neutron adds its
     default egress rules (machines still reach package mirrors). Deleted again if a rule
     cannot be added, so a refused `env add` leaves nothing behind."""
     with backend.cloud_errors("create the environment's security group", creating=True):
         group = network.create_security_group(
-            name=name, description="Labpool: the IDE port admits the proxy alone")
+            name=name, description="Labpool: the IDE port admits the proxy alone"
+        )
     try:
         for proxy in proxies:
-            with backend.cloud_errors("add the proxy's rule to the security group",
-                                      creating=True):
+            with backend.cloud_errors("add the proxy's rule to the security group", creating=True):
                 network.create_security_group_rule(
-                    security_group_id=group.id, direction="ingress",
-                    ether_type=f"IPv{proxy.version}", protocol="tcp",
-                    port_range_min=ide_port, port_range_max=ide_port,
-                    remote_ip_prefix=str(proxy), description="Labpool proxy")
+                    security_group_id=group.id,
+                    direction="ingress",
+                    ether_type=f"IPv{proxy.version}",
+                    protocol="tcp",
+                    port_range_min=ide_port,
+                    port_range_max=ide_port,
+                    remote_ip_prefix=str(proxy),
+                    description="Labpool proxy",
+                )
     except ProvisioningError:
         with backend.cloud_errors("remove the half-made security group"):
             network.delete_security_group(group.id, ignore_missing=True)
         raise
-    log.info("created security group %s (%s): TCP %s from %s", name, group.id, ide_port,
-             ", ".join(str(p) for p in proxies))
+    log.info(
+        "created security group %s (%s): TCP %s from %s",
+        name,
+        group.id,
+        ide_port,
+        ", ".join(str(p) for p in proxies),
+    )
     return str(group.id)
 
 
@@ -225,14 +254,19 @@ def _rule(item: Any, group_id: str) -> Rule:
         remote_group = body.get("remote_group_id") or None
         address_group = body.get("remote_address_group_id") or None
         return Rule(
-            id=str(body.get("id") or "?"), group=group_id, direction=direction,
-            ethertype=ethertype, protocol=None if protocol is None else str(protocol).lower(),
+            id=str(body.get("id") or "?"),
+            group=group_id,
+            direction=direction,
+            ethertype=ethertype,
+            protocol=None if protocol is None else str(protocol).lower(),
             port_min=None if ports[0] is None else int(ports[0]),
             port_max=None if ports[1] is None else int(ports[1]),
             remote_ip_prefix=network,
             remote_group_id=str(remote_group) if remote_group else None,
-            remote_address_group_id=str(address_group) if address_group else None)
+            remote_address_group_id=str(address_group) if address_group else None,
+        )
     except (TypeError, ValueError) as exc:
         raise BackendUnavailable(
             f"the cloud's answer for a rule of security group {group_id} cannot be read "
-            f"({exc}); Labpool will not vouch for that group") from exc
+            f"({exc}); Labpool will not vouch for that group"
+        ) from exc

@@ -36,12 +36,30 @@ ROUTES: list[tuple[str, list[str], Handler, bool]] = [
     ("/compute/v2.1/servers/detail", ["GET"], compute.list_servers_detail, True),
     ("/compute/v2.1/servers/<server_id>", ["GET"], compute.show_server, True),
     ("/compute/v2.1/servers/<server_id>", ["DELETE"], compute.delete_server, True),
-    ("/compute/v2.1/servers/<server_id>/os-volume_attachments", ["GET"], compute.list_attachments, True),
-    ("/compute/v2.1/servers/<server_id>/os-volume_attachments", ["POST"], compute.attach_volume, True),
-    ("/compute/v2.1/servers/<server_id>/os-volume_attachments/<volume_id>", ["GET"],
-     compute.show_attachment, True),
-    ("/compute/v2.1/servers/<server_id>/os-volume_attachments/<volume_id>", ["DELETE"],
-     compute.detach_volume, True),
+    (
+        "/compute/v2.1/servers/<server_id>/os-volume_attachments",
+        ["GET"],
+        compute.list_attachments,
+        True,
+    ),
+    (
+        "/compute/v2.1/servers/<server_id>/os-volume_attachments",
+        ["POST"],
+        compute.attach_volume,
+        True,
+    ),
+    (
+        "/compute/v2.1/servers/<server_id>/os-volume_attachments/<volume_id>",
+        ["GET"],
+        compute.show_attachment,
+        True,
+    ),
+    (
+        "/compute/v2.1/servers/<server_id>/os-volume_attachments/<volume_id>",
+        ["DELETE"],
+        compute.detach_volume,
+        True,
+    ),
     ("/compute/v2.1/limits", ["GET"], compute.limits, True),
     ("/networking/", ["GET"], network.versions, False),
     ("/networking/v2.0/", ["GET"], network.version, True),
@@ -79,7 +97,9 @@ class FakeCloudApp:
             self.url_map.add(Rule(path, methods=methods, endpoint=endpoint))
             self.handlers[endpoint] = (handler, needs_token)
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         req = Request(environ)
         return self.handle(req)(environ, start_response)
 
@@ -111,8 +131,9 @@ class FakeCloudApp:
             if rule is not None:
                 raise self._injected(rule, service)
             if endpoint is None:
-                raise nova_error(404 if allowed else 405,
-                                 f"fakecloud: no route for {req.method} {req.path}")
+                raise nova_error(
+                    404 if allowed else 405, f"fakecloud: no route for {req.method} {req.path}"
+                )
             handler, needs_token = self.handlers[endpoint]
             if needs_token:
                 self._check_token(req, base, args)
@@ -120,8 +141,10 @@ class FakeCloudApp:
                 headers = self._negotiate(req)
             elif service == "volume":
                 asked = _asked_version(req, "volume")
-                headers = {"OpenStack-API-Version": f"volume {asked or '3.0'}",
-                           "Vary": "OpenStack-API-Version"}
+                headers = {
+                    "OpenStack-API-Version": f"volume {asked or '3.0'}",
+                    "Vary": "OpenStack-API-Version",
+                }
             with self.state.lock:
                 reply = handler(self.state, req, base, **args)
             reply.headers.extend(headers)
@@ -145,8 +168,12 @@ class FakeCloudApp:
         with self.state.lock:
             token = self.state.valid_token(req.headers.get("X-Auth-Token"))
         if token is None:
-            raise ApiError(401, "error", identity.UNAUTHORIZED,
-                           {"WWW-Authenticate": f'Keystone uri="{base}/identity"'})
+            raise ApiError(
+                401,
+                "error",
+                identity.UNAUTHORIZED,
+                {"WWW-Authenticate": f'Keystone uri="{base}/identity"'},
+            )
         if "project_id" in args and args["project_id"] != token.project_id:
             raise nova_error(403, "Policy doesn't allow this project to be accessed.")
 
@@ -162,15 +189,24 @@ class FakeCloudApp:
             try:
                 chosen = compute.parse_microversion(asked.strip())
             except ValueError:
-                raise nova_error(400, f"API Version String {asked} is of invalid format. "
-                                      "Must be of format MajorNum.MinorNum.") from None
+                raise nova_error(
+                    400,
+                    f"API Version String {asked} is of invalid format. "
+                    "Must be of format MajorNum.MinorNum.",
+                ) from None
             if not (2, 1) <= chosen <= maximum:
-                raise nova_error(406, f"Version {asked} is not supported by the API. Minimum is "
-                                      f"2.1 and maximum is {self.state.config.max_microversion}.")
+                raise nova_error(
+                    406,
+                    f"Version {asked} is not supported by the API. Minimum is "
+                    f"2.1 and maximum is {self.state.config.max_microversion}.",
+                )
         req.environ["fakecloud.microversion"] = chosen
         text = f"{chosen[0]}.{chosen[1]}"
-        return {"OpenStack-API-Version": f"compute {text}", "X-OpenStack-Nova-API-Version": text,
-                "Vary": "OpenStack-API-Version, X-OpenStack-Nova-API-Version"}
+        return {
+            "OpenStack-API-Version": f"compute {text}",
+            "X-OpenStack-Nova-API-Version": text,
+            "Vary": "OpenStack-API-Version, X-OpenStack-Nova-API-Version",
+        }
 
     def _lose(self, req: Request, mode: str) -> Response:
         """The server was created, but the client does not learn it."""
@@ -182,11 +218,19 @@ class FakeCloudApp:
             # werkzeug treats a ConnectionError from the app as a dropped connection.
             raise ConnectionResetError("fakecloud: lost create response")
         if mode == "500":
-            return _error_reply(nova_error(500, "Unexpected API Error. Please report this at "
-                                                "http://bugs.launchpad.net/nova/ and attach the "
-                                                "Nova API log if possible."))
-        return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status=502,
-                        content_type="text/html")
+            return _error_reply(
+                nova_error(
+                    500,
+                    "Unexpected API Error. Please report this at "
+                    "http://bugs.launchpad.net/nova/ and attach the "
+                    "Nova API log if possible.",
+                )
+            )
+        return Response(
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            status=502,
+            content_type="text/html",
+        )
 
 
 def _asked_version(req: Request, service: str) -> str | None:

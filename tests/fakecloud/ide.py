@@ -101,7 +101,7 @@ def token_from_user_data(user_data: str | None) -> str | None:
         for line in (content or "").splitlines():
             line = line.strip()
             if line.startswith("export "):
-                line = line[len("export "):].lstrip()
+                line = line[len("export ") :].lstrip()
             key, sep, value = line.partition("=")
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -181,10 +181,16 @@ def _signal_group(pgid: int, sig: int) -> None:
 class StubIde:
     """One server's stub: an asyncio server on the shared loop. Only touched on that loop."""
 
-    def __init__(self, server_id: str, machine_id: str, token: str,
-                 clock: Callable[[], float], hung: bool,
-                 admits: Callable[[str], bool] = lambda source: True,
-                 code_server: bool = False):
+    def __init__(
+        self,
+        server_id: str,
+        machine_id: str,
+        token: str,
+        clock: Callable[[], float],
+        hung: bool,
+        admits: Callable[[str], bool] = lambda source: True,
+        code_server: bool = False,
+    ):
         self.server_id = server_id
         self.admits = admits  # may a connection from this source address reach the port?
         # code-server (behind its guard) has no base URL: the proxy strips /ide/<id>.
@@ -255,8 +261,11 @@ class StubIde:
                 assert self.answering is not None
                 await self.answering.wait()  # a hung IDE: accepted, read, never answered
                 status, ctype, body = self.answer(method, target, headers)
-                keep = (not chunked and version == "HTTP/1.1"
-                        and headers.get("connection", "").lower() != "close")
+                keep = (
+                    not chunked
+                    and version == "HTTP/1.1"
+                    and headers.get("connection", "").lower() != "close"
+                )
                 writer.write(_response(status, ctype, body, keep, method == "HEAD"))
                 await writer.drain()
                 if not keep:
@@ -284,17 +293,27 @@ class StubIde:
             body = {"status": "alive", "lastHeartbeat": int(self.last_activity * 1000)}
             return 200, "application/json", json.dumps(body).encode()
         if path == self.base_url + "api/status":
-            body = {"started": _iso(self.started), "last_activity": _iso(self.last_activity),
-                    "connections": 0, "kernels": 0}
+            body = {
+                "started": _iso(self.started),
+                "last_activity": _iso(self.last_activity),
+                "connections": 0,
+                "kernels": 0,
+            }
             return 200, "application/json", json.dumps(body).encode()
         self.last_activity = self.clock()
         return 200, "text/plain", b"stub IDE"
 
 
 def _response(status: int, ctype: str, body: bytes, keep: bool, head: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {ctype}",
-             f"Content-Length: {len(body)}", "Server: fakecloud-stub-ide",
-             f"Connection: {'keep-alive' if keep else 'close'}", "", ""]
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Content-Type: {ctype}",
+        f"Content-Length: {len(body)}",
+        "Server: fakecloud-stub-ide",
+        f"Connection: {'keep-alive' if keep else 'close'}",
+        "",
+        "",
+    ]
     return "\r\n".join(lines).encode() + (b"" if head else body)
 
 
@@ -315,9 +334,17 @@ class JupyterIde:
 
 
 def _jupyterlab_command(ip: str, port: int, machine_id: str, workdir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.ip={ip}",
-           f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--ServerApp.base_url=/ide/{machine_id}/", f"--ServerApp.root_dir={workdir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        f"--ServerApp.ip={ip}",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.base_url=/ide/{machine_id}/",
+        f"--ServerApp.root_dir={workdir}",
+    ]
     if os.geteuid() == 0:
         cmd.append("--ServerApp.allow_root=True")
     return cmd
@@ -366,13 +393,18 @@ class IdeManager:
                 if _claim_lock(self._claim_fd, server.address, self.port, True):
                     self._claims.add(server.address)
                 else:
-                    log.warning("fakecloud: %s:%s of server %s is claimed by another cloud",
-                                server.ip, self.port, server.id)
+                    log.warning(
+                        "fakecloud: %s:%s of server %s is claimed by another cloud",
+                        server.ip,
+                        self.port,
+                        server.id,
+                    )
             self.state.address_filter = self.claim_address
         if self.mode == "stub":
             self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(target=self._loop.run_forever,
-                                                 name=f"{name}-stubs", daemon=True)
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, name=f"{name}-stubs", daemon=True
+            )
             self._loop_thread.start()
         self._stopping.clear()
         self._running = True
@@ -462,8 +494,11 @@ class IdeManager:
                 self.state.sweep()
                 now = self.state.now()
                 servers = list(self.state.servers.values())
-                wanted = {s.id: (s.ip, list(s.tags), s.user_data)
-                          for s in servers if s.status(now) == "ACTIVE"}
+                wanted = {
+                    s.id: (s.ip, list(s.tags), s.user_data)
+                    for s in servers
+                    if s.status(now) == "ACTIVE"
+                }
                 known = {s.id for s in servers}
             for server_id in [sid for sid in self.ides if sid not in wanted]:
                 self._teardown(server_id)
@@ -484,38 +519,55 @@ class IdeManager:
         machine_id = machine_id_from_tags(tags)
         token = token_from_user_data(user_data)
         if machine_id is None or token is None:
-            missing = ("a machine-<id> tag" if machine_id is None
-                       else f"JUPYTER_TOKEN in user_data's {ENV_FILE}")
-            log.warning("fakecloud: server %s (%s) has no %s; it gets no IDE",
-                        server_id, ip, missing)
+            missing = (
+                "a machine-<id> tag"
+                if machine_id is None
+                else f"JUPYTER_TOKEN in user_data's {ENV_FILE}"
+            )
+            log.warning(
+                "fakecloud: server %s (%s) has no %s; it gets no IDE", server_id, ip, missing
+            )
             self._skipped[server_id] = f"no {missing}"
             return
         if self.mode == "stub":
-            self._launch_stub(server_id, machine_id, token, ip,
-                              code_server=_is_code_server(user_data))
+            self._launch_stub(
+                server_id, machine_id, token, ip, code_server=_is_code_server(user_data)
+            )
         elif _is_code_server(user_data):
-            log.warning("fakecloud: server %s runs code-server: no IDE in jupyterlab mode",
-                        server_id)
+            log.warning(
+                "fakecloud: server %s runs code-server: no IDE in jupyterlab mode", server_id
+            )
             self._skipped[server_id] = "code-server (jupyterlab mode runs JupyterLab only)"
         else:
             self._launch_jupyterlab(server_id, machine_id, token, ip)
 
-    def _launch_stub(self, server_id: str, machine_id: str, token: str, ip: str,
-                     code_server: bool = False) -> None:
+    def _launch_stub(
+        self, server_id: str, machine_id: str, token: str, ip: str, code_server: bool = False
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((ip, self.port))
             sock.setblocking(False)
-            stub = StubIde(server_id, machine_id, token, self.state.config.clock,
-                           hung=server_id in self._hung,
-                           admits=lambda source: self.admits(server_id, source),
-                           code_server=code_server)
+            stub = StubIde(
+                server_id,
+                machine_id,
+                token,
+                self.state.config.clock,
+                hung=server_id in self._hung,
+                admits=lambda source: self.admits(server_id, source),
+                code_server=code_server,
+            )
             self._run(stub.open(sock))
         except OSError as exc:
             sock.close()
-            log.warning("fakecloud: stub IDE of server %s cannot listen on %s:%s: %s",
-                        server_id, ip, self.port, exc)
+            log.warning(
+                "fakecloud: stub IDE of server %s cannot listen on %s:%s: %s",
+                server_id,
+                ip,
+                self.port,
+                exc,
+            )
             self._skipped[server_id] = str(exc)
             return
         self.ides[server_id] = stub
@@ -525,10 +577,15 @@ class IdeManager:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
         env.update(JUPYTER_TOKEN=token, HOME=str(workdir), JUPYTER_RUNTIME_DIR=str(workdir))
         with open(workdir / "jupyterlab.log", "wb") as output:
-            proc = subprocess.Popen(_jupyterlab_command(ip, self.port, machine_id, workdir),
-                                    env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                    stdout=output, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                _jupyterlab_command(ip, self.port, machine_id, workdir),
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         ide = JupyterIde(server_id, proc, workdir)
         self.ides[server_id] = ide
         if server_id in self._hung:
@@ -567,8 +624,12 @@ class IdeManager:
                 code = _exit_status(ide.proc)
                 if code is not None:
                     ide.exit_logged = True
-                    log.warning("fakecloud: JupyterLab of server %s exited (status %s); see %s",
-                                ide.server_id, code, ide.log_path)
+                    log.warning(
+                        "fakecloud: JupyterLab of server %s exited (status %s); see %s",
+                        ide.server_id,
+                        code,
+                        ide.log_path,
+                    )
 
     # -- the stub loop -----------------------------------------------------------------
     def _run(self, coro: Any) -> Any:

@@ -23,8 +23,9 @@ def _v3_version(base: str) -> dict[str, Any]:
         "status": "stable",
         "updated": "2020-04-07T00:00:00Z",
         "links": [{"rel": "self", "href": f"{base}/identity/v3/"}],
-        "media-types": [{"base": "application/json",
-                         "type": "application/vnd.openstack.identity-v3+json"}],
+        "media-types": [
+            {"base": "application/json", "type": "application/vnd.openstack.identity-v3+json"}
+        ],
     }
 
 
@@ -43,7 +44,9 @@ def _check_password(state: CloudState, identity: dict[str, Any], scope: Any) -> 
     user = (identity.get("password") or {}).get("user") or {}
     name_ok = user.get("name") == cfg.username or user.get("id") == cfg.user_id
     domain = user.get("domain") or {}
-    domain_ok = "id" in user or domain.get("name") == cfg.domain_name or domain.get("id") == cfg.domain_id
+    domain_ok = (
+        "id" in user or domain.get("name") == cfg.domain_name or domain.get("id") == cfg.domain_id
+    )
     if not (name_ok and domain_ok and user.get("password") == cfg.password):
         raise ApiError(401, "error", UNAUTHORIZED)
     project = (scope or {}).get("project") if isinstance(scope, dict) else None
@@ -62,7 +65,8 @@ def _check_app_credential(state: CloudState, identity: dict[str, Any]) -> None:
     else:
         user = cred.get("user") or {}
         ok = cred.get("name") == cfg.app_credential_name and (
-            user.get("id") == cfg.user_id or user.get("name") == cfg.username)
+            user.get("id") == cfg.user_id or user.get("name") == cfg.username
+        )
     if not (ok and cred.get("secret") == cfg.app_credential_secret):
         raise ApiError(401, "error", UNAUTHORIZED)
 
@@ -71,16 +75,29 @@ def _catalog(state: CloudState, base: str) -> list[dict[str, Any]]:
     region = state.config.region
 
     def service(stype: str, name: str, url: str) -> dict[str, Any]:
-        return {"type": stype, "name": name, "id": uuid.uuid5(uuid.NAMESPACE_URL, stype).hex,
-                "endpoints": [{"id": uuid.uuid5(uuid.NAMESPACE_URL, url).hex, "interface": "public",
-                               "region": region, "region_id": region, "url": url}]}
+        return {
+            "type": stype,
+            "name": name,
+            "id": uuid.uuid5(uuid.NAMESPACE_URL, stype).hex,
+            "endpoints": [
+                {
+                    "id": uuid.uuid5(uuid.NAMESPACE_URL, url).hex,
+                    "interface": "public",
+                    "region": region,
+                    "region_id": region,
+                    "url": url,
+                }
+            ],
+        }
 
     volume_url = f"{base}/volume/v3/{state.config.project_id}"
-    return [service("compute", "nova", f"{base}/compute/v2.1"),
-            service("identity", "keystone", f"{base}/identity"),
-            service("network", "neutron", f"{base}/networking"),
-            service("block-storage", "cinder", volume_url),
-            service("volumev3", "cinderv3", volume_url)]
+    return [
+        service("compute", "nova", f"{base}/compute/v2.1"),
+        service("identity", "keystone", f"{base}/identity"),
+        service("network", "neutron", f"{base}/networking"),
+        service("block-storage", "cinder", volume_url),
+        service("volumev3", "cinderv3", volume_url),
+    ]
 
 
 def _token_body(state: CloudState, token: Token, base: str, app_cred: bool) -> dict[str, Any]:
@@ -88,20 +105,29 @@ def _token_body(state: CloudState, token: Token, base: str, app_cred: bool) -> d
     domain = {"id": cfg.domain_id, "name": cfg.domain_name}
     body: dict[str, Any] = {
         "methods": token.methods,
-        "user": {"id": cfg.user_id, "name": cfg.username, "domain": domain,
-                 "password_expires_at": None},
+        "user": {
+            "id": cfg.user_id,
+            "name": cfg.username,
+            "domain": domain,
+            "password_expires_at": None,
+        },
         "audit_ids": [uuid.uuid4().hex[:22]],
         "expires_at": iso(token.expires_at, "keystone"),
         "issued_at": iso(state.now(), "keystone"),
         "project": {"id": cfg.project_id, "name": cfg.project_name, "domain": domain},
         "is_domain": False,
-        "roles": [{"id": "9fe2ff9ee4384b1894a90878d3e92bab", "name": "member"},
-                  {"id": "b7c8d9e0f1a2435b8c7d6e5f4a3b2c1d", "name": "reader"}],
+        "roles": [
+            {"id": "9fe2ff9ee4384b1894a90878d3e92bab", "name": "member"},
+            {"id": "b7c8d9e0f1a2435b8c7d6e5f4a3b2c1d", "name": "reader"},
+        ],
         "catalog": _catalog(state, base),
     }
     if app_cred:
-        body["application_credential"] = {"id": cfg.app_credential_id,
-                                          "name": cfg.app_credential_name, "restricted": True}
+        body["application_credential"] = {
+            "id": cfg.app_credential_id,
+            "name": cfg.app_credential_name,
+            "restricted": True,
+        }
     return {"token": body}
 
 

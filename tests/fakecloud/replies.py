@@ -14,5 +14,6 @@ def json_reply(body: Any, status: int = 200, headers: dict[str, str] | None = No
     """A JSON response; ``body=None`` gives an empty body (for 202/204)."""
     if body is None:
         return Response(b"", status=status, headers=headers or {})
-    return Response(json.dumps(body), status=status, headers=headers or {},
-                    content_type="application/json")
+    return Response(
+        json.dumps(body), status=status, headers=headers or {}, content_type="application/json"
+    )

@@ -57,8 +57,9 @@ class FakeCloud:
     fixed IP, see ``ide.py``) and ``ide_port`` (8888).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = True,
-                 **config: Any):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = True, **config: Any
+    ):
         self.config = Config(**config)
         self.state = CloudState(self.config)
         self.host = host
@@ -79,13 +80,18 @@ class FakeCloud:
         if self.config.ide != "none":
             ide = IdeManager(self.state, self.config.ide, self.config.ide_port)
             app = _reconciling(app, ide)
-        self._server = make_server(self.host, self._port, app, threaded=True,
-                                   request_handler=handler)
+        self._server = make_server(
+            self.host, self._port, app, threaded=True, request_handler=handler
+        )
         if ide is not None:  # before the first request: it hands out the fixed IPs
             ide.start(name=f"fakecloud-ide:{self.port}")
             self._ide = ide
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name=f"fakecloud:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            args=(0.05,),
+            name=f"fakecloud:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -127,8 +133,9 @@ class FakeCloud:
         return f"{self.url}/identity/v3"
 
     # -- clouds.yaml ----------------------------------------------------------------------
-    def clouds_config(self, cloud_name: str = "fake",
-                      compute_api_version: str | None = None) -> dict[str, Any]:
+    def clouds_config(
+        self, cloud_name: str = "fake", compute_api_version: str | None = None
+    ) -> dict[str, Any]:
         """``{"clouds": {name: password cloud, name-appcred: application credential cloud}}``.
 
         No ``compute_api_version`` by default: openstacksdk then negotiates per resource
@@ -136,28 +143,38 @@ class FakeCloud:
         *every* compute request to it: "2.1" would make tags at create fail with 400.
         """
         cfg = self.config
-        common: dict[str, Any] = {"region_name": cfg.region, "interface": "public",
-                                  "identity_api_version": 3}
+        common: dict[str, Any] = {
+            "region_name": cfg.region,
+            "interface": "public",
+            "identity_api_version": 3,
+        }
         if compute_api_version is not None:
             common["compute_api_version"] = compute_api_version
         password = {
-            "auth": {"auth_url": self.auth_url, "username": cfg.username,
-                     "password": cfg.password, "project_name": cfg.project_name,
-                     "user_domain_name": cfg.domain_name,
-                     "project_domain_name": cfg.domain_name},
+            "auth": {
+                "auth_url": self.auth_url,
+                "username": cfg.username,
+                "password": cfg.password,
+                "project_name": cfg.project_name,
+                "user_domain_name": cfg.domain_name,
+                "project_domain_name": cfg.domain_name,
+            },
             **common,
         }
         appcred = {
             "auth_type": "v3applicationcredential",
-            "auth": {"auth_url": self.auth_url,
-                     "application_credential_id": cfg.app_credential_id,
-                     "application_credential_secret": cfg.app_credential_secret},
+            "auth": {
+                "auth_url": self.auth_url,
+                "application_credential_id": cfg.app_credential_id,
+                "application_credential_secret": cfg.app_credential_secret,
+            },
             **common,
         }
         return {"clouds": {cloud_name: password, f"{cloud_name}-appcred": appcred}}
 
-    def clouds_yaml(self, path: str | Path, cloud_name: str = "fake",
-                    compute_api_version: str | None = None) -> Path:
+    def clouds_yaml(
+        self, path: str | Path, cloud_name: str = "fake", compute_api_version: str | None = None
+    ) -> Path:
         """Write the clouds.yaml to ``path`` (a file name) and return it."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,19 +182,36 @@ class FakeCloud:
         target.write_text(yaml.safe_dump(config, sort_keys=False))
         return target
 
-    def write_clouds_yaml(self, directory: str | Path, cloud_name: str = "fake",
-                          compute_api_version: str | None = None) -> Path:
+    def write_clouds_yaml(
+        self,
+        directory: str | Path,
+        cloud_name: str = "fake",
+        compute_api_version: str | None = None,
+    ) -> Path:
         """Write ``<directory>/clouds.yaml``; point ``OS_CLIENT_CONFIG_FILE`` at the result."""
         return self.clouds_yaml(Path(directory) / "clouds.yaml", cloud_name, compute_api_version)
 
     # -- fault injection --------------------------------------------------------------------
-    def fail_next(self, method: str, path_prefix: str, status: int, count: int = 1,
-                  message: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path_prefix: str,
+        status: int,
+        count: int = 1,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Answer the next ``count`` requests ``method`` (or ``"*"``) to a path starting with
         ``path_prefix`` (e.g. ``/compute/v2.1/servers``) with ``status`` and a Nova-style body
         (Keystone-style under ``/identity``). Nothing else happens for those requests."""
-        rule = FailRule(method.upper() if method != "*" else "*", path_prefix, status, count,
-                        message, dict(headers or {}))
+        rule = FailRule(
+            method.upper() if method != "*" else "*",
+            path_prefix,
+            status,
+            count,
+            message,
+            dict(headers or {}),
+        )
         with self.state.lock:
             self.state.fail_rules.append(rule)
 
@@ -208,8 +242,9 @@ class FakeCloud:
         with self.state.lock:
             self.state.lost_creates.append(mode)
 
-    def set_quota(self, max_instances: int, max_cores: int | None = None,
-                  max_ram: int | None = None) -> None:
+    def set_quota(
+        self, max_instances: int, max_cores: int | None = None, max_ram: int | None = None
+    ) -> None:
         """Change the project's quota (-1 = unlimited). Existing servers are kept."""
         with self.state.lock:
             self.config.max_instances = max_instances
@@ -316,7 +351,9 @@ class FakeCloud:
             self.state.counts.clear()
 
 
-def _reconciling(app: Callable[..., Iterable[bytes]], ide: IdeManager) -> Callable[..., Iterable[bytes]]:
+def _reconciling(
+    app: Callable[..., Iterable[bytes]], ide: IdeManager
+) -> Callable[..., Iterable[bytes]]:
     """Reconcile the IDEs after each request, before its answer goes out: a client that sees
     a server ``ACTIVE`` finds its IDE listening, one that deleted it finds it gone."""
 

@@ -45,23 +45,44 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         if self.key == "NeutronError":
-            return {"NeutronError": {"type": self.neutron_type, "message": self.message,
-                                     "detail": ""}}
+            return {
+                "NeutronError": {"type": self.neutron_type, "message": self.message, "detail": ""}
+            }
         if self.key == "error":  # Keystone
-            return {"error": {"code": self.status, "message": self.message,
-                              "title": _KEYSTONE_TITLES.get(self.status, "Error")}}
+            return {
+                "error": {
+                    "code": self.status,
+                    "message": self.message,
+                    "title": _KEYSTONE_TITLES.get(self.status, "Error"),
+                }
+            }
         return {self.key: {"code": self.status, "message": self.message}}
 
 
-_KEYSTONE_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                    404: "Not Found", 409: "Conflict", 500: "Internal Server Error",
-                    503: "Service Unavailable"}
+_KEYSTONE_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 # Nova's nova.api.openstack.wsgi.Fault names (Cinder uses the same ones).
-NOVA_FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden",
-                    404: "itemNotFound", 405: "badMethod", 409: "conflictingRequest",
-                    413: "overLimit", 415: "badMediaType", 429: "overLimit",
-                    501: "notImplemented", 503: "serviceUnavailable"}
+NOVA_FAULT_NAMES = {
+    400: "badRequest",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "itemNotFound",
+    405: "badMethod",
+    409: "conflictingRequest",
+    413: "overLimit",
+    415: "badMediaType",
+    429: "overLimit",
+    501: "notImplemented",
+    503: "serviceUnavailable",
+}
 
 
 def nova_error(status: int, message: str, headers: dict[str, str] | None = None) -> ApiError:
@@ -186,7 +207,9 @@ class FakeServer:
 
     def updated(self, now: float) -> float:
         stamps = [self.created, self.changed]
-        stamps += [t for t in (self.ready_at, self.error_at, self.deleted_at) if t is not None and t <= now]
+        stamps += [
+            t for t in (self.ready_at, self.error_at, self.deleted_at) if t is not None and t <= now
+        ]
         return max(stamps)
 
     @property
@@ -268,7 +291,9 @@ class CloudState:
     def sweep(self) -> None:
         """Drop servers whose deletion delay has passed (they become tombstones)."""
         now = self.now()
-        for sid in [s.id for s in self.servers.values() if s.gone_at is not None and s.gone_at <= now]:
+        for sid in [
+            s.id for s in self.servers.values() if s.gone_at is not None and s.gone_at <= now
+        ]:
             self.forget_server(sid, tombstone=True)
 
     def forget_server(self, server_id: str, tombstone: bool) -> None:
@@ -292,24 +317,34 @@ class CloudState:
         network = self.network
         used = {s.address for s in self.servers.values()}
         for candidate in range(int(network.network_address) + 2, int(network.broadcast_address)):
-            if candidate not in used and (self.address_filter is None
-                                          or self.address_filter(candidate)):
+            if candidate not in used and (
+                self.address_filter is None or self.address_filter(candidate)
+            ):
                 return candidate
         raise nova_error(500, "No more fixed IP addresses available on network")
 
     # -- usage and quota -----------------------------------------------------------
     def usage(self) -> dict[str, int]:
         live = self.live_servers()
-        return {"instances": len(live),
-                "cores": sum(int(s.flavor.get("vcpus", 0)) for s in live),
-                "ram": sum(int(s.flavor.get("ram", 0)) for s in live)}
+        return {
+            "instances": len(live),
+            "cores": sum(int(s.flavor.get("vcpus", 0)) for s in live),
+            "ram": sum(int(s.flavor.get("ram", 0)) for s in live),
+        }
 
     def check_quota(self, flavor: dict[str, Any]) -> None:
         """Raise Nova's 403 ``Quota exceeded for ...`` when one more server does not fit."""
         used = self.usage()
-        wants = {"instances": 1, "cores": int(flavor.get("vcpus", 0)), "ram": int(flavor.get("ram", 0))}
-        limits = {"instances": self.config.max_instances, "cores": self.config.max_cores,
-                  "ram": self.config.max_ram}
+        wants = {
+            "instances": 1,
+            "cores": int(flavor.get("vcpus", 0)),
+            "ram": int(flavor.get("ram", 0)),
+        }
+        limits = {
+            "instances": self.config.max_instances,
+            "cores": self.config.max_cores,
+            "ram": self.config.max_ram,
+        }
         for resource in ("instances", "cores", "ram"):
             limit = limits[resource]
             if limit >= 0 and used[resource] + wants[resource] > limit:
@@ -331,29 +366,54 @@ class CloudState:
         return None
 
     # -- security groups (Neutron) ------------------------------------------------------
-    def add_security_group(self, name: str, description: str = "",
-                           stateful: bool = True) -> dict[str, Any]:
+    def add_security_group(
+        self, name: str, description: str = "", stateful: bool = True
+    ) -> dict[str, Any]:
         """A new group with Neutron's two default egress rules."""
-        group = {"id": str(uuid.uuid4()), "name": name, "description": description,
-                 "stateful": stateful, "_created": self.now()}
+        group = {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "description": description,
+            "stateful": stateful,
+            "_created": self.now(),
+        }
         self.security_groups[group["id"]] = group
         for ethertype in ("IPv4", "IPv6"):
-            self.add_security_group_rule(security_group_id=group["id"], direction="egress",
-                                         ethertype=ethertype)
+            self.add_security_group_rule(
+                security_group_id=group["id"], direction="egress", ethertype=ethertype
+            )
         return group
 
     def add_security_group_rule(self, **values: Any) -> dict[str, Any]:
-        rule = {"id": str(uuid.uuid4()), "security_group_id": "", "direction": "ingress",
-                "ethertype": "IPv4", "protocol": None, "port_range_min": None,
-                "port_range_max": None, "remote_ip_prefix": None, "remote_group_id": None,
-                "remote_address_group_id": None, "description": "", "_created": self.now()}
+        rule = {
+            "id": str(uuid.uuid4()),
+            "security_group_id": "",
+            "direction": "ingress",
+            "ethertype": "IPv4",
+            "protocol": None,
+            "port_range_min": None,
+            "port_range_max": None,
+            "remote_ip_prefix": None,
+            "remote_group_id": None,
+            "remote_address_group_id": None,
+            "description": "",
+            "_created": self.now(),
+        }
         rule.update(values)
         self.security_group_rules[rule["id"]] = rule
         return rule
 
     def find_duplicate_rule(self, rule: dict[str, Any]) -> str | None:
-        keys = ("security_group_id", "direction", "ethertype", "protocol", "port_range_min",
-                "port_range_max", "remote_ip_prefix", "remote_group_id")
+        keys = (
+            "security_group_id",
+            "direction",
+            "ethertype",
+            "protocol",
+            "port_range_min",
+            "port_range_max",
+            "remote_ip_prefix",
+            "remote_group_id",
+        )
         for other in self.security_group_rules.values():
             if all(other[k] == rule[k] for k in keys):
                 return str(other["id"])
@@ -367,8 +427,12 @@ class CloudState:
                 return group
         group = self.add_security_group("default", "Default security group")
         for ethertype in ("IPv4", "IPv6"):
-            self.add_security_group_rule(security_group_id=group["id"], direction="ingress",
-                                         ethertype=ethertype, remote_group_id=group["id"])
+            self.add_security_group_rule(
+                security_group_id=group["id"],
+                direction="ingress",
+                ethertype=ethertype,
+                remote_group_id=group["id"],
+            )
         return group
 
     def resolve_security_group(self, name_or_id: str) -> dict[str, Any]:
@@ -379,11 +443,15 @@ class CloudState:
             return self.security_groups[name_or_id]
         named = [g for g in self.security_groups.values() if g["name"] == name_or_id]
         if len(named) > 1:
-            raise nova_error(409, f"Multiple security_group matches found for name "
-                                  f"'{name_or_id}', use an ID to be more specific.")
+            raise nova_error(
+                409,
+                f"Multiple security_group matches found for name "
+                f"'{name_or_id}', use an ID to be more specific.",
+            )
         if not named:
-            raise nova_error(400, f"Security group {name_or_id} not found for project "
-                                  f"{self.config.project_id}.")
+            raise nova_error(
+                400, f"Security group {name_or_id} not found for project {self.config.project_id}."
+            )
         return named[0]
 
     def admits(self, server_id: str, source: str, port: int, protocol: str = "tcp") -> bool:
@@ -399,10 +467,12 @@ class CloudState:
         address = ipaddress.ip_address(source)
         number = {"tcp": "6", "udp": "17"}.get(protocol, protocol)
         for rule in self.security_group_rules.values():
-            if (rule["security_group_id"] not in server.security_group_ids
-                    or rule["direction"] != "ingress"
-                    or rule["ethertype"] != f"IPv{address.version}"
-                    or rule["protocol"] not in (None, protocol, number)):
+            if (
+                rule["security_group_id"] not in server.security_group_ids
+                or rule["direction"] != "ingress"
+                or rule["ethertype"] != f"IPv{address.version}"
+                or rule["protocol"] not in (None, protocol, number)
+            ):
                 continue
             low, high = rule["port_range_min"], rule["port_range_max"]
             if low is not None and not low <= port <= (high if high is not None else low):
@@ -411,8 +481,11 @@ class CloudState:
                 if address in ipaddress.ip_network(rule["remote_ip_prefix"]):
                     return True
             elif rule["remote_group_id"]:
-                members = (s for s in self.servers.values()
-                           if rule["remote_group_id"] in s.security_group_ids)
+                members = (
+                    s
+                    for s in self.servers.values()
+                    if rule["remote_group_id"] in s.security_group_ids
+                )
                 if any(s.ip == source for s in members):
                     return True
             else:

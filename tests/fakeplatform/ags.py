@@ -61,23 +61,42 @@ class FakeGradebook:
         self._down: int | None = None
         self._lose = 0
         # The captured launches' grade item (course 2, item 2), maximum 100 as Moodle's default.
-        self.lineitems[("2", "2")] = {"label": "LTI 1.3 Test Activity", "scoreMaximum": 100,
-                                      "resourceId": "", "resourceLinkId": "", "tag": ""}
+        self.lineitems[("2", "2")] = {
+            "label": "LTI 1.3 Test Activity",
+            "scoreMaximum": 100,
+            "resourceId": "",
+            "resourceLinkId": "",
+            "tag": "",
+        }
 
     # ----------------------------------------------------------------- test controls
 
-    def add_lineitem(self, course: str, item_id: str, *, label: str = "Item",
-                     score_maximum: float = 100, resource_id: str = "",
-                     resource_link_id: str = "", tag: str = "") -> str:
+    def add_lineitem(
+        self,
+        course: str,
+        item_id: str,
+        *,
+        label: str = "Item",
+        score_maximum: float = 100,
+        resource_id: str = "",
+        resource_link_id: str = "",
+        tag: str = "",
+    ) -> str:
         with self._lock:
             self.lineitems[(str(course), str(item_id))] = {
-                "label": label, "scoreMaximum": score_maximum, "resourceId": resource_id,
-                "resourceLinkId": resource_link_id, "tag": tag}
+                "label": label,
+                "scoreMaximum": score_maximum,
+                "resourceId": resource_id,
+                "resourceLinkId": resource_link_id,
+                "tag": tag,
+            }
         return self.lineitem_url(course, item_id)
 
     def lineitem_url(self, course: str, item_id: str, type_id: str = "1") -> str:
-        return (f"{self._platform.url}{self._platform.SERVICES_PATH}/{course}/lineitems/"
-                f"{item_id}/lineitem?type_id={type_id}")
+        return (
+            f"{self._platform.url}{self._platform.SERVICES_PATH}/{course}/lineitems/"
+            f"{item_id}/lineitem?type_id={type_id}"
+        )
 
     def grade(self, user_id: str, course: str = "2", item_id: str = "2") -> dict[str, Any] | None:
         with self._lock:
@@ -100,8 +119,13 @@ class FakeGradebook:
     def handles(self, path: str) -> bool:
         return any(p.fullmatch(path) for p in (_LINEITEMS, _LINEITEM, _SCORES))
 
-    def endpoint(self, request: Request, path: str, error: Callable[..., Response],
-                 allows: Callable[[Request, str, str], bool]) -> Response:
+    def endpoint(
+        self,
+        request: Request,
+        path: str,
+        error: Callable[..., Response],
+        allows: Callable[[Request, str, str], bool],
+    ) -> Response:
         type_id = request.args.get("type_id", "")
         with self._lock:
             down = self._down
@@ -134,41 +158,55 @@ class FakeGradebook:
                 item = self.lineitems.get((m.group(1), m.group(2)))
             if item is None:
                 return error(request, 404)
-            return _json({"id": self.lineitem_url(m.group(1), m.group(2), type_id), **item},
-                         LINEITEM_TYPE)
+            return _json(
+                {"id": self.lineitem_url(m.group(1), m.group(2), type_id), **item}, LINEITEM_TYPE
+            )
         return error(request, 400, f"No handler found for {path}")
 
     def _list(self, request: Request, course: str, type_id: str) -> Response:
-        wanted = {"resourceId": request.args.get("resource_id"),
-                  "resourceLinkId": request.args.get("resource_link_id"),
-                  "tag": request.args.get("tag")}
+        wanted = {
+            "resourceId": request.args.get("resource_id"),
+            "resourceLinkId": request.args.get("resource_link_id"),
+            "tag": request.args.get("tag"),
+        }
         with self._lock:
-            items = [{"id": self.lineitem_url(c, i, type_id), **item}
-                     for (c, i), item in self.lineitems.items() if c == course
-                     and all(v is None or item.get(k) == v for k, v in wanted.items())]
+            items = [
+                {"id": self.lineitem_url(c, i, type_id), **item}
+                for (c, i), item in self.lineitems.items()
+                if c == course and all(v is None or item.get(k) == v for k, v in wanted.items())
+            ]
         return _json(items, LINEITEMS_TYPE)
 
-    def _create(self, request: Request, course: str, type_id: str,
-                error: Callable[..., Response]) -> Response:
+    def _create(
+        self, request: Request, course: str, type_id: str, error: Callable[..., Response]
+    ) -> Response:
         try:
             body = json.loads(request.get_data(as_text=True))
         except ValueError:
             return error(request, 400, "Incorrect format")
-        if not isinstance(body, dict) or not body.get("label") or \
-                not isinstance(body.get("scoreMaximum"), (int, float)):
+        if (
+            not isinstance(body, dict)
+            or not body.get("label")
+            or not isinstance(body.get("scoreMaximum"), (int, float))
+        ):
             return error(request, 400, "Incorrect format")
         with self._lock:
             self._next_id += 1
             item_id = str(self._next_id)
-        self.add_lineitem(course, item_id, label=body["label"],
-                          score_maximum=body["scoreMaximum"],
-                          resource_id=str(body.get("resourceId", "")),
-                          resource_link_id=str(body.get("resourceLinkId", "")),
-                          tag=str(body.get("tag", "")))
+        self.add_lineitem(
+            course,
+            item_id,
+            label=body["label"],
+            score_maximum=body["scoreMaximum"],
+            resource_id=str(body.get("resourceId", "")),
+            resource_link_id=str(body.get("resourceLinkId", "")),
+            tag=str(body.get("tag", "")),
+        )
         with self._lock:
             item = self.lineitems[(course, item_id)]
-        return _json({"id": self.lineitem_url(course, item_id, type_id), **item},
-                     LINEITEM_TYPE, status=201)
+        return _json(
+            {"id": self.lineitem_url(course, item_id, type_id), **item}, LINEITEM_TYPE, status=201
+        )
 
     def _score(self, request: Request, course: str, item_id: str) -> Response:
         from .platform import _service_error as error
@@ -198,17 +236,24 @@ class FakeGradebook:
         with self._lock:
             stored = self.grades.get((course, item_id, user))
             # Moodle compares whole seconds (timemodified is an integer).
-            if stored is not None and int(stored["timestamp"].timestamp()) >= int(stamp.timestamp()):
+            if stored is not None and int(stored["timestamp"].timestamp()) >= int(
+                stamp.timestamp()
+            ):
                 self._log(409, body)
-                return error(request, 409, f"Refusing score with an earlier timestamp for item "
-                                           f"{item_id} and user {user}")
+                return error(
+                    request,
+                    409,
+                    f"Refusing score with an earlier timestamp for item {item_id} and user {user}",
+                )
             graded = body["gradingProgress"] == "FullyGraded" and "scoreGiven" in body
             maximum = float(body.get("scoreMaximum", 1) or 1)
             self.grades[(course, item_id, user)] = {
-                "timestamp": stamp, "comment": body.get("comment", ""),
+                "timestamp": stamp,
+                "comment": body.get("comment", ""),
                 "score_given": body.get("scoreGiven") if graded else None,
                 "grade": float(body["scoreGiven"]) / maximum * item["scoreMaximum"]
-                if graded else None,
+                if graded
+                else None,
             }
             self.accepted.append({**body, "course": course, "item": item_id})
             self._log(200, body)

@@ -125,7 +125,6 @@ def load_fixture(name: str) -> dict[str, Any]:
     return json.loads(_load_fixture_cached(name))
 
 
-
 DropPath = str | Sequence[str]
 
 
@@ -149,7 +148,6 @@ def _replace_in_strings(value: Any, old: str, new: str) -> Any:
     return value
 
 
-
 # --------------------------------------------------------------------------- claim helpers
 
 
@@ -168,10 +166,15 @@ def without_personal_data(claims: Mapping[str, Any]) -> dict[str, Any]:
     return without_email(without_name(claims))
 
 
-
 def moodle_claims(
-    fixture_name: str, sub: str, overrides: dict[str, Any], *, issuer: str, client_id: str,
-    deployment_id: str, target_link_uri: str | None,
+    fixture_name: str,
+    sub: str,
+    overrides: dict[str, Any],
+    *,
+    issuer: str,
+    client_id: str,
+    deployment_id: str,
+    target_link_uri: str | None,
 ) -> dict[str, Any]:
     """Moodle's captured claims (``fixture_name``) re-targeted at a platform (``issuer``, the
     tool type's ``client_id`` and ``deployment_id``), then ``overrides`` applied.
@@ -268,8 +271,9 @@ def moodle_claims(
 
     # Service endpoints follow the course, the tool type (= deployment) and the activity.
     lineitem_given, lineitem_id = take("lineitem_id")
-    _moodle_service_urls(claims, fixture, lineitem_given, lineitem_id, issuer=issuer,
-                         type_id=deployment_id)
+    _moodle_service_urls(
+        claims, fixture, lineitem_given, lineitem_id, issuer=issuer, type_id=deployment_id
+    )
     _, ags = take("ags")
     if ags is False:
         claims.pop(AGS, None)
@@ -346,9 +350,7 @@ def _moodle_service_urls(
     elif lineitem_given:
         raise TypeError("lineitem_id= needs the AGS claim")
     if DL_SETTINGS in claims:
-        sesskey = "".join(
-            secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
-        )
+        sesskey = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(10))
         claims[DL_SETTINGS]["deep_link_return_url"] = (
             f"{issuer}/mod/lti/contentitem_return.php?"
             + urlencode({"course": course, "id": type_id, "sesskey": sesskey})
@@ -356,9 +358,7 @@ def _moodle_service_urls(
     presentation = claims.get(LAUNCH_PRESENTATION)
     if isinstance(presentation, dict) and "return_url" in presentation:
         instance = str(claims.get(RESOURCE_LINK, {}).get("id", "1"))
-        sesskey = "".join(
-            secrets.choice(string.ascii_letters + string.digits) for _ in range(10)
-        )
+        sesskey = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(10))
         presentation["return_url"] = f"{issuer}/mod/lti/return.php?" + urlencode(
             {
                 "course": course,

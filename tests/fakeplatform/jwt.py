@@ -159,7 +159,6 @@ def encode_jwt(
     return f"{signing_input}.{_b64url(signature)}"
 
 
-
 def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 

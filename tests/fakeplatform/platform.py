@@ -107,9 +107,6 @@ class LaunchResult:
         return self.auth_request.get("nonce")
 
 
-
-
-
 @dataclass
 class _PendingLaunch:
     """A launch waiting for the tool's OIDC request (Moodle keeps it in $SESSION)."""
@@ -456,14 +453,21 @@ class FakePlatform:
         Extra override: ``dl_settings={...}`` merged into the deep linking settings claim.
         """
         return self._claims_from_fixture("launch_deep_linking.json", sub, overrides)
+
     def _claims_from_fixture(
         self, fixture_name: str, sub: str, overrides: dict[str, Any]
     ) -> dict[str, Any]:
         """Moodle's captured claims re-targeted at this platform (``claims.moodle_claims``:
         the overrides it takes)."""
-        return moodle_claims(fixture_name, sub, overrides, issuer=self.url,
-                             client_id=self.client_id, deployment_id=self.deployment_id,
-                             target_link_uri=self.tool_launch_url)
+        return moodle_claims(
+            fixture_name,
+            sub,
+            overrides,
+            issuer=self.url,
+            client_id=self.client_id,
+            deployment_id=self.deployment_id,
+            target_link_uri=self.tool_launch_url,
+        )
 
     # ----------------------------------------------------------------- the launch driver
 
@@ -657,9 +661,16 @@ class FakePlatform:
         launch_id = f"ltilaunch_browser_{secrets.token_hex(6)}"
         message_hint = json.dumps({"cmid": cmid, "launchid": launch_id}, separators=(",", ":"))
         pending = _PendingLaunch(
-            launch_id=launch_id, login_hint=user, claims=claims,
-            tool_launch_url=base + self.LAUNCH_PATH, header=None, mutate=None, drop=(),
-            sign_with=None, alg="RS256", raw_id_token=None,
+            launch_id=launch_id,
+            login_hint=user,
+            claims=claims,
+            tool_launch_url=base + self.LAUNCH_PATH,
+            header=None,
+            mutate=None,
+            drop=(),
+            sign_with=None,
+            alg="RS256",
+            raw_id_token=None,
         )
         with self._lock:
             self._pending[launch_id] = pending
@@ -779,7 +790,11 @@ class FakePlatform:
             self._tool_jwks_cache = None
 
     def _new_token(
-        self, scopes: list[str], lifetime: int | None, *, type_id: str | None = None,
+        self,
+        scopes: list[str],
+        lifetime: int | None,
+        *,
+        type_id: str | None = None,
         client_id: str | None = None,
     ) -> IssuedToken:
         # Moodle: md5(uniqid(rand(), 1)), 32 hex characters.
@@ -960,8 +975,7 @@ class FakePlatform:
                     f"none of the requested scopes {requested} is permitted "
                     f"({self.permitted_scopes})",
                 )
-            issued = self._new_token(scopes, None, type_id=type_id,
-                                     client_id=str(claims["sub"]))
+            issued = self._new_token(scopes, None, type_id=type_id, client_id=str(claims["sub"]))
         body = {
             "access_token": issued.token,
             "token_type": "Bearer",
@@ -1006,8 +1020,9 @@ class FakePlatform:
         entry["header"], entry["claims"] = header, claims
         type_id = self._type_id_of(str(claims.get("iss", "")))
         if type_id is None or type_id != query.get("id"):
-            return refuse(f"iss {claims.get('iss')!r} is not the client id of tool type "
-                          f"{query.get('id')!r}")
+            return refuse(
+                f"iss {claims.get('iss')!r} is not the client id of tool type {query.get('id')!r}"
+            )
         problem = self._verify_with_tool_keyset(token, header, claims)
         if problem is not None:
             return refuse(problem)
@@ -1174,11 +1189,14 @@ class FakePlatform:
     def _record_service_call(self, request: Request, type_id: str, status: int) -> None:
         authorization = request.headers.get("Authorization", "")
         with self._lock:
-            token = self._tokens.get(authorization[len("Bearer "):].strip())
-            self.service_calls.append({
-                "type_id": type_id, "status": status,
-                "token_client_id": token.client_id if token else None,
-            })
+            token = self._tokens.get(authorization[len("Bearer ") :].strip())
+            self.service_calls.append(
+                {
+                    "type_id": type_id,
+                    "status": status,
+                    "token_client_id": token.client_id if token else None,
+                }
+            )
 
     def _bearer_allows(self, request: Request, type_id: str, scope: str) -> bool:
         """Moodle's ``get_oauth_key_from_headers``: a known, unexpired Bearer token of this tool
