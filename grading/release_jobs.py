@@ -92,6 +92,7 @@ def release_after_launch(rt: Runtime, activity_id: int, user_id: int) -> bool:
 def local_home(rt: Runtime, session: Session, activity: Activity, user_id: int) -> Path | None:
     """The student's home for this activity's course on the local backend (None for another
     backend)."""
+    from provisioning.backends import capabilities
     from provisioning.backends.local import LocalBackend
 
     environment = (
@@ -99,7 +100,8 @@ def local_home(rt: Runtime, session: Session, activity: Activity, user_id: int) 
         if activity.environment_id
         else default_environment(session)
     )
-    if environment is None or environment.backend != "local":
+    # Homes on this host only: other backends keep students' files on their own volumes.
+    if environment is None or not capabilities(environment.backend).on_host:
         return None
     # Only the home's place is wanted: no `for_environment` (it reads the platforms, in a
     # second session, which SQLite's single writer would make wait on this one).

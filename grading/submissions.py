@@ -47,6 +47,7 @@ from grading.models import Assignment, LatePolicy, Submission
 from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Enrolment
 from lti_tool.roles import is_staff
+from provisioning.backends import capabilities
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
 
@@ -85,7 +86,7 @@ def stored_path(data_dir: Path, submission: Submission) -> Path:
 def student_home(rt: Runtime, session: Session, activity: Activity, user_id: int) -> Path:
     """The student's home on this host (local backend); it outlives their machines."""
     environment = environment_of(session, activity.id)
-    if environment.backend != "local":
+    if not capabilities(environment.backend).on_host:
         raise FolderError(
             "This activity's machines run in the cloud: collecting from them "
             "is not built yet (only the single-server mode's homes are)."
