@@ -119,26 +119,7 @@ def test_platform_registered_with_the_cli_can_launch(tool, rt, browser):
     from tests.fakeplatform import FakePlatform
 
     with FakePlatform(tool_url=tool.url, key_namespace="second-moodle") as moodle:
-        args = moodle.platform_add_args()
-        result = CliRunner().invoke(
-            main,
-            [
-                "platform",
-                "add",
-                "--issuer",
-                args["issuer"],
-                "--client-id",
-                args["client_id"],
-                "--deployment-id",
-                args["deployment_id"],
-                "--auth-url",
-                args["auth_url"],
-                "--token-url",
-                args["token_url"],
-                "--jwks-url",
-                args["jwks_url"],
-            ],
-        )
+        result = CliRunner().invoke(main, moodle.platform_add_argv())
         assert result.exit_code == 0, result.output
         launched = moodle.launch(browser, tool.url, moodle.learner(sub="42"))
     machine_id = machine_id_of(launched.launch_response)

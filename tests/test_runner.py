@@ -55,25 +55,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, FakePlatform, subprocess.Popen
     }
     cli = [sys.executable, "-m", "lti_tool.cli"]
     with FakePlatform(tool_url=url) as moodle:
-        args = moodle.platform_add_args()
         added = subprocess.run(
-            [
-                *cli,
-                "platform",
-                "add",
-                "--issuer",
-                args["issuer"],
-                "--client-id",
-                args["client_id"],
-                "--deployment-id",
-                args["deployment_id"],
-                "--auth-url",
-                args["auth_url"],
-                "--token-url",
-                args["token_url"],
-                "--jwks-url",
-                args["jwks_url"],
-            ],
+            [*cli, *moodle.platform_add_argv()],
             env=env,
             cwd=ROOT,
             capture_output=True,

@@ -336,6 +336,13 @@ class FakePlatform:
             "jwks_url": self.jwks_url,
         }
 
+    def platform_add_argv(self) -> list[str]:
+        """`labpool platform add …` for this platform, as an admin would type it."""
+        argv = ["platform", "add"]
+        for name, value in self.platform_add_args().items():
+            argv += [f"--{name.replace('_', '-')}", value]
+        return argv
+
     # ----------------------------------------------------------------- keys
 
     @property
