@@ -114,12 +114,25 @@ def send_again(session: Session, assignment: Assignment, student_id: int) -> Sco
 
 
 def known_lineitem(session: Session, assignment: Assignment, activity: Activity) -> str | None:
-    """The assignment's line item if known without asking the platform: its own, or the
-    activity's (from the launch's AGS claim) for the activity's first assignment. None: the
-    sender finds or creates one (grading.lineitems)."""
+    """The assignment's line item if known without asking the platform, in this order:
+    1. its own (found or created earlier by grading.lineitems);
+    2. the grade item of an activity deep-linked to it (the activity's `assignment_id` names
+       it; Moodle made that grade item from the deep-linking answer's `lineItem`, and the
+       teacher chose it for this assignment) — the oldest such activity if several;
+    3. its home activity's (from the launch's AGS claim) when it is that activity's first
+       assignment and the activity is not deep-linked to another one.
+    None: the sender finds or creates one (grading.lineitems)."""
     if assignment.lineitem_url:
         return assignment.lineitem_url
-    if activity.ags_lineitem:
+    linked = session.scalars(
+        select(Activity.ags_lineitem)
+        .where(Activity.assignment_id == assignment.id, Activity.ags_lineitem.is_not(None))
+        .order_by(Activity.id)
+        .limit(1)
+    ).first()
+    if linked:
+        return linked
+    if activity.ags_lineitem and activity.assignment_id in (None, assignment.id):
         first = session.scalars(
             select(Assignment.id)
             .where(Assignment.activity_id == activity.id)

@@ -16,6 +16,7 @@ from config.db import transaction
 from config.runtime import Runtime
 from grading.grades import known_lineitem
 from grading.models import Assignment, ScoreOutbox, ScoreStatus
+from lti_tool.deep_linking import assignment_resource_id
 from lti_tool.models import Activity
 from lti_tool.services.ags import AgsClient
 
@@ -25,7 +26,7 @@ class LineItemMissing(Exception):
 
 
 def resource_id(assignment: Assignment) -> str:
-    return f"labpool-assignment-{assignment.id}"
+    return assignment_resource_id(assignment.id)
 
 
 def resolve_lineitem(rt: Runtime, client: AgsClient, assignment_id: int) -> str:

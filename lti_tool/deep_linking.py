@@ -226,6 +226,14 @@ def score_maximum(raw: str) -> float:
     return int(value) if value.is_integer() else value
 
 
+def assignment_resource_id(assignment_id: int) -> str:
+    """The `resourceId` of an assignment's grade item, wherever it is made: in a deep-linking
+    answer's `lineItem` (Moodle makes the activity's grade item from it) or by
+    grading.lineitems in the course's container. One name, so finding an assignment's item by
+    `resourceId` finds the deep-linked one too."""
+    return f"labpool-assignment-{assignment_id}"
+
+
 def resource_link(
     *,
     launch_url: str,
@@ -242,7 +250,7 @@ def resource_link(
     resource_id = f"environment-{environment_id}"
     if assignment_id is not None:
         custom[CUSTOM_ASSIGNMENT] = str(assignment_id)
-        resource_id = f"assignment-{assignment_id}"
+        resource_id = assignment_resource_id(assignment_id)
     line_item = (
         LineItem()
         .set_score_maximum(score_max)

@@ -364,7 +364,7 @@ def test_teacher_picks_an_assignment_of_the_course(tool, platform, rt, browser, 
     assert item["lineItem"] == {
         "scoreMaximum": 12.5,
         "label": "Homework 1",
-        "resourceId": f"assignment-{assignment_id}",
+        "resourceId": f"labpool-assignment-{assignment_id}",
         "tag": "labpool",
     }
 

@@ -329,6 +329,29 @@ def test_a_line_item_is_created_when_the_activity_has_none(tool, platform, rt, b
         )
 
 
+def test_a_deep_linked_activitys_grade_item_takes_its_assignments_grades(
+    tool, platform, rt, browser, gradebook
+):
+    """The teacher made assignment `lab` on activity X's class page (X has Moodle's grade item
+    2), then added activity Y with "Select content" naming `lab`: Moodle made Y's grade item
+    from the answer's lineItem. The grades go to Y's item, the one the teacher chose."""
+    _, activity_id = launch_teacher(platform, tool, browser)
+    lab = create_assignment(tool, browser, activity_id)
+    item_y = gradebook.add_lineitem(
+        "2", "300", label="Lab lab1", score_maximum=10, resource_id=f"labpool-assignment-{lab}"
+    )
+    deep_linked = {"resource_link_id": "81", "custom": {"labpool_assignment": str(lab)}}
+    launch_student(platform, tool, "4", lineitem_id="300", **deep_linked)
+    with rt.sessions() as session:
+        linked = session.scalars(select(Activity).where(Activity.resource_link_id == "81")).one()
+        assert linked.assignment_id == lab and linked.ags_lineitem == item_y
+
+    assert grade(tool, browser, activity_id, lab, user_id_of(rt, "4"), "9").status_code == 303
+    assert send_due_scores(rt) == {"sent": 1}
+    assert gradebook.grade("4", "2", "300")["score_given"] == 9
+    assert gradebook.grade("4", "2", "2") is None  # not X's own grade item
+
+
 def test_bad_grades_are_refused_and_change_nothing(tool, platform, rt, browser, gradebook):
     launch_student(platform, tool, "4")
     _, activity_id = launch_teacher(platform, tool, browser)
