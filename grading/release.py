@@ -1,6 +1,11 @@
-"""Placing an assignment's student version in a student's home (local backend), by
-nbgitpuller's rule: add new files, update the ones the student left untouched, keep every
-file the student changed (or made, where ours would go).
+"""Placing an assignment's student version in a student's home, by nbgitpuller's rule: add
+new files, update the ones the student left untouched, keep every file the student changed
+(or made, where ours would go).
+
+One rule, two transports: `decide` and `place_all` are the rule and the walk over the
+release's files; this module's own transport writes into a home on this host (local
+backend, below), `grading.contents_api` writes into a cloud machine through JupyterLab's
+contents API.
 
 "Untouched" means: the file's content is still exactly what Labpool released there last
 time, by checksum. The checksums of the last release live on the tool's side (the returned
@@ -24,6 +29,7 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -57,59 +63,93 @@ def safe_parts(relative: str) -> tuple[str, ...]:
     return path.parts
 
 
-def release_files(
-    home: Path, folder: str, files: dict[str, bytes], previous: dict[str, str] | None = None
+def decide(current: str | None, wanted: str, released: str | None) -> str:
+    """nbgitpuller's rule for one file, on checksums: `current` is what is there now (None:
+    nothing), `wanted` what this release would leave there, `released` what the last release
+    left there (None: never released). Returns "added", "unchanged", "kept" (the student
+    changed it, or made it: theirs wins) or "updated" (untouched since our last release).
+    "refused" (something that is not a file in the way) is the transport's to say."""
+    if current is None:
+        return "added"
+    if current == wanted:
+        return "unchanged"
+    if released is None or current != released:
+        return "kept"
+    return "updated"
+
+
+# One file's placement: (its path parts under the home, content, the checksum the last
+# release left there) → (outcome, the checksum it leaves there, or None when it left nothing).
+Place = Callable[[tuple[str, ...], bytes, str | None], tuple[str, str | None]]
+
+
+def place_all(
+    place: Place, folder: str, files: dict[str, bytes], previous: dict[str, str] | None = None
 ) -> ReleaseReport:
-    """Place `files` (relative path → content) under `home/folder`. `previous` is the
-    manifest the last release returned for this student (None: first release)."""
+    """Place every file of the release through `place` (a transport), in a stable order,
+    and gather the report and the new manifest."""
     previous = previous or {}
     report = ReleaseReport()
     safe_parts(folder)
+    for relative in sorted(files):
+        parts = safe_parts(relative)
+        outcome, placed = place((folder, *parts), files[relative], previous.get(relative))
+        getattr(report, outcome).append(relative)
+        if outcome in ("added", "updated", "unchanged") and placed is not None:
+            report.manifest[relative] = placed
+        elif relative in previous:
+            report.manifest[relative] = previous[relative]
+    return report
+
+
+def release_files(
+    home: Path, folder: str, files: dict[str, bytes], previous: dict[str, str] | None = None
+) -> ReleaseReport:
+    """Place `files` (relative path → content) under `home/folder`, a home on this host.
+    `previous` is the manifest the last release returned for this student (None: first
+    release)."""
     owner = os.lstat(home)
     if not stat.S_ISDIR(owner.st_mode):
         raise ReleaseError(f"{home} is not a folder")
     home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        for relative in sorted(files):
-            data = files[relative]
-            parts = safe_parts(relative)
-            outcome = _place(
-                home_fd, (folder, *parts), data, previous.get(relative), owner.st_uid, owner.st_gid
-            )
-            getattr(report, outcome).append(relative)
-            if outcome in ("added", "updated", "unchanged"):
-                report.manifest[relative] = checksum(data)
-            elif relative in previous:
-                report.manifest[relative] = previous[relative]
+        return place_all(
+            lambda parts, data, released: _place(
+                home_fd, parts, data, released, owner.st_uid, owner.st_gid
+            ),
+            folder,
+            files,
+            previous,
+        )
     finally:
         os.close(home_fd)
-    return report
 
 
 def _place(
     home_fd: int, parts: tuple[str, ...], data: bytes, released: str | None, uid: int, gid: int
-) -> str:
+) -> tuple[str, str | None]:
     dir_fd = _open_folders(home_fd, parts[:-1], uid, gid)
     if dir_fd is None:
-        return "refused"
-    name = parts[-1]
+        return "refused", None
+    name, wanted = parts[-1], checksum(data)
     try:
         try:
             st = os.lstat(name, dir_fd=dir_fd)
+            present = True
         except FileNotFoundError:
+            present = False
+        current: str | None = None
+        if present:
+            if not stat.S_ISREG(st.st_mode):
+                return "refused", None  # a symlink, a folder, a fifo…: the student's
+            content = _read(dir_fd, name)
+            if content is None:
+                return "refused", None
+            current = checksum(content)
+        outcome = decide(current, wanted, released)
+        if outcome in ("added", "updated"):
             _write_new(dir_fd, name, data, uid, gid)
-            return "added"
-        if not stat.S_ISREG(st.st_mode):
-            return "refused"  # a symlink, a folder, a fifo…: the student's, left alone
-        current = _read(dir_fd, name)
-        if current is None:
-            return "refused"
-        if checksum(current) == checksum(data):
-            return "unchanged"
-        if released is None or checksum(current) != released:
-            return "kept"  # the student changed it (or made it): theirs wins
-        _write_new(dir_fd, name, data, uid, gid)
-        return "updated"
+        return outcome, wanted
     finally:
         os.close(dir_fd)
 
