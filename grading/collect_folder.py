@@ -1,5 +1,6 @@
 """Copying an assignment's folder out of a student's home into one zip archive (local
-backend), for a submission.
+backend), for a submission. The limits, their messages and the archive's entries are shared
+with the cloud's transport (`grading.contents_api`), so both refuse the same folders alike.
 
 The home belongs to the student's OS user, who may plant anything in it: symlinks to another
 student's files or to /etc/shadow, FIFOs that would block a reader forever, sparse files that
@@ -67,6 +68,52 @@ def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.0f} MB" if n >= 1024 * 1024 else f"{n} bytes"
 
 
+def too_many(limits: Limits) -> LimitExceeded:
+    return LimitExceeded(
+        f"The folder has more than {limits.max_files} files and folders; "
+        "remove some (data sets, outputs) and submit again. Nothing was submitted."
+    )
+
+
+def too_deep(limits: Limits, prefix: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"Folders are nested more than {limits.max_depth} deep "
+        f"at {prefix!r}. Nothing was submitted."
+    )
+
+
+def too_big(limits: Limits, path: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"{path} is larger than {_mb(limits.max_file_bytes)} (the limit per file); "
+        "remove it or make it smaller and submit again. Nothing was submitted."
+    )
+
+
+def too_much(limits: Limits) -> LimitExceeded:
+    return LimitExceeded(
+        f"The folder holds more than {_mb(limits.max_total_bytes)}; "
+        "remove large files (data sets, outputs) and submit again. "
+        "Nothing was submitted."
+    )
+
+
+def no_files(folder: str) -> NoFolder:
+    return NoFolder(f"The folder {folder!r} has no files to submit.")
+
+
+def zip_entry(path: str, mtime: float) -> zipfile.ZipInfo:
+    """An archive entry as every submission has it: the file's own mtime, fixed mode."""
+    info = zipfile.ZipInfo(path, date_time=_zip_time(mtime))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = (stat.S_IFREG | 0o600) << 16
+    return info
+
+
+def open_archive(archive: Path) -> int:
+    """A new archive file (O_EXCL, mode 0600): the descriptor to write the zip to."""
+    return os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+
+
 def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Collected:
     """Copy `home/folder` into a new zip at `archive` (created with O_EXCL, mode 0600).
     Raises NoFolder, LimitExceeded or FolderError; then no archive is left behind."""
@@ -96,7 +143,7 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
         os.close(home_fd)
     walk = _Walk(owner, limits)
     try:
-        fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = open_archive(archive)
     except BaseException:
         os.close(top)
         raise
@@ -107,8 +154,8 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
         ):
             walk.folder(top, "", 0, zf)
         if walk.files == 0:
-            raise NoFolder(f"The folder {folder!r} has no files to submit.")
-        checksum = _sha256(archive)
+            raise no_files(folder)
+        checksum = sha256_of(archive)
     except BaseException:
         archive.unlink(missing_ok=True)
         raise
@@ -129,17 +176,11 @@ class _Walk:
     def count_entry(self) -> None:
         self.entries += 1
         if self.entries > self.limits.max_files:
-            raise LimitExceeded(
-                f"The folder has more than {self.limits.max_files} files and folders; "
-                "remove some (data sets, outputs) and submit again. Nothing was submitted."
-            )
+            raise too_many(self.limits)
 
     def folder(self, dir_fd: int, prefix: str, depth: int, zf: zipfile.ZipFile) -> None:
         if depth > self.limits.max_depth:
-            raise LimitExceeded(
-                f"Folders are nested more than {self.limits.max_depth} deep "
-                f"at {prefix!r}. Nothing was submitted."
-            )
+            raise too_deep(self.limits, prefix)
         for name in sorted(os.listdir(dir_fd)):
             path = f"{prefix}{name}"
             try:
@@ -180,7 +221,7 @@ class _Walk:
     ) -> None:
         cap = self.limits.max_file_bytes
         if st.st_size > cap:  # early refusal only: the read below is capped anyway
-            raise self.too_big(path, st.st_size)
+            raise too_big(self.limits, path)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError as exc:
@@ -196,32 +237,20 @@ class _Walk:
             if opened.st_uid != self.owner:
                 self.skip(path, "not the student's own file")
                 return
-            info = zipfile.ZipInfo(path, date_time=_zip_time(opened.st_mtime))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = (stat.S_IFREG | 0o600) << 16
+            info = zip_entry(path, opened.st_mtime)
             read = 0
             with zf.open(info, "w", force_zip64=True) as entry:
                 while chunk := os.read(fd, min(CHUNK, cap + 1 - read)):
                     read += len(chunk)
                     if read > cap:
-                        raise self.too_big(path, read)
+                        raise too_big(self.limits, path)
                     if self.total + read > self.limits.max_total_bytes:
-                        raise LimitExceeded(
-                            f"The folder holds more than {_mb(self.limits.max_total_bytes)}; "
-                            "remove large files (data sets, outputs) and submit again. "
-                            "Nothing was submitted."
-                        )
+                        raise too_much(self.limits)
                     entry.write(chunk)
             self.total += read
             self.files += 1
         finally:
             os.close(fd)
-
-    def too_big(self, path: str, size: int) -> LimitExceeded:
-        return LimitExceeded(
-            f"{path} is larger than {_mb(self.limits.max_file_bytes)} (the limit per file); "
-            "remove it or make it smaller and submit again. Nothing was submitted."
-        )
 
 
 def _kind(mode: int) -> str:
@@ -242,7 +271,7 @@ def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
