@@ -112,7 +112,7 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     choice = None
     if not staff:
         environment = cached_environment(session, environment_id)
-        choice = machine_for_learner(session, environment, course_id, user_id)
+        choice = machine_for_learner(session, environment, course_id, user_id, activity_id)
     session.execute(
         insert(Launch).values(
             user_id=user_id,

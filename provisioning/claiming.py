@@ -1,6 +1,9 @@
 """Finding a student their machine, inside the launch's transaction and without waiting.
 
-In order: the live machine they already hold; else a warm `ready` one claimed atomically
+In order: the live machine they already hold in the activity's environment; else the live
+machine this activity handed them before its teacher chose another environment (a machine
+handed out stays until it is released: reset, stop or idle; the next one is in the new
+environment); else a warm `ready` one claimed atomically
 (one UPDATE whose subquery takes the row with FOR UPDATE SKIP LOCKED on PostgreSQL, so two
 concurrent launches never get the same machine; SQLite serialises writers); else a new
 `requested` machine, whose start is enqueued after the transaction commits.
@@ -19,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config.db import utcnow
+from lti_tool.models import Launch
 from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
 
 
@@ -39,6 +43,26 @@ def live_machine_of(
             Machine.owner_id == owner_id,
             Machine.state.in_(LIVE_STATES),
         )
+        .limit(1)
+    ).first()
+
+
+def handed_out_machine(
+    session: Session, activity_id: int, course_id: int, owner_id: int
+) -> Machine | None:
+    """The student's live machine that a launch of this activity gave them, whatever its
+    environment (it stays theirs after the teacher picks another one)."""
+    return session.scalars(
+        select(Machine)
+        .join(Launch, Launch.machine_id == Machine.id)
+        .where(
+            Launch.activity_id == activity_id,
+            Launch.user_id == owner_id,
+            Machine.owner_id == owner_id,
+            Machine.course_id == course_id,
+            Machine.state.in_(LIVE_STATES),
+        )
+        .order_by(Machine.id.desc())
         .limit(1)
     ).first()
 
@@ -84,11 +108,18 @@ def claim_warm_machine(
 
 
 def machine_for_learner(
-    session: Session, environment: Environment, course_id: int, owner_id: int
+    session: Session,
+    environment: Environment,
+    course_id: int,
+    owner_id: int,
+    activity_id: int | None = None,
 ) -> MachineChoice:
-    """The student's machine for this environment and course: reuse, claim, or request."""
+    """The student's machine for this environment and course (or the one `activity_id`
+    handed them): reuse, claim, or request."""
     for _ in range(3):
         existing = live_machine_of(session, environment.id, course_id, owner_id)
+        if existing is None and activity_id is not None:
+            existing = handed_out_machine(session, activity_id, course_id, owner_id)
         if existing is not None:
             return MachineChoice(existing, "reused")
         try:

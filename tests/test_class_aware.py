@@ -365,6 +365,48 @@ def test_teacher_resets_a_students_machine_keeping_the_files(tool, platform, rt,
     assert len(set(owners)) == 1
 
 
+def test_a_new_environment_keeps_the_machines_handed_out_listed_and_reused(
+    tool, platform, rt, browser
+):
+    """Issue 13: after the teacher picked another environment the class page showed "no
+    machine" for students whose machines still ran, and a relaunch started a second one."""
+    with requests.Session() as student:
+        old = machine_id_of(
+            platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+        )
+        class_url = teacher_launch(platform, tool, browser)
+        activity_id = class_url.split("/activities/")[1].split("/")[0]
+        with transaction(rt.sessions) as session:
+            other = add_environment(session, name=f"other-{uuid.uuid4().hex[:6]}").id
+        chosen = browser.post(
+            f"{tool.url}/activities/{activity_id}/environment",
+            data={"csrf": csrf_of(browser, class_url), "environment_id": other},
+            allow_redirects=False,
+        )
+        assert chosen.status_code == 303
+        (row,) = [
+            r for r in browser.get(class_url + ".json").json()["roster"] if r["role"] == "student"
+        ]
+        assert row["machine"] == old and row["state"] == "requested"
+        assert row["environment"] == "default"  # said on the page: kept from before
+
+        again = platform.launch(student, tool.url, platform.learner(sub="4")).launch_response
+        assert machine_id_of(again) == old  # reused, not a second machine
+        # Another activity of the course, which always had the new environment, does not get
+        # the machine activity 1 handed out: one in its own environment.
+        with transaction(rt.sessions) as session:
+            course_id = session.get_one(Activity, int(activity_id)).course_id
+            session.add(
+                Activity(course_id=course_id, resource_link_id="lab2", environment_id=other)
+            )
+        elsewhere = platform.launch(
+            student, tool.url, platform.learner(sub="4", resource_link_id="lab2")
+        ).launch_response
+        with rt.sessions() as session:
+            assert session.get_one(Machine, machine_id_of(elsewhere)).environment_id == other
+            assert session.get_one(Machine, old).environment_id != other
+
+
 # --- "warm now" -----------------------------------------------------------------------------
 
 

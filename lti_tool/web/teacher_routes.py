@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from grading.assignments import activity_assignments
 from lti_tool.launches import environment_of
-from lti_tool.models import Activity, Course, Enrolment, User
+from lti_tool.models import Activity, Course, Enrolment, Launch, User
 from lti_tool.names import short_labels
 from lti_tool.roles import is_staff
 from lti_tool.web.auth import csrf_token, current_user_id, runtime, taught_activity
@@ -80,17 +80,30 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
             select(StudentVolume).where(StudentVolume.course_id == activity.course_id)
         )
     }
+    # A machine this activity handed out stays the student's after the teacher picks another
+    # environment (provisioning.claiming), so it is listed too.
+    handed_out = select(Launch.machine_id).where(
+        Launch.activity_id == activity.id, Launch.machine_id.is_not(None)
+    )
     newest = {}
     for machine in session.scalars(
         select(Machine)
         .where(
             Machine.course_id == activity.course_id,
-            Machine.environment_id == environment.id,
+            (Machine.environment_id == environment.id) | Machine.id.in_(handed_out),
             Machine.owner_id.is_not(None),
         )
         .order_by(Machine.id)
     ):
         newest[machine.owner_id] = machine  # the last one wins
+    other_environments = {
+        env.id: env.name
+        for env in session.scalars(
+            select(Environment).where(
+                Environment.id.in_({m.environment_id for m in newest.values()} - {environment.id})
+            )
+        )
+    }
     enrolled = session.execute(
         select(User, Enrolment)
         .join(Enrolment, Enrolment.user_id == User.id)
@@ -130,6 +143,10 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
                 "last_activity": _when(seen),
                 "error": (machine.error or "") if machine else "",
                 "storage": _storage(environment, volumes.get(user.id)),
+                # A machine kept from before the teacher chose this environment says so.
+                "environment": other_environments.get(machine.environment_id, "")
+                if machine
+                else "",
                 "mine": user.id == current_user_id(),
             }
         )
