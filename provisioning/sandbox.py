@@ -143,7 +143,12 @@ class Account:
 def student_account(key: str) -> Account:
     """The OS user a student's IDE runs as (`lp-<user id>`), created on first need (root
     only). System users with no login shell and no password: nobody logs in as them."""
-    name = f"{ACCOUNT_PREFIX}{key}"
+    return system_account(f"{ACCOUNT_PREFIX}{key}", "Labpool student")
+
+
+def system_account(name: str, comment: str) -> Account:
+    """An unprivileged system user (no shell, no password, no home), created on first need
+    (root only): what sandboxed code runs as (`RLIMIT_NPROC` does not bind root)."""
     with contextlib.suppress(KeyError):
         entry = pwd.getpwnam(name)
         return Account(name, entry.pw_uid, entry.pw_gid)
@@ -158,7 +163,7 @@ def student_account(key: str) -> Account:
             "--shell",
             "/usr/sbin/nologin",
             "--comment",
-            "Labpool student",
+            comment,
             name,
         ],
         capture_output=True,
@@ -169,7 +174,7 @@ def student_account(key: str) -> Account:
         entry = pwd.getpwnam(name)
     except KeyError:
         raise BackendUnavailable(
-            f"cannot create the OS user for this student ({done.stderr.strip()})"
+            f"cannot create the OS user {name} ({done.stderr.strip()})"
         ) from None
     return Account(name, entry.pw_uid, entry.pw_gid)
 
@@ -182,7 +187,7 @@ def proxy_gid(group: str) -> int | None:
         return None
 
 
-def _python_prefixes(python: Path) -> list[Path]:
+def python_prefixes(python: Path) -> list[Path]:
     """Folders the IDE's interpreter needs that /usr does not cover: its environment and,
     for a virtualenv, the base installation it was made from (pyenv keeps it elsewhere)."""
     env = python.parent.parent
@@ -196,6 +201,33 @@ def _python_prefixes(python: Path) -> list[Path]:
                 if not base.is_relative_to("/usr"):
                     found.append(base)
     return found
+
+
+def system_view_args() -> list[str]:
+    """bubblewrap's arguments shared by every sandbox (the IDE's and the autograder's): every
+    namespace unshared (own PID namespace, no network but its own loopback), dies with its
+    parent, a new session (no TIOCSTI into the caller's terminal), the system (`/usr`, `/etc`
+    but Labpool's and the cloud's settings) read-only, a fresh `/dev` and `/proc`. Writable
+    folders are the caller's to add."""
+    args = [
+        "--die-with-parent",
+        "--unshare-all",
+        "--new-session",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: keep the symlink
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--ro-bind", "/etc", "/etc"]
+    for hidden in HIDDEN_ETC:
+        if os.path.isdir(hidden):
+            args += ["--tmpfs", hidden]
+    args += ["--dev", "/dev", "--proc", "/proc"]
+    return args
 
 
 def bwrap_command(
@@ -213,32 +245,11 @@ def bwrap_command(
     exactly as long as that one waiting process (the machine's recorded pid). Killing it, or
     it dying for any reason, takes bwrap and everything in the sandbox with it, and the RQ
     worker that started it may come and go (bwrap's parent is not the worker)."""
-    args = [
-        bwrap,
-        "--die-with-parent",
-        "--unshare-all",
-        "--new-session",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-    ]
+    args = [bwrap, *system_view_args()]
     setsid = shutil.which("setsid")
     if setsid:
         args = [setsid, "--fork", "--wait", *args]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):  # merged /usr: keep the symlink
-            args += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            args += ["--ro-bind", top, top]
-    args += ["--ro-bind", "/etc", "/etc"]
-    for hidden in HIDDEN_ETC:
-        if os.path.isdir(hidden):
-            args += ["--tmpfs", hidden]
     args += [
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
         "--tmpfs",
         "/tmp",
         "--tmpfs",
@@ -257,7 +268,7 @@ def bwrap_command(
         str(config_dir),
         SANDBOX_CONFIG_DIR,
     ]
-    for prefix in _python_prefixes(python):
+    for prefix in python_prefixes(python):
         args += ["--ro-bind", str(prefix), str(prefix)]
     if share_network:
         # Direct mode (no nginx): the browser must reach a TCP port on the host's loopback,
