@@ -34,7 +34,7 @@ def test_learner_launch_ends_at_a_jupyterlab_that_answers(tool, platform, rt, br
 
     status_page = browser.get(f"{tool.url}/machines/{machine_id}")
     assert status_page.status_code == 200
-    assert "Your machine" in status_page.text
+    assert "LTI 1.3 Test Activity" in status_page.text  # the activity, named
     assert browser.get(f"{tool.url}/machines/{machine_id}/state").json()["state"] == "requested"
 
     run_worker_burst(rt.settings)

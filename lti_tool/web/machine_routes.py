@@ -11,16 +11,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 from flask import Blueprint, current_app, jsonify, redirect, render_template, url_for
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.db import utcnow
+from config.db import transaction, utcnow
 from lti_tool.ide_access import IDE_COOKIE
-from lti_tool.web.auth import current_user_id, runtime
-from lti_tool.web.errors import Forbidden
+from lti_tool.launches import environment_of
+from lti_tool.models import Activity, Course, Enrolment, Launch
+from lti_tool.web.auth import check_csrf, csrf_token, current_user_id, runtime
+from lti_tool.web.errors import Forbidden, WebError
 from provisioning.backends import capabilities
-from provisioning.models import Environment, Machine, MachineState
+from provisioning.claiming import machine_for_learner
+from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
 from provisioning.proxy_table import publish_route, withdraw_route
-from provisioning.triggers import nudge
+from provisioning.triggers import machine_wanted, nudge
 
 bp = Blueprint("machines", __name__)
 
@@ -29,12 +33,23 @@ MESSAGES = {
     MachineState.starting: "Starting your machine…",
     MachineState.ready: "Your machine is ready.",
     MachineState.assigned: "Your machine is ready. Opening it…",
-    MachineState.stopping: "Your machine is being stopped. Your files are kept; open the "
-    "activity again from your course to get a machine back.",
-    MachineState.stopped: "Your machine was stopped. Your files are kept; open the activity "
-    "again from your course to get a machine back.",
+    MachineState.stopping: "Your machine is being stopped. Your files are kept.",
+    MachineState.stopped: "Your machine was stopped (it was idle, or your teacher stopped or "
+    "replaced it). Your files are kept.",
     MachineState.error: "Your machine could not be started.",
 }
+# The state in the words a student reads (the page's headline).
+WORDS = {
+    MachineState.requested: "waiting",
+    MachineState.starting: "starting",
+    MachineState.ready: "ready",
+    MachineState.assigned: "ready",
+    MachineState.stopping: "stopping — files kept",
+    MachineState.stopped: "stopped — files kept",
+    MachineState.error: "problem",
+}
+ESTIMATE_SAMPLE = 20  # recent starts the wait estimate is taken from
+ESTIMATE_CUTOFF_S = 900  # longer waits are warm machines claimed long after their start
 NUDGE_AFTER = timedelta(seconds=10)
 CLOUD_NUDGE_AFTER = timedelta(seconds=3)
 
@@ -71,11 +86,14 @@ def _nudge_if_stale(machine: Machine) -> None:
         nudge(rt, machine)
 
 
-def state_of(machine: Machine) -> dict:
+def state_of(machine: Machine, session: Session | None = None) -> dict:
+    """What the status page shows. With a session, a machine that is over (stopped, failed)
+    points at the student's newer machine in the course, if one is live (a teacher's reset)."""
     ready = machine.state is MachineState.assigned
     body = {
         "id": machine.id,
         "state": machine.state.value,
+        "words": WORDS[machine.state],
         "message": MESSAGES[machine.state],
         "ready": ready,
         "since": machine.state_changed_at.isoformat(),
@@ -84,14 +102,117 @@ def state_of(machine: Machine) -> dict:
         body["open_url"] = url_for("machines.open_ide", machine_id=machine.id)
     if machine.state is MachineState.error and machine.error:
         body["error"] = machine.error
+    if session is not None and machine.state not in LIVE_STATES:
+        newer = session.scalars(
+            select(Machine.id)
+            .where(
+                Machine.owner_id == machine.owner_id,
+                Machine.course_id == machine.course_id,
+                Machine.id > machine.id,
+                Machine.state.in_(LIVE_STATES),
+            )
+            .order_by(Machine.id.desc())
+            .limit(1)
+        ).first()
+        if newer is not None:
+            body["next_url"] = url_for("machines.status_page", machine_id=newer)
     return body
+
+
+def usual_start_s(session: Session, environment_id: int) -> float | None:
+    """How long the environment's recent machines took from request to hand-over (median of
+    the last few), or None before there are any."""
+    waits = sorted(
+        (assigned - created).total_seconds()
+        for created, assigned in session.execute(
+            select(Machine.created_at, Machine.assigned_at)
+            .where(Machine.environment_id == environment_id, Machine.assigned_at.is_not(None))
+            .order_by(Machine.id.desc())
+            .limit(ESTIMATE_SAMPLE)
+        )
+    )
+    waits = [w for w in waits if 0 <= w <= ESTIMATE_CUTOFF_S]
+    return waits[len(waits) // 2] if waits else None
+
+
+def _launch_of(session: Session, machine: Machine) -> Launch | None:
+    """The launch that handed the machine out (None: a teacher's own machine)."""
+    return session.scalars(
+        select(Launch).where(Launch.machine_id == machine.id).order_by(Launch.id.desc()).limit(1)
+    ).first()
 
 
 @bp.get("/machines/<int:machine_id>")
 def status_page(machine_id: int):  # type: ignore[no-untyped-def]
     with runtime().sessions() as session:
         machine = _own_machine(session, machine_id)
-        return render_template("status.html", machine=machine, state=state_of(machine))
+        launch = _launch_of(session, machine)
+        activity = session.get(Activity, launch.activity_id) if launch is not None else None
+        course = session.get(Course, machine.course_id) if machine.course_id else None
+        since = launch.at if launch is not None else machine.created_at
+        return render_template(
+            "status.html",
+            machine=machine,
+            state=state_of(machine, session),
+            activity=activity,
+            course=course,
+            usual_start_s=usual_start_s(session, machine.environment_id),
+            waited_s=max(0.0, (utcnow() - since).total_seconds()),
+            csrf=csrf_token(),
+        )
+
+
+@bp.post("/machines/<int:machine_id>/again")
+def start_again(machine_id: int):  # type: ignore[no-untyped-def]
+    """ "Start it again" after an idle stop, a teacher's stop or a failed start, without going
+    back to Moodle while the launch's session holds: the same rule as a launch of the
+    activity (its environment now; a live machine of the student's is reused). Only for a
+    current member of the course."""
+    check_csrf()
+    rt = runtime()
+    with transaction(rt.sessions) as session:
+        machine = _own_machine(session, machine_id)
+        if machine.state in LIVE_STATES:
+            return redirect(url_for("machines.status_page", machine_id=machine.id), 303)
+        member = session.scalars(
+            select(Enrolment.id).where(
+                Enrolment.course_id == machine.course_id,
+                Enrolment.user_id == machine.owner_id,
+                Enrolment.ended_at.is_(None),
+            )
+        ).first()
+        if machine.course_id is None or member is None:
+            raise WebError(
+                "You are no longer listed in this course: open the activity from your course page.",
+                403,
+            )
+        launch = _launch_of(session, machine)
+        activity = session.get(Activity, launch.activity_id) if launch is not None else None
+        environment = (
+            environment_of(session, activity.id)
+            if activity is not None
+            else session.get_one(Environment, machine.environment_id)
+        )
+        choice = machine_for_learner(
+            session,
+            environment,
+            machine.course_id,
+            current_user_id(),
+            activity.id if activity is not None else None,
+        )
+        if launch is not None and activity is not None:
+            # Recorded like the launch it repeats (same roles): the new machine is this
+            # activity's hand-out too (its page, its next "start again").
+            session.add(
+                Launch(
+                    user_id=launch.user_id,
+                    activity_id=activity.id,
+                    roles=launch.roles,
+                    machine_id=choice.machine.id,
+                )
+            )
+    machine_wanted(rt, choice.machine, choice.how)
+    return redirect(url_for("machines.status_page", machine_id=choice.machine.id), 303)
 
 
 @bp.get("/machines/<int:machine_id>/state")
@@ -99,7 +220,7 @@ def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
     with runtime().sessions() as session:
         machine = _own_machine(session, machine_id)
         _nudge_if_stale(machine)
-        response = jsonify(state_of(machine))
+        response = jsonify(state_of(machine, session))
     response.cache_control.no_store = True
     return response
 
