@@ -70,6 +70,8 @@ class Assignment(Base):
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lineitem_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Each new submission is graded by the autograder (grading.autograde) as it is stored.
+    auto_grade_on_submit: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     @property
     def published(self) -> bool:
@@ -187,3 +189,42 @@ class AssignmentRelease(Base):
     released_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # The last release's outcome, as the teacher reads it: "3 added, 1 kept (edited)".
     summary: Mapped[str] = mapped_column(Text, default="")
+
+
+class AutogradeState(enum.StrEnum):
+    queued = "queued"  # owed: a job is (or should be) on the grading queue
+    running = "running"  # a job took it at `started_at`
+    done = "done"  # graded: `score` is what the autograder gave (zero where nothing ran)
+    failed = "failed"  # the autograder itself could not run (not the student's fault)
+
+
+class AutogradeResult(Base):
+    """The autograder's result for one submitted version (unique: grading a version twice
+    updates this row, it never adds a second grade). `cells` holds each grade cell as
+    nbgrader names it: [{"grade_id", "score", "max_score", "passed", "message"}];
+    `feedback_html` is the page the student and the teachers see."""
+
+    __tablename__ = "autograde_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(
+        ForeignKey("submissions.id", ondelete="CASCADE"), unique=True
+    )
+    assignment_id: Mapped[int] = mapped_column(
+        ForeignKey("assignments.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    state: Mapped[AutogradeState] = mapped_column(
+        Enum(AutogradeState, native_enum=False, length=16), default=AutogradeState.queued
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    score: Mapped[float | None] = mapped_column(Float)
+    max_score: Mapped[float | None] = mapped_column(Float)
+    cells: Mapped[list] = mapped_column(JSON, default=list)
+    summary: Mapped[str] = mapped_column(Text, default="")
+    feedback_html: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    seconds: Mapped[float | None] = mapped_column(Float)

@@ -162,10 +162,15 @@ def submit_folder(
     incoming = _private_dir(root / "incoming") / f"{secrets.token_hex(12)}.zip"
     try:
         collected = collect_folder(home, folder, incoming, limits)
-        return _store(rt, assignment_id, user_id, collected, collected_by)
+        outcome = _store(rt, assignment_id, user_id, collected, collected_by)
     finally:
         incoming.unlink(missing_ok=True)
         _unlock(lock)
+    if not outcome.unchanged:  # stored and committed: the autograder may take it now
+        from grading.autograde import autograde_if_wanted
+
+        autograde_if_wanted(rt, outcome.submission.id)
+    return outcome
 
 
 def _store(

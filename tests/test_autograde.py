@@ -1,0 +1,249 @@
+"""Autograding (issue 12): real nbgrader rules, a real bubblewrap sandbox, the score through the
+outbox into the fake Moodle's gradebook, and student code that tries to get out."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+from sqlalchemy import select
+
+from grading.autograde import grade_submission, request_autograde, requeue_owed_autogrades
+from grading.grader_sandbox import GradingLimits
+from grading.models import Assignment, AutogradeResult, AutogradeState, Grade, Submission
+from grading.outbox import send_due_scores
+from grading.submissions import submit_folder
+from tests.test_assignment_release import nbgrader_source, published
+from tests.test_grades import gradebook, launch_student, launch_teacher, user_id_of  # noqa: F401
+from tests.test_submissions import course_of, home_of, write_folder
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+LIMITS = GradingLimits(timeout_s=20, cpu_seconds=15, memory_total_mb=1024)
+CORRECT = "def square(x):\n    return x * x\n"
+WRONG = "def square(x):\n    return 4 if x == 2 else 0\n"  # passes the visible test only
+
+
+def student_notebook(
+    answer: str, *, test_source: str | None = None, points: int | None = None
+) -> bytes:
+    """The student's copy: the released notebook with their answer (and, to cheat, an edited
+    test cell)."""
+    notebook = nbformat.reads(nbgrader_source().decode(), as_version=4)
+    notebook.cells[1].source = answer
+    test = notebook.cells[2]
+    test.source = "assert square(2) == 4" if test_source is None else test_source
+    if points is not None:
+        test.metadata.nbgrader["points"] = points
+    return nbformat.writes(notebook).encode()
+
+
+@pytest.fixture
+def lab(tool, platform, rt, browser, gradebook):  # type: ignore[no-untyped-def]
+    """A published nbgrader assignment (2 points of tests, graded out of 10) and a submitter."""
+    _, activity_id = launch_teacher(platform, tool, browser)
+    assignment = published(
+        tool, browser, rt, activity_id, "lab1", "square.ipynb", nbgrader_source()
+    )
+    course_id = course_of(rt, activity_id)
+
+    def submit(sub: str, notebook: bytes, extra: dict[str, bytes] | None = None) -> int:
+        launch_student(platform, tool, sub)
+        user_id = user_id_of(rt, sub)
+        home, account = home_of(rt, course_id, user_id)
+        write_folder(home, account, {"square.ipynb": notebook, **(extra or {})})
+        return submit_folder(rt, assignment.id, user_id).submission.id
+
+    return assignment, activity_id, submit
+
+
+def grade(rt, submission_id: int, limits: GradingLimits = LIMITS) -> AutogradeResult:  # type: ignore[no-untyped-def]
+    with rt.sessions() as session:
+        submission = session.get_one(Submission, submission_id)
+        user_id, assignment_id = submission.user_id, submission.assignment_id
+    request_autograde(rt, assignment_id, user_id)
+    with rt.sessions() as session:
+        row_id = session.scalars(
+            select(AutogradeResult.id).where(AutogradeResult.submission_id == submission_id)
+        ).one()
+    assert grade_submission(rt, row_id, limits) is AutogradeState.done
+    with rt.sessions() as session:
+        return session.get_one(AutogradeResult, row_id)
+
+
+def test_correct_gets_full_marks_in_moodle_and_wrong_gets_part(rt, lab, gradebook):  # type: ignore[no-untyped-def]
+    assignment, _, submit = lab
+    good = grade(rt, submit("4", student_notebook(CORRECT)))
+    assert good.score == 10 and good.cells[0]["grade_id"] == "test_square"
+    assert good.cells[0]["passed"] and "hidden-check" not in good.feedback_html
+    bad = grade(rt, submit("5", student_notebook(WRONG)))
+    assert bad.score == 0 and "AssertionError" in bad.summary
+    assert send_due_scores(rt) == {"sent": 2}
+    assert gradebook.grade("4")["score_given"] == 10
+    assert gradebook.grade("4")["comment"].startswith("Autograded: 2/2")
+    assert gradebook.grade("5")["score_given"] == 0
+
+
+def test_a_rerun_of_the_same_version_neither_counts_nor_sends_twice(rt, lab, gradebook):  # type: ignore[no-untyped-def]
+    _, _, submit = lab
+    submission_id = submit("4", student_notebook(CORRECT))
+    grade(rt, submission_id)
+    grade(rt, submission_id)
+    with rt.sessions() as session:
+        assert len(session.scalars(select(AutogradeResult)).all()) == 1
+    assert send_due_scores(rt) == {"sent": 1}
+    assert len(gradebook.accepted) == 1
+
+
+def test_a_manual_grade_after_the_autograde_wins(rt, lab, tool, browser):  # type: ignore[no-untyped-def]
+    from grading.grades import record_grade
+
+    assignment, _, submit = lab
+    submission_id = submit("4", student_notebook(WRONG))
+    grade(rt, submission_id)
+    with rt.sessions() as session, session.begin():
+        record_grade(
+            session, session.get_one(Assignment, assignment.id), user_id_of(rt, "4"), 7, "ok"
+        )
+    grade(rt, submission_id)  # regrade
+    with rt.sessions() as session:
+        kept = session.scalars(select(Grade)).one()
+    assert kept.score == 7 and kept.source.value == "manual"
+
+
+def test_a_lost_job_is_queued_again_by_the_periodic_pass(rt, lab):  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from config.db import utcnow
+
+    _, _, submit = lab
+    submission_id = submit("4", student_notebook(CORRECT))
+    request_autograde(rt, lab[0].id, None)
+    with rt.sessions() as session, session.begin():
+        row = session.scalars(select(AutogradeResult)).one()
+        row.state, row.started_at = AutogradeState.running, utcnow() - timedelta(hours=1)
+    assert requeue_owed_autogrades(rt) == 1
+    assert grade_submission(rt, row.id, LIMITS) is AutogradeState.done
+    del submission_id
+
+
+ESCAPES = {
+    "read the source notebook, solutions, hidden tests": (
+        "import os, glob\nfound=[p for p in glob.glob('/**/*', recursive=True) "
+        "if 'assignments' in p or 'submissions' in p or p.endswith('.db')]\n"
+        "hits=[]\nfor root in ['/home','/tmp','/proc/self/cwd','/dev/shm']:\n"
+        "  for p in glob.glob(root+'/**', recursive=True):\n"
+        "    try:\n      t=open(p,errors='ignore').read()\n    except Exception: continue\n"
+        "    if 'hidden-check' in t or 'secret-answer' in t: hits.append(p)\n"
+        "for pid in os.listdir('/proc'):\n  if pid.isdigit():\n"
+        "    for f in ['cmdline','environ','mem']:\n      try:\n"
+        "        t=open(f'/proc/{pid}/{f}','rb').read(10**6)\n"
+        "        if b'hidden-check' in t or b'LABPOOL' in t: hits.append(pid+f)\n"
+        "      except Exception: pass\n"
+        "    try:\n      for fd in os.listdir(f'/proc/{pid}/fd'):\n"
+        "        t=open(f'/proc/{pid}/fd/{fd}','rb').read(10**6)\n"
+        "        if b'hidden-check' in t: hits.append(pid+'fd')\n"
+        "    except Exception: pass\n"
+        "print('ESCAPED' if found or hits else 'BLOCKED', found[:3], hits[:3])\n",
+        10,
+    ),
+    "reach the network (Redis, PostgreSQL, the tool, the internet)": (
+        "import socket\nopen_=[]\nfor host,port in [('127.0.0.1',6379),('127.0.0.1',5432),"
+        "('127.0.0.1',8080),('1.1.1.1',80)]:\n  s=socket.socket()\n  s.settimeout(1)\n"
+        "  try:\n    s.connect((host,port)); open_.append(port)\n  except OSError: pass\n"
+        "print('ESCAPED' if open_ else 'BLOCKED', open_)\n",
+        10,
+    ),
+    "fork bomb": ("import os\nwhile True:\n    os.fork()\n", 0),
+    "memory bomb (8 GB)": ("x = bytearray(8 * 2**30)\nprint('ESCAPED')\n", 0),
+    "memory total across processes": (
+        "import os, time\nfor i in range(8):\n  if os.fork()==0:\n"
+        "    b=bytearray(900*2**20); time.sleep(30)\n"
+        "time.sleep(30)\n",
+        0,
+    ),
+    "print 100 MB": ("import sys\nfor i in range(100):\n    print('x' * 2**20)\n", 10),
+    "fill the disk (10 GB file)": (
+        "import os\nfor path in ['big','/tmp/big','/dev/shm/big','/dev/big']:\n"
+        "  try:\n    with open(path,'wb') as f:\n"
+        "      for i in range(10*1024): f.write(b'0'*2**20)\n    print('ESCAPED', path)\n"
+        "  except OSError as e: print('BLOCKED', path, e.errno)\n",
+        10,
+    ),
+    "loop forever": ("while True:\n    pass\n", 0),
+    "kill the worker's process group and every process": (
+        "import os, signal\nfor pid in range(2, 400):\n  try: os.kill(pid, signal.SIGKILL)\n"
+        "  except Exception: pass\nos.killpg(0, signal.SIGKILL)\n",
+        0,
+    ),
+    "leave a background process": (
+        "import subprocess\nsubprocess.Popen(['sleep','600'], start_new_session=True)\n"
+        "print('BLOCKED')\n",
+        10,
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(ESCAPES), ids=list(ESCAPES))
+def test_an_escape_from_the_autograder_fails_and_the_next_submission_is_graded(rt, lab, attack):  # type: ignore[no-untyped-def]
+    _, _, submit = lab
+    code, expected = ESCAPES[attack]
+    limits = GradingLimits(timeout_s=8, cpu_seconds=6, memory_total_mb=1024)
+    result = grade(rt, submit("4", student_notebook(code + "\n" + CORRECT)), limits)
+    assert "ESCAPED" not in result.feedback_html
+    assert result.score == expected, result.summary
+    assert len(result.feedback_html) < 2 * 2**20  # outputs bounded in bytes
+    if attack == "leave a background process":
+        import psutil
+
+        assert not [
+            p for p in psutil.process_iter(["username"]) if p.info["username"] == "lp-grader"
+        ]
+    # the worker survives and grades the next submission correctly
+    assert grade(rt, submit("5", student_notebook(CORRECT))).score == 10
+
+
+def test_edited_test_cells_and_their_metadata_earn_nothing(rt, lab):  # type: ignore[no-untyped-def]
+    _, _, submit = lab
+    forged = student_notebook(WRONG, test_source="pass", points=100)
+    nb = json.loads(forged)
+    nb["cells"][2]["metadata"]["nbgrader"]["grade"] = False  # "not a test any more"
+    nb["cells"].append(
+        nbformat.v4.new_code_cell(
+            "pass", metadata={"nbgrader": {"grade": True, "grade_id": "bonus", "points": 50}}
+        )
+    )
+    result = grade(rt, submit("4", json.dumps(nb).encode()))
+    assert result.score == 0 and [c["grade_id"] for c in result.cells] == ["test_square"]
+    assert (
+        "You changed the test cell" in result.summary or "not in the assignment" in result.summary
+    )
+
+
+def test_a_fake_grade_file_or_forged_timestamp_changes_nothing(rt, lab):  # type: ignore[no-untyped-def]
+    _, _, submit = lab
+    fake = nbgrader_source().replace(b"x * x", b"x * x")  # the source, claiming full marks
+    submission_id = submit(
+        "4",
+        student_notebook(WRONG),
+        {"timestamp.txt": b"2000-01-01 00:00:00", "grades.json": b'{"score": 10}', "x.ipynb": fake},
+    )
+    result = grade(rt, submission_id)
+    assert result.score == 0
+    with rt.sessions() as session:
+        submission = session.get_one(Submission, submission_id)
+        assert submission.submitted_at.year >= 2026
+
+
+def test_the_feedback_is_for_the_student_and_the_teachers_only(rt, lab, tool, platform, browser):  # type: ignore[no-untyped-def]
+    _, activity_id, submit = lab
+    submission_id = submit("4", student_notebook("print('<script>alert(1)</script>')\n" + CORRECT))
+    grade(rt, submission_id)
+    url = f"{tool.url}/submissions/{submission_id}/feedback"
+    own = launch_student(platform, tool, "4").get(url)
+    assert own.status_code == 200 and "Autograded score: 10 / 10" in own.text
+    assert "<script>" not in own.text and "&lt;script&gt;" in own.text
+    assert "script-src 'none'" in own.headers["Content-Security-Policy"]
+    assert "sandbox" in own.headers["Content-Security-Policy"]
+    assert launch_student(platform, tool, "5").get(url).status_code == 403
+    assert browser.get(url).status_code == 200  # the teacher
