@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -419,6 +419,75 @@ def platform_list() -> None:
             deployments = ", ".join(d.deployment_id for d in p.deployments)
             click.echo(f"{p.issuer}  client {p.client_id}  deployments [{deployments}]")
             click.echo(f"    auth {p.auth_url}\n    token {p.token_url}\n    jwks {p.jwks_url}")
+
+
+@platform.command("remove")
+@click.option("--issuer", required=True)
+@click.option("--client-id", default=None, help="Needed when the issuer is registered twice.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Remove even while its courses have live machines (they are stopped) or volumes.",
+)
+def platform_remove(issuer: str, client_id: str | None, force: bool) -> None:
+    """Remove a registration with its courses (enrolments, activities, assignments,
+    submissions' records, grades, unsent scores). People, machines' records, environments
+    and files on disk stay. Refused while its courses have live machines or students'
+    volumes, unless --force."""
+    from lti_tool.registrations import RegistrationError, remove_platform
+    from provisioning.proxy_table import withdraw_route
+    from provisioning.queue import STOP_JOB, enqueue
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            removal = remove_platform(session, issuer=issuer, client_id=client_id, force=force)
+    except RegistrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for machine_id in removal.live_machines:
+        withdraw_route(rt.redis, machine_id)
+        enqueue(rt.redis, rt.settings.queue_name, STOP_JOB, machine_id)
+    click.echo(
+        f"removed {removal.issuer} (client {removal.client_id}, deployments "
+        f"{', '.join(removal.deployment_ids)}): {removal.summary()}"
+    )
+
+
+@main.command("registration-link")
+@click.option(
+    "--expires",
+    default="24h",
+    show_default=True,
+    help="How long the link may be used: 30m, 24h, 7d (1 minute to 30 days).",
+)
+def registration_link(expires: str) -> None:
+    """Print a one-time link for LTI Dynamic Registration: paste it in Moodle as Tool URL
+    (Manage tools), then click "Add LTI Advantage"."""
+    import redis
+
+    from lti_tool.dynamic_registration import RegistrationLinks, parse_duration
+
+    settings = _settings()
+    try:
+        lifetime = parse_duration(expires)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from exc
+    rt = prepare(settings)
+    try:
+        link = RegistrationLinks(rt.redis).create(lifetime)
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"cannot keep the link in Redis ({type(exc).__name__}): links live in the Redis "
+            "of the running Labpool; start it (`labpool run`) or set LABPOOL_REDIS_URL"
+        ) from exc
+    until = datetime.fromtimestamp(link.expires_at, UTC)
+    click.echo(settings.url(f"/lti/register/{link.token}"))
+    click.echo(
+        f"One use, until {until:%Y-%m-%d %H:%M} UTC. In Moodle: Site administration → Plugins → "
+        "Activity modules → External tool → Manage tools → Tool URL, paste it, "
+        '"Add LTI Advantage"; then activate the pending tool.',
+        err=True,
+    )
 
 
 @main.command("nginx-config")

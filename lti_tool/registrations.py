@@ -1,17 +1,19 @@
-"""Registering platforms (manual registration; Moodle shows the values after the admin adds
-the tool)."""
+"""Registering platforms and removing them: the service code of `labpool platform add|remove`
+and of dynamic registration (lti_tool/dynamic_registration.py), which stores what the
+platform answered through `register_platform` too."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from lti_tool.framing import forget_platform_origins
-from lti_tool.models import Deployment, Platform
+from lti_tool.models import Activity, Course, Deployment, Enrolment, Platform
 
 
 class RegistrationError(Exception):
@@ -67,6 +69,127 @@ def register_platform(
     session.flush()
     forget_platform_origins()  # this process frames the new platform's pages at once
     return platform
+
+
+class PlatformInUse(RegistrationError):
+    """The platform's courses still have machines or cloud volumes; `force` removes anyway."""
+
+
+def find_platform(session: Session, issuer: str, client_id: str | None = None) -> Platform:
+    """The registration of `issuer` (and `client_id`: needed when the issuer has several)."""
+    query = select(Platform).where(Platform.issuer == issuer)
+    if client_id:
+        query = query.where(Platform.client_id == client_id)
+    found = session.scalars(query.order_by(Platform.id)).all()
+    if not found:
+        which = f" with client id {client_id}" if client_id else ""
+        raise RegistrationError(f"no platform {issuer}{which} is registered (see `platform list`)")
+    if len(found) > 1:
+        clients = ", ".join(p.client_id for p in found)
+        raise RegistrationError(
+            f"{issuer} is registered {len(found)} times (client ids {clients}): say which "
+            "with --client-id"
+        )
+    return found[0]
+
+
+@dataclass
+class PlatformRemoval:
+    """What removing a registration takes with it (counted before, done in one transaction)."""
+
+    issuer: str
+    client_id: str
+    deployment_ids: list[str]
+    courses: int = 0
+    activities: int = 0
+    enrolments: int = 0
+    assignments: int = 0
+    submissions: int = 0
+    grades: int = 0
+    scores_unsent: int = 0  # grades the outbox still owed this platform: never sent
+    volumes: int = 0  # students' cloud volumes: their rows go, the volumes stay in the cloud
+    live_machines: list[int] = field(default_factory=list)  # asked to stop (force only)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.courses} course(s)",
+            f"{self.activities} activity(ies)",
+            f"{self.enrolments} enrolment(s)",
+            f"{self.assignments} assignment(s) with {self.submissions} submission(s) and "
+            f"{self.grades} grade(s)",
+            f"{self.scores_unsent} unsent score(s)",
+        ]
+        if self.volumes:
+            parts.append(f"the records of {self.volumes} student volume(s)")
+        if self.live_machines:
+            parts.append(f"{len(self.live_machines)} live machine(s), now stopping")
+        return ", ".join(parts)
+
+
+def remove_platform(
+    session: Session, *, issuer: str, client_id: str | None = None, force: bool = False
+) -> PlatformRemoval:
+    """Remove a registration: its deployments, and its courses with everything under them
+    (enrolments, activities, launches, assignments, submissions' records, grades, unsent
+    scores, class sessions). People (users, keyed by issuer and shared by the issuer's other
+    registrations), machines' records (they lose their course), environments, and files on
+    disk (homes, assignment files, submission zips) stay.
+
+    Refused (PlatformInUse) while the courses have live machines or students' cloud volumes,
+    unless `force`: then live machines are moved to `stopping` and their ids returned, for
+    the caller to enqueue their stop once this transaction is committed. Cloud volumes are
+    never deleted here (`labpool volumes delete` does that): with `force` only their records
+    go. Web processes stop accepting the platform's launches within 30 s (their
+    registration cache)."""
+    from grading.models import Assignment, Grade, ScoreOutbox, ScoreStatus, Submission
+    from provisioning.models import LIVE_STATES, Machine, MachineState, StudentVolume
+
+    platform = find_platform(session, issuer, client_id)
+    removal = PlatformRemoval(
+        platform.issuer, platform.client_id, [d.deployment_id for d in platform.deployments]
+    )
+    courses = select(Course.id).where(Course.platform_id == platform.id).scalar_subquery()
+    activities = select(Activity.id).where(Activity.course_id.in_(courses)).scalar_subquery()
+    assignments = (
+        select(Assignment.id).where(Assignment.activity_id.in_(activities)).scalar_subquery()
+    )
+
+    def count(model: type, *where: object) -> int:
+        return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+    removal.courses = count(Course, Course.platform_id == platform.id)
+    removal.activities = count(Activity, Activity.course_id.in_(courses))
+    removal.enrolments = count(Enrolment, Enrolment.course_id.in_(courses))
+    removal.assignments = count(Assignment, Assignment.activity_id.in_(activities))
+    removal.submissions = count(Submission, Submission.assignment_id.in_(assignments))
+    removal.grades = count(Grade, Grade.assignment_id.in_(assignments))
+    removal.scores_unsent = count(
+        ScoreOutbox,
+        ScoreOutbox.platform_id == platform.id,
+        ScoreOutbox.status.in_([ScoreStatus.pending, ScoreStatus.failed]),
+    )
+    removal.volumes = count(StudentVolume, StudentVolume.course_id.in_(courses))
+    live = session.scalars(
+        select(Machine)
+        .where(Machine.course_id.in_(courses), Machine.state.in_(LIVE_STATES))
+        .with_for_update()
+    ).all()
+    if (live or removal.volumes) and not force:
+        raise PlatformInUse(
+            f"{issuer} (client {platform.client_id}) still has {len(live)} live machine(s) "
+            f"and {removal.volumes} student volume(s) in its courses. Stop the machines "
+            "(they stop when idle, or from the class page) and delete the volumes "
+            "(`labpool volumes delete`) first, or remove with --force: live machines are "
+            "stopped, the volumes stay in the cloud without a record"
+        )
+    for machine in live:
+        machine.move_to(MachineState.stopping)
+        removal.live_machines.append(machine.id)
+    session.flush()
+    session.execute(delete(Platform).where(Platform.id == platform.id))
+    session.expunge_all()  # what the cascade removed must not be flushed again
+    forget_platform_origins()
+    return removal
 
 
 def moodle_values(settings: Settings) -> list[tuple[str, str]]:

@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         machine_routes,
         page_headers,
         proxy_routes,
+        registration_routes,
         release_routes,
         submission_routes,
         teacher_actions,
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(teacher_routes.bp)
     app.register_blueprint(teacher_actions.bp)
     app.register_blueprint(proxy_routes.bp)
+    app.register_blueprint(registration_routes.bp)
     app.register_blueprint(grading_routes.bp)
     app.register_blueprint(release_routes.bp)
     app.register_blueprint(submission_routes.bp)

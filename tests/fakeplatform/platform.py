@@ -48,6 +48,7 @@ from .claims import (
     moodle_claims,
 )
 from .jwt import _HMAC_HASHES, SigningKey, SignKey, _b64url_decode, _check_jwt, encode_jwt
+from .registration import CONFIGURATION_PATH, REGISTRATION_PATH, FakeDynamicRegistration
 from .server import ServedApp
 
 
@@ -238,6 +239,10 @@ class FakePlatform:
         # AGS: line items and scores (tests/fakeplatform/ags.py)
         #: The gradebook: line items, stored grades, every score taken; its outage switches.
         self.gradebook = FakeGradebook(self)
+
+        # Dynamic registration (tests/fakeplatform/registration.py)
+        #: Moodle's openid-configuration.php and openid-registration.php, its pending tools.
+        self.dynamic_registration = FakeDynamicRegistration(self)
 
         self._server = ServedApp(self._wsgi_app)
         self.url: str = self._server.url  #: the issuer, e.g. ``http://127.0.0.1:PORT``
@@ -913,6 +918,8 @@ class FakePlatform:
             "/mod/lti/auth.php": self._auth_endpoint,
             "/mod/lti/token.php": self._token_endpoint,
             self.CONTENT_ITEM_RETURN_PATH: self._content_item_return_endpoint,
+            CONFIGURATION_PATH: self.dynamic_registration.configuration_endpoint,
+            REGISTRATION_PATH: self.dynamic_registration.registration_endpoint,
         }
         handler = routes.get(request.path)
         if handler is None and request.path.startswith(self.SERVICES_PATH + "/"):
@@ -1245,6 +1252,9 @@ class FakePlatform:
             )
         if self._type_id_of(params["client_id"]) is None:
             return _auth_error("unauthorized_client", f"unknown client_id {params['client_id']!r}")
+        if self.dynamic_registration.pending(params["client_id"]):
+            # A dynamically registered tool type is pending until the admin activates it.
+            return _auth_error("unauthorized_client", "the tool is pending: activate it first")
         redirect_uri = params["redirect_uri"]
         if redirect_uri not in self.registered_redirect_uris:
             return _auth_error(
