@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
+# JupyterLab plugins a class has no use for: nbgrader's teacher panels (assignments are made
+# on Labpool's class page; students must not see "Create Assignment" or the formgrader), and
+# the "get notified about Jupyter news?" pop-up that a new machine shows on every first start.
+DISABLED_LAB_PLUGINS = (
+    "@jupyter/nbgrader:create-assignment",
+    "@jupyter/nbgrader:formgrader",
+    "@jupyter/nbgrader:course-list",
+    "@jupyter/nbgrader:assignment-list",
+    "@jupyter/nbgrader:validate-assignment",
+    "@jupyterlab/apputils-extension:announcements",
+)
+# …and nbgrader's server extensions behind them (ignored when nbgrader is not installed).
+DISABLED_SERVER_EXTENSIONS = (
+    "nbgrader.server_extensions.formgrader",
+    "nbgrader.server_extensions.assignment_list",
+    "nbgrader.server_extensions.course_list",
+    "nbgrader.server_extensions.validate_assignment",
+)
+
 
 def jupyter_server_config(csp: str) -> str:
-    """Jupyter's config for a machine: the CSP header, and a lab page that does not carry the
+    """Jupyter's config for a machine: the CSP header, a lab page that does not carry the
     IDE's token (JupyterLab writes it into the page by default; the proxy adds it to every
-    request instead, and without the proxy the login cookie does)."""
+    request instead, and without the proxy the login cookie does), and without the plugins
+    above."""
+    disabled = list(DISABLED_LAB_PLUGINS)
     return (
         "c.ServerApp.tornado_settings = {\n"
         f"    'headers': {{'Content-Security-Policy': {csp!r}}},\n"
-        "    'page_config_hook': lambda handler, config: {**config, 'token': ''},\n"
-        "}\n" + PROXY_IDENTITY
+        "    'page_config_hook': lambda handler, config: {\n"
+        "        **config,\n"
+        "        'token': '',\n"
+        f"        'disabledExtensions': [*config.get('disabledExtensions', []), *{disabled!r}],\n"
+        "    },\n"
+        "}\n"
+        "c.ServerApp.jpserver_extensions = {\n"
+        + "".join(f"    {name!r}: False,\n" for name in DISABLED_SERVER_EXTENSIONS)
+        + "}\n"
+        + PROXY_IDENTITY
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import requests
@@ -46,6 +47,13 @@ def test_learner_launch_ends_at_a_jupyterlab_that_answers(tool, platform, rt, br
     lab = browser.get(ide.headers["Location"])
     assert lab.status_code == 200
     assert "JupyterLab" in lab.text
+    # No news pop-up and no nbgrader teacher panels in a class's JupyterLab.
+    config = json.loads(
+        lab.text.split('id="jupyter-config-data" type="application/json">')[1].split("</script>")[0]
+    )
+    assert "@jupyterlab/apputils-extension:announcements" in config["disabledExtensions"]
+    assert "@jupyter/nbgrader:create-assignment" in config["disabledExtensions"]
+    assert config["token"] == ""
 
     # The IDE is real: a file written through Jupyter's API lands in the student's home.
     with rt.sessions() as session:
