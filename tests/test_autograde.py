@@ -14,10 +14,12 @@ from grading.grader_sandbox import GradingLimits
 from grading.models import Assignment, AutogradeResult, AutogradeState, Grade, Submission
 from grading.outbox import send_due_scores
 from grading.submissions import submit_folder
+from tests import test_grades
 from tests.test_assignment_release import nbgrader_source, published
-from tests.test_grades import gradebook, launch_student, launch_teacher, user_id_of  # noqa: F401
+from tests.test_grades import launch_student, launch_teacher, user_id_of
 from tests.test_submissions import course_of, home_of, write_folder
 
+gradebook = test_grades.gradebook  # the fake Moodle's gradebook fixture
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 LIMITS = GradingLimits(timeout_s=20, cpu_seconds=15, memory_total_mb=1024)
 CORRECT = "def square(x):\n    return x * x\n"

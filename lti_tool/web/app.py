@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from lti_tool.web import (
+        autograde_routes,
         deep_link_routes,
         grading_routes,
         lti_routes,
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(grading_routes.bp)
     app.register_blueprint(release_routes.bp)
     app.register_blueprint(submission_routes.bp)
+    app.register_blueprint(autograde_routes.bp)
     page_headers.install(app)
 
     @app.errorhandler(WebError)
