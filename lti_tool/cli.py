@@ -60,13 +60,22 @@ def ide_env() -> None:
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
-def worker(burst: bool) -> None:
-    """Run an RQ worker for provisioning jobs."""
+@click.option(
+    "--queue",
+    "which",
+    type=click.Choice(["jobs", "grading"]),
+    default="jobs",
+    help="jobs: provisioning, release, collection, scores; grading: the autograder "
+    "(QUEUE_NAME-grading), apart so that a class's grading never delays a launch.",
+)
+def worker(burst: bool, which: str) -> None:
+    """Run an RQ worker for provisioning jobs (or, with --queue grading, autograde jobs)."""
     import redis
     from rq import SimpleWorker
 
     # Everything a job needs, imported once: machines point at users and courses (every
     # table must be in the metadata), and the reconciler brings openstacksdk.
+    import grading.autograde  # noqa: F401
     import grading.outbox  # noqa: F401
     import lti_tool.models  # noqa: F401
     import lti_tool.services.nrps  # noqa: F401
@@ -79,7 +88,8 @@ def worker(burst: bool) -> None:
     # job: the worker keeps its database pool and its one cloud connection (a new one costs
     # a token and discovery requests), and a reconciler pass starts in milliseconds. Job
     # timeouts still hold (SIGALRM), and a killed worker loses nothing: jobs are triggers.
-    SimpleWorker([settings.queue_name], connection=conn).work(burst=burst)
+    queue = settings.queue_name if which == "jobs" else f"{settings.queue_name}-grading"
+    SimpleWorker([queue], connection=conn).work(burst=burst)
 
 
 @main.command()
@@ -89,6 +99,7 @@ def cron() -> None:
     import redis
     from rq.cron import CronScheduler
 
+    from grading.autograde import REQUEUE_INTERVAL_S, requeue_owed_autogrades_job
     from grading.outbox import DUE_PASS_INTERVAL_S, send_due_scores_job
     from lti_tool.services.nrps import sync_all_courses_job
     from provisioning.idle import release_idle_job
@@ -104,6 +115,8 @@ def cron() -> None:
     # Scores the outbox owes and whose time has come (retries, lost jobs): the database
     # remembers them, this pass sends them.
     scheduler.register(send_due_scores_job, queue, interval=DUE_PASS_INTERVAL_S)
+    # Autogrades owed whose job was lost or whose worker was killed: queued again.
+    scheduler.register(requeue_owed_autogrades_job, queue, interval=REQUEUE_INTERVAL_S)
     scheduler.start()
 
 

@@ -3,7 +3,8 @@
 Starts, in order: the embedded Redis (when no LABPOOL_REDIS_URL is given), the migrations and
 keys, the IDE environment (once), nginx on the public URL's port in front of everything (the
 tool, its pages and every student's IDE behind one address, `auth_request` before each IDE
-request), the web app under gunicorn on a loopback port behind it, one RQ worker, the
+request), the web app under gunicorn on a loopback port behind it, one RQ worker (and one for
+the autograder's queue), the
 periodic reconciler trigger (`labpool cron`), and for the demo a practice platform. Prints the
 URLs and the values for Moodle, then waits. Ctrl-C (or SIGTERM) stops everything it started,
 the machines included; a child that dies on its own stops the rest too.
@@ -229,6 +230,9 @@ def serve(settings: Settings, demo: bool) -> int:
             else {}
         ),
         "worker": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker"], env=env),
+        "grading worker": subprocess.Popen(
+            [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading"], env=env
+        ),
         "cron": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env),
     }
 

@@ -249,3 +249,36 @@ def test_the_feedback_is_for_the_student_and_the_teachers_only(rt, lab, tool, pl
     assert "sandbox" in own.headers["Content-Security-Policy"]
     assert launch_student(platform, tool, "5").get(url).status_code == 403
     assert browser.get(url).status_code == 200  # the teacher
+
+
+def test_auto_grade_on_submit_through_the_grading_workers_queue(rt, lab, tool, browser, gradebook):  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_grades import csrf_of
+
+    assignment, activity_id, submit = lab
+    page = f"{tool.url}/activities/{activity_id}/assignments/{assignment.id}"
+    response = browser.post(
+        f"{page}/autograde-on-submit",
+        data={"csrf": csrf_of(browser, page), "on": "1"},
+        allow_redirects=False,
+    )
+    assert response.status_code == 303
+    submission_id = submit("4", student_notebook(CORRECT))  # the hook queues it
+    done = subprocess.run(
+        [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading", "--burst"],
+        env=dict(os.environ),
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with rt.sessions() as session:
+        result = session.scalars(
+            select(AutogradeResult).where(AutogradeResult.submission_id == submission_id)
+        ).one()
+    assert result.state is AutogradeState.done and result.score == 10
+    send_due_scores(rt)
+    assert gradebook.grade("4")["score_given"] == 10
