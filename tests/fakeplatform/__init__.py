@@ -25,6 +25,10 @@ endpoints:
   Names and Role Provisioning Service (``mod/lti/service/memberships``) over the rosters that
   tests set with ``set_roster``; pages only when ``limit`` is given, the next page in a
   ``Link: <…?limit=L&from=N>; rel="next"`` header;
+* ``GET /mod/lti/openid-configuration.php`` and ``POST /mod/lti/openid-registration.php`` —
+  LTI Dynamic Registration as Moodle does it (the captured configuration, registration_helper's
+  checks, a single-use registration token, a pending tool type until ``activate()``):
+  ``platform.dynamic_registration``, in ``registration.py``;
 * ``POST /mod/lti/contentitem_return.php`` — where a tool posts its LtiDeepLinkingResponse
   (form field ``JWT``, the ``deep_link_return_url`` of ``deep_linking()`` claims), checked as
   Moodle's ``lti_convert_from_jwt`` does plus the spec's claims; every response is kept in
@@ -56,7 +60,8 @@ Example::
 The package: ``platform.py`` (``FakePlatform``, its endpoints and launch driver), ``server.py``
 (``ServedApp``, which also serves the tool under test), ``claims.py`` (claim names, the captured
 Moodle launches and the claims builder behind ``learner()``/``instructor()``/``deep_linking()``),
-``jwt.py`` (keys, JWKs, hand-built JWS), ``ags.py`` (``FakeGradebook``: Moodle's grade services). Import from the package: ``from tests.fakeplatform
+``jwt.py`` (keys, JWKs, hand-built JWS), ``ags.py`` (``FakeGradebook``: Moodle's grade services),
+``registration.py`` (``FakeDynamicRegistration``: Moodle's side of dynamic registration). Import from the package: ``from tests.fakeplatform
 import FakePlatform, ServedApp``.
 """
 
