@@ -478,7 +478,7 @@ def registration_link(expires: str) -> None:
     (Manage tools), then click "Add LTI Advantage"."""
     import redis
 
-    from lti_tool.dynamic_registration import RegistrationLinks, parse_duration
+    from lti_tool.registration_links import RegistrationLinks, parse_duration
 
     settings = _settings()
     try:

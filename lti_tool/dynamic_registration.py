@@ -1,9 +1,7 @@
 """LTI Dynamic Registration 1.0 (https://www.imsglobal.org/spec/lti-dr/v1p0), as Moodle 4.3
 does it (docs/moodle.md, "Registration"), without Flask.
 
-1. `labpool registration-link` makes a one-time link (`RegistrationLinks`). Redis keeps only
-   a hash of its token, with its expiry and, once it served, when it was used: a used link is
-   told apart from an expired or unknown one for `USED_KEPT_S` after its expiry.
+1. `labpool registration-link` makes a one-time link (`lti_tool/registration_links.py`).
 2. Moodle opens the link with `openid_configuration` and `registration_token`. The link is
    claimed first (nothing is fetched for a stranger's link), then
    `fetch_platform_configuration` reads the platform's OpenID configuration (LTI-DR §3.4)
@@ -22,31 +20,23 @@ limits, follows redirects, does not check the issuer and reports problems with `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
 import requests
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.db import transaction
 from config.settings import Settings
 from lti_tool.framing import origin_of
+from lti_tool.registration_links import RegistrationLinks
 from lti_tool.registrations import RegistrationError, register_platform
 
 log = logging.getLogger(__name__)
 
-LINK_PREFIX = "labpool:registration-link:"
-USED_KEPT_S = 30 * 24 * 3600  # how long after its expiry a link is still recognised
-CLAIM_S = 120  # a registration in progress holds its link this long at most
-MIN_LINK_S, MAX_LINK_S = 60, 30 * 24 * 3600
 FETCH_TIMEOUT = (5, 15)  # connect, read (seconds)
 MAX_ANSWER_BYTES = 256 * 1024
 
@@ -83,103 +73,6 @@ class DynamicRegistrationError(Exception):
         super().__init__(message)
         if status is not None:
             self.status = status
-
-
-class LinkRefused(DynamicRegistrationError):
-    """The registration link is unknown, expired, used, or being used right now."""
-
-
-# --------------------------------------------------------------------------- one-time links
-
-
-def parse_duration(text: str) -> int:
-    """`90s`, `30m`, `24h`, `7d` (or plain seconds) → seconds, within 1 minute and 30 days."""
-    match = re.fullmatch(r"\s*(\d{1,7})\s*([smhd]?)\s*", text or "")
-    if not match:
-        raise ValueError(f"{text!r} is not a duration such as 30m, 24h or 7d")
-    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    if not MIN_LINK_S <= seconds <= MAX_LINK_S:
-        raise ValueError(f"a registration link lives between 1 minute and 30 days, not {text!r}")
-    return seconds
-
-
-@dataclass(frozen=True)
-class RegistrationLink:
-    token: str
-    expires_at: float
-
-
-class RegistrationLinks:
-    """One-time registration links in Redis, keyed by the sha256 of their token (the token
-    itself is never stored or logged)."""
-
-    def __init__(self, conn: redis.Redis):
-        self._redis = conn
-
-    @staticmethod
-    def _key(token: str) -> str:
-        return LINK_PREFIX + hashlib.sha256(token.encode()).hexdigest()
-
-    @staticmethod
-    def label(token: str) -> str:
-        """A short name for a link in logs: not the token, not enough to find it."""
-        return hashlib.sha256(token.encode()).hexdigest()[:8]
-
-    def create(self, lifetime_s: int, now: float | None = None) -> RegistrationLink:
-        now = time.time() if now is None else now
-        token = secrets.token_urlsafe(32)
-        expires_at = now + lifetime_s
-        self._redis.hset(self._key(token), mapping={"expires_at": f"{expires_at:.0f}"})
-        self._redis.expire(self._key(token), lifetime_s + USED_KEPT_S)
-        return RegistrationLink(token, expires_at)
-
-    def check(self, token: str, now: float | None = None) -> None:
-        """LinkRefused unless the link may be used now (it is not claimed by this)."""
-        now = time.time() if now is None else now
-        if not isinstance(token, str) or not 20 <= len(token) <= 100:
-            raise LinkRefused(_UNKNOWN, 404)
-        entry = self._redis.hgetall(self._key(token))
-        if not entry:
-            raise LinkRefused(_UNKNOWN, 404)
-        if b"used_at" in entry:
-            used = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(entry[b"used_at"])))
-            raise LinkRefused(
-                f"This registration link was already used (on {used}). Each link registers "
-                "one tool; ask the Labpool administrator for a new one "
-                "(`labpool registration-link`).",
-                410,
-            )
-        if float(entry[b"expires_at"]) <= now:
-            raise LinkRefused(
-                "This registration link has expired. Ask the Labpool administrator for a new "
-                "one (`labpool registration-link`).",
-                410,
-            )
-
-    def claim(self, token: str, now: float | None = None) -> None:
-        """Check the link and hold it for one registration (two windows opening the same
-        link at once cannot both register)."""
-        self.check(token, now)
-        if not self._redis.set(self._key(token) + ":claim", 1, nx=True, ex=CLAIM_S):
-            raise LinkRefused(
-                "This registration link is being used right now; wait for that window to finish.",
-                409,
-            )
-
-    def release(self, token: str) -> None:
-        """The registration failed before anything was stored: the link may be used again."""
-        self._redis.delete(self._key(token) + ":claim")
-
-    def mark_used(self, token: str, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        self._redis.hset(self._key(token), "used_at", f"{now:.0f}")
-        self._redis.delete(self._key(token) + ":claim")
-
-
-_UNKNOWN = (
-    "This registration link is not known to Labpool. Check that the whole link was pasted, "
-    "or ask the Labpool administrator for a new one (`labpool registration-link`)."
-)
 
 
 # --------------------------------------------------------------------------- the platform
@@ -424,9 +317,9 @@ def complete_registration(
     openid_configuration: str,
     registration_token: str,
 ) -> Registered:
-    """The whole exchange behind one registration link. DynamicRegistrationError (LinkRefused
-    for the link) says what went wrong; then nothing was stored and a link refused for
-    another reason than itself may be used again."""
+    """The whole exchange behind one registration link. LinkRefused (the link) or
+    DynamicRegistrationError (the platform) says what went wrong; then nothing was stored,
+    and a link refused for another reason than itself may be used again."""
     if not openid_configuration or not registration_token:
         links.check(link_token)
         raise DynamicRegistrationError(

@@ -4,6 +4,7 @@ registration; and the admin's `labpool platform remove`."""
 
 from __future__ import annotations
 
+import logging
 import time
 from urllib.parse import urlsplit
 
@@ -14,13 +15,9 @@ from sqlalchemy import func, select
 
 from config.db import transaction
 from lti_tool.cli import main
-from lti_tool.dynamic_registration import (
-    DynamicRegistrationError,
-    RegistrationLinks,
-    fetch_platform_configuration,
-    parse_duration,
-)
+from lti_tool.dynamic_registration import DynamicRegistrationError, fetch_platform_configuration
 from lti_tool.models import Course, Deployment, Platform
+from lti_tool.registration_links import RegistrationLinks, parse_duration
 from lti_tool.registrations import remove_platform
 from provisioning.models import Machine, MachineState
 from tests.fakeplatform import FakePlatform
@@ -63,7 +60,10 @@ def moodle(rt):  # type: ignore[no-untyped-def]
             remove_platform(session, issuer=fake.issuer, client_id=client_id, force=True)
 
 
-def test_pasted_link_registers_labpool_and_a_launch_through_it_works(tool, rt, moodle, browser):
+def test_pasted_link_registers_labpool_and_a_launch_through_it_works(
+    tool, rt, moodle, browser, caplog
+):
+    caplog.set_level(logging.INFO)  # the tool's LOG_LEVEL default
     link = new_link()
     assert link.startswith(f"{tool.url}/lti/register/")
     token = moodle.dynamic_registration.registration_token()
@@ -125,6 +125,11 @@ def test_pasted_link_registers_labpool_and_a_launch_through_it_works(tool, rt, m
     assert len(moodle.dynamic_registration.requests) == 1
     assert len(platforms_of(rt, moodle.issuer)) == 1
 
+    # Neither the link nor Moodle's token reached the tool's logs (a label of the link did).
+    link_token = link.rsplit("/", 1)[1]
+    assert RegistrationLinks.label(link_token) in caplog.text
+    assert link_token not in caplog.text and token not in caplog.text
+
 
 def test_unknown_link_is_refused_and_the_platform_is_never_asked(tool, rt, moodle, browser):
     before = platform_count(rt)
@@ -135,6 +140,15 @@ def test_unknown_link_is_refused_and_the_platform_is_never_asked(tool, rt, moodl
     assert moodle.dynamic_registration.configuration_fetches == 0
     assert moodle.dynamic_registration.requests == []
     assert platform_count(rt) == before
+
+
+def test_a_link_in_use_in_another_window_is_refused(tool, rt, moodle, browser):
+    link = new_link()
+    RegistrationLinks(rt.redis).claim(link.rsplit("/", 1)[1])  # the first window, still busy
+    page = browser.get(moodle.dynamic_registration.registration_url(link))
+    assert page.status_code == 409
+    assert "being used right now" in page.text
+    assert moodle.dynamic_registration.configuration_fetches == 0
 
 
 def test_expired_link_is_refused_and_writes_nothing(tool, rt, moodle, browser):

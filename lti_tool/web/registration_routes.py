@@ -5,7 +5,9 @@
 Who is asking is the one-time link: only a holder of a link made by `labpool
 registration-link` gets the tool to fetch anything or write anything. The link and the
 platform's registration token are secrets: refusals are rendered here (not through the app's
-error handler, which logs the path) and logged with the link's short label only.
+error handler, which logs the path) and logged with the link's short label only. For the
+same reason the route has no per-address rate limit (its refusal logs the path): a link's
+token is 256 random bits, and a valid link registers once.
 """
 
 from __future__ import annotations
@@ -15,15 +17,10 @@ import logging
 import requests
 from flask import Blueprint, render_template, request
 
-from lti_tool.dynamic_registration import (
-    DynamicRegistrationError,
-    LinkRefused,
-    RegistrationLinks,
-    complete_registration,
-)
+from lti_tool.dynamic_registration import DynamicRegistrationError, complete_registration
 from lti_tool.framing import frame_ancestors, origin_of
+from lti_tool.registration_links import LinkRefused, RegistrationLinks
 from lti_tool.web.auth import runtime
-from lti_tool.web.rate_limits import rate_limited
 
 log = logging.getLogger(__name__)
 bp = Blueprint("registration", __name__)
@@ -36,7 +33,6 @@ TITLES = {
 
 
 @bp.get("/lti/register/<token>")
-@rate_limited("register", "teacher_action_rate_limit")
 def register(token: str):  # type: ignore[no-untyped-def]
     rt = runtime()
     links = RegistrationLinks(rt.redis)
@@ -53,7 +49,7 @@ def register(token: str):  # type: ignore[no-untyped-def]
                 openid_configuration=openid_configuration,
                 registration_token=request.args.get("registration_token", ""),
             )
-        except DynamicRegistrationError as exc:
+        except (LinkRefused, DynamicRegistrationError) as exc:
             log.info(
                 "dynamic registration (link %s) refused (%s): %s",
                 links.label(token),
