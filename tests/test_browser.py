@@ -109,7 +109,7 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
     match = re.fullmatch(re.escape(tool.url) + r"/machines/(\d+)", student.url)
     assert match, student.url
     machine_id = int(match[1])
-    expect(student.locator("#state")).to_have_text("requested")
+    expect(student.locator("#state")).to_have_text("waiting")  # the state in words
     assert "JupyterLab" not in student.title()
 
     # The teacher opens it too: the class page lists the student, still waiting.
@@ -118,7 +118,8 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
     )
     class_url = teacher.url
     row_state = teacher.locator(f'tr[data-machine="{machine_id}"] span.state')
-    expect(row_state).to_have_text("requested")
+    expect(row_state).to_have_attribute("data-state", "requested")
+    expect(row_state).to_have_text("waiting for a slot")
     # Anything that reloads or leaves the page would lose this, and fire a navigation.
     teacher.evaluate("window.__marker = 'same page'")
     teacher_navigations: list[str] = []
@@ -152,7 +153,7 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
     expect(student).to_have_title(re.compile("JupyterLab"))
 
     # ...and the teacher's page shows the change without anyone reloading it.
-    expect(row_state).to_have_text("assigned", timeout=CLASS_TIMEOUT_MS)
+    expect(row_state).to_have_attribute("data-state", "assigned", timeout=CLASS_TIMEOUT_MS)
     assert teacher.evaluate("window.__marker") == "same page"
     assert teacher_navigations == []
     assert teacher.url == class_url

@@ -520,3 +520,38 @@ def test_upserted_ids_follow_the_rows_even_when_the_rows_already_exist(rt):
             ).all()
         )
     assert stored == again
+
+
+# --- the class at a glance (issue 13) ---------------------------------------------------------
+
+
+def test_machine_status_says_what_a_teacher_reads():
+    from lti_tool.web.teacher_routes import machine_status
+
+    now = datetime.now(UTC)
+
+    def status(state, seen=None, error=None):  # type: ignore[no-untyped-def]
+        return machine_status(Machine(state=state, error=error), seen, now)
+
+    assert machine_status(None, None, now) == ("no machine", "no machine")
+    assert status(S.requested) == ("starting", "waiting for a slot")
+    assert status(S.starting) == ("starting", "starting")
+    assert status(S.assigned) == ("ready", "ready, not opened yet")
+    assert status(S.assigned, now - timedelta(minutes=2)) == ("working", "working")
+    assert status(S.assigned, now - timedelta(minutes=30)) == ("idle", "idle")
+    assert status(S.stopped) == ("stopped", "stopped — files kept")
+    assert status(S.error, error="quota exceeded") == ("problem", "problem: quota exceeded")
+
+
+def test_class_counts_students_apart_from_teachers(tool, platform, rt, browser):
+    with requests.Session() as student:
+        platform.launch(student, tool.url, platform.learner(sub="4"))
+    class_url = teacher_launch(platform, tool, browser)
+    view = browser.get(class_url + ".json").json()
+    assert view["counts"]["starting"] == 1
+    assert sum(view["counts"].values()) == 1  # the teacher is not counted among the class
+    rows = {r["role"]: r for r in view["roster"]}
+    assert rows["student"]["words"] == "waiting for a slot"
+    assert rows["teacher"]["status"] == "no machine"
+    page = browser.get(class_url).text
+    assert 'data-count="starting">1<' in page and 'id="staff"' in page

@@ -9,12 +9,13 @@ and never pins a web worker while a class of students is launching.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import Blueprint, jsonify, render_template
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from config.db import utcnow
 from grading.assignments import activity_assignments
 from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Course, Enrolment, Launch, User
@@ -70,6 +71,42 @@ def _when(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else ""
 
 
+# A student whose IDE showed activity this recently is "working"; longer ago, "idle".
+WORKING_WINDOW = timedelta(minutes=10)
+# The headline counts, in the order the page shows them.
+STATUSES = ("ready", "working", "idle", "starting", "stopped", "no machine", "problem")
+
+
+def machine_status(
+    machine: Machine | None, seen: datetime | None, now: datetime
+) -> tuple[str, str]:
+    """(status, words) of a student's machine as a teacher reads it: one of STATUSES, and
+    the words the page shows ("stopped — files kept", "problem: <what>")."""
+    if machine is None:
+        return "no machine", "no machine"
+    state = machine.state
+    if state is MachineState.error:
+        return "problem", f"problem: {machine.error or 'the machine failed'}"
+    if state in (MachineState.requested, MachineState.starting, MachineState.ready):
+        return "starting", "waiting for a slot" if state is MachineState.requested else "starting"
+    if state in (MachineState.stopping, MachineState.stopped):
+        return "stopped", "stopped — files kept"
+    if seen is None:
+        return "ready", "ready, not opened yet"
+    if now - seen <= WORKING_WINDOW:
+        return "working", "working"
+    return "idle", "idle"
+
+
+def class_counts(rows: list[dict]) -> dict[str, int]:
+    """How many students (teachers apart) are in each status."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        if row["role"] == "student":
+            counts[row["status"]] += 1
+    return counts
+
+
 def class_roster(session: Session, activity: Activity) -> list[dict]:
     """Every current member of the course (and anyone else holding a machine here), with
     their newest machine in the activity's environment."""
@@ -119,6 +156,7 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
     labels = short_labels(runtime().settings.secret_key, issuer, [u.sub for u, _ in people])
     rows = []
     redis = runtime().redis
+    now = utcnow()
     for user, enrolment in people:
         roles = None if enrolment is None or enrolment.ended_at else enrolment.roles
         role = "left the course" if roles is None else ("teacher" if is_staff(roles) else "student")
@@ -129,6 +167,7 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
         machine = newest.get(user.id)
         # The idle rules' own reading (no IDE asked: one page, a whole class).
         seen = last_activity(redis, machine) if machine is not None else None
+        status, words = machine_status(machine, seen, now)
         rows.append(
             {
                 "user_id": user.id,
@@ -139,6 +178,8 @@ def class_roster(session: Session, activity: Activity) -> list[dict]:
                 "role": role,
                 "machine": machine.id if machine else None,
                 "state": machine.state.value if machine else "no machine",
+                "status": status,
+                "words": words,
                 "since": _when(machine.state_changed_at) if machine else "",
                 "last_activity": _when(seen),
                 "error": (machine.error or "") if machine else "",
@@ -196,9 +237,11 @@ def platform_status(course: Course) -> dict:
 
 def class_view(session: Session, activity: Activity) -> dict:
     environment = environment_of(session, activity.id)
+    roster = class_roster(session, activity)
     return {
         "platform": platform_status(session.get_one(Course, activity.course_id)),
-        "roster": class_roster(session, activity),
+        "roster": roster,
+        "counts": class_counts(roster),
         "pool": pool_status(session, environment),
         "schedule": class_schedule(session, activity),
     }
@@ -222,6 +265,7 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             view=class_view(session, activity),
             assignments=activity_assignments(session, activity.id),
             weekdays=WEEKDAYS,
+            statuses=STATUSES,
             csrf=csrf_token(),
         )
 
