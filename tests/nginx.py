@@ -14,12 +14,14 @@ Needs an nginx with `auth_request` (Debian's nginx-light has it) on PATH or at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -182,3 +184,53 @@ class Nginx:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@dataclasses.dataclass
+class BehindNginx:
+    """The tool served behind nginx: `url` is nginx's (the tool's public URL)."""
+
+    url: str
+    settings: Settings
+    flask_app: Any  # the tool's Flask app
+    served: Any  # what nginx's upstream serves: the app, or `wrap(app)`
+    tool: Any  # tests.fakeplatform.ServedApp: nginx's upstream
+    nginx: Nginx
+
+
+@contextlib.contextmanager
+def tool_behind_nginx(
+    settings: Settings,
+    platform: Any,
+    prefix: Path,
+    *,
+    wrap: Any = None,
+    proxy_count: int = 1,
+    **nginx_kwargs: Any,
+) -> Iterator[BehindNginx]:
+    """Another instance of the tool (same database, Redis and platform registration as
+    `settings`') behind a real nginx on a public URL of its own, `ide_proxy` on; the fake
+    platform `platform` (tests.fakeplatform.FakePlatform) accepts launches into it until the
+    block ends. `wrap` wraps the Flask app (a WSGI middleware class); `nginx_kwargs` go to
+    `lti_tool.nginx.render_standalone` (auth_cache_s, …)."""
+    from lti_tool.web.app import create_app
+    from tests.fakeplatform import ServedApp
+
+    url = f"http://127.0.0.1:{free_port()}"
+    settings = dataclasses.replace(
+        settings, public_url=url, ide_proxy=True, proxy_count=proxy_count
+    )
+    flask_app = create_app(settings)
+    saved = platform.tool_url, list(platform.registered_redirect_uris)
+    platform.register_tool(url, [*saved[1], url + platform.LAUNCH_PATH])
+    served = wrap(flask_app) if wrap else flask_app
+    try:
+        with (
+            ServedApp(served) as tool,
+            Nginx(
+                settings, prefix, tool_upstream=f"127.0.0.1:{tool.port}", **nginx_kwargs
+            ) as nginx,
+        ):
+            yield BehindNginx(url, settings, flask_app, served, tool, nginx)
+    finally:
+        platform.tool_url, platform.registered_redirect_uris = saved

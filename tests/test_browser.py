@@ -2,81 +2,39 @@
 on to the IDE by itself when the machine becomes ready, and the teacher's class page shows that
 student's state change without a reload.
 
-The LTI launches happen in the browser too: the page Moodle's ``mod/lti/launch.php`` would serve
-(the auto-submitting login initiation form) is served on the fake platform's origin by
-Playwright, and from there Chromium follows the tool's redirect to the fake's auth.php, runs its
-auto-submitting id_token form, and ends where the tool sends it. So the tool's cookies (OIDC
-state, session) go through a real browser's cookie rules.
+The LTI launches happen in the browser too (tests/browser_helpers.py), so the tool's cookies
+(OIDC state, session) go through a real browser's cookie rules.
 
 Needs Debian's ``chromium`` (at /usr/bin/chromium, or $LABPOOL_TEST_CHROMIUM) and the PyPI
-``playwright`` package (its driver only: browsers are never downloaded): the ``browser`` marker
-(conftest.py's rule: under CI=true the test fails without them, otherwise it is skipped).
+``playwright`` package: the ``browser`` marker.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import threading
-from typing import Any
 
 import pytest
 
-from tests.conftest import chromium_path, run_worker_burst
-from tests.fakeplatform import FakePlatform
+from tests.browser_helpers import (
+    CHROMIUM_ARGS,
+    IDE_TIMEOUT_MS,
+    chromium_and_playwright,
+    launch_in_browser,
+    screenshot,
+)
+from tests.conftest import run_worker_burst
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    # Without these Chromium reaches for the internet (updates, sync, field trials).
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IDE_TIMEOUT_MS = 45_000  # the worker starts a real JupyterLab, then the page polls every 1 s
 CLASS_TIMEOUT_MS = 30_000  # class.html polls class.json every 2 s
 
 
 pytestmark = pytest.mark.browser
 
 
-def _chromium_and_playwright() -> tuple[Any, str]:
-    """`sync_playwright` and Chromium's path, for tests marked `browser` (which have both)."""
-    from playwright.sync_api import sync_playwright
-
-    chromium = chromium_path()
-    assert chromium is not None, "mark the test `browser`: conftest.py then checks for Chromium"
-    return sync_playwright, chromium
-
-
-def _launch_in_browser(
-    page: Any, platform: FakePlatform, tool_url: str, claims: dict[str, Any], lands_on: str
-) -> None:
-    """Open the activity from the (fake) course page and wait for the tool's page `lands_on`
-    (a glob)."""
-    entry = f"{platform.url}/mod/lti/launch.php?id={secrets.randbelow(10**6)}"
-    launch_id, body = platform.launch_page(tool_url, claims)
-    page.route(entry, lambda route: route.fulfill(status=200, content_type="text/html", body=body))
-    try:
-        page.goto(entry)
-        page.wait_for_url(lands_on, timeout=15_000)
-    except Exception:
-        # Show where it got stuck (auth.php and the tool answer errors as text or JSON).
-        raise AssertionError(
-            f"the browser launch of sub={claims.get('sub')} did not reach {lands_on}; it is at "
-            f"{page.url}: {page.content()[:1500]}"
-        ) from None
-    finally:
-        page.unroute(entry)
-        platform.forget_launch(launch_id)  # auth.php drops it once it is used
-
-
 def test_status_page_opens_the_ide_and_class_page_follows_without_reload(
     tool, platform, rt, tmp_path
 ):
-    sync_playwright, chromium = _chromium_and_playwright()
+    sync_playwright, chromium = chromium_and_playwright()
     from playwright.sync_api import expect
 
     with sync_playwright() as p:
@@ -94,10 +52,7 @@ def test_status_page_opens_the_ide_and_class_page_follows_without_reload(
                 _run_scenario(student, teacher, platform, tool, rt, errors, expect)
             finally:
                 for name, page in (("student", student), ("teacher", teacher)):
-                    try:
-                        page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-                    except Exception as exc:  # noqa: BLE001 - a screenshot never hides the failure
-                        print(f"no screenshot of the {name} page: {exc}")
+                    screenshot(page, tmp_path / f"{name}.png")
                 print(f"screenshots: {tmp_path}/student.png, {tmp_path}/teacher.png")
         finally:
             browser.close()
@@ -105,7 +60,7 @@ def test_status_page_opens_the_ide_and_class_page_follows_without_reload(
 
 def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type: ignore[no-untyped-def]
     # The student opens the activity: the launch ends on their machine's status page.
-    _launch_in_browser(student, platform, tool.url, platform.learner(sub="4"), "**/machines/*")
+    launch_in_browser(student, platform, tool.url, platform.learner(sub="4"), "**/machines/*")
     match = re.fullmatch(re.escape(tool.url) + r"/machines/(\d+)", student.url)
     assert match, student.url
     machine_id = int(match[1])
@@ -113,7 +68,7 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
     assert "JupyterLab" not in student.title()
 
     # The teacher opens it too: the class page lists the student, still waiting.
-    _launch_in_browser(
+    launch_in_browser(
         teacher, platform, tool.url, platform.instructor(sub="3"), "**/activities/*/class"
     )
     class_url = teacher.url

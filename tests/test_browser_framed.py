@@ -18,9 +18,14 @@ import threading
 
 import pytest
 
+from tests.browser_helpers import (
+    CHROMIUM_ARGS,
+    IDE_TIMEOUT_MS,
+    chromium_and_playwright,
+    screenshot,
+)
 from tests.conftest import run_worker_burst
 from tests.fakeplatform import ServedApp
-from tests.test_browser import CHROMIUM_ARGS, IDE_TIMEOUT_MS, _chromium_and_playwright
 
 pytestmark = pytest.mark.browser
 FRAME_TIMEOUT_MS = 20_000
@@ -40,7 +45,7 @@ def _frames(page) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
 def test_the_status_page_and_the_ide_render_in_a_frame_of_the_registered_platform(
     tool, platform, rt, tmp_path
 ):
-    sync_playwright, chromium = _chromium_and_playwright()
+    sync_playwright, chromium = chromium_and_playwright()
     from playwright.sync_api import expect
 
     platform.tool_jwks_url = f"{tool.url}/lti/jwks.json"
@@ -76,16 +81,13 @@ def test_the_status_page_and_the_ide_render_in_a_frame_of_the_registered_platfor
             assert page.url == course
             worker.join(timeout=60)
         finally:
-            try:
-                page.screenshot(path=str(tmp_path / "framed.png"), full_page=True)
-            except Exception as exc:  # noqa: BLE001 - a screenshot never hides the failure
-                print(f"no screenshot: {exc}")
+            screenshot(page, tmp_path / "framed.png")
             browser.close()
             platform.forget_launch(launch_id)
 
 
 def test_a_page_on_an_unregistered_origin_cannot_frame_the_tool(tool, platform):
-    sync_playwright, chromium = _chromium_and_playwright()
+    sync_playwright, chromium = chromium_and_playwright()
     from playwright.sync_api import expect
 
     registered = platform.serve_page("/course/view-home.php", _course_page(f"{tool.url}/"))

@@ -39,7 +39,7 @@ from provisioning.models import Machine
 from provisioning.proxy_table import ACTIVITY_KEY, last_activity, publish_route, withdraw_route
 from tests.conftest import passable, run_worker_burst
 from tests.fakeplatform import FakePlatform, ServedApp
-from tests.nginx import Nginx, free_port
+from tests.nginx import Nginx, free_port, tool_behind_nginx
 
 pytestmark = pytest.mark.nginx  # without nginx: conftest.py's rule for a missing tool
 
@@ -101,30 +101,26 @@ def proxied(
 ) -> Iterator[Proxied]:
     """The tool behind nginx on its own public URL (same database, Redis and platform
     registration as the `tool` fixture), nginx's auth cache at AUTH_CACHE_S."""
-    from lti_tool.web.app import create_app
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = dataclasses.replace(rt.settings, public_url=url, ide_proxy=True, proxy_count=1)
-    flask_app = create_app(settings)
-    counter = _Counting(flask_app)
     echo_app = _Echo()
-    saved = platform.tool_url, list(platform.registered_redirect_uris)
-    platform.register_tool(url, [*saved[1], url + platform.LAUNCH_PATH])
     with (
-        ServedApp(counter) as tool,
-        ServedApp(echo_app) as echo,
-        Nginx(
-            settings,
+        tool_behind_nginx(
+            rt.settings,
+            platform,
             tmp_path_factory.mktemp("nginx"),
-            tool_upstream=f"127.0.0.1:{tool.port}",
+            wrap=_Counting,
             auth_cache_s=AUTH_CACHE_S,
-        ) as nginx,
+        ) as behind,
+        ServedApp(echo_app) as echo,
     ):
-        try:
-            yield Proxied(url, tool, flask_app, counter, nginx, echo, echo_app)
-        finally:
-            platform.tool_url, platform.registered_redirect_uris = saved
+        yield Proxied(
+            behind.url,
+            behind.tool,
+            behind.flask_app,
+            behind.served,
+            behind.nginx,
+            echo,
+            echo_app,
+        )
 
 
 @pytest.fixture
@@ -647,9 +643,9 @@ def test_a_cross_site_page_in_chromium_cannot_open_a_terminal_in_the_students_id
     created a terminal in the student's IDE and ran a command in it. Now Chromium, holding the
     student's cookies, loads such a page: its POST and its WebSocket are refused by the proxy,
     and no terminal exists. The student's own page (the tool's origin) still opens one."""
-    from tests.test_browser import CHROMIUM_ARGS, _chromium_and_playwright
+    from tests.browser_helpers import CHROMIUM_ARGS, chromium_and_playwright
 
-    sync_playwright, chromium = _chromium_and_playwright()
+    sync_playwright, chromium = chromium_and_playwright()
     machine_id = launch_through_nginx(proxied, platform, browser, sub="77")
     run_worker_burst(rt.settings)
     assert is_jupyterlab(open_ide(proxied, browser, machine_id))
