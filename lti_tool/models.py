@@ -25,6 +25,8 @@ class Platform(Base):
     jwks_url: Mapped[str] = mapped_column(Text)
     name: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set while an admin has disabled the registration: its launches are refused.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     deployments: Mapped[list[Deployment]] = relationship(
         back_populates="platform", cascade="all, delete-orphan"

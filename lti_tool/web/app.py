@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         autograde_routes,
         deep_link_routes,
         grading_routes,
+        home_view_routes,
         lti_routes,
         machine_routes,
         page_headers,
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(release_routes.bp)
     app.register_blueprint(submission_routes.bp)
     app.register_blueprint(autograde_routes.bp)
+    app.register_blueprint(home_view_routes.bp)
     page_headers.install(app)
 
     @app.errorhandler(WebError)

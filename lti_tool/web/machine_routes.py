@@ -20,6 +20,7 @@ from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Course, Enrolment, Launch
 from lti_tool.web.auth import check_csrf, csrf_token, current_user_id, runtime
 from lti_tool.web.errors import Forbidden, WebError
+from lti_tool.web.home_view_routes import recent_views
 from provisioning.backends import capabilities
 from provisioning.claiming import machine_for_learner
 from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
@@ -158,6 +159,9 @@ def status_page(machine_id: int):  # type: ignore[no-untyped-def]
             course=course,
             usual_start_s=usual_start_s(session, machine.environment_id),
             waited_s=max(0.0, (utcnow() - since).total_seconds()),
+            viewed=recent_views(session, machine.course_id, machine.owner_id)
+            if machine.course_id and machine.owner_id
+            else [],
             csrf=csrf_token(),
         )
 

@@ -266,6 +266,7 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             assignments=activity_assignments(session, activity.id),
             weekdays=WEEKDAYS,
             statuses=STATUSES,
+            can_view_files=capabilities(environment.backend).on_host,
             csrf=csrf_token(),
         )
 
