@@ -37,12 +37,15 @@ import json
 import secrets
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import requests
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from grading.collect_folder import (
     SKIPPED_FOLDERS,
@@ -60,7 +63,15 @@ from grading.collect_folder import (
     zip_entry,
 )
 from grading.release import ReleaseReport, checksum, decide, place_all
-from provisioning.ide_http import TOKEN_HEADER
+from provisioning.ide_http import TOKEN_HEADER, ide_status
+from provisioning.models import (
+    LIVE_STATES,
+    Environment,
+    IdeKind,
+    Machine,
+    MachineState,
+    StudentVolume,
+)
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
@@ -299,6 +310,56 @@ def notebook_as_jupyter_writes(data: bytes) -> bytes | None:
     except Exception:  # nbformat raises many kinds for a malformed notebook
         return None
     return (text if text.endswith("\n") else text + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------- the student's cloud home
+@dataclass(frozen=True)
+class CloudHome:
+    """A student's running cloud machine whose home (their volume) is in place."""
+
+    machine_id: int
+    address: str
+    token: str = field(repr=False)  # reprs end up in logs
+
+    def contents(self) -> IdeContents:
+        return IdeContents(self.address, f"/ide/{self.machine_id}/", self.token)
+
+    def answers(self) -> bool:
+        return ide_status(self.address, f"/ide/{self.machine_id}/", self.token) is not None
+
+
+def cloud_home(session: Session, course_id: int, user_id: int) -> CloudHome | str:
+    """The student's machine in the course, handed over, with their volume attached where
+    the backend has volumes (before that, the home the IDE shows is the machine's own, which
+    the volume's mount hides); else a short reason, "no machine" when none is live."""
+    from provisioning.backends import capabilities
+
+    machine = session.scalars(
+        select(Machine)
+        .where(
+            Machine.owner_id == user_id,
+            Machine.course_id == course_id,
+            Machine.state.in_(LIVE_STATES),
+        )
+        .order_by(Machine.id.desc())
+        .limit(1)
+    ).first()
+    if machine is None:
+        return "no machine"
+    if machine.state is not MachineState.assigned or not machine.address or not machine.ide_token:
+        return "the machine is starting"
+    environment = session.get_one(Environment, machine.environment_id)
+    if environment.ide_kind not in (IdeKind.jupyterlab, IdeKind.terminal):
+        return f"{environment.ide_kind.value} has no Jupyter contents API (not built)"
+    if capabilities(machine.backend).volumes:
+        volume = session.scalars(
+            select(StudentVolume).where(
+                StudentVolume.owner_id == user_id, StudentVolume.course_id == course_id
+            )
+        ).first()
+        if volume is None or volume.status != "in-use" or volume.machine_id != machine.id:
+            return "the student's volume is not attached yet"
+    return CloudHome(machine.id, machine.address, machine.ide_token)
 
 
 # ---------------------------------------------------------------------------- release

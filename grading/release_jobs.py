@@ -1,23 +1,30 @@
 """Releasing published assignments into students' homes (issue 11, item 3), from RQ jobs.
 
-Two triggers, one placement (grading.release: nbgitpuller's rule, as the home's owner, never
-following a symlink):
+Two triggers, one rule (grading.release: nbgitpuller's), two transports: a home on this host
+(local backend: as the home's owner, never following a symlink), or a cloud machine's home
+through JupyterLab's contents API (grading.contents_api), never from the web process.
 - a student's launch of the activity: the launch only enqueues `release_on_launch` (after its
   transaction, when the activity has a published assignment), so the launch answers as fast
-  as before. The job runs in the worker after the start job the launch enqueued first, and
-  waits (bounded by the machine start timeout) until the machine is handed over: the home
-  then exists and belongs to the student's OS user. JupyterLab is already up and shows the
-  folder when its file browser next refreshes.
+  as before. On the local backend the job runs in the worker after the start job the launch
+  enqueued first, and waits (bounded by the machine start timeout) until the machine is
+  handed over: the home then exists and belongs to the student's OS user. On the cloud the
+  machine is handed over by reconciler passes that run in the same worker, so the job does
+  not wait there: while the machine boots, its volume is not attached yet or its IDE does
+  not answer, the job puts itself back at the end of the queue (checking again at most
+  every `CLOUD_RECHECK_S`, until the cloud start timeout). JupyterLab shows the folder when
+  its file browser next refreshes.
 - the teacher's "release to class": every current learner of the course whose home exists
-  (it outlives their machine); the others get it at their first launch.
+  (local: it outlives their machine; cloud: their machine runs, with their volume); the
+  others get it at their next launch (a stopped cloud machine's home is a detached volume).
 
 What each student received (version, and the checksum of each placed file, which decides
 next time whether a file is untouched) is an `AssignmentRelease` row, on the tool's side.
 One release at a time per (assignment, student) (a Redis lock): a launch and a class release
 racing never read the same old manifest.
 
-Local backend only: a cloud machine's home is reached through the Jupyter contents API,
-which is not built (those students are skipped, and the log says so).
+A cloud machine's volume is mounted by the machine a moment after the cloud reports it
+attached; a release in that moment would land under the mount, unseen (the next launch's
+release adds the files again, as they are missing). Not closed: the tool cannot see the mount.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from sqlalchemy.orm import Session
 from config.db import transaction, utcnow
 from config.runtime import Runtime, current_runtime
 from grading.assignment_files import read_folder
+from grading.contents_api import CloudHome, ContentsError, cloud_home, release_to_machine
 from grading.models import Assignment, AssignmentRelease
 from grading.release import ReleaseError, ReleaseReport, release_files
 from lti_tool.launches import default_environment
@@ -46,10 +54,11 @@ log = logging.getLogger(__name__)
 RELEASE_ON_LAUNCH_JOB = "grading.release_jobs.release_on_launch"
 RELEASE_TO_CLASS_JOB = "grading.release_jobs.release_to_class"
 SETTLE_POLL_S = 0.25
+CLOUD_RECHECK_S = 2.0
 LOCK_S = 120
 
 
-def enqueue_release(rt: Runtime, func: str, *args: int) -> bool:
+def enqueue_release(rt: Runtime, func: str, *args: int | float) -> bool:
     """False (and a log line) when Redis is unreachable."""
     try:
         Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
@@ -137,12 +146,12 @@ def release_to_student(
     rt: Runtime,
     assignment_id: int,
     user_id: int,
-    home: Path,
+    home: Path | CloudHome,
     read: dict[Path, dict[str, bytes]] | None = None,
 ) -> str | None:
-    """Place the assignment's current student version in `home/<assignment name>`; returns
-    the summary (None when the assignment is not published). `read`: release folders already
-    read (a class release reads each once)."""
+    """Place the assignment's current student version in `home/<assignment name>` (a home on
+    this host, or a cloud machine's); returns the summary (None when the assignment is not
+    published). `read`: release folders already read (a class release reads each once)."""
     lock = rt.redis.lock(
         f"labpool:release:{assignment_id}:{user_id}", timeout=LOCK_S, blocking_timeout=LOCK_S
     )
@@ -164,9 +173,13 @@ def release_to_student(
             read[release_path] = read_folder(release_path)
         files = read[release_path]
         try:
-            report = release_files(home, name, files, previous)
+            if isinstance(home, CloudHome):
+                with home.contents() as ide:
+                    report = release_to_machine(ide, name, files, previous)
+            else:
+                report = release_files(home, name, files, previous)
             manifest, summary, version = report.manifest, _summary(report), release_path.name
-        except (ReleaseError, OSError) as exc:
+        except (ReleaseError, OSError, ContentsError) as exc:
             log.warning(
                 "release of assignment %s to user %s failed: %s", assignment_id, user_id, exc
             )
@@ -219,9 +232,10 @@ def _settled_machine(rt: Runtime, course_id: int, user_id: int) -> Machine | Non
         time.sleep(SETTLE_POLL_S)
 
 
-def release_on_launch(activity_id: int, user_id: int) -> str:
+def release_on_launch(activity_id: int, user_id: int, deadline: float | None = None) -> str:
     """RQ job: after a student's launch, their machine settled, place the activity's
-    published assignments in their home."""
+    published assignments in their home. `deadline` (epoch seconds): how long a cloud
+    machine is waited for (set by the first run; see the module's docstring)."""
     rt = current_runtime()
     with rt.sessions() as session:
         activity = session.get(Activity, activity_id)
@@ -230,15 +244,49 @@ def release_on_launch(activity_id: int, user_id: int) -> str:
         course_id = activity.course_id
         assignments = [a.id for a in delivered_assignments(session, activity)]
         home = local_home(rt, session, activity, user_id)
+        cloud = None if home is not None else cloud_home(session, course_id, user_id)
     if not assignments:
         return "nothing published"
     if home is None:
-        log.info("release to user %s skipped: not on the local backend (not built)", user_id)
-        return "not on the local backend"
+        return _release_to_cloud(rt, activity_id, user_id, assignments, cloud, deadline)
     machine = _settled_machine(rt, course_id, user_id)
     if machine is None or not home.is_dir():
         return "no machine handed over"
     return "; ".join(f"{a}: {release_to_student(rt, a, user_id, home)}" for a in assignments)
+
+
+def _release_to_cloud(
+    rt: Runtime,
+    activity_id: int,
+    user_id: int,
+    assignments: list[int],
+    cloud: CloudHome | str | None,
+    deadline: float | None,
+) -> str:
+    """The cloud half of `release_on_launch`: release now if the student's home is ready,
+    else check again later from the end of the queue (never waiting in the worker)."""
+    if deadline is None:
+        deadline = time.time() + rt.settings.cloud_start_timeout_s
+    if isinstance(cloud, CloudHome) and cloud.answers():
+        return "; ".join(f"{a}: {release_to_student(rt, a, user_id, cloud)}" for a in assignments)
+    why = cloud if isinstance(cloud, str) else "the IDE does not answer yet"
+    if why == "no machine" or "not built" in why or time.time() >= deadline:
+        log.info("release to user %s not placed: %s", user_id, why)
+        return f"not placed: {why}"
+    _check_again_later(rt)
+    enqueue_release(rt, RELEASE_ON_LAUNCH_JOB, activity_id, user_id, deadline)
+    return f"waiting: {why}"
+
+
+def _check_again_later(rt: Runtime) -> None:
+    """Pace a waiting release: other jobs queued (a reconciler pass, other students'
+    releases) run first anyway, and with nothing else to do the worker pauses a moment
+    rather than spin."""
+    try:
+        queued = Queue(rt.settings.queue_name, connection=rt.redis).count
+    except redis.RedisError:
+        queued = 0
+    time.sleep(CLOUD_RECHECK_S / (1 + queued))
 
 
 def class_learners(session: Session, course_id: int) -> list[int]:
@@ -252,22 +300,29 @@ def class_learners(session: Session, course_id: int) -> list[int]:
 
 def release_to_class(assignment_id: int) -> str:
     """RQ job: the teacher's "release to class": every learner of the course who has a home
-    (the others get it when they first launch)."""
+    (on the cloud: a running machine with their volume); the others get it at their next
+    launch."""
     rt = current_runtime()
     with rt.sessions() as session:
         assignment = session.get(Assignment, assignment_id)
         if assignment is None or not assignment.published or not assignment.release_path:
             return "not published"
         activity = session.get_one(Activity, assignment.activity_id)
-        homes = {
-            user_id: local_home(rt, session, activity, user_id)
-            for user_id in class_learners(session, activity.course_id)
-        }
+        homes: dict[int, Path | CloudHome | str | None] = {}
+        for user_id in class_learners(session, activity.course_id):
+            home = local_home(rt, session, activity, user_id)
+            homes[user_id] = (
+                home if home is not None else cloud_home(session, activity.course_id, user_id)
+            )
     read: dict[Path, dict[str, bytes]] = {}
     placed = 0
-    for user_id, home in homes.items():
-        if home is None or not home.is_dir():
+    for user_id, where in homes.items():
+        if isinstance(where, Path) and not where.is_dir():
             continue
-        if release_to_student(rt, assignment_id, user_id, home, read) is not None:
+        if isinstance(where, CloudHome) and not where.answers():
+            continue
+        if not isinstance(where, (Path, CloudHome)):
+            continue  # a cloud student without a running machine: at their next launch
+        if release_to_student(rt, assignment_id, user_id, where, read) is not None:
             placed += 1
     return f"placed in {placed} of {len(homes)} homes"

@@ -1,0 +1,276 @@
+"""Release and submission on cloud machines (issue 11, items 3 and 4): through JupyterLab's
+contents API, from the worker. The machines are the fake cloud's servers (tests/fakecloud)
+running a real JupyterLab each, reached with their token as the proxy reaches them; the
+test reads and changes the student's files in that JupyterLab's root folder, as the
+student would."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rq import Queue
+from rq.job import Job
+from sqlalchemy import select
+
+from config.db import transaction, utcnow
+from config.runtime import Runtime
+from grading.contents_api import CloudHome, cloud_home
+from grading.models import Assignment, AssignmentRelease, Submission
+from grading.release_jobs import release_after_launch, release_to_student
+from lti_tool.models import Activity, Course, Enrolment, Platform, User
+from provisioning.claiming import claim_warm_machine
+from provisioning.environments import add_environment
+from provisioning.jobs import stop_machine_now
+from provisioning.models import Pool
+from provisioning.reconciler import reconcile_pool
+from tests.conftest import run_worker_burst
+
+pytestmark = pytest.mark.fake_cloud(boot_time=0.1, max_instances=10, ide="jupyterlab")
+
+NOTEBOOK = json.dumps(
+    {
+        "cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# Lab 1"]}],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+).encode()
+
+
+@dataclass
+class CloudStudent:
+    rt: Runtime
+    user_id: int
+    course_id: int
+    activity_id: int
+    machine_id: int
+    root: Path  # the JupyterLab's root folder: the student's home as the IDE shows it
+
+    def home(self) -> CloudHome:
+        with self.rt.sessions() as session:
+            home = cloud_home(session, self.course_id, self.user_id)
+        assert isinstance(home, CloudHome), home
+        return home
+
+
+@pytest.fixture
+def crt(rt: Runtime, cloud) -> Runtime:  # type: ignore[no-untyped-def]
+    settings = dataclasses.replace(
+        rt.settings, openstack_cloud="fake", cloud_start_timeout_s=60, orphan_grace_s=0
+    )
+    return Runtime(settings=settings, sessions=rt.sessions, redis=rt.redis)
+
+
+def _until(check, what: str, timeout: float = 60, pool_id: int | None = None, rt=None):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pool_id is not None:
+            reconcile_pool(rt, pool_id)
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"never: {what}")
+
+
+def cloud_student(crt: Runtime, cloud, sub: str | None = None) -> CloudStudent:  # type: ignore[no-untyped-def]
+    """A learner of a course whose activity runs on a cloud pool, holding a machine there
+    (claimed warm, volume attached, JupyterLab answering)."""
+    with transaction(crt.sessions) as session:
+        env = add_environment(
+            session,
+            name=f"cloud-{uuid.uuid4().hex[:6]}",
+            backend="openstack",
+            image_id="img",
+            flavor_id="flv",
+            network_id=cloud.config.network_id,
+            warm_target=1,
+        )
+        pool_id = session.scalar(select(Pool.id).where(Pool.environment_id == env.id))
+        platform = session.scalar(select(Platform).limit(1))
+        if platform is None:
+            platform = Platform(
+                issuer="https://moodle.test",
+                client_id="c",
+                auth_url="x",
+                token_url="x",
+                jwks_url="x",
+            )
+            session.add(platform)
+            session.flush()
+        course = Course(platform_id=platform.id, context_id=uuid.uuid4().hex)
+        user = User(issuer=platform.issuer, sub=sub or f"u{uuid.uuid4().hex}")
+        session.add_all([course, user])
+        session.flush()
+        activity = Activity(
+            course_id=course.id, resource_link_id=uuid.uuid4().hex, environment_id=env.id
+        )
+        session.add_all([activity, Enrolment(course_id=course.id, user_id=user.id, roles=[])])
+        session.flush()
+        env_id, course_id, user_id, activity_id = env.id, course.id, user.id, activity.id
+
+    def claimed() -> int | None:
+        with transaction(crt.sessions) as session:
+            machine = claim_warm_machine(session, env_id, course_id, user_id)
+            return machine.id if machine else None
+
+    machine_id = _until(claimed, "a warm machine to claim", pool_id=pool_id, rt=crt)
+
+    def attached() -> bool:
+        with crt.sessions() as session:
+            return isinstance(cloud_home(session, course_id, user_id), CloudHome)
+
+    _until(attached, "the student's volume attached", pool_id=pool_id, rt=crt)
+    (server,) = [s for s in cloud.servers() if f"machine-{machine_id}" in s["tags"]]
+    root = cloud.ide_workdir(server["id"])
+    student = CloudStudent(crt, user_id, course_id, activity_id, machine_id, root)
+    _until(student.home().answers, "JupyterLab answering")
+    return student
+
+
+def publish(rt: Runtime, activity_id: int, files: dict[str, bytes], folder: Path) -> int:
+    """A published assignment `lab1` whose student version is `files` (release folder
+    `folder`, whose name is the version)."""
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    with transaction(rt.sessions) as session:
+        assignment = session.scalars(
+            select(Assignment).where(Assignment.activity_id == activity_id)
+        ).first()
+        if assignment is None:
+            assignment = Assignment(activity_id=activity_id, name="lab1", title="Lab 1")
+            session.add(assignment)
+        assignment.release_path = str(folder)
+        assignment.published_at = utcnow()
+        session.flush()
+        return assignment.id
+
+
+def release_record(rt: Runtime, assignment_id: int, user_id: int) -> AssignmentRelease | None:
+    with rt.sessions() as session:
+        return session.scalars(
+            select(AssignmentRelease).where(
+                AssignmentRelease.assignment_id == assignment_id,
+                AssignmentRelease.user_id == user_id,
+            )
+        ).first()
+
+
+def versions(rt: Runtime, assignment_id: int, user_id: int) -> list[Submission]:
+    with rt.sessions() as session:
+        return list(
+            session.scalars(
+                select(Submission)
+                .where(Submission.assignment_id == assignment_id, Submission.user_id == user_id)
+                .order_by(Submission.version)
+            )
+        )
+
+
+def finished_results(rt: Runtime) -> list[object]:
+    """What the worker's finished jobs returned (RQ keeps results for a minute)."""
+    queue = Queue(rt.settings.queue_name, connection=rt.redis)
+    jobs = [Job.fetch(i, connection=rt.redis) for i in queue.finished_job_registry.get_job_ids()]
+    return [job.return_value() for job in jobs]
+
+
+@pytest.fixture
+def student(crt, cloud) -> Iterator[CloudStudent]:  # type: ignore[no-untyped-def]
+    yield cloud_student(crt, cloud)
+
+
+# --------------------------------------------------------------------------------- release
+
+
+def test_a_launch_releases_into_the_cloud_machine_from_the_worker(student, tmp_path):
+    rt = student.rt
+    files = {"lab1.ipynb": NOTEBOOK, "data/points.csv": b"x,y\n1,2\n", "README.md": b"read me"}
+    assignment_id = publish(rt, student.activity_id, files, tmp_path / "v1")
+    assert release_after_launch(rt, student.activity_id, student.user_id)  # enqueued only
+    assert not (student.root / "lab1").exists()
+
+    run_worker_burst(rt.settings)  # a real worker, not the web process, places it
+
+    folder = student.root / "lab1"
+    assert (folder / "data/points.csv").read_bytes() == b"x,y\n1,2\n"
+    assert (folder / "README.md").read_bytes() == b"read me"
+    placed = json.loads((folder / "lab1.ipynb").read_bytes())  # through type: notebook
+    assert "".join(placed["cells"][0]["source"]) == "# Lab 1"
+    assert placed["cells"][0]["id"] == "labpool-0"  # ours, not a random one: stable bytes
+    record = release_record(rt, assignment_id, student.user_id)
+    assert record is not None and record.version == "v1"
+    assert record.summary == "3 added"
+    assert set(record.manifest) == set(files)
+    # Nothing half-written or set aside is left next to the files.
+    leftovers = [p.name for p in folder.rglob("labpool-*")]
+    assert leftovers == []
+
+
+def test_a_rerelease_updates_untouched_files_and_keeps_the_students_edits(student, tmp_path):
+    rt = student.rt
+    v1 = {"lab1.ipynb": NOTEBOOK, "notes.txt": b"first", "data.csv": b"1"}
+    assignment_id = publish(rt, student.activity_id, v1, tmp_path / "v1")
+    assert release_to_student(rt, assignment_id, student.user_id, student.home()) == "3 added"
+    folder = student.root / "lab1"
+    (folder / "notes.txt").write_bytes(b"the student's own notes")  # edited by the student
+
+    # The same version again: nothing to do, the notebook included (Jupyter re-serialises
+    # it, and the manifest holds what is on the machine's disk).
+    summary = release_to_student(rt, assignment_id, student.user_id, student.home())
+    assert summary == "2 unchanged, 1 kept as the student changed them"
+
+    v2 = {"lab1.ipynb": NOTEBOOK, "notes.txt": b"second", "data.csv": b"2", "new.py": b"x = 1\n"}
+    publish(rt, student.activity_id, v2, tmp_path / "v2")
+    summary = release_to_student(rt, assignment_id, student.user_id, student.home())
+    assert summary == "1 added, 1 updated, 1 unchanged, 1 kept as the student changed them"
+    assert (folder / "notes.txt").read_bytes() == b"the student's own notes"
+    assert (folder / "data.csv").read_bytes() == b"2"
+    assert (folder / "new.py").read_bytes() == b"x = 1\n"
+    assert release_record(rt, assignment_id, student.user_id).version == "v2"
+    assert [p.name for p in folder.rglob("labpool-*")] == []
+
+
+def test_a_folder_where_a_file_goes_and_a_file_where_a_folder_goes_are_refused(student, tmp_path):
+    rt = student.rt
+    folder = student.root / "lab1"
+    (folder / "answer.py").mkdir(parents=True)  # a folder where our file goes
+    (folder / "data").write_bytes(b"a file where our folder goes")
+    files = {"answer.py": b"print(1)\n", "data/in.csv": b"1", "ok.txt": b"ok"}
+    assignment_id = publish(rt, student.activity_id, files, tmp_path / "v1")
+    summary = release_to_student(rt, assignment_id, student.user_id, student.home())
+    assert summary == "1 added, 2 refused: a link or special file is in the way"
+    assert (folder / "answer.py").is_dir() and list((folder / "answer.py").iterdir()) == []
+    assert (folder / "data").read_bytes() == b"a file where our folder goes"
+    assert set(release_record(rt, assignment_id, student.user_id).manifest) == {"ok.txt"}
+
+
+def test_a_wrong_token_or_a_machine_gone_changes_nothing(student, tmp_path):
+    rt = student.rt
+    assignment_id = publish(rt, student.activity_id, {"a.txt": b"a"}, tmp_path / "v1")
+    home = student.home()
+
+    forged = CloudHome(home.machine_id, home.address, "not-the-machines-token-at-all")
+    summary = release_to_student(rt, assignment_id, student.user_id, forged)
+    assert summary.startswith("not placed: The machine refused Labpool's token")
+    assert "not-the-machines-token" not in summary and home.token not in summary
+    assert not (student.root / "lab1").exists()
+    record = release_record(rt, assignment_id, student.user_id)
+    assert record.manifest == {} and record.version == ""
+
+    stop_machine_now(rt, student.machine_id)  # the server goes, with its JupyterLab
+    summary = release_to_student(rt, assignment_id, student.user_id, home)
+    assert summary.startswith("not placed: The machine's IDE did not answer")
+    assert release_record(rt, assignment_id, student.user_id).manifest == {}
+    # And the launch's release job finds no machine to wait for.
+    assert release_after_launch(rt, student.activity_id, student.user_id)
+    run_worker_burst(rt.settings)
+    assert "not placed: no machine" in finished_results(rt)
+    assert release_record(rt, assignment_id, student.user_id).manifest == {}
