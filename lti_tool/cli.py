@@ -430,7 +430,8 @@ def platform_list() -> None:
             click.echo("no platforms registered; see `labpool platform add --help`")
         for p in platforms:
             deployments = ", ".join(d.deployment_id for d in p.deployments)
-            click.echo(f"{p.issuer}  client {p.client_id}  deployments [{deployments}]")
+            off = "  DISABLED" if p.disabled_at else ""
+            click.echo(f"{p.issuer}  client {p.client_id}  deployments [{deployments}]{off}")
             click.echo(f"    auth {p.auth_url}\n    token {p.token_url}\n    jwks {p.jwks_url}")
 
 
@@ -463,6 +464,40 @@ def platform_remove(issuer: str, client_id: str | None, force: bool) -> None:
     click.echo(
         f"removed {removal.issuer} (client {removal.client_id}, deployments "
         f"{', '.join(removal.deployment_ids)}): {removal.summary()}"
+    )
+
+
+@platform.command("disable")
+@click.option("--issuer", required=True)
+@click.option("--client-id", default=None, help="Needed when the issuer is registered twice.")
+def platform_disable(issuer: str, client_id: str | None) -> None:
+    """Refuse the platform's logins and launches (with a message saying so) until `platform
+    enable`; its courses, machines and grades stay, and scores still owed are sent."""
+    _set_disabled(issuer, client_id, disabled=True)
+
+
+@platform.command("enable")
+@click.option("--issuer", required=True)
+@click.option("--client-id", default=None, help="Needed when the issuer is registered twice.")
+def platform_enable(issuer: str, client_id: str | None) -> None:
+    """Accept a disabled platform's launches again."""
+    _set_disabled(issuer, client_id, disabled=False)
+
+
+def _set_disabled(issuer: str, client_id: str | None, *, disabled: bool) -> None:
+    from lti_tool.registrations import RegistrationError, set_platform_disabled
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            found = set_platform_disabled(
+                session, issuer=issuer, client_id=client_id, disabled=disabled
+            )
+            which = f"{found.issuer} (client {found.client_id})"
+    except RegistrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{which} {'disabled' if disabled else 'enabled'}: web processes take it within 30 s"
     )
 
 

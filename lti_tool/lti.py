@@ -76,13 +76,15 @@ class KnownPlatform:
     token_url: str
     jwks_url: str
     deployment_ids: frozenset[str]
+    disabled: bool = False
 
 
 class RegistrationCache:
     """Registrations found in the database, kept per process for a short while: every login
-    and launch needs one, and they change only when an admin registers a platform. Misses are
-    never cached, so a platform registered a moment ago works at once; a removed deployment
-    stops working within `ttl_s`."""
+    and launch needs one, and they change only when an admin registers a platform. Misses and
+    disabled platforms are never cached, so a platform registered (or enabled) a moment ago
+    works at once; a removed or disabled one stops working within `ttl_s` (a launch through a
+    removed one in that window is refused by the launch route, its rows being gone)."""
 
     def __init__(self, ttl_s: float = 30.0):
         self._ttl = ttl_s
@@ -131,9 +133,16 @@ class DatabaseToolConf(ToolConfAbstract[Any]):
                 "the tool itself runs on plain http (single-server trials)."
             )
         key = (iss, client_id)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        found = self._cache.get(key) or self._load(key)
+        if found is not None and found.disabled:
+            raise LtiException(
+                "Labpool's administrator has disabled this platform's registration: ask them "
+                "(`labpool platform enable`) or your site administrator."
+            )
+        return found
+
+    def _load(self, key: tuple[str, str | None]) -> KnownPlatform | None:
+        iss, client_id = key
         query = select(Platform).options(selectinload(Platform.deployments))
         query = query.where(Platform.issuer == iss)
         if client_id:
@@ -152,8 +161,10 @@ class DatabaseToolConf(ToolConfAbstract[Any]):
                 token_url=row.token_url,
                 jwks_url=row.jwks_url,
                 deployment_ids=frozenset(d.deployment_id for d in row.deployments),
+                disabled=row.disabled_at is not None,
             )
-        self._cache.put(key, found)
+        if not found.disabled:  # like a miss: enabling it again works at once
+            self._cache.put(key, found)
         return found
 
     def find_registration_by_issuer(self, iss: str, *args: Any, **kwargs: Any) -> Registration:

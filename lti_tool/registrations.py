@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from config.db import utcnow
 from config.settings import Settings
 from lti_tool.framing import forget_platform_origins
 from lti_tool.models import Activity, Course, Deployment, Enrolment, Platform
@@ -190,6 +191,18 @@ def remove_platform(
     session.expunge_all()  # what the cascade removed must not be flushed again
     forget_platform_origins()
     return removal
+
+
+def set_platform_disabled(
+    session: Session, *, issuer: str, client_id: str | None = None, disabled: bool
+) -> Platform:
+    """Disable a registration (its logins and launches are refused with a message saying
+    so; everything it has stays: courses, machines, grades, and scores still owed go out)
+    or enable it again. Web processes see the change within 30 s (their registration
+    cache)."""
+    platform = find_platform(session, issuer, client_id)
+    platform.disabled_at = (platform.disabled_at or utcnow()) if disabled else None
+    return platform
 
 
 def moodle_values(settings: Settings) -> list[tuple[str, str]]:

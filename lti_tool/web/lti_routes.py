@@ -13,12 +13,14 @@ import logging
 from flask import Blueprint, current_app, jsonify, redirect, request, url_for
 from pylti1p3.contrib.flask import FlaskRequest
 from pylti1p3.exception import LtiException, OIDCException
+from sqlalchemy.exc import IntegrityError
 
 from config.db import transaction
 from grading.release_jobs import release_after_launch
 from jwks.keys import published_jwks
 from lti_tool.launches import NRPS_CLAIM, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
+from lti_tool.models import Platform
 from lti_tool.services.nrps import SYNC_JOB
 from lti_tool.web import deep_link_routes
 from lti_tool.web.auth import runtime, sign_in
@@ -99,8 +101,19 @@ def launch():  # type: ignore[no-untyped-def]
     if not resource_link or platform is None:
         raise LaunchRejected("Only resource link launches are supported.")
 
-    with transaction(rt.sessions) as session:
-        outcome = record_launch(session, platform.id, claims)
+    try:
+        with transaction(rt.sessions) as session:
+            outcome = record_launch(session, platform.id, claims)
+    except IntegrityError:
+        # This process's registration cache (30 s) may still hold a platform an admin has
+        # just removed: its rows are gone, so the launch's own rows cannot be written.
+        with rt.sessions() as session:
+            if session.get(Platform, platform.id) is not None:
+                raise
+        raise LaunchRejected(
+            "This platform is no longer registered with Labpool: ask Labpool's "
+            "administrator to register it again."
+        ) from None
     sign_in(outcome.user_id, staff_course_id=outcome.course_id if outcome.staff else None)
     if outcome.staff:
         if claims.get(NRPS_CLAIM):  # a teacher's visit refreshes the roster
