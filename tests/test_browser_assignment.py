@@ -9,13 +9,14 @@ Moodle is the fake platform (launch, and its grade service at the HTTP API).
 2. The student launches and lands in JupyterLab, whose file browser shows the assignment's
    folder and notebook; the copy holds neither the solution nor the hidden test. The student
    writes an answer and saves.
-3. Opening the activity again, the student stays on their Labpool page (their machine runs
-   already: it no longer moves on to the IDE by itself), follows "Your assignments and
-   grades" and presses Submit: "submitted at …, 1 files"; the teacher's download of it holds
+3. Opening the activity again, the student's Labpool page counts down to the IDE (their
+   machine runs already); the student presses "Stay on this page", follows "Your assignments
+   and grades" and presses Submit: "submitted at …, 1 files"; the teacher's download of it holds
    the answer.
 4. The teacher grades it with a comment on the assignment's page; the worker sends the score,
    and the fake Moodle's gradebook has it.
 5. The student's page shows the grade and the comment.
+6. Opening the activity once more, the countdown ends in JupyterLab.
 
 Screenshots of each step go to the test's temporary folder (run with --basetemp=DIR to keep
 them).
@@ -187,14 +188,16 @@ def _walk_through(walk: Walk, teacher, student, platform, rt, notebook: Path) ->
     worker.join(timeout=120)
     assert worker.outcome == ["done"], worker.outcome
 
-    # 3. The student opens the activity again: their Labpool page, which stays (the machine
-    # runs already) with the way to their work, where they submit.
+    # 3. The student opens the activity again: their Labpool page counts down to the IDE (the
+    # machine runs already); "Stay on this page" keeps it, with the way to their work.
     launch_in_browser(student, platform, walk.url, platform.learner(sub="4"), "**/machines/*")
     assert student.url == status_url  # the same machine
-    expect(student.locator("#message")).to_have_text("Your machine is running.")
+    expect(student.locator("#message")).to_contain_text("Your machine is running: opening it in")
     expect(student.locator("#open-link")).to_be_visible()
-    student.wait_for_timeout(1500)  # it would have moved on to the IDE by now
-    assert student.url == status_url, "opening a running machine's page, it must stay"
+    student.locator("#stay").click()
+    expect(student.locator("#message")).to_have_text("Your machine is running.")
+    student.wait_for_timeout(4000)  # past the countdown: it would have moved on by now
+    assert student.url == status_url, "'Stay on this page' must keep the page"
     walk.shot(student, "student-status-page")
     student.locator("#my-work").click()
     row = student.locator("#work tbody tr").filter(has_text="Squares")
@@ -241,6 +244,10 @@ def _walk_through(walk: Walk, teacher, student, platform, rt, notebook: Path) ->
     expect(row.locator(".grade")).to_contain_text("8.5 / 10")
     expect(row.locator(".grade")).to_contain_text("Right; mind negative numbers.")
     walk.shot(student, "student-graded")
+
+    # 6. Opening the activity once more without staying: the countdown ends in the IDE.
+    launch_in_browser(student, platform, walk.url, platform.learner(sub="4"), "**/machines/*")
+    student.wait_for_url(re.compile(r".*/ide/\d+/lab.*"), timeout=15_000)
     print(f"walk-through: {time.monotonic() - started:.1f} s")
 
 
