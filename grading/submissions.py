@@ -20,8 +20,12 @@ Rules:
 - A teacher's collection ("collect now") is never refused nor marked late: the teacher chose
   the moment; the row says who collected it.
 
-Only the local backend's homes are reachable from the tool's host; collecting from a cloud
-machine (through the Jupyter contents API) is not built.
+Where the folder is read: a home on this host (local backend, grading.collect_folder), or a
+running cloud machine through JupyterLab's contents API (grading.contents_api: the same
+limits, the same archive, stored by the same code below). A student's "Submit" on the cloud
+is a job (`start_submission`): the web request only enqueues it, and the student's page
+follows its progress. A stopped cloud machine's home is a detached volume: it cannot be
+collected until the student's next launch, and the teacher is told so per student.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
+from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -43,6 +49,7 @@ from sqlalchemy.orm import Session
 from config.db import transaction, utcnow
 from config.runtime import Runtime, current_runtime
 from grading.collect_folder import Collected, FolderError, Limits, NoFolder, collect_folder
+from grading.contents_api import CloudHome, cloud_home, collect_from_machine
 from grading.models import Assignment, LatePolicy, Submission
 from lti_tool.launches import environment_of
 from lti_tool.models import Activity, Enrolment
@@ -54,6 +61,7 @@ from provisioning.backends.local import LocalBackend
 log = logging.getLogger(__name__)
 
 COLLECT_JOB = "grading.submissions.collect_class_job"
+SUBMIT_JOB = "grading.submissions.submit_job"
 DEFAULT_LIMITS = Limits()
 LOCK_S = 300  # a copy within the limits takes seconds; the lock outlives a crashed one
 PROGRESS_TTL_S = 24 * 3600
@@ -66,6 +74,10 @@ class SubmissionRefused(FolderError):
 
 class SubmissionBusy(FolderError):
     """Another copy of the same student's folder is being stored right now."""
+
+
+class MachineNotRunning(FolderError):
+    """A cloud student's home is on a volume no running machine holds: not reachable now."""
 
 
 @dataclass
@@ -83,14 +95,30 @@ def stored_path(data_dir: Path, submission: Submission) -> Path:
     return submissions_root(data_dir) / submission.storage_path
 
 
-def student_home(rt: Runtime, session: Session, activity: Activity, user_id: int) -> Path:
-    """The student's home on this host (local backend); it outlives their machines."""
+def collects_in_worker(session: Session, activity: Activity) -> bool:
+    """Is the activity's students' folder read from a cloud machine (then a student's
+    "Submit" is a job, not the web request's work)?"""
+    return not capabilities(environment_of(session, activity.id).backend).on_host
+
+
+def student_home(
+    rt: Runtime, session: Session, activity: Activity, user_id: int
+) -> Path | CloudHome:
+    """The student's home: on this host (local backend; it outlives their machines), or
+    their running cloud machine's. Raises MachineNotRunning when the cloud machine is not
+    running (or not ready: its volume not attached yet)."""
     environment = environment_of(session, activity.id)
     if not capabilities(environment.backend).on_host:
-        raise FolderError(
-            "This activity's machines run in the cloud: collecting from them "
-            "is not built yet (only the single-server mode's homes are)."
-        )
+        home = cloud_home(session, activity.course_id, user_id)
+        if isinstance(home, CloudHome):
+            return home
+        if home == "no machine":
+            raise MachineNotRunning(
+                "Not collected: no machine of this student is running, and their files are "
+                "on their volume, which is attached only to a running machine. It can be "
+                "collected while they work (or they submit themselves)."
+            )
+        raise MachineNotRunning(f"Not collected now: {home}; try again in a minute.")
     backend = LocalBackend(rt.settings.data_dir, settings=rt.settings)
     return backend.home_folder(
         MachineSpec(id=0, ide_kind="jupyterlab", owner_id=user_id, course_id=activity.course_id)
@@ -161,7 +189,11 @@ def submit_folder(
     root = submissions_root(rt.settings.data_dir)
     incoming = _private_dir(root / "incoming") / f"{secrets.token_hex(12)}.zip"
     try:
-        collected = collect_folder(home, folder, incoming, limits)
+        if isinstance(home, CloudHome):
+            with home.contents() as ide:
+                collected = collect_from_machine(ide, folder, incoming, limits)
+        else:
+            collected = collect_folder(home, folder, incoming, limits)
         outcome = _store(rt, assignment_id, user_id, collected, collected_by)
     finally:
         incoming.unlink(missing_ok=True)
@@ -253,6 +285,83 @@ def _unlock(lock: redis.lock.Lock | None) -> None:
             lock.release()
 
 
+# ------------------------------------------------------- a student's Submit, as a job (cloud)
+
+
+def _submission_key(assignment_id: int, user_id: int) -> str:
+    return f"labpool:submission:{assignment_id}:{user_id}"
+
+
+def submission_progress(rt: Runtime, assignment_id: int, user_id: int) -> dict | None:
+    """The student's last "Submit" done by a job: {"state": "collecting" | "done" |
+    "failed", "text"} (None: none lately, or Redis away)."""
+    try:
+        raw = rt.redis.get(_submission_key(assignment_id, user_id))
+    except redis.RedisError:
+        return None
+    return json.loads(raw) if raw else None
+
+
+def _save_submission(rt: Runtime, assignment_id: int, user_id: int, progress: dict) -> None:
+    rt.redis.set(_submission_key(assignment_id, user_id), json.dumps(progress), ex=PROGRESS_TTL_S)
+
+
+def start_submission(rt: Runtime, assignment_id: int, user_id: int) -> bool:
+    """Queue the student's "Submit" (their folder is on a cloud machine); False when one is
+    already under way. Refuses a late submission at once (the job checks again)."""
+    with rt.sessions() as session:
+        assignment = session.get(Assignment, assignment_id)
+        if assignment is None:
+            raise FolderError("No such assignment.")
+        _refuse_if_late(assignment, utcnow())
+    current = submission_progress(rt, assignment_id, user_id)
+    if (
+        current is not None
+        and current.get("state") == "collecting"
+        and time.time() - float(current.get("since", 0)) < LOCK_S  # else its job was lost
+    ):
+        return False
+    _save_submission(
+        rt,
+        assignment_id,
+        user_id,
+        {"state": "collecting", "text": "Collecting your folder…", "since": time.time()},
+    )
+    try:
+        Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
+            SUBMIT_JOB, assignment_id, user_id, job_timeout=LOCK_S, failure_ttl=24 * 3600
+        )
+    except redis.RedisError:
+        raise FolderError("The job queue is not reachable; try again in a minute.") from None
+    return True
+
+
+def submit_job(assignment_id: int, user_id: int) -> dict:
+    """RQ job: a student's "Submit" of a folder on their cloud machine."""
+    rt = current_runtime()
+    try:
+        outcome = submit_folder(rt, assignment_id, user_id)
+    except FolderError as exc:
+        progress = {"state": "failed", "text": str(exc)}
+    except Exception as exc:
+        log.exception("submission of assignment %s by user %s failed", assignment_id, user_id)
+        progress = {"state": "failed", "text": f"Not submitted: {exc.__class__.__name__}."}
+    else:
+        s = outcome.submission
+        when = s.submitted_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = (
+            f"Nothing changed since version {s.version} (submitted at {when}, "
+            f"{s.file_count} files): it stays your submission."
+            if outcome.unchanged
+            else f"Submitted at {when}, {s.file_count} files (version {s.version})"
+            f"{' — late' if s.late else ''}."
+        )
+        skipped = [f"Not included: {i['path']} ({i['why']})." for i in outcome.skipped]
+        progress = {"state": "done", "text": text, "skipped": skipped}
+    _save_submission(rt, assignment_id, user_id, progress)
+    return progress
+
+
 # ------------------------------------------------------------------ collect now (teacher)
 
 
@@ -331,6 +440,8 @@ def collect_class(
             kind = "unchanged" if outcome.unchanged else "collected"
         except NoFolder:
             kind, text = "no_folder", "no folder"
+        except MachineNotRunning as exc:
+            kind, text = "not_running", str(exc)
         except FolderError as exc:
             kind, text = "refused", str(exc)
         except Exception as exc:  # one student's odd home never stops the class's collection

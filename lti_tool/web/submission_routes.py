@@ -23,8 +23,11 @@ from grading.submissions import (
     SubmissionBusy,
     SubmissionRefused,
     collection_progress,
+    collects_in_worker,
     start_collection,
+    start_submission,
     stored_path,
+    submission_progress,
     submit_folder,
     versions_of,
 )
@@ -64,12 +67,15 @@ def _status_of(exc: FolderError) -> int:
 def my_submission(course_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
     """The student's own versions of an assignment and the Submit button."""
     user_id = current_user_id()
-    with runtime().sessions() as session:
+    rt = runtime()
+    with rt.sessions() as session:
         assignment = _students_assignment(session, course_id, assignment_id)
         return render_template(
             "my_submission.html",
             course=session.get_one(Course, course_id),
             assignment=assignment,
+            # A Submit from a cloud machine runs in a job: its progress, or its outcome.
+            progress=submission_progress(rt, assignment.id, user_id),
             versions=versions_of(session, assignment.id, user_id),
             csrf=csrf_token(),
             when=_when,
@@ -83,7 +89,17 @@ def submit(course_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
     rt = runtime()
     user_id = current_user_id()  # only ever the asker's own folder
     with rt.sessions() as session:
-        _students_assignment(session, course_id, assignment_id)
+        assignment = _students_assignment(session, course_id, assignment_id)
+        in_worker = collects_in_worker(session, session.get_one(Activity, assignment.activity_id))
+    back = url_for("submissions.my_submission", course_id=course_id, assignment_id=assignment_id)
+    if in_worker:  # the folder is on a cloud machine: never read in the web request
+        try:
+            started = start_submission(rt, assignment_id, user_id)
+        except FolderError as exc:
+            raise WebError(str(exc), _status_of(exc)) from None
+        if not started:
+            flash("Your folder is being collected already; this page follows it.")
+        return redirect(back, 303)
     try:
         outcome = submit_folder(rt, assignment_id, user_id)
     except FolderError as exc:
