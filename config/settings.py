@@ -86,6 +86,11 @@ class Settings:
     web_workers: int = 2
     queue_name: str = "labpool"
     log_level: str = "INFO"
+    # "json" (one object per line) or "text"; default: json when the public URL is https.
+    log_format: str = ""
+    # A bearer token that lets Prometheus read /metrics from anywhere; without it only a
+    # client on the host itself (loopback, not through a proxy) may.
+    metrics_token: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -177,6 +182,14 @@ def env_name(field_name: str) -> str:
     return "LABPOOL_" + field_name.upper()
 
 
+MIN_SECRET_KEY = 32
+
+
+def _file_key(key: str) -> str:
+    key = key.lower()
+    return key.removeprefix("labpool_")
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the environment and the optional TOML file.
 
@@ -194,6 +207,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 file_values = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SettingsError(f"LABPOOL_CONFIG: cannot read {path}: {exc}") from exc
+        # Keys as the README lists them (DATABASE_URL, or LABPOOL_DATABASE_URL as in the
+        # environment) or in lowercase: one setting, however it is spelled.
+        file_values = {_file_key(k): v for k, v in file_values.items()}
         unknown = set(file_values) - set(_FIELDS)
         if unknown:
             raise SettingsError(f"{path}: unknown settings {sorted(unknown)}")
@@ -232,6 +248,8 @@ def _complete(settings: Settings) -> Settings:
             raise SettingsError(
                 f"{env_name(name)}: 0 (no limit) or more, got {getattr(settings, name)}"
             )
+    if settings.log_format not in ("", "json", "text"):
+        raise SettingsError(f"LABPOOL_LOG_FORMAT: 'json' or 'text', got {settings.log_format!r}")
     if settings.backend not in ("local", "openstack"):
         raise SettingsError(f"LABPOOL_BACKEND: 'local' or 'openstack', got {settings.backend!r}")
 
@@ -242,6 +260,12 @@ def _complete(settings: Settings) -> Settings:
                     f"{env_name(name)} is required when LABPOOL_PUBLIC_URL is https "
                     "(production); set it in the environment or the TOML file"
                 )
+        if len(settings.secret_key) < MIN_SECRET_KEY:
+            raise SettingsError(
+                f"LABPOOL_SECRET_KEY: at least {MIN_SECRET_KEY} characters in production (it "
+                "signs sessions and IDE cookies); make one with "
+                '`python3 -c "import secrets; print(secrets.token_urlsafe(48))"`'
+            )
         return settings
 
     data_dir = settings.data_dir

@@ -89,7 +89,14 @@ def worker(burst: bool, which: str) -> None:
     # a token and discovery requests), and a reconciler pass starts in milliseconds. Job
     # timeouts still hold (SIGALRM), and a killed worker loses nothing: jobs are triggers.
     queue = settings.queue_name if which == "jobs" else f"{settings.queue_name}-grading"
-    SimpleWorker([queue], connection=conn).work(burst=burst)
+    click.echo(f"labpool worker: taking jobs from {queue!r}")
+    # RQ says four lines per job: an idle service's periodic passes would fill the log. Its
+    # warnings and errors (a failed job) stay; Labpool's own modules log what happened.
+    SimpleWorker([queue], connection=conn).work(burst=burst, logging_level=_rq_log_level(settings))
+
+
+def _rq_log_level(settings: Settings) -> str:
+    return "DEBUG" if settings.log_level.lower() == "debug" else "WARNING"
 
 
 @main.command()
@@ -98,6 +105,7 @@ def cron() -> None:
     the idle check, the roster sync of every course, and the scores owed to gradebooks."""
     import redis
     from rq.cron import CronScheduler
+    from rq.exceptions import StopRequested
 
     from grading.autograde import REQUEUE_INTERVAL_S, requeue_owed_autogrades_job
     from grading.outbox import DUE_PASS_INTERVAL_S, send_due_scores_job
@@ -107,7 +115,8 @@ def cron() -> None:
 
     settings = _settings()
     conn = redis.Redis.from_url(settings.effective_redis_url)
-    scheduler = CronScheduler(connection=conn)
+    scheduler = CronScheduler(connection=conn, logging_level=_rq_log_level(settings))
+    click.echo("labpool cron: periodic passes registered")
     queue = settings.queue_name
     scheduler.register(reconcile_all, queue, interval=settings.reconcile_interval_s)
     scheduler.register(release_idle_job, queue, interval=settings.idle_check_interval_s)
@@ -117,7 +126,10 @@ def cron() -> None:
     scheduler.register(send_due_scores_job, queue, interval=DUE_PASS_INTERVAL_S)
     # Autogrades owed whose job was lost or whose worker was killed: queued again.
     scheduler.register(requeue_owed_autogrades_job, queue, interval=REQUEUE_INTERVAL_S)
-    scheduler.start()
+    try:
+        scheduler.start()
+    except (StopRequested, KeyboardInterrupt):  # SIGTERM/SIGINT: a stop asked for, not a crash
+        click.echo("labpool cron: stopped")
 
 
 @main.group()
@@ -216,6 +228,7 @@ def env_check(name: str) -> None:
 
 @env.command("list")
 def env_list() -> None:
+    """Every environment: its IDE, backend, image and flavor, and its pool."""
     from provisioning.models import Environment, Pool
 
     rt = prepare(_settings())
@@ -272,6 +285,7 @@ def volumes() -> None:
 
 @volumes.command("list")
 def volumes_list() -> None:
+    """Every student volume: whose, which course, size, status and cloud id."""
     from lti_tool.models import Course, User
     from provisioning.models import StudentVolume
 
@@ -283,6 +297,8 @@ def volumes_list() -> None:
             .join(Course, Course.id == StudentVolume.course_id)
             .order_by(StudentVolume.id)
         ).all()
+        if not rows:
+            click.echo("no student volumes (they are made on the cloud backend, at first need)")
         for volume, user, course in rows:
             click.echo(
                 f"{volume.id}  {user.name or user.sub} in {course.label or course.context_id}: "
@@ -361,6 +377,7 @@ def keys_rotate(grace_hours: float | None) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
+    """The tool's signing keys: kid, state (next, active, retired) and until when published."""
     from jwks.models import ToolKey
 
     rt = prepare(_settings())
@@ -421,6 +438,7 @@ def platform_add(
 
 @platform.command("list")
 def platform_list() -> None:
+    """Every registered platform with its client id, deployments and URLs."""
     from lti_tool.models import Platform
 
     rt = prepare(_settings())

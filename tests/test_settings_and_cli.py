@@ -63,6 +63,46 @@ def test_toml_file_is_read_and_the_environment_wins(tmp_path):
         load_settings(env)
 
 
+def test_a_short_production_secret_key_is_refused(tmp_path):
+    env = {
+        "LABPOOL_DATA_DIR": str(tmp_path),
+        "LABPOOL_PUBLIC_URL": "https://labpool.example.edu",
+        "LABPOOL_DATABASE_URL": "postgresql+psycopg://labpool@db/labpool",
+        "LABPOOL_REDIS_URL": "redis://cache:6379/0",
+        "LABPOOL_SECRET_KEY": "short",
+    }
+    with pytest.raises(SettingsError, match="LABPOOL_SECRET_KEY: at least 32 characters"):
+        load_settings(env)
+    assert load_settings({**env, "LABPOOL_SECRET_KEY": "k" * 32}).secret_key == "k" * 32
+
+
+def test_toml_keys_work_as_the_readme_spells_them(tmp_path):
+    path = tmp_path / "labpool.toml"
+    path.write_text('WEB_WORKERS = 5\nLABPOOL_PUBLIC_URL = "http://127.0.0.1:9001"\n')
+    settings = load_settings({"LABPOOL_CONFIG": str(path), "LABPOOL_DATA_DIR": str(tmp_path)})
+    assert settings.web_workers == 5 and settings.listen_port == 9001
+
+
+def test_volumes_list_says_when_there_are_none(rt):
+    result = CliRunner().invoke(main, ["volumes", "list"])
+    assert result.exit_code == 0 and "no student volumes" in result.output
+
+
+def test_every_command_has_help_text():
+    import click
+
+    missing = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if not (command.help or "").strip():
+            missing.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(main, "labpool")
+    assert missing == []
+
+
 def test_platform_add_and_list(rt):
     runner = CliRunner()
     args = [
@@ -164,3 +204,18 @@ def test_env_add_sets_the_sandbox_limits_and_refuses_ones_an_ide_cannot_start_un
         3600,
     )
     assert f"--as={1024 * 1024 * 1024}" in limits.prlimit_args()
+
+
+def test_an_idle_worker_does_not_fill_the_log(rt):
+    """Issue 13: the worker wrote four lines per periodic job (every 15 s when idle)."""
+    from rq import Queue
+
+    from tests.conftest import run_worker_burst
+
+    queue = Queue(rt.settings.queue_name, connection=rt.redis)
+    for _ in range(3):  # what `labpool cron` enqueues every 15 s
+        queue.enqueue("provisioning.jobs.reconcile_all")
+    output = run_worker_burst(rt.settings)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines == [f"labpool worker: taking jobs from {rt.settings.queue_name!r}"], lines
+    assert rt.redis.llen(f"rq:queue:{rt.settings.queue_name}") == 0  # the jobs ran
