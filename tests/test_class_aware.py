@@ -555,3 +555,7 @@ def test_class_counts_students_apart_from_teachers(tool, platform, rt, browser):
     assert rows["teacher"]["status"] == "no machine"
     page = browser.get(class_url).text
     assert 'data-count="starting">1<' in page and 'id="staff"' in page
+    # Single-server mode says what runs on this host instead of a pool.
+    assert view["pool"] is None
+    assert view["host"]["starting"] == 1 and view["host"]["memory_mb"] > 0
+    assert '<div id="host" >' in page or '<div id="host">' in page

@@ -25,6 +25,7 @@ from lti_tool.web.auth import csrf_token, current_user_id, runtime, taught_activ
 from provisioning.activity import last_activity
 from provisioning.backends import capabilities
 from provisioning.models import (
+    LIVE_STATES,
     ClassSession,
     Environment,
     Machine,
@@ -64,6 +65,26 @@ def pool_status(session: Session, environment: Environment) -> dict | None:
         "requested": counts.get("requested", 0) + counts.get("requested_warm", 0),
         "error": counts.get("error", 0) + counts.get("error_warm", 0),
         "notes": [note for note in (pool.quota_note, pool.hold_note) if note],
+    }
+
+
+def host_status(session: Session, environment: Environment) -> dict | None:
+    """Single-server mode's answer to the pool section: machines start on demand on this
+    host; how many run here now (every course), and what each may use."""
+    if not capabilities(environment.backend).on_host:
+        return None
+    counts = dict(
+        session.execute(
+            select(Machine.state, func.count())
+            .where(Machine.backend == environment.backend, Machine.state.in_(LIVE_STATES))
+            .group_by(Machine.state)
+        ).all()
+    )
+    return {
+        "running": counts.get(MachineState.assigned, 0) + counts.get(MachineState.ready, 0),
+        "starting": counts.get(MachineState.starting, 0) + counts.get(MachineState.requested, 0),
+        "memory_mb": environment.memory_mb,
+        "max_processes": environment.max_processes,
     }
 
 
@@ -243,6 +264,7 @@ def class_view(session: Session, activity: Activity) -> dict:
         "roster": roster,
         "counts": class_counts(roster),
         "pool": pool_status(session, environment),
+        "host": host_status(session, environment),
         "schedule": class_schedule(session, activity),
     }
 
