@@ -115,6 +115,10 @@ def test_the_class_page_reads_at_a_glance_at_800_and_1280_px(tool, platform, rt,
             assert questions and "Reset the machine of" in questions[0]
             with rt.sessions() as session:
                 assert session.get_one(Machine, machines["43"]).state is S.error
+            page.get_by_role("button", name="Stop all idle machines").click()
+            assert len(questions) == 2 and "Stop every machine nobody" in questions[1]
+            with rt.sessions() as session:
+                assert session.get_one(Machine, machines["42"]).state is S.assigned
 
             page.set_viewport_size({"width": 1280, "height": 900})
             screenshot(page, tmp_path / "class-1280.png")
