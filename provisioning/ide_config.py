@@ -22,19 +22,21 @@ DISABLED_SERVER_EXTENSIONS = (
 )
 
 
-def jupyter_server_config(csp: str) -> str:
+def jupyter_server_config(csp: str, title: str = "") -> str:
     """Jupyter's config for a machine: the CSP header, a lab page that does not carry the
     IDE's token (JupyterLab writes it into the page by default; the proxy adds it to every
     request instead, and without the proxy the login cookie does), and without the plugins
-    above."""
+    above. `title` names the page (JupyterLab's appName: "<title> · Labpool")."""
     disabled = list(DISABLED_LAB_PLUGINS)
+    app_name = f"        'appName': {title + ' · Labpool'!r},\n" if title else ""
     return (
         "c.ServerApp.tornado_settings = {\n"
         f"    'headers': {{'Content-Security-Policy': {csp!r}}},\n"
         "    'page_config_hook': lambda handler, config: {\n"
         "        **config,\n"
         "        'token': '',\n"
-        f"        'disabledExtensions': [*config.get('disabledExtensions', []), *{disabled!r}],\n"
+        + app_name
+        + f"        'disabledExtensions': [*config.get('disabledExtensions', []), *{disabled!r}],\n"
         "    },\n"
         "}\n"
         "c.ServerApp.jpserver_extensions = {\n"

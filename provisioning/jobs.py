@@ -8,11 +8,13 @@ finds the process or server the first attempt left and carries on from there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
 from redis.exceptions import LockError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from config.db import transaction
 from config.runtime import Runtime, current_runtime
@@ -46,6 +48,24 @@ def spec_of(machine: Machine, environment: Environment) -> MachineSpec:
     )
 
 
+def title_of(session: Session, machine: Machine) -> str:
+    """What the IDE's page title names: the activity the student launched (their newest
+    launch onto this machine), else the course."""
+    from lti_tool.models import Activity, Course, Launch
+
+    title = session.scalars(
+        select(Activity.title)
+        .join(Launch, Launch.activity_id == Activity.id)
+        .where(Launch.machine_id == machine.id)
+        .order_by(Launch.id.desc())
+        .limit(1)
+    ).first()
+    if not title and machine.course_id is not None:
+        course = session.get(Course, machine.course_id)
+        title = course.title if course else ""
+    return (title or "")[:80]
+
+
 def _fail(rt: Runtime, machine_id: int, message: str) -> None:
     with transaction(rt.sessions) as session:
         machine = session.get(Machine, machine_id, with_for_update=True)
@@ -66,7 +86,7 @@ def start_machine(machine_id: int) -> str:
         elif machine.state is not MachineState.starting:
             return f"nothing to do: {machine.state.value}"
         environment = session.get_one(Environment, machine.environment_id)
-        spec = spec_of(machine, environment)
+        spec = dataclasses.replace(spec_of(machine, environment), title=title_of(session, machine))
         started_at = machine.state_changed_at
 
     deadline = started_at.timestamp() + rt.settings.machine_start_timeout_s

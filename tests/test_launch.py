@@ -54,6 +54,7 @@ def test_learner_launch_ends_at_a_jupyterlab_that_answers(tool, platform, rt, br
     assert "@jupyterlab/apputils-extension:announcements" in config["disabledExtensions"]
     assert "@jupyter/nbgrader:create-assignment" in config["disabledExtensions"]
     assert config["token"] == ""
+    assert config["appName"] == "LTI 1.3 Test Activity · Labpool"  # the tab names the activity
 
     # The IDE is real: a file written through Jupyter's API lands in the student's home.
     with rt.sessions() as session:

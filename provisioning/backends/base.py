@@ -39,6 +39,7 @@ class MachineSpec:
     address: str | None = None
     ide_token: str | None = None
     limits: Limits | None = None  # the sandbox's (local backend)
+    title: str = ""  # the IDE's page title: the activity (or course) it was started for
 
     @property
     def base_url(self) -> str:

@@ -130,7 +130,9 @@ class LocalBackend(OnDemandBackend):
         config_dir.mkdir(exist_ok=True)
         config_dir.chmod(0o755)
         config = config_dir / "jupyter_server_config.py"
-        config.write_text(jupyter_server_config(f"frame-ancestors {self.frame_ancestors}"))
+        config.write_text(
+            jupyter_server_config(f"frame-ancestors {self.frame_ancestors}", machine.title)
+        )
         config.chmod(0o644)  # the student reads it, only the tool writes it
         # jupyter_core would try to write this marker into the (read-only) config folder
         # when it finds an old ~/.ipython in the home.
