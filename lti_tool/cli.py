@@ -226,6 +226,35 @@ def env_check(name: str) -> None:
     )
 
 
+@env.command("edit")
+@click.argument("name")
+@click.option("--idle-timeout", "idle_timeout_s", type=int, help="Seconds without activity.")
+@click.option("--warm-target", type=int, help="Warm machines kept (pooled environments).")
+@click.option("--max-size", type=int, help="Machines at most (pooled environments).")
+@click.option("--image", "image_id", help="A new golden image id (rolls the pool).")
+@click.option("--flavor", "flavor_id", help="A new flavor id (rolls the pool).")
+@click.option("--memory-mb", type=int, help="Sandbox limit (local), MB; 0: none.")
+@click.option("--max-processes", type=int, help="Sandbox limit (local); 0: none.")
+@click.option("--max-open-files", type=int, help="Sandbox limit (local); 0: none.")
+@click.option("--max-file-size-mb", type=int, help="Sandbox limit (local), MB; 0: none.")
+@click.option("--cpu-seconds", type=int, help="Sandbox limit (local); 0: none.")
+def env_edit(name: str, **changes: object) -> None:
+    """Change an environment; what is not given stays. A new image or flavor rolls a pool:
+    warm machines are replaced at once, students' machines when they are released."""
+    from provisioning.environments import EnvironmentRejected, edit_environment
+    from provisioning.triggers import reconcile_soon
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            edit = edit_environment(session, name, **changes)  # type: ignore[arg-type]
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+    if edit.pool_id is not None:
+        reconcile_soon(rt, edit.pool_id)
+    click.echo(edit.summary())
+
+
 @env.command("list")
 def env_list() -> None:
     """Every environment: its IDE, backend, image and flavor, and its pool."""
@@ -466,9 +495,7 @@ def platform_remove(issuer: str, client_id: str | None, force: bool) -> None:
     submissions' records, grades, unsent scores). People, machines' records, environments
     and files on disk stay. Refused while its courses have live machines or students'
     volumes, unless --force."""
-    from lti_tool.registrations import RegistrationError, remove_platform
-    from provisioning.proxy_table import withdraw_route
-    from provisioning.queue import STOP_JOB, enqueue
+    from lti_tool.registrations import RegistrationError, remove_platform, stop_removed_machines
 
     rt = prepare(_settings())
     try:
@@ -476,9 +503,7 @@ def platform_remove(issuer: str, client_id: str | None, force: bool) -> None:
             removal = remove_platform(session, issuer=issuer, client_id=client_id, force=force)
     except RegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
-    for machine_id in removal.live_machines:
-        withdraw_route(rt.redis, machine_id)
-        enqueue(rt.redis, rt.settings.queue_name, STOP_JOB, machine_id)
+    stop_removed_machines(rt, removal)
     click.echo(
         f"removed {removal.issuer} (client {removal.client_id}, deployments "
         f"{', '.join(removal.deployment_ids)}): {removal.summary()}"
@@ -517,6 +542,58 @@ def _set_disabled(issuer: str, client_id: str | None, *, disabled: bool) -> None
     click.echo(
         f"{which} {'disabled' if disabled else 'enabled'}: web processes take it within 30 s"
     )
+
+
+@main.command("admin-token")
+@click.option(
+    "--expires",
+    default="1h",
+    show_default=True,
+    help="How long the link may be opened: 10m, 1h, 2d (1 minute to 7 days).",
+)
+def admin_token(expires: str) -> None:
+    """Print a one-time link to the admin page (signed with the secret key; opening it sets
+    an admin session in that browser for 8 hours)."""
+    from lti_tool.admin import MAX_TOKEN_S, make_admin_token
+    from lti_tool.registration_links import parse_duration
+
+    settings = _settings()
+    try:
+        lifetime = parse_duration(expires)
+        if lifetime > MAX_TOKEN_S:
+            raise ValueError(f"an admin link lives 7 days at most, not {expires!r}")
+        token = make_admin_token(settings, lifetime)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from exc
+    click.echo(settings.url(f"/admin/token/{token}"))
+    click.echo(
+        "One use; whoever opens it first administers Labpool. Open it in your browser.",
+        err=True,
+    )
+
+
+@main.group()
+def scores() -> None:
+    """Scores owed to the platforms' gradebooks (the AGS outbox)."""
+
+
+@scores.command("send-again")
+@click.argument("row_id", type=int)
+def scores_send_again(row_id: int) -> None:
+    """Owe a failed score's current grade again (a fresh outbox row), as the admin page's
+    and the teacher's "send again" do."""
+    from grading.outbox import SEND_JOB
+    from lti_tool.admin import ScoreNotResendable, send_failed_score_again
+    from provisioning.queue import enqueue
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            new_id = send_failed_score_again(session, row_id)
+    except ScoreNotResendable as exc:
+        raise click.ClickException(str(exc)) from exc
+    enqueue(rt.redis, rt.settings.queue_name, SEND_JOB, new_id)
+    click.echo(f"score {row_id} owed again as {new_id}; a worker sends it")
 
 
 @main.command("registration-link")

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from config.db import utcnow
+from config.runtime import Runtime
 from config.settings import Settings
 from lti_tool.framing import forget_platform_origins
 from lti_tool.models import Activity, Course, Deployment, Enrolment, Platform
@@ -142,10 +144,36 @@ def remove_platform(
     never deleted here (`labpool volumes delete` does that): with `force` only their records
     go. Web processes stop accepting the platform's launches within 30 s (their
     registration cache)."""
-    from grading.models import Assignment, Grade, ScoreOutbox, ScoreStatus, Submission
-    from provisioning.models import LIVE_STATES, Machine, MachineState, StudentVolume
+    from provisioning.models import MachineState
 
     platform = find_platform(session, issuer, client_id)
+    removal, live = _count_removal(session, platform, lock=True)
+    if (live or removal.volumes) and not force:
+        raise PlatformInUse(
+            f"{issuer} (client {platform.client_id}) still has {len(live)} live machine(s) "
+            f"and {removal.volumes} student volume(s) in its courses. Stop the machines "
+            "(they stop when idle, or from the class page) and delete the volumes "
+            "(`labpool volumes delete`) first, or remove with --force: live machines are "
+            "stopped, the volumes stay in the cloud without a record"
+        )
+    for machine in live:
+        machine.move_to(MachineState.stopping)
+        removal.live_machines.append(machine.id)
+    session.flush()
+    session.execute(delete(Platform).where(Platform.id == platform.id))
+    session.expunge_all()  # what the cascade removed must not be flushed again
+    forget_platform_origins()
+    return removal
+
+
+def _count_removal(
+    session: Session, platform: Platform, *, lock: bool
+) -> tuple[PlatformRemoval, list[Any]]:
+    """What removing `platform` would take, and its courses' live machines (locked if
+    `lock`, for the removal itself)."""
+    from grading.models import Assignment, Grade, ScoreOutbox, ScoreStatus, Submission
+    from provisioning.models import LIVE_STATES, Machine, StudentVolume
+
     removal = PlatformRemoval(
         platform.issuer, platform.client_id, [d.deployment_id for d in platform.deployments]
     )
@@ -170,27 +198,29 @@ def remove_platform(
         ScoreOutbox.status.in_([ScoreStatus.pending, ScoreStatus.failed]),
     )
     removal.volumes = count(StudentVolume, StudentVolume.course_id.in_(courses))
-    live = session.scalars(
-        select(Machine)
-        .where(Machine.course_id.in_(courses), Machine.state.in_(LIVE_STATES))
-        .with_for_update()
-    ).all()
-    if (live or removal.volumes) and not force:
-        raise PlatformInUse(
-            f"{issuer} (client {platform.client_id}) still has {len(live)} live machine(s) "
-            f"and {removal.volumes} student volume(s) in its courses. Stop the machines "
-            "(they stop when idle, or from the class page) and delete the volumes "
-            "(`labpool volumes delete`) first, or remove with --force: live machines are "
-            "stopped, the volumes stay in the cloud without a record"
-        )
-    for machine in live:
-        machine.move_to(MachineState.stopping)
-        removal.live_machines.append(machine.id)
-    session.flush()
-    session.execute(delete(Platform).where(Platform.id == platform.id))
-    session.expunge_all()  # what the cascade removed must not be flushed again
-    forget_platform_origins()
-    return removal
+    query = select(Machine).where(Machine.course_id.in_(courses), Machine.state.in_(LIVE_STATES))
+    live = list(session.scalars(query.with_for_update() if lock else query).all())
+    return removal, live
+
+
+def stop_removed_machines(rt: Runtime, removal: PlatformRemoval) -> None:
+    """After a forced removal is committed: the proxy forgets its live machines and their
+    stop is queued (the CLI and the admin page both end a removal here)."""
+    from provisioning.proxy_table import withdraw_route
+    from provisioning.queue import STOP_JOB, enqueue
+
+    for machine_id in removal.live_machines:
+        withdraw_route(rt.redis, machine_id)
+        enqueue(rt.redis, rt.settings.queue_name, STOP_JOB, machine_id)
+
+
+def removal_preview(
+    session: Session, *, issuer: str, client_id: str | None = None
+) -> tuple[PlatformRemoval, int]:
+    """What `remove_platform` would take (counts only, nothing changed) and how many live
+    machines its courses have (stopped by a forced removal): the admin page's confirmation."""
+    removal, live = _count_removal(session, find_platform(session, issuer, client_id), lock=False)
+    return removal, len(live)
 
 
 def set_platform_disabled(

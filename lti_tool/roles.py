@@ -19,3 +19,17 @@ STAFF_ROLES = (
 def is_staff(roles: list[str]) -> bool:
     """The one rule for who teaches: an instructor or administrator role (LTI Core §A.2)."""
     return any(role in STAFF_ROLES for role in roles)
+
+
+# Moodle sends both to site administrators (docs/moodle.md); a course role, even
+# Instructor, never makes a Labpool administrator.
+ADMIN_ROLES = (
+    "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator",
+    "http://purl.imsglobal.org/vocab/lis/v2/system/person#Administrator",
+)
+
+
+def is_admin(roles: list[str]) -> bool:
+    """Labpool's admin page is open to a launch with an institution or system Administrator
+    role (a platform's site administrator)."""
+    return any(role in ADMIN_ROLES for role in roles)

@@ -3,6 +3,7 @@ defines them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -12,7 +13,7 @@ from config.db import transaction
 from config.settings import Settings
 from provisioning.backends import BACKENDS, Capabilities
 from provisioning.errors import ProvisioningError
-from provisioning.models import Environment, IdeKind, Pool
+from provisioning.models import Environment, IdeKind, Machine, MachineState, Pool
 
 
 class EnvironmentRejected(ValueError):
@@ -225,3 +226,132 @@ def set_pool(
         pool.paused = paused
     session.flush()
     return pool
+
+
+LIMIT_FIELDS = tuple(LIMIT_FLOORS)
+MIN_IDLE_TIMEOUT_S = 60
+
+
+@dataclass
+class EnvironmentEdit:
+    """What `edit_environment` changed, and the rolling it started."""
+
+    name: str
+    changed: list[str] = field(default_factory=list)
+    pool_id: int | None = None
+    rolling_warm: int = 0  # warm machines on the old image/flavor: replaced at the next pass
+    rolling_assigned: int = 0  # students' machines on it: replaced when released
+
+    def summary(self) -> str:
+        text = f"environment {self.name}: {', '.join(self.changed)} changed"
+        if self.rolling_warm or self.rolling_assigned:
+            text += (
+                f"; the pool rolls: {self.rolling_warm} warm machine(s) replaced now, "
+                f"{self.rolling_assigned} student machine(s) when released"
+            )
+        return text
+
+
+def edit_environment(
+    session: Session,
+    name: str,
+    *,
+    idle_timeout_s: int | None = None,
+    warm_target: int | None = None,
+    max_size: int | None = None,
+    image_id: str | None = None,
+    flavor_id: str | None = None,
+    **limits: int | None,
+) -> EnvironmentEdit:
+    """Change an environment (`labpool env edit` and the admin page). None leaves a value as
+    it is. Refused (EnvironmentRejected, nothing changed) for an unknown environment, a
+    value out of range, a pool setting of an environment without a pool, or an image or
+    flavor of one that boots none.
+
+    A new image or flavor of a pooled environment rolls its pool: machines booted before
+    (their `backend_ref` records what they booted, written here for older ones) are
+    replaced: warm ones by the reconciler's next pass (`decide_roll`), students' ones when
+    they are released (a released machine is stopped, never reused). The caller triggers
+    that pass once this transaction is committed (`pool_id`)."""
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise EnvironmentRejected(f"no such setting: {', '.join(sorted(unknown))}")
+    environment = session.scalars(
+        select(Environment).where(Environment.name == name).with_for_update()
+    ).one_or_none()
+    if environment is None:
+        raise EnvironmentRejected(f"no environment named {name!r}")
+    can = _can(environment.backend)
+    pool = session.scalars(select(Pool).where(Pool.environment_id == environment.id)).first()
+    edit = EnvironmentEdit(environment.name, pool_id=pool.id if pool else None)
+
+    if idle_timeout_s is not None and idle_timeout_s < MIN_IDLE_TIMEOUT_S:
+        raise EnvironmentRejected(
+            f"idle timeout must be at least {MIN_IDLE_TIMEOUT_S} s, not {idle_timeout_s}"
+        )
+    if (warm_target is not None or max_size is not None) and pool is None:
+        raise EnvironmentRejected(
+            f"environment {name!r} ({environment.backend}) has no pool: no warm target or max size"
+        )
+    booted = {f for f, _ in can.needs}
+    for label, value, column in (
+        ("image", image_id, "image_id"),
+        ("flavor", flavor_id, "flavor_id"),
+    ):
+        if value is None:
+            continue
+        if column not in booted:
+            raise EnvironmentRejected(
+                f"environment {name!r} ({environment.backend}) boots no {label}"
+            )
+        if not value.strip():
+            raise EnvironmentRejected(f"the {label} id must not be empty")
+    given_limits = {k: v for k, v in limits.items() if v is not None}
+    _check_limits(given_limits)
+    if pool is not None and (warm_target is not None or max_size is not None):
+        new_target = pool.warm_target if warm_target is None else warm_target
+        new_max = pool.max_size if max_size is None else max_size
+        _check_pool_sizes(new_target, new_max)
+
+    old_image, old_flavor = environment.image_id, environment.flavor_id
+    for column, value in (
+        ("idle_timeout_s", idle_timeout_s),
+        ("image_id", image_id.strip() if image_id is not None else None),
+        ("flavor_id", flavor_id.strip() if flavor_id is not None else None),
+        *given_limits.items(),
+    ):
+        if value is not None and getattr(environment, column) != value:
+            setattr(environment, column, value)
+            edit.changed.append(column)
+    if pool is not None:
+        for column, value in (("warm_target", warm_target), ("max_size", max_size)):
+            if value is not None and getattr(pool, column) != value:
+                setattr(pool, column, value)
+                edit.changed.append(column)
+    if not edit.changed:
+        raise EnvironmentRejected(f"environment {name!r}: nothing to change")
+
+    if pool is not None and ("image_id" in edit.changed or "flavor_id" in edit.changed):
+        from provisioning.reconcile_decisions import on_old_spec
+
+        live = session.scalars(
+            select(Machine).where(
+                Machine.environment_id == environment.id,
+                Machine.state.in_(
+                    [MachineState.starting, MachineState.ready, MachineState.assigned]
+                ),
+            )
+        ).all()
+        for machine in live:
+            ref = dict(machine.backend_ref or {})
+            if "image_id" not in ref and "flavor_id" not in ref:
+                # Booted before machines recorded their image: it is the old one.
+                machine.backend_ref = {**ref, "image_id": old_image, "flavor_id": old_flavor}
+                ref = machine.backend_ref
+            if on_old_spec(ref, environment.image_id, environment.flavor_id):
+                if machine.owner_id is None and machine.state is not MachineState.assigned:
+                    edit.rolling_warm += 1
+                else:
+                    edit.rolling_assigned += 1
+    session.flush()
+    return edit

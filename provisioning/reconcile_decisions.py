@@ -12,6 +12,10 @@ The rules, in the order a pass applies them:
   kept); a create that never reached the cloud → back to `requested`; booting with an
   ACTIVE server → ask its IDE; `stopping` → delete its server; two servers for one machine
   → keep the most advanced; servers no live machine owns → deleted after a grace period.
+- `decide_roll`: after an admin changed the environment's image or flavor, warm machines
+  (unowned, `starting` or `ready`) still on the old ones are stopped, so `decide_warm`
+  replaces them in the same pass; assigned machines are left to their student (a released
+  machine is stopped, never reused, so the next one boots the new image).
 - `decide_warm`: top the warm pool up to its target within `max_size`, or stop the surplus.
 - `decide_creates`: which `requested` machines get servers now (students' first), within the
   per-cloud cap on concurrent creates and the quota headroom.
@@ -132,6 +136,27 @@ def decide(
         and (s.created is None or now - s.created > orphan_grace)
     ]
     return actions
+
+
+def on_old_spec(ref: dict[str, Any], image_id: str | None, flavor_id: str | None) -> bool:
+    """Was this machine's server booted from another image or flavor than the environment's
+    now? (`ref` is its `backend_ref`: the reconciler records both at the create, and an
+    admin's edit records them on older machines; a machine without the record is current.)"""
+    if "image_id" not in ref and "flavor_id" not in ref:
+        return False
+    return ref.get("image_id") != image_id or ref.get("flavor_id") != flavor_id
+
+
+def decide_roll(rows: Sequence[Row], *, image_id: str | None, flavor_id: str | None) -> list[int]:
+    """Warm machines (no owner; `starting` or `ready`) on an earlier image or flavor: stop them
+    now. Never one with an owner: a student's machine rolls when it is released."""
+    return [
+        row.id
+        for row in rows
+        if row.owner_id is None
+        and row.state in (S.starting, S.ready)
+        and on_old_spec(row.ref, image_id, flavor_id)
+    ]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from provisioning.reconcile_decisions import (
     creates_back_off,
     decide,
     decide_creates,
+    decide_roll,
     decide_warm,
     is_held,
 )
@@ -80,6 +81,7 @@ class PassReport:
     warm_requested: int = 0
     target: int = 0
     volumes_attached: int = 0
+    rolled: int = 0  # warm machines stopped because the image or flavor changed
     held: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -187,10 +189,16 @@ def reconcile_pool(
             list(pool_exec.map(lambda s: _delete_servers(cloud, [s]), orphans))
         report.orphans_deleted = len(orphans)
 
-    # 5. the warm target
+    # 5. the pool rolls: warm machines on an earlier image or flavor go (decide_warm below
+    # replaces them); assigned ones roll when released
+    report.rolled = _roll_warm(
+        rt, decide_roll(rows, image_id=env.image_id, flavor_id=env.flavor_id)
+    )
+
+    # 6. the warm target
     report.warm_requested = _top_up_warm(rt, pool, env, report, clock or now)
 
-    # 6. create what is requested, unless the pool is backing off
+    # 7. create what is requested, unless the pool is backing off
     if backing_off:
         report.held = pool.hold_note
     else:
@@ -394,6 +402,8 @@ def _create_requested(
 
     # requested → starting with a fresh IDE token, committed before any server exists.
     tokens = {machine_id: secrets.token_urlsafe(32) for machine_id in plan.chosen}
+    # What the server boots from, recorded so that a later change of either rolls it.
+    booted = {"image_id": env.image_id, "flavor_id": env.flavor_id}
     claimed: list[Row] = []
     with transaction(rt.sessions) as session:
         for machine_id, token in tokens.items():
@@ -404,7 +414,7 @@ def _create_requested(
                     state=S.starting,
                     ide_token=token,
                     state_changed_at=utcnow(),
-                    backend_ref={"pool_id": pool.id},
+                    backend_ref={"pool_id": pool.id, **booted},
                 )
                 .returning(Machine.owner_id, Machine.course_id)
                 .execution_options(synchronize_session=False)
@@ -416,7 +426,7 @@ def _create_requested(
                         S.starting,
                         got.owner_id,
                         got.course_id,
-                        {"pool_id": pool.id},
+                        {"pool_id": pool.id, **booted},
                         None,
                         token,
                         now,
@@ -442,7 +452,7 @@ def _create_requested(
                 session.execute(
                     update(Machine)
                     .where(Machine.id == row.id)
-                    .values(backend_ref={"pool_id": pool.id, "server_id": server_id})
+                    .values(backend_ref={"pool_id": pool.id, "server_id": server_id, **booted})
                     .execution_options(synchronize_session=False)
                 )
             elif outcome == "starting":
@@ -469,6 +479,28 @@ def _create_requested(
     if creates_back_off([e for _, _, e in results]):
         _back_off(rt, pool.id, now, held or "the cloud refused to create machines")
     return created, held
+
+
+def _roll_warm(rt: Runtime, ids: list[int]) -> int:
+    """Stop warm machines on an old image or flavor, unless a student claimed one meanwhile
+    (the owner check is in the statement, so a claim racing this pass wins)."""
+    if not ids:
+        return 0
+    with transaction(rt.sessions) as session:
+        result = session.execute(
+            update(Machine)
+            .where(
+                Machine.id.in_(ids),
+                Machine.owner_id.is_(None),
+                Machine.state.in_([S.starting, S.ready]),
+            )
+            .values(state=S.stopping, state_changed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        rolled = result.rowcount or 0  # type: ignore[attr-defined]
+    if rolled:
+        log.info("rolling %s warm machine(s) onto the environment's new image or flavor", rolled)
+    return rolled
 
 
 def _set_quota_note(rt: Runtime, pool_id: int, note: str | None) -> None:

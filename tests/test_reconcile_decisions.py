@@ -27,8 +27,10 @@ from provisioning.reconcile_decisions import (
     creates_back_off,
     decide,
     decide_creates,
+    decide_roll,
     decide_warm,
     is_held,
+    on_old_spec,
 )
 
 S = MachineState
@@ -465,3 +467,41 @@ def test_after_pass(hold: PoolHold, passed: dict, expected: PoolHold) -> None:
 
 def test_a_pool_is_held_until_its_backoff_ends() -> None:
     assert is_held(LATER, NOW) and not is_held(NOW, NOW) and not is_held(None, NOW)
+
+
+# --- rolling a pool onto a new image or flavor (decide_roll) ---------------------------
+
+OLD = {"image_id": "img-1", "flavor_id": "m1.small", "server_id": "s"}
+NEW_IMAGE = {"image_id": "img-2", "flavor_id": "m1.small", "server_id": "s"}
+
+
+def roll_row(machine_id: int, state: MachineState, owner: int | None, ref: dict) -> Row:
+    return Row(machine_id, state, owner, 1 if owner else None, ref, None, None, NOW)
+
+
+@pytest.mark.parametrize(
+    "state, owner, ref, rolled",
+    [
+        (S.ready, None, OLD, True),  # warm on the old image: replaced now
+        (S.starting, None, OLD, True),  # warm, still booting the old image
+        (S.assigned, 7, OLD, False),  # a student's: never under them
+        (S.starting, 7, OLD, False),  # a student waiting for this one: kept
+        (S.ready, None, NEW_IMAGE, False),  # already on the new image
+        (S.ready, None, {"server_id": "s"}, False),  # no record: booted as the env is
+        (S.requested, None, {}, False),  # not created yet: it boots the new image
+        (S.stopping, None, OLD, False),  # going anyway
+    ],
+)
+def test_warm_machines_on_an_old_image_roll_students_machines_do_not(state, owner, ref, rolled):
+    rows = [roll_row(1, state, owner, ref)]
+    assert decide_roll(rows, image_id="img-2", flavor_id="m1.small") == ([1] if rolled else [])
+
+
+def test_a_new_flavor_alone_rolls_the_pool_too():
+    assert on_old_spec(OLD, "img-1", "m1.large")
+    assert not on_old_spec(OLD, "img-1", "m1.small")
+    assert decide_roll(
+        [roll_row(1, S.ready, None, OLD), roll_row(2, S.assigned, 3, OLD)],
+        image_id="img-1",
+        flavor_id="m1.large",
+    ) == [1]

@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     from lti_tool.web import (
+        admin_routes,
         autograde_routes,
         deep_link_routes,
         grading_routes,
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(submission_routes.bp)
     app.register_blueprint(autograde_routes.bp)
     app.register_blueprint(home_view_routes.bp)
+    app.register_blueprint(admin_routes.bp)
     page_headers.install(app)
 
     @app.errorhandler(WebError)

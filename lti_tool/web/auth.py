@@ -24,10 +24,12 @@ def runtime() -> Runtime:
 STAFF_GRANTS_KEPT = 20  # courses a session remembers teaching (a teacher with many tabs)
 
 
-def sign_in(user_id: int, staff_course_id: int | None = None) -> None:
+def sign_in(user_id: int, staff_course_id: int | None = None, *, admin: bool = False) -> None:
     """Start the session of a launch. A staff launch also grants its course's class page for
     this session, whatever the roster says later; grants of the same user's earlier launches
-    in this browser stay (one teacher, several courses in several tabs)."""
+    in this browser stay (one teacher, several courses in several tabs). `admin`: the launch
+    carried an institution or system Administrator role (lti_tool.roles.is_admin): the
+    session may open the admin page."""
     grants = session.get("staff", []) if session.get("uid") == user_id else []
     session.clear()
     session.permanent = True
@@ -37,6 +39,26 @@ def sign_in(user_id: int, staff_course_id: int | None = None) -> None:
         grants = [c for c in grants if c != staff_course_id] + [staff_course_id]
     if grants:
         session["staff"] = grants[-STAFF_GRANTS_KEPT:]
+    if admin:
+        session["admin"] = True
+
+
+def sign_in_admin() -> None:
+    """Start an admin session from an admin token (no user: the admin page only)."""
+    session.clear()
+    session.permanent = True
+    session["admin"] = True
+    session["csrf"] = secrets.token_urlsafe(24)
+
+
+def require_admin() -> None:
+    """The admin page's check, on every admin route: an admin launch or an admin token
+    opened this session (both signed by the tool); anyone else gets 403."""
+    if session.get("admin") is not True:
+        raise Forbidden(
+            "Only Labpool's administrators can open this page: launch Labpool from Moodle "
+            "as a site administrator, or open a link from `labpool admin-token`."
+        )
 
 
 def staff_by_launch(course_id: int) -> bool:

@@ -18,9 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from config.db import transaction
 from grading.release_jobs import release_after_launch
 from jwks.keys import published_jwks
-from lti_tool.launches import NRPS_CLAIM, record_launch
+from lti_tool.launches import CLAIM, NRPS_CLAIM, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
 from lti_tool.models import Platform
+from lti_tool.roles import is_admin
 from lti_tool.services.nrps import SYNC_JOB
 from lti_tool.web import deep_link_routes
 from lti_tool.web.auth import runtime, sign_in
@@ -114,7 +115,11 @@ def launch():  # type: ignore[no-untyped-def]
             "This platform is no longer registered with Labpool: ask Labpool's "
             "administrator to register it again."
         ) from None
-    sign_in(outcome.user_id, staff_course_id=outcome.course_id if outcome.staff else None)
+    sign_in(
+        outcome.user_id,
+        staff_course_id=outcome.course_id if outcome.staff else None,
+        admin=is_admin([r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]),
+    )
     if outcome.staff:
         if claims.get(NRPS_CLAIM):  # a teacher's visit refreshes the roster
             enqueue(rt.redis, rt.settings.queue_name, SYNC_JOB, outcome.course_id)
