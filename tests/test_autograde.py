@@ -131,21 +131,36 @@ def test_a_lost_job_is_queued_again_by_the_periodic_pass(rt, lab):  # type: igno
 
 ESCAPES = {
     "read the source notebook, solutions, hidden tests": (
-        "import os, glob\nfound=[p for p in glob.glob('/**/*', recursive=True) "
-        "if 'assignments' in p or 'submissions' in p or p.endswith('.db')]\n"
+        # Every file the sandbox shows but the system and the kernel's Python (symlinks not
+        # followed: /proc/self/root leads back to / for ever), every file's content where a
+        # copy could be, and every process's cmdline, environ, memory and open files
+        # (non-blocking: a pipe would wait for ever).
+        "import os, stat, sys\n"
+        "def walk(top, skip=()):\n"
+        "  for root, dirs, files in os.walk(top):\n"
+        "    dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]\n"
+        "    yield from (os.path.join(root, f) for f in files)\n"
+        "found=[p for p in walk('/', {'/proc', '/usr', sys.prefix}) if 'labpool' in p.lower() "
+        "or p.endswith(('.db', '.sqlite', '.ipynb', '.zip'))]\n"
+        "def peek(p):\n"
+        "  fd=os.open(p, os.O_RDONLY | os.O_NONBLOCK)\n"
+        "  try: return os.read(fd, 10**6)\n"
+        "  finally: os.close(fd)\n"
         "hits=[]\nfor root in ['/home','/tmp','/proc/self/cwd','/dev/shm']:\n"
-        "  for p in glob.glob(root+'/**', recursive=True):\n"
-        "    try:\n      t=open(p,errors='ignore').read()\n    except Exception: continue\n"
-        "    if 'hidden-check' in t or 'secret-answer' in t: hits.append(p)\n"
+        "  for p in walk(root):\n"
+        "    try:\n      t=peek(p) if stat.S_ISREG(os.stat(p).st_mode) else b''\n"
+        "    except OSError: continue\n"
+        "    if b'hidden-check' in t or b'secret-answer' in t: hits.append(p)\n"
         "for pid in os.listdir('/proc'):\n  if pid.isdigit():\n"
         "    for f in ['cmdline','environ','mem']:\n      try:\n"
-        "        t=open(f'/proc/{pid}/{f}','rb').read(10**6)\n"
+        "        t=peek(f'/proc/{pid}/{f}')\n"
         "        if b'hidden-check' in t or b'LABPOOL' in t: hits.append(pid+f)\n"
-        "      except Exception: pass\n"
+        "      except OSError: pass\n"
         "    try:\n      for fd in os.listdir(f'/proc/{pid}/fd'):\n"
-        "        t=open(f'/proc/{pid}/fd/{fd}','rb').read(10**6)\n"
+        "        try: t=peek(f'/proc/{pid}/fd/{fd}')\n"
+        "        except OSError: continue\n"
         "        if b'hidden-check' in t: hits.append(pid+'fd')\n"
-        "    except Exception: pass\n"
+        "    except OSError: pass\n"
         "print('ESCAPED' if found or hits else 'BLOCKED', found[:3], hits[:3])\n",
         10,
     ),
@@ -284,3 +299,32 @@ def test_auto_grade_on_submit_through_the_grading_workers_queue(rt, lab, tool, b
     assert result.state is AutogradeState.done and result.score == 10
     send_due_scores(rt)
     assert gradebook.grade("4")["score_given"] == 10
+
+
+def test_the_teacher_sees_each_grade_cell_and_a_student_sees_no_one_elses(  # type: ignore[no-untyped-def]
+    rt, lab, tool, platform, browser
+):
+    assignment, activity_id, submit = lab
+    grade(rt, submit("4", student_notebook(CORRECT)))
+    grade(rt, submit("5", student_notebook(WRONG)))
+    page = f"{tool.url}/activities/{activity_id}/assignments/{assignment.id}"
+    html = browser.get(page).text
+    rows = {part.split('"', 1)[0]: part for part in html.split('<tr data-user="')[1:]}
+    right, wrong = rows[str(user_id_of(rt, "4"))], rows[str(user_id_of(rt, "5"))]
+    assert "Autograder: <strong>10 / 10</strong>" in right
+    assert '<tr data-cell="test_square"><td><code>test_square</code></td><td>2 / 2</td>' in right
+    assert "Autograded: 2/2" in right
+    assert "Autograder: <strong>0 / 10</strong>" in wrong
+    assert '<td><code>test_square</code></td><td>0 / 2 <span class="muted">AssertionError' in wrong
+    # A student: not the teacher's page, not another student's feedback or cells.
+    student = launch_student(platform, tool, "4")
+    refused = student.get(page)
+    assert refused.status_code == 403 and "test_square" not in refused.text
+    with rt.sessions() as session:
+        theirs = session.scalars(
+            select(Submission.id).where(Submission.user_id == user_id_of(rt, "5"))
+        ).one()
+    other = student.get(f"{tool.url}/submissions/{theirs}/feedback")
+    assert other.status_code == 403 and "AssertionError" not in other.text
+    own_work = student.get(f"{tool.url}/courses/{course_of(rt, activity_id)}/my-work")
+    assert own_work.status_code == 200 and "AssertionError" not in own_work.text

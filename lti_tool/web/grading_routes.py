@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session
 
 from grading.assignment_files import remove_folder
 from grading.grades import GradeRejected, parse_score, record_grade, send_again
-from grading.models import Assignment, Grade, LatePolicy, ScoreOutbox, ScoreStatus, Submission
+from grading.models import (
+    Assignment,
+    AutogradeResult,
+    Grade,
+    LatePolicy,
+    ScoreOutbox,
+    ScoreStatus,
+    Submission,
+)
 from grading.outbox import SEND_JOB
 from lti_tool.launches import enrolment_roles
 from lti_tool.models import Activity, Course, Enrolment, User
@@ -177,6 +185,15 @@ def assignment_page(activity_id: int, assignment_id: int):  # type: ignore[no-un
             .order_by(Submission.version)
         ):
             submissions[s.user_id] = s  # the newest wins
+        # The autograder's result of each student's current version (cells and summary).
+        autograded = {
+            r.user_id: r
+            for r in session.scalars(
+                select(AutogradeResult).where(
+                    AutogradeResult.submission_id.in_([s.id for s in submissions.values()])
+                )
+            )
+        }
         students = [
             {
                 "user_id": user.id,
@@ -184,6 +201,7 @@ def assignment_page(activity_id: int, assignment_id: int):  # type: ignore[no-un
                 "grade": grades.get(user.id),
                 "delivery": delivery(rows.get(user.id)),
                 "submission": submissions.get(user.id),
+                "autograde": autograded.get(user.id),
             }
             for user, name in _students(session, activity.course_id)
         ]
