@@ -35,6 +35,7 @@ from config.db import transaction, utcnow
 from config.runtime import Runtime, current_runtime
 from grading.lineitems import LineItemMissing, resolve_lineitem
 from grading.models import Assignment, Grade, ScoreOutbox, ScoreStatus
+from lti_tool import metrics
 from lti_tool.models import Activity, Platform
 from lti_tool.services.ags import AgsClient, AgsError, Score
 from lti_tool.services.connector import CachedTokenConnector, connector_for
@@ -189,6 +190,7 @@ def _client(rt: Runtime, row_id: int) -> tuple[AgsClient, int, str | None] | Non
         return client, assignment.id, row.lineitem_url
 
 
+@metrics.counted(metrics.AGS_SENDS)
 def send_score(rt: Runtime, row_id: int) -> str:
     """Send one outbox row if it is due and still the newest; returns what happened."""
     made = _client(rt, row_id)

@@ -71,7 +71,9 @@ def ide_env() -> None:
 def worker(burst: bool, which: str) -> None:
     """Run an RQ worker for provisioning jobs (or, with --queue grading, autograde jobs)."""
     import redis
-    from rq import SimpleWorker
+
+    from config.logging import configure_logging
+    from provisioning.queue import LabpoolWorker
 
     # Everything a job needs, imported once: machines point at users and courses (every
     # table must be in the metadata), and the reconciler brings openstacksdk.
@@ -92,7 +94,8 @@ def worker(burst: bool, which: str) -> None:
     click.echo(f"labpool worker: taking jobs from {queue!r}")
     # RQ says four lines per job: an idle service's periodic passes would fill the log. Its
     # warnings and errors (a failed job) stay; Labpool's own modules log what happened.
-    SimpleWorker([queue], connection=conn).work(burst=burst, logging_level=_rq_log_level(settings))
+    configure_logging(settings)
+    LabpoolWorker([queue], connection=conn).work(burst=burst, logging_level=_rq_log_level(settings))
 
 
 def _rq_log_level(settings: Settings) -> str:

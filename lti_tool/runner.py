@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.redis import EmbeddedRedis
 from config.settings import Settings, load_settings
@@ -155,13 +156,123 @@ def _start_nginx(settings: Settings, binary: str, prefix: Path) -> subprocess.Po
     return subprocess.Popen([*command, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
 
 
+def url_without_password(url: str) -> str:
+    """A database or Redis URL fit for a message: its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(settings: Settings, behind_nginx: bool) -> None:
+    """Before anything starts: the ports `run` will listen on are free, or one line naming
+    the setting to change."""
+    public = urlsplit(settings.public_url)
+    wanted: list[tuple[str, int, str]] = []
+    if behind_nginx:
+        host = "127.0.0.1" if is_loopback(settings.public_url) else "0.0.0.0"
+        wanted.append((host, public.port or 80, "LABPOOL_PUBLIC_URL"))
+        wanted.append((settings.listen_host, settings.listen_port, "LABPOOL_LISTEN"))
+    else:
+        setting = "LABPOOL_LISTEN" if settings.listen else "LABPOOL_PUBLIC_URL"
+        wanted.append((settings.listen_host, settings.listen_port, setting))
+    for host, port, setting in wanted:
+        if _port_taken(host, port):
+            raise CannotServe(
+                f"port {port} on {host} is already in use: stop what listens there, or set "
+                f"{setting} to another port"
+            )
+
+
+def check_database(database_url: str) -> None:
+    """The database answers, or one line with its URL (without the password)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url, connect_args=_connect_timeout(database_url))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise CannotServe(
+            f"cannot reach the database at {url_without_password(database_url)} "
+            f"(LABPOOL_DATABASE_URL): {_first_line(exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def check_redis(redis_url: str) -> None:
+    """Redis answers, or one line with its URL (without the password)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        raise CannotServe(
+            f"cannot reach Redis at {url_without_password(redis_url)} (LABPOOL_REDIS_URL): "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _connect_timeout(database_url: str) -> dict[str, object]:
+    return {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
+
+
+def _first_line(exc: Exception) -> str:
+    from config.logging import redact
+
+    orig = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    text = str(orig).strip().splitlines()
+    return redact(text[0] if text else type(orig).__name__)[:200]
+
+
+def metrics_dir(settings: Settings) -> Path:
+    """Where every process of `run` writes its Prometheus counters (emptied at each start)."""
+    return settings.data_dir.resolve() / "metrics"
+
+
 def serve(settings: Settings, demo: bool) -> int:
+    """Start everything; on a failure before it runs, stop what was started (the embedded
+    Redis included) and say what failed in one line (CannotServe)."""
+    started: list[tuple[str, subprocess.Popen[bytes]]] = []
+    cleanup: list[object] = []
+    try:
+        return _serve(settings, demo, started, cleanup)
+    finally:
+        for _name, process in reversed(started):
+            _stop(process)
+        for thing in reversed(cleanup):
+            thing.stop()  # type: ignore[attr-defined]
+
+
+def _serve(
+    settings: Settings,
+    demo: bool,
+    started: list[tuple[str, subprocess.Popen[bytes]]],
+    cleanup: list[object],
+) -> int:
     from lti_tool.startup import protect_data_dir
     from provisioning.ide_env import IdeEnvError, make_ide_env
 
     protect_data_dir(settings)
     nginx = nginx_binary()
     settings, warnings = plan(settings, nginx)
+    check_ports(settings, behind_nginx=bool(settings.ide_proxy and nginx))
+    if not settings.uses_embedded_redis:
+        check_redis(settings.redis_url)
     if capabilities(settings.backend).on_host:
         try:
             make_ide_env(settings.ide_env_dir, echo=click.echo)
@@ -169,14 +280,30 @@ def serve(settings: Settings, demo: bool) -> int:
             raise CannotServe(str(exc)) from exc
     embedded: EmbeddedRedis | None = None
     if settings.uses_embedded_redis:
-        embedded = EmbeddedRedis(settings.embedded_redis_socket).start()
+        embedded = EmbeddedRedis(settings.embedded_redis_socket)
+        cleanup.append(embedded)
+        try:
+            embedded.start()
+        except RuntimeError as exc:
+            raise CannotServe(f"the embedded Redis did not start: {exc}") from None
         redis_url = embedded.url
     else:
         redis_url = settings.redis_url
+    check_database(settings.database_url)
     env = _child_env(settings, redis_url)
+    metrics = metrics_dir(settings)
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir(mode=0o700)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     # The runner's own view of the settings, with the Redis it just started.
     settings = load_settings(env)
-    rt = prepare(settings)
+    try:
+        rt = prepare(settings)
+    except SQLAlchemyError as exc:
+        raise CannotServe(
+            f"the database at {url_without_password(settings.database_url)} could not be "
+            f"prepared (migrations, keys): {_first_line(exc)}"
+        ) from None
 
     stopping = False
 
@@ -199,24 +326,29 @@ def serve(settings: Settings, demo: bool) -> int:
             port=(urlsplit(settings.public_url).port or 80) + 1,
         )
         practice.start()
+        cleanup.append(practice)
         reg = practice.registration()
         with transaction(rt.sessions) as session:
             register_platform(session, settings, **reg)
 
-    children = {
-        "web": subprocess.Popen(
+    def launch(name: str, process: subprocess.Popen[bytes]) -> None:
+        started.append((name, process))
+
+    launch(
+        "web",
+        subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "gunicorn",
+                "--config",
+                "python:lti_tool.gunicorn_conf",
                 "--bind",
                 f"{settings.listen_host}:{settings.listen_port}",
                 "--workers",
                 str(settings.web_workers),
                 "--threads",
                 "4",
-                "--access-logfile",
-                "-",
                 "--log-level",
                 "warning",
                 "wsgi:app",
@@ -224,24 +356,29 @@ def serve(settings: Settings, demo: bool) -> int:
             env=env,
             cwd=Path(__file__).resolve().parent.parent,
         ),
-        **(
-            {"nginx": _start_nginx(settings, nginx, settings.data_dir / "nginx")}
-            if settings.ide_proxy and nginx
-            else {}
-        ),
-        "worker": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker"], env=env),
-        "grading worker": subprocess.Popen(
+    )
+    if settings.ide_proxy and nginx:
+        launch("nginx", _start_nginx(settings, nginx, settings.data_dir / "nginx"))
+    launch("worker", subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker"], env=env))
+    launch(
+        "grading worker",
+        subprocess.Popen(
             [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading"], env=env
         ),
-        "cron": subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env),
-    }
+    )
+    launch("cron", subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env))
+    children = dict(started)
 
     click.echo("")
     click.echo(f"Labpool is running at {settings.public_url}")
     click.echo(f"  data folder: {settings.data_dir.resolve()}")
-    click.echo(f"  redis: {'embedded, ' if embedded else ''}{redis_url}")
+    click.echo(f"  redis: {'embedded, ' if embedded else ''}{url_without_password(redis_url)}")
     if settings.ide_proxy:
         click.echo(f"  nginx on the public port; the tool itself on {settings.listen}")
+    click.echo(
+        f"  health: {settings.public_url}/healthz, /readyz; metrics: "
+        f"http://{settings.listen_host}:{settings.listen_port}/metrics (from this host)"
+    )
     for warning in warnings:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     click.echo(
@@ -269,8 +406,4 @@ def serve(settings: Settings, demo: bool) -> int:
 
         stopped = stop_all_machines(rt)
         click.echo(f"stopped {stopped} machine(s)")
-        if practice is not None:
-            practice.stop()
-        if embedded is not None:
-            embedded.stop()
     return exit_code

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from config.db import transaction
 from config.runtime import Runtime, current_runtime
+from lti_tool import metrics
 from provisioning.backends import (
     MachineSpec,
     OnDemandBackend,
@@ -74,6 +75,7 @@ def _fail(rt: Runtime, machine_id: int, message: str) -> None:
     log.warning("machine %s failed: %s", machine_id, message)
 
 
+@metrics.counted(metrics.MACHINE_STARTS, metrics.start_result)
 def start_machine(machine_id: int) -> str:
     """requested → starting → (ready | assigned), or error with a message a person can read."""
     rt = current_runtime()
@@ -104,7 +106,9 @@ def start_machine(machine_id: int) -> str:
         if spec.ref and backend.poll(spec):
             log.info("machine %s: resuming a start that was interrupted", machine_id)
         else:
-            spec = _start_and_record(rt, backend, spec)
+            with metrics.Timer() as took:
+                spec = _start_and_record(rt, backend, spec)
+            metrics.MACHINE_START_SECONDS.labels(machine.backend).observe(took.seconds)
             if spec is None:
                 return "stopped while starting"
     except ProvisioningError as exc:
@@ -113,6 +117,9 @@ def start_machine(machine_id: int) -> str:
 
     while time.time() < deadline:
         if backend.health(spec):
+            metrics.MACHINE_READY_SECONDS.labels(machine.backend).observe(
+                max(0.0, time.time() - started_at.timestamp())
+            )
             return _mark_up(rt, machine_id)
         if not backend.poll(spec):
             _fail(rt, machine_id, "the IDE exited while starting")
@@ -222,7 +229,10 @@ def reconcile_pool_job(pool_id: int) -> str:
     if not lock.acquire():
         return "another pass is running"
     try:
-        return str(reconcile_pool(rt, pool_id))
+        with metrics.Timer() as took:
+            report = reconcile_pool(rt, pool_id)
+        metrics.observe_reconcile(report, took.seconds)
+        return str(report)
     finally:
         # The lock may have expired (a very slow pass) or Redis restarted: nothing to undo.
         with contextlib.suppress(LockError):

@@ -4,9 +4,12 @@ wanted, so a lost job is found again (see `nudge_if_stale` and, later, the recon
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
-from rq import Queue
+from rq import Queue, SimpleWorker
+
+from config.logging import current_request_id, reset_request_id, set_request_id
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +23,32 @@ def enqueue(conn: redis.Redis, queue_name: str, func: str, subject_id: int) -> b
     unreachable: the periodic passes find the work anyway."""
     try:
         Queue(queue_name, connection=conn).enqueue(
-            func, subject_id, job_timeout=600, result_ttl=60, failure_ttl=24 * 3600
+            func,
+            subject_id,
+            job_timeout=600,
+            result_ttl=60,
+            failure_ttl=24 * 3600,
+            meta=job_meta(),
         )
         return True
     except redis.RedisError as exc:
         log.warning("could not enqueue %s for %s: %s", func, subject_id, exc)
         return False
+
+
+def job_meta() -> dict[str, str]:
+    """What a job carries from the request that enqueued it: its request id (logs)."""
+    request_id = current_request_id()
+    return {"request_id": request_id} if request_id else {}
+
+
+class LabpoolWorker(SimpleWorker):
+    """RQ's SimpleWorker that puts back, while a job runs, the request id of the web request
+    that enqueued it, so that the job's log lines carry it."""
+
+    def perform_job(self, job: Any, queue: Any, *args: Any, **kwargs: Any) -> bool:
+        token = set_request_id((job.meta or {}).get("request_id"))
+        try:
+            return super().perform_job(job, queue, *args, **kwargs)
+        finally:
+            reset_request_id(token)

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from config.db import transaction, upsert_many, utcnow
 from config.runtime import Runtime, current_runtime
+from lti_tool import metrics
 from lti_tool.launches import LAUNCH_SESSION_S, staff_launches
 from lti_tool.models import Course, Enrolment, Platform, User
 from lti_tool.roles import is_staff
@@ -227,6 +228,7 @@ def record_platform_error(rt: Runtime, course_id: int, message: str) -> None:
             course.platform_error_at = utcnow()
 
 
+@metrics.counted(metrics.ROSTER_SYNCS, lambda _report: "ok")
 def sync_course(rt: Runtime, course_id: int, page_size: int = PAGE_SIZE) -> SyncReport:
     """Read the whole roster and apply it; a failure is recorded on the course and raised."""
     try:

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         home_view_routes,
         lti_routes,
         machine_routes,
+        ops_routes,
         page_headers,
         proxy_routes,
         registration_routes,
@@ -83,6 +84,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(autograde_routes.bp)
     app.register_blueprint(home_view_routes.bp)
     app.register_blueprint(admin_routes.bp)
+    app.register_blueprint(ops_routes.bp)
+    ops_routes.install(app)
     page_headers.install(app)
 
     @app.errorhandler(WebError)
