@@ -21,9 +21,9 @@ from lti_tool.roles import is_staff
 from lti_tool.web.auth import check_csrf, current_user_id, runtime, staff_by_launch, taught_activity
 from lti_tool.web.errors import Forbidden, WebError
 from lti_tool.web.grading_routes import _assignment_of
+from lti_tool.web.page_headers import UNTRUSTED_HTML_CSP
 
 bp = Blueprint("autograde", __name__)
-FEEDBACK_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'none'; sandbox"
 
 
 def _back(activity_id: int, assignment_id: int):  # type: ignore[no-untyped-def]
@@ -93,7 +93,7 @@ def feedback(submission_id: int):  # type: ignore[no-untyped-def]
             raise WebError("This submission has not been autograded (yet).", 404)
         body = result.feedback_html
     response = Response(body, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = FEEDBACK_CSP
+    response.headers["Content-Security-Policy"] = UNTRUSTED_HTML_CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Cache-Control"] = "no-store"
     return response

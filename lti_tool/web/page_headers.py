@@ -20,7 +20,9 @@ from lti_tool.framing import frame_ancestors
 NO_STORE_TYPES = ("text/html", "application/json")
 # For HTML made of a student's content (a rendered notebook, autograder feedback): no script
 # runs, nothing is fetched but inline styles, and the document gets an opaque origin.
-UNTRUSTED_HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+UNTRUSTED_HTML_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'none'; sandbox"
+)
 
 
 def install(app: Flask) -> None:
