@@ -72,9 +72,6 @@ def worker(burst: bool, which: str) -> None:
     """Run an RQ worker for provisioning jobs (or, with --queue grading, autograde jobs)."""
     import redis
 
-    from config.logging import configure_logging
-    from provisioning.queue import LabpoolWorker
-
     # Everything a job needs, imported once: machines point at users and courses (every
     # table must be in the metadata), and the reconciler brings openstacksdk.
     import grading.autograde  # noqa: F401
@@ -82,6 +79,8 @@ def worker(burst: bool, which: str) -> None:
     import lti_tool.models  # noqa: F401
     import lti_tool.services.nrps  # noqa: F401
     import provisioning.reconciler  # noqa: F401
+    from config.logging import configure_logging
+    from provisioning.queue import LabpoolWorker
 
     settings = _settings()
     # Blocking dequeues need a connection without the web's short socket timeout.
