@@ -16,7 +16,6 @@ from alembic import op
 import sqlalchemy as sa
 
 
-
 # revision identifiers, used by Alembic.
 revision: str = "0014"
 down_revision: Union[str, Sequence[str], None] = "0013"
