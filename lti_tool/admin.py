@@ -95,6 +95,7 @@ class EnvironmentRow:
     cpu_seconds: int
     pooled: bool
     boots_image: bool
+    retired: bool = False
 
 
 @dataclass
@@ -197,6 +198,7 @@ def overview(session: Session) -> Overview:
                 env.cpu_seconds,
                 bool(can and can.pooled),
                 bool(can and can.needs),
+                env.retired_at is not None,
             )
         )
     pools = []

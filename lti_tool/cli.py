@@ -257,6 +257,41 @@ def env_edit(name: str, **changes: object) -> None:
     click.echo(edit.summary())
 
 
+@env.command("retire")
+@click.argument("name")
+def env_retire(name: str) -> None:
+    """Retire an environment: launches onto it start no new machine (and say why), teachers
+    can no longer pick it, its pool keeps no warm machine; machines already handed out run
+    until they are released. `env restore` takes it back into use."""
+    _retire(name, retired=True)
+
+
+@env.command("restore")
+@click.argument("name")
+def env_restore(name: str) -> None:
+    """Take a retired environment back into use."""
+    _retire(name, retired=False)
+
+
+def _retire(name: str, *, retired: bool) -> None:
+    from provisioning.environments import EnvironmentRejected, retire_environment
+
+    rt = prepare(_settings())
+    try:
+        with transaction(rt.sessions) as session:
+            retire_environment(session, name, retired=retired)
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"environment {name} "
+        + (
+            "retired: no new machines (within 10 s in every web process)"
+            if retired
+            else "back in use"
+        )
+    )
+
+
 @env.command("list")
 def env_list() -> None:
     """Every environment: its IDE, backend, image and flavor, and its pool."""
@@ -270,6 +305,7 @@ def env_list() -> None:
             .order_by(Environment.id)
         ):
             line = f"{environment.name}: {environment.ide_kind.value} on {environment.backend}"
+            line += " RETIRED" if environment.retired_at else ""
             known = BACKENDS.get(environment.backend)
             if known and known.capabilities.needs:  # it boots an image
                 line += f" (image {environment.image_id}, flavor {environment.flavor_id})"

@@ -26,6 +26,16 @@ from lti_tool.models import Launch
 from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
 
 
+class EnvironmentRetired(Exception):
+    """The environment takes no new machines; the message says what to do."""
+
+    def __init__(self, name: str):
+        super().__init__(
+            f"The environment {name!r} has been retired by Labpool's administrator: it starts "
+            "no new machines. Your teacher can pick another one on the activity's class page."
+        )
+
+
 @dataclass(frozen=True)
 class MachineChoice:
     machine: Machine
@@ -122,6 +132,8 @@ def machine_for_learner(
             existing = handed_out_machine(session, activity_id, course_id, owner_id)
         if existing is not None:
             return MachineChoice(existing, "reused")
+        if environment.retired_at is not None:
+            raise EnvironmentRetired(environment.name)
         try:
             with session.begin_nested():
                 claimed = claim_warm_machine(session, environment.id, course_id, owner_id)

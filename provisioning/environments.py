@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.db import transaction
+from config.db import transaction, utcnow
 from config.settings import Settings
 from provisioning.backends import BACKENDS, Capabilities
 from provisioning.errors import ProvisioningError
@@ -355,3 +355,23 @@ def edit_environment(
                     edit.rolling_assigned += 1
     session.flush()
     return edit
+
+
+def retire_environment(session: Session, name: str, *, retired: bool = True) -> Environment:
+    """Retire an environment (`labpool env retire`, the admin page): launches onto it start
+    no new machine and say why, teachers can no longer pick it, its pool keeps no warm
+    machines; machines already handed out run until they are released. `retired=False`
+    takes it back into use. The `default` environment (every unconfigured activity's)
+    cannot be retired."""
+    environment = session.scalars(
+        select(Environment).where(Environment.name == name).with_for_update()
+    ).one_or_none()
+    if environment is None:
+        raise EnvironmentRejected(f"no environment named {name!r}")
+    if retired and environment.name == "default":
+        raise EnvironmentRejected(
+            "the default environment is every unconfigured activity's: it cannot be retired "
+            "(edit it instead)"
+        )
+    environment.retired_at = (environment.retired_at or utcnow()) if retired else None
+    return environment

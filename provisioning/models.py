@@ -97,6 +97,9 @@ class Environment(Base):
     max_open_files: Mapped[int] = mapped_column(Integer, default=1024)
     max_file_size_mb: Mapped[int] = mapped_column(Integer, default=1024)
     cpu_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    # Set while retired: no new machine (launches say so), machines handed out run until
+    # they are released, the pool keeps no warm ones. NULL: in use.
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def limits(self) -> Limits:

@@ -328,7 +328,7 @@ def _top_up_warm(
             demand=demand,
             in_session=in_session,
             boost=boost,
-            paused=pool.paused,
+            paused=pool.paused or env.retired_at is not None,  # retired: no warm machines
             max_size=pool.max_size,
             warm=warm,
             ready=counts.get(S.ready, 0),

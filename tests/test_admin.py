@@ -554,3 +554,40 @@ def test_a_new_image_rolls_warm_machines_now_and_a_students_when_released(tool, 
     live = [m for m in machines(crt, env_id) if m[1] not in ("stopped", "error")]
     assert all(image == "img-new" for _, _, _, image in live) and len(live) == 2
     assert "Rolling" not in admin.get(f"{tool.url}/admin").text
+
+
+def test_retire_and_restore_write_what_env_retire_and_env_restore_write(tool, rt):
+    admin = admin_browser(tool)
+    csrf = csrf_of(admin, f"{tool.url}/admin")
+    web_name, cli_name = f"web-{uuid.uuid4().hex[:6]}", f"cli-{uuid.uuid4().hex[:6]}"
+    for name in (web_name, cli_name):
+        assert CliRunner().invoke(main, ["env", "add", name]).exit_code == 0
+    with rt.sessions() as session:
+        web_id = session.scalar(select(Environment.id).where(Environment.name == web_name))
+        default_id = session.scalar(select(Environment.id).where(Environment.name == "default"))
+
+    def retired(name: str) -> bool:
+        with rt.sessions() as session:
+            return (
+                session.scalars(
+                    select(Environment.retired_at).where(Environment.name == name)
+                ).one()
+                is not None
+            )
+
+    answer = admin.post(
+        f"{tool.url}/admin/environments/{web_id}/retire", data={"csrf": csrf, "retired": "1"}
+    )
+    assert answer.status_code == 200 and "retired" in answer.text
+    assert CliRunner().invoke(main, ["env", "retire", cli_name]).exit_code == 0
+    assert retired(web_name) and retired(cli_name)
+    admin.post(
+        f"{tool.url}/admin/environments/{web_id}/retire", data={"csrf": csrf, "retired": "0"}
+    )
+    assert CliRunner().invoke(main, ["env", "restore", cli_name]).exit_code == 0
+    assert not retired(web_name) and not retired(cli_name)
+    refused = admin.post(
+        f"{tool.url}/admin/environments/{default_id}/retire", data={"csrf": csrf, "retired": "1"}
+    )
+    assert refused.status_code == 400 and "cannot be retired" in refused.text
+    assert not retired("default")

@@ -39,6 +39,7 @@ from provisioning.environments import (
     EnvironmentRejected,
     add_secured_environment,
     edit_environment,
+    retire_environment,
 )
 from provisioning.models import Environment
 from provisioning.queue import enqueue
@@ -263,6 +264,26 @@ def edit(environment_id: int):  # type: ignore[no-untyped-def]
     if result.pool_id is not None:
         reconcile_soon(rt, result.pool_id)
     flash(result.summary() + ".")
+    return _back()
+
+
+@bp.post("/admin/environments/<int:environment_id>/retire")
+def retire(environment_id: int):  # type: ignore[no-untyped-def]
+    """Twin: `labpool env retire` (retired=1) and `labpool env restore` (retired=0)."""
+    require_admin()
+    check_csrf()
+    retired = request.form.get("retired") == "1"
+    rt = runtime()
+    with rt.sessions() as session:
+        name = session.scalar(select(Environment.name).where(Environment.id == environment_id))
+    if name is None:
+        raise WebError("No such environment.", 404)
+    try:
+        with transaction(rt.sessions) as session:
+            retire_environment(session, name, retired=retired)
+    except EnvironmentRejected as exc:
+        raise WebError(str(exc)) from None
+    flash(f"environment {name} {'retired' if retired else 'back in use'}.")
     return _back()
 
 

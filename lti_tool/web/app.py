@@ -17,6 +17,7 @@ from lti_tool.ide_access import ide_cookies, proxy_secret
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
 from lti_tool.web.errors import WebError
+from provisioning.claiming import EnvironmentRetired
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         if request.accept_mimetypes.best == "application/json":
             return jsonify(error=exc.message), exc.status
         return render_template("error.html", title=exc.title, message=exc.message), exc.status
+
+    @app.errorhandler(EnvironmentRetired)
+    def _retired(exc: EnvironmentRetired):  # type: ignore[no-untyped-def]
+        # From any route that would start a machine (a launch, "start it again", a
+        # teacher's own machine or a reset): nothing was written (the transaction rolled back).
+        return _web_error(WebError(str(exc), 409))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]

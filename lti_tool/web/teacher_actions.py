@@ -70,8 +70,11 @@ def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
     env_id = _int_field("environment_id", "Choose an environment from the list.")
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
-        if session.get(Environment, env_id) is None:
+        chosen = session.get(Environment, env_id)
+        if chosen is None:
             raise WebError("That environment does not exist.")
+        if chosen.retired_at is not None:
+            raise WebError(f"The environment {chosen.name!r} is retired: pick another one.")
         activity.environment_id = env_id
     pool_id = pool_of(rt, env_id)
     if pool_id is not None:

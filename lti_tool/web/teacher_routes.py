@@ -283,7 +283,11 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             isolation_problems=host_isolation().problems
             if capabilities(environment.backend).on_host
             else [],
-            environments=session.scalars(select(Environment).order_by(Environment.name)).all(),
+            environments=session.scalars(
+                select(Environment)
+                .where(Environment.retired_at.is_(None) | (Environment.id == environment.id))
+                .order_by(Environment.name)
+            ).all(),
             view=class_view(session, activity),
             assignments=activity_assignments(session, activity.id),
             weekdays=WEEKDAYS,
