@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -40,6 +42,16 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def process_identifier() -> str:
+    """Names this process's files in the metrics folder: host and pid, because containers
+    sharing one folder (deploy/compose.yaml) each have their own pid 7."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+if os.environ.get(MULTIPROC_ENV):
+    values.ValueClass = values.MultiProcessValue(process_identifier)
 
 # A launch is a few database statements and a redirect; a JupyterLab start takes seconds, a
 # cloud server minutes: the buckets follow.
@@ -59,8 +71,8 @@ LAUNCH_SECONDS = Histogram(
 )
 MACHINE_STARTS = Counter(
     "labpool_machine_starts_total",
-    "Machine starts by backend and result (ready, error)",
-    ["backend", "result"],
+    "Machine start jobs by result (ready, error, other: nothing to do or stopped meanwhile)",
+    ["result"],
 )
 MACHINE_START_SECONDS = Histogram(
     "labpool_machine_start_seconds",
@@ -122,14 +134,22 @@ def counted(counter: Counter, result: Callable[[Any], str] = str) -> Callable[[F
             try:
                 value = fn(*args, **kwargs)
             except Exception:
-                counter.labels("error").inc()
+                _count(counter, lambda: "error")
                 raise
-            counter.labels(result(value)[:40]).inc()
+            _count(counter, lambda: result(value)[:40])
             return value
 
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def _count(counter: Counter, label: Callable[[], str]) -> None:
+    """Counting never breaks what is counted."""
+    try:
+        counter.labels(label()).inc()
+    except Exception:
+        log.exception("metrics: cannot count %s", counter)
 
 
 def start_result(value: str) -> str:
@@ -288,4 +308,4 @@ def mark_process_dead(pid: int) -> None:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(f"{socket.gethostname()}-{pid}")  # type: ignore[arg-type]
