@@ -26,7 +26,14 @@ from config.runtime import Runtime
 from grading.collect_folder import LimitExceeded, Limits
 from grading.contents_api import CloudHome, cloud_home
 from grading.models import Assignment, AssignmentRelease, Submission
-from grading.release_jobs import release_after_launch, release_to_student
+from grading.release_jobs import (
+    RELEASE_ON_LAUNCH_JOB,
+    RELEASE_TO_CLASS_JOB,
+    enqueue_release,
+    release_after_launch,
+    release_on_launch,
+    release_to_student,
+)
 from grading.submissions import (
     FolderError,
     MachineNotRunning,
@@ -40,7 +47,7 @@ from lti_tool.models import Activity, Course, Enrolment, Platform, User
 from provisioning.claiming import claim_warm_machine
 from provisioning.environments import add_environment
 from provisioning.jobs import stop_machine_now
-from provisioning.models import Machine, Pool
+from provisioning.models import Machine, Pool, StudentVolume
 from provisioning.reconciler import reconcile_pool
 from tests.conftest import run_worker_burst
 from tests.test_grades import csrf_of, launch_student, launch_teacher, user_id_of
@@ -205,6 +212,15 @@ def finished_results(rt: Runtime) -> list[object]:
     return [job.return_value() for job in jobs]
 
 
+def volume_attached(rt: Runtime, student: CloudStudent, attached: bool) -> None:
+    with transaction(rt.sessions) as session:
+        session.execute(
+            update(StudentVolume)
+            .where(StudentVolume.owner_id == student.user_id)
+            .values(status="in-use" if attached else "available")
+        )
+
+
 @pytest.fixture
 def student(crt, cloud) -> Iterator[CloudStudent]:  # type: ignore[no-untyped-def]
     yield cloud_student(crt, cloud)
@@ -297,6 +313,45 @@ def test_a_wrong_token_or_a_machine_gone_changes_nothing(student, tmp_path):
     run_worker_burst(rt.settings)
     assert "not placed: no machine" in finished_results(rt)
     assert release_record(rt, assignment_id, student.user_id).manifest == {}
+
+
+def test_a_release_waits_for_the_volume_from_the_end_of_the_queue_then_places(student, tmp_path):
+    rt = student.rt
+    publish(rt, student.activity_id, {"a.txt": b"a"}, tmp_path / "v1")
+    volume_attached(rt, student, False)  # the reconciler has not attached it yet
+    deadline = time.time() + 60
+    waiting = release_on_launch(student.activity_id, student.user_id, deadline)
+    assert waiting == "waiting: the student's volume is not attached yet"
+    queue = Queue(rt.settings.queue_name, connection=rt.redis)
+    (again,) = [j for j in queue.get_jobs() if j.func_name == RELEASE_ON_LAUNCH_JOB]
+    assert again.args == (student.activity_id, student.user_id, deadline)
+    assert not (student.root / "lab1").exists()
+
+    volume_attached(rt, student, True)
+    run_worker_burst(rt.settings)
+    assert (student.root / "lab1" / "a.txt").read_bytes() == b"a"
+
+    # Past its deadline a release stops waiting: the next launch releases.
+    volume_attached(rt, student, False)
+    gone = release_on_launch(student.activity_id, student.user_id, time.time() - 1)
+    assert gone == "not placed: the student's volume is not attached yet"
+    assert queue.count == 0
+
+
+def test_release_to_class_reaches_running_cloud_machines_only(student, tmp_path):
+    rt = student.rt
+    assignment_id = publish(rt, student.activity_id, {"a.txt": b"a"}, tmp_path / "v1")
+    assert enqueue_release(rt, RELEASE_TO_CLASS_JOB, assignment_id)
+    run_worker_burst(rt.settings)
+    assert "placed in 1 of 1 homes" in finished_results(rt)
+    assert (student.root / "lab1" / "a.txt").read_bytes() == b"a"
+
+    stop_machine_now(rt, student.machine_id)  # its home is now a detached volume
+    publish(rt, student.activity_id, {"a.txt": b"b"}, tmp_path / "v2")
+    assert enqueue_release(rt, RELEASE_TO_CLASS_JOB, assignment_id)
+    run_worker_burst(rt.settings)
+    assert "placed in 0 of 1 homes" in finished_results(rt)
+    assert release_record(rt, assignment_id, student.user_id).version == "v1"
 
 
 # ------------------------------------------------------------------------------ submission
@@ -450,7 +505,10 @@ def test_a_students_submit_on_the_cloud_is_a_job_and_the_page_follows_it(
 
     # A learner cannot collect the class (anyone's folder): 403, nothing queued.
     collect = f"{tool.url}/activities/{activity_id}/assignments/{assignment_id}/collect"
+    before = collection_progress(crt, assignment_id)  # an earlier test's, in the same Redis
+    queued = Queue(crt.settings.queue_name, connection=crt.redis).count
     refused = learner.post(collect, data={"csrf": csrf_of(learner, page)}, allow_redirects=False)
     assert refused.status_code == 403
     assert learner.get(collect).status_code == 403
-    assert collection_progress(crt, assignment_id) is None
+    assert collection_progress(crt, assignment_id) == before
+    assert Queue(crt.settings.queue_name, connection=crt.redis).count == queued
