@@ -479,7 +479,7 @@ def test_systemd_units_run_labpool_with_its_settings_and_metrics_folder(unit):
     assert UNITS[unit] in service["ExecStart"]
     assert service["ExecStart"].startswith("/")  # systemd wants an absolute path
     assert "EnvironmentFile" in service and "/etc/labpool/" in service["EnvironmentFile"]
-    assert "PROMETHEUS_MULTIPROC_DIR=/run/labpool/metrics" in service["Environment"]
+    assert "PROMETHEUS_MULTIPROC_DIR=/run/labpool-metrics" in service["Environment"]
     assert "LABPOOL_LOG_FORMAT=json" in service["Environment"]
     assert service["User"] == "labpool"
     assert service.get("Restart") in ("on-failure", "always")
