@@ -57,6 +57,7 @@ from lti_tool.roles import is_staff
 from provisioning.backends import capabilities
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
+from provisioning.queue import job_meta
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,12 @@ def start_submission(rt: Runtime, assignment_id: int, user_id: int) -> bool:
     )
     try:
         Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
-            SUBMIT_JOB, assignment_id, user_id, job_timeout=LOCK_S, failure_ttl=24 * 3600
+            SUBMIT_JOB,
+            assignment_id,
+            user_id,
+            job_timeout=LOCK_S,
+            failure_ttl=24 * 3600,
+            meta=job_meta(),
         )
     except redis.RedisError:
         raise FolderError("The job queue is not reachable; try again in a minute.") from None

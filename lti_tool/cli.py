@@ -109,6 +109,7 @@ def cron() -> None:
     from rq.cron import CronScheduler
     from rq.exceptions import StopRequested
 
+    from config.logging import configure_logging
     from grading.autograde import REQUEUE_INTERVAL_S, requeue_owed_autogrades_job
     from grading.outbox import DUE_PASS_INTERVAL_S, send_due_scores_job
     from lti_tool.services.nrps import sync_all_courses_job
@@ -116,6 +117,7 @@ def cron() -> None:
     from provisioning.jobs import reconcile_all
 
     settings = _settings()
+    configure_logging(settings)
     conn = redis.Redis.from_url(settings.effective_redis_url)
     scheduler = CronScheduler(connection=conn, logging_level=_rq_log_level(settings))
     click.echo("labpool cron: periodic passes registered")
