@@ -601,3 +601,26 @@ def test_grafana_dashboard_uses_the_series_labpool_exports():
     base = {re.sub(r"_(bucket|count|sum)$", "", x) for x in used}
     assert base <= exported, base - exported
     assert exported <= base, f"not on the dashboard: {exported - base}"
+
+
+def test_proxy_auth_roster_and_grade_results_are_counted(rt, tool):
+    from grading.outbox import send_score
+    from lti_tool.services.nrps import RosterError, sync_course
+
+    def scrape() -> str:
+        return requests.get(f"{tool.url}/metrics", timeout=10).text
+
+    before = scrape()
+    # nginx's auth check without the proxy's secret: refused, and counted as such
+    assert requests.get(f"{tool.url}/proxy/auth", timeout=10).status_code == 403
+    # a score row that does not exist, a course that does not exist
+    assert send_score(rt, 987654321) == "gone"
+    with pytest.raises(RosterError):
+        sync_course(rt, 987654321)
+    after = scrape()
+    for name, labels in (
+        ("labpool_proxy_auth_total", {"decision": "forbidden"}),
+        ("labpool_ags_sends_total", {"result": "gone"}),
+        ("labpool_roster_syncs_total", {"result": "error"}),
+    ):
+        assert total(after, name, **labels) - total(before, name, **labels) == 1, name
