@@ -132,7 +132,10 @@ class Gunicorn:
         workers: int,
         threads: int,
         log_dir: Path,
+        config: str | None = None,
     ) -> Gunicorn:
+        """`config`: a gunicorn `--config` (e.g. `python:lti_tool.gunicorn_conf`, as `labpool
+        run` starts the web app); the flags below still win over it."""
         log = log_dir / f"gunicorn-{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -140,6 +143,7 @@ class Gunicorn:
                     sys.executable,
                     "-m",
                     "gunicorn",
+                    *(["--config", config] if config else []),
                     "--bind",
                     f"127.0.0.1:{port}",
                     "--workers",
@@ -183,6 +187,30 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def labpool_env(
+    data_dir: Path, database_url: str, redis_url: str, port: int, workers: int
+) -> dict[str, str]:
+    """The environment of a benchmarked labpool web app on 127.0.0.1:`port`."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "LABPOOL_DATA_DIR": str(data_dir),
+            "LABPOOL_DATABASE_URL": database_url,
+            "LABPOOL_REDIS_URL": redis_url,
+            "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "LABPOOL_QUEUE_NAME": QUEUE_NAME,
+            "LABPOOL_WEB_WORKERS": str(workers),
+            # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
+            # Redis round trip is part of what is measured) but out of reach.
+            "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
+            "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
+        }
+    )
+    env.pop("LABPOOL_CONFIG", None)
+    env.pop("LABPOOL_LISTEN", None)
+    return env
 
 
 # --------------------------------------------------------------------------- storage
@@ -256,10 +284,12 @@ class Target:
     name: str
     url: str
     expect: Callable[[str, str], bool]  # (Location of the 303, student sub) -> ok?
+    status: int = 303  # the tool's answer to a valid id_token (JupyterHub's is a 302)
+    link: str = ""  # the target_link_uri launched (default: the launch URL)
 
     @property
     def launch_url(self) -> str:
-        return self.url + FakePlatform.LAUNCH_PATH
+        return self.link or self.url + FakePlatform.LAUNCH_PATH
 
 
 def launch_once(platform: FakePlatform, target: Target, sub: str) -> Sample:
@@ -271,7 +301,7 @@ def launch_once(platform: FakePlatform, target: Target, sub: str) -> Sample:
         total = time.perf_counter() - started
     response = result.launch_response
     location = response.headers.get("Location", "")
-    if response.status_code != 303 or not target.expect(location, sub):
+    if response.status_code != target.status or not target.expect(location, sub):
         raise BenchError(
             f"{target.name}: launch of student {sub} answered {response.status_code} "
             f"{location!r}: {response.text[:300]}"
@@ -695,22 +725,7 @@ def _run(
     else:
         database_url = f"sqlite:///{data_dir / 'labpool.db'}"
     labpool_port, bare_port = free_port(), free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "LABPOOL_DATA_DIR": str(data_dir),
-            "LABPOOL_DATABASE_URL": database_url,
-            "LABPOOL_REDIS_URL": args.redis_url,
-            "LABPOOL_PUBLIC_URL": f"http://127.0.0.1:{labpool_port}",
-            "LABPOOL_QUEUE_NAME": QUEUE_NAME,
-            "LABPOOL_WEB_WORKERS": str(args.workers),
-            # Every simulated student comes from 127.0.0.1: the per-address limits stay on (their
-            # Redis round trip is part of what is measured) but out of reach.
-            "LABPOOL_LOGIN_RATE_LIMIT": str(10**9),
-            "LABPOOL_LAUNCH_RATE_LIMIT": str(10**9),
-        }
-    )
-    env.pop("LABPOOL_CONFIG", None)
+    env = labpool_env(data_dir, database_url, args.redis_url, labpool_port, args.workers)
     settings = load_settings(env)
     rt = prepare(settings)
 
