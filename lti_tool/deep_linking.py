@@ -145,22 +145,25 @@ def record_request_context(
     no resource link yet: Moodle creates the activity after the response). Returns
     (user id, course id). Not the hot path: one statement per row."""
     # Imported here: `launches` imports this module for the custom parameters' names.
-    from lti_tool.launches import NO_CONTEXT, _text
+    from lti_tool.launches import NO_CONTEXT, _text, claim_id, claim_object
 
     roles = [r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]
-    context = claims.get(CLAIM + "context") or {}
+    context = claim_object(claims, CLAIM + "context")
     name, email = _text(claims.get("name")), _text(claims.get("email"))
     user_id = upsert(
         session,
         User,
-        keys={"issuer": claims["iss"], "sub": str(claims["sub"])},
+        keys={"issuer": claims["iss"], "sub": claim_id(claims.get("sub"), "user id (sub)")},
         values={"name": name, "email": email, "last_seen_at": utcnow()},
         keep_if_null=("name", "email"),
     )
     course_id = upsert(
         session,
         Course,
-        keys={"platform_id": platform_id, "context_id": str(context.get("id", NO_CONTEXT))},
+        keys={
+            "platform_id": platform_id,
+            "context_id": claim_id(context.get("id", NO_CONTEXT), "context id"),
+        },
         values={
             "label": _text(context.get("label")) or "",
             "title": _text(context.get("title"), 1000) or "",

@@ -57,6 +57,37 @@ class LaunchOutcome:
     how: str | None  # reused | claimed | requested (learners only)
 
 
+ID_MAX = 255  # the id columns' length (OIDC's `sub`, LTI's context and resource link ids)
+
+
+class MalformedClaims(ValueError):
+    """A validated launch whose claims cannot be recorded (a claim of the wrong JSON type, an
+    id longer than its column): refused before anything is written."""
+
+
+def claim_object(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """An optional claim that must be a JSON object ({} when absent)."""
+    value = claims.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MalformedClaims(
+            f"The launch's {name.rsplit('/', 1)[-1]} claim must be a JSON object, "
+            f"not {type(value).__name__}."
+        )
+    return value
+
+
+def claim_id(value: Any, what: str) -> str:
+    """An id as stored: its text, at most ID_MAX characters."""
+    if value is None:
+        raise MalformedClaims(f"The launch has no {what}.")
+    text = str(value)
+    if len(text) > ID_MAX:
+        raise MalformedClaims(f"The launch's {what} is longer than {ID_MAX} characters.")
+    return text
+
+
 def _text(value: Any, limit: int = 255) -> str | None:
     return value[:limit] if isinstance(value, str) and value else None
 
@@ -73,25 +104,25 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     now = utcnow()
     roles = [r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]
     staff = is_staff(roles)
-    context = claims.get(CLAIM + "context") or {}
-    link = claims[CLAIM + "resource_link"]
-    nrps = claims.get(NRPS_CLAIM) or {}
+    context = claim_object(claims, CLAIM + "context")
+    link = claim_object(claims, CLAIM + "resource_link")
+    nrps = claim_object(claims, NRPS_CLAIM)
     ags = claims.get(AGS_CLAIM)
     ags = ags if isinstance(ags, dict) else {}
     scope = ags.get("scope")
 
     params = {
         "iss": claims["iss"],
-        "sub": str(claims["sub"]),
+        "sub": claim_id(claims.get("sub"), "user id (sub)"),
         "name": _text(claims.get("name")),
         "email": _text(claims.get("email")),
         "platform_id": platform_id,
-        "context_id": str(context.get("id", NO_CONTEXT)),
+        "context_id": claim_id(context.get("id", NO_CONTEXT), "context id"),
         "label": _text(context.get("label")) or "",
         "title": _text(context.get("title"), 1000) or "",
         "memberships_url": _text(nrps.get("context_memberships_url"), 2000),
         "roles": roles,
-        "resource_link_id": str(link["id"]),
+        "resource_link_id": claim_id(link.get("id"), "resource link id"),
         "link_title": _text(link.get("title"), 1000) or "",
         "now": now,
         "custom_environment": id_in_custom(claims, CUSTOM_ENVIRONMENT),

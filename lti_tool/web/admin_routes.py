@@ -31,6 +31,7 @@ from lti_tool.registrations import (
     set_platform_disabled,
     stop_removed_machines,
 )
+from lti_tool.web.app import ROW_ID_MAX
 from lti_tool.web.auth import check_csrf, csrf_token, require_admin, runtime, sign_in_admin
 from lti_tool.web.errors import WebError
 from provisioning.backends import BACKENDS
@@ -59,9 +60,12 @@ def _int(name: str, *, required: bool = False) -> int | None:
             raise WebError(f"{name.replace('_', ' ')} is needed.")
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise WebError(f"{name.replace('_', ' ')} must be a whole number, not {raw!r}.") from None
+    if abs(value) > ROW_ID_MAX:  # an INTEGER column holds no more
+        raise WebError(f"{name.replace('_', ' ')} must be at most {ROW_ID_MAX}, not {raw!r}.")
+    return value
 
 
 def _text(name: str) -> str | None:

@@ -8,6 +8,7 @@ import requests
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
 from config.logging import configure_logging
 from config.runtime import runtime_for
@@ -20,12 +21,22 @@ from lti_tool.web.errors import WebError
 from provisioning.claiming import EnvironmentRetired
 
 log = logging.getLogger(__name__)
+ROW_ID_MAX = 2**31 - 1  # every id column is an INTEGER (PostgreSQL's int4)
+
+
+class RowIdConverter(IntegerConverter):
+    """`<int:…>` in a route is a row id: one larger than any id column holds is no row (a
+    404), never a query the database driver cannot send (OverflowError, a 500)."""
+
+    def __init__(self, map, fixed_digits=0, min=None, max=ROW_ID_MAX, signed=False):  # type: ignore[no-untyped-def]  # noqa: A002
+        super().__init__(map, fixed_digits, min, max, signed)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
     app = Flask(__name__)
+    app.url_map.converters["int"] = RowIdConverter  # before any route is added
     secure = settings.is_production
     app.config.update(
         SECRET_KEY=settings.secret_key,

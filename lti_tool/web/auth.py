@@ -86,7 +86,8 @@ def check_csrf() -> None:
     """Forms that change something carry the session's CSRF token (cookies may be
     SameSite=None inside Moodle's iframe, so the cookie alone proves nothing)."""
     sent = request.form.get("csrf", "")
-    if not sent or not hmac.compare_digest(sent, csrf_token()):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError).
+    if not sent or not hmac.compare_digest(sent.encode(), csrf_token().encode()):
         raise Forbidden("This form is out of date; reload the page and try again.")
 
 

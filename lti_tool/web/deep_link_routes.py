@@ -36,6 +36,7 @@ from lti_tool.deep_linking import (
     save_pending,
     score_maximum,
 )
+from lti_tool.launches import MalformedClaims
 from lti_tool.lti import KnownPlatform
 from lti_tool.models import Activity, Course
 from lti_tool.roles import is_staff
@@ -67,8 +68,11 @@ def begin(platform: KnownPlatform, client_id: str, claims: Mapping[str, Any]):  
         raise LaunchRejected(str(exc)) from None
     deployment_id = claims.get(CLAIM + "deployment_id")
     rt = runtime()
-    with transaction(rt.sessions) as session:
-        user_id, course_id = record_request_context(session, platform.id, claims)
+    try:
+        with transaction(rt.sessions) as session:
+            user_id, course_id = record_request_context(session, platform.id, claims)
+    except MalformedClaims as exc:  # rolled back: nothing was written
+        raise LaunchRejected(str(exc)) from None
     pending = DeepLinkingRequest(
         platform_id=platform.id,
         issuer=platform.issuer,

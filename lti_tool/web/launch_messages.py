@@ -68,8 +68,14 @@ class LabpoolMessageLaunch(FlaskMessageLaunch):
 
     def get_client_id(self) -> str:
         # With several audiences, `azp` names the party the token is for (OIDC Core §2).
-        azp = self._get_jwt_body().get("azp")
-        return azp if isinstance(azp, str) else super().get_client_id()
+        body = self._get_jwt_body()
+        azp = body.get("azp")
+        if isinstance(azp, str):
+            return azp
+        aud = body.get("aud")
+        if isinstance(aud, list) and not aud:  # pylti1p3 would take aud[0]: an IndexError
+            raise LtiMessageValidationException('The id_token\'s "aud" claim is an empty list')
+        return super().get_client_id()
 
     def validate_header(self) -> LabpoolMessageLaunch:
         header = self._jwt.get("header", {})

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from config.db import transaction
 from grading.release_jobs import release_after_launch
 from jwks.keys import published_jwks
-from lti_tool.launches import CLAIM, NRPS_CLAIM, record_launch
+from lti_tool.launches import CLAIM, NRPS_CLAIM, MalformedClaims, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
 from lti_tool.models import Platform
 from lti_tool.roles import is_admin
@@ -105,6 +105,8 @@ def launch():  # type: ignore[no-untyped-def]
     try:
         with transaction(rt.sessions) as session:
             outcome = record_launch(session, platform.id, claims)
+    except MalformedClaims as exc:  # the transaction rolled back: nothing was written
+        raise LaunchRejected(str(exc)) from None
     except IntegrityError:
         # This process's registration cache (30 s) may still hold a platform an admin has
         # just removed: its rows are gone, so the launch's own rows cannot be written.

@@ -60,7 +60,10 @@ def _deny(status: int) -> Response:
 @bp.get("/proxy/auth")
 def auth() -> Response:
     ext = current_app.extensions
-    if not hmac.compare_digest(request.headers.get(PROXY_HEADER, ""), ext["labpool.proxy_secret"]):
+    # Compared as bytes: a header may carry any Latin-1 character, which compare_digest
+    # refuses in a str.
+    offered = request.headers.get(PROXY_HEADER, "").encode()
+    if not hmac.compare_digest(offered, ext["labpool.proxy_secret"].encode()):
         return _deny(403)
     match = IDE_PATH.match(request.headers.get("X-Original-URI", ""))
     if match is None:

@@ -15,6 +15,7 @@ from config.db import transaction, upsert, utcnow
 from lti_tool.launches import environment_of
 from lti_tool.models import Course
 from lti_tool.services.nrps import SYNC_JOB
+from lti_tool.web.app import ROW_ID_MAX
 from lti_tool.web.auth import check_csrf, current_user_id, runtime, taught_activity
 from lti_tool.web.errors import WebError
 from lti_tool.web.rate_limits import check_rate_limit
@@ -234,9 +235,12 @@ def _int_field(name: str, message: str, default: int | None = None) -> int:
     if not raw and default is not None:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise WebError(message) from None
+    if abs(value) > ROW_ID_MAX:  # an INTEGER column (and id) holds no more
+        raise WebError(message)
+    return value
 
 
 def _time_field(name: str) -> time:
