@@ -145,9 +145,9 @@ def record_request_context(
     no resource link yet: Moodle creates the activity after the response). Returns
     (user id, course id). Not the hot path: one statement per row."""
     # Imported here: `launches` imports this module for the custom parameters' names.
-    from lti_tool.launches import NO_CONTEXT, _text, claim_id, claim_object
+    from lti_tool.launches import NO_CONTEXT, _text, claim_id, claim_object, claim_roles
 
-    roles = [r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]
+    roles = claim_roles(claims)
     context = claim_object(claims, CLAIM + "context")
     name, email = _text(claims.get("name")), _text(claims.get("email"))
     user_id = upsert(

@@ -78,6 +78,18 @@ def claim_object(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
+def claim_roles(claims: Mapping[str, Any]) -> list[str]:
+    """The launch's roles (a JSON array; its strings)."""
+    value = claims.get(CLAIM + "roles")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedClaims(
+            f"The launch's roles claim must be a JSON array, not {type(value).__name__}."
+        )
+    return [r for r in value if isinstance(r, str)]
+
+
 def claim_id(value: Any, what: str) -> str:
     """An id as stored: its text, at most ID_MAX characters."""
     if value is None:
@@ -102,7 +114,7 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     """Apply a validated resource-link launch to the database (inside the caller's
     transaction) and, for a learner, settle their machine."""
     now = utcnow()
-    roles = [r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]
+    roles = claim_roles(claims)
     staff = is_staff(roles)
     context = claim_object(claims, CLAIM + "context")
     link = claim_object(claims, CLAIM + "resource_link")

@@ -36,7 +36,7 @@ from lti_tool.deep_linking import (
     save_pending,
     score_maximum,
 )
-from lti_tool.launches import MalformedClaims
+from lti_tool.launches import MalformedClaims, claim_roles
 from lti_tool.lti import KnownPlatform
 from lti_tool.models import Activity, Course
 from lti_tool.roles import is_staff
@@ -59,7 +59,10 @@ class SelectionExpired(WebError):
 def begin(platform: KnownPlatform, client_id: str, claims: Mapping[str, Any]):  # type: ignore[no-untyped-def]
     """Answer a validated deep-linking launch: refuse learners (403) and bad settings (400)
     before anything is written; else sign the teacher in and show the selection page."""
-    roles = [r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]
+    try:
+        roles = claim_roles(claims)
+    except MalformedClaims as exc:
+        raise LaunchRejected(str(exc)) from None
     if not is_staff(roles):
         raise Forbidden("Only the course's teachers can add Labpool content to a course.")
     try:

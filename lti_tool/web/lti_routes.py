@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from config.db import transaction
 from grading.release_jobs import release_after_launch
 from jwks.keys import published_jwks
-from lti_tool.launches import CLAIM, NRPS_CLAIM, MalformedClaims, record_launch
+from lti_tool.launches import NRPS_CLAIM, MalformedClaims, claim_roles, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
 from lti_tool.models import Platform
 from lti_tool.roles import is_admin
@@ -120,7 +120,7 @@ def launch():  # type: ignore[no-untyped-def]
     sign_in(
         outcome.user_id,
         staff_course_id=outcome.course_id if outcome.staff else None,
-        admin=is_admin([r for r in claims.get(CLAIM + "roles") or [] if isinstance(r, str)]),
+        admin=is_admin(claim_roles(claims)),  # a list: record_launch took it
     )
     if outcome.staff:
         if claims.get(NRPS_CLAIM):  # a teacher's visit refreshes the roster
