@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -216,6 +217,9 @@ def stop_all_machines(rt: Runtime) -> int:
 
 
 RECONCILE_LOCK = "labpool:reconcile-lock:{}"
+# The pool's lock lives this long unless the pass holding it renews it (every third of it):
+# a worker killed mid-pass holds up its pool for at most this long, a slow pass keeps it.
+RECONCILE_LOCK_TTL_S = 15
 
 
 def reconcile_pool_job(pool_id: int) -> str:
@@ -225,17 +229,30 @@ def reconcile_pool_job(pool_id: int) -> str:
 
     rt = current_runtime()
     rt.redis.delete(QUEUED_KEY.format(pool_id))  # a change from now on queues a new pass
-    lock = rt.redis.lock(RECONCILE_LOCK.format(pool_id), timeout=600, blocking=False)
+    lock = rt.redis.lock(
+        RECONCILE_LOCK.format(pool_id), timeout=RECONCILE_LOCK_TTL_S, blocking=False
+    )
     if not lock.acquire():
         return "another pass is running"
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(RECONCILE_LOCK_TTL_S / 3):
+            with contextlib.suppress(LockError, RedisError):
+                lock.reacquire()
+
+    renewer = threading.Thread(target=renew, name=f"reconcile-lock-{pool_id}", daemon=True)
+    renewer.start()
     try:
         with metrics.Timer() as took:
             report = reconcile_pool(rt, pool_id)
         metrics.observe_reconcile(report, took.seconds)
         return str(report)
     finally:
-        # The lock may have expired (a very slow pass) or Redis restarted: nothing to undo.
-        with contextlib.suppress(LockError):
+        done.set()
+        renewer.join()
+        # The lock may have expired (Redis restarted, flushed): nothing to undo.
+        with contextlib.suppress(LockError, RedisError):
             lock.release()
 
 

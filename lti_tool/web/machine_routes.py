@@ -223,8 +223,12 @@ def start_again(machine_id: int):  # type: ignore[no-untyped-def]
 def machine_state(machine_id: int):  # type: ignore[no-untyped-def]
     with runtime().sessions() as session:
         machine = _own_machine(session, machine_id)
-        _nudge_if_stale(machine)
-        response = jsonify(state_of(machine, session))
+        body = state_of(machine, session)
+    # Only once this session is over: a nudge reads the machine's pool in a session of its
+    # own, which on SQLite would wait for this one's lock, held by the same request (30 s,
+    # then a 500 to every waiting student's page, found by tests/faults).
+    _nudge_if_stale(machine)
+    response = jsonify(body)
     response.cache_control.no_store = True
     return response
 

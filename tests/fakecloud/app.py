@@ -119,7 +119,7 @@ class FakeCloudApp:
         with self.state.lock:
             self.state.request_log.append(LoggedRequest(req.method, req.path, req.args.to_dict()))
             self.state.counts[(req.method, route)] += 1
-            latency = self.state.config.latency
+            latency = self.state.config.latency + self.state.take_stall(req.method, req.path)
         if latency > 0:
             time.sleep(latency)
         base = req.host_url.rstrip("/")

@@ -215,6 +215,15 @@ class FakeCloud:
         with self.state.lock:
             self.state.fail_rules.append(rule)
 
+    def stall_next(self, method: str, path_prefix: str, seconds: float, count: int = 1) -> None:
+        """The next ``count`` requests ``method`` (or ``"*"``) to a path starting with
+        ``path_prefix`` wait ``seconds`` before they are handled (a create stalled in Nova:
+        the server appears only then, whether or not the client is still there)."""
+        with self.state.lock:
+            self.state.stalls.append(
+                [method.upper() if method != "*" else "*", path_prefix, seconds, count]
+            )
+
     def error_server(self, server_id: str, fault_message: str = NO_VALID_HOST) -> None:
         """Put an existing server into ``ERROR`` now, with ``fault.message``."""
         with self.state.lock:

@@ -269,6 +269,8 @@ class CloudState:
         self.security_group_rules: dict[str, dict[str, Any]] = {}
         self.tokens: dict[str, Token] = {}
         self.fail_rules: list[FailRule] = []
+        #: (method, path prefix, seconds, count left): requests held before they are handled.
+        self.stalls: list[list[Any]] = []
         self.error_next_creates: list[str] = []
         self.lost_creates: list[str] = []
         self.request_log: list[LoggedRequest] = []
@@ -364,6 +366,16 @@ class CloudState:
                     self.fail_rules.remove(rule)
                 return rule
         return None
+
+    def take_stall(self, method: str, path: str) -> float:
+        """Consume one matching stall, if any: how long the request waits first."""
+        for stall in self.stalls:
+            if stall[0] in ("*", method) and path.startswith(stall[1]):
+                stall[3] -= 1
+                if stall[3] <= 0:
+                    self.stalls.remove(stall)
+                return float(stall[2])
+        return 0.0
 
     # -- security groups (Neutron) ------------------------------------------------------
     def add_security_group(
