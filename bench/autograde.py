@@ -1,5 +1,6 @@
 """Autograding benchmark: small nbgrader submissions graded in the autograder's sandbox, the
-same notebooks run without it, and a class graded by one grading worker.
+same notebooks run without it and by plain `nbgrader autograde`, and a class graded by the
+default number of grading workers.
 
     .venv/bin/python bench/autograde.py [--quick | --smoke] [--db sqlite|postgres]
 
@@ -9,7 +10,8 @@ with nbgrader (`grading.publish.publish`) into the tool's data folder; each stud
 is a stored submission zip and its row, as `grading.submissions` stores them. Half the
 students answer right (3/3), half get one test wrong (2/3); every score is checked.
 
-Three passes:
+Four passes (the first three interleaved, one submission of each in turn, so all see the same
+load):
 - **per submission**: `grading.autograde.grade_submission` on one owed version at a time, in
   this process (claim, read the zip, build the notebook, sandbox start + kernel + execution,
   score with nbgrader's rules, store cells and feedback, record the grade). The sandbox's own
@@ -20,12 +22,22 @@ Three passes:
   same Python and kernel, run as a plain subprocess (no prlimit, no bwrap, no own uid, a
   temporary working folder), then scored the same way. `sandbox_overhead_ratio` = mean
   sandboxed execution ÷ mean unsandboxed execution (what the sandbox adds to running the
-  notebook; the database work around it is in `per_submission_s`, not in the ratio);
-- **class**: "grade all" (`request_autograde`) queues N versions and one grading worker
-  (`labpool worker --queue grading --burst`, a real RQ worker process) grades them;
-  `class_s` is the worker's wall time, start to end.
+  notebook; the database work around it is in `per_job_s`, not in the ratio);
+- **bare nbgrader** (issue 12's baseline): the same student notebook graded by plain
+  `nbgrader autograde lab1 --student …` (the CLI, as a teacher runs it, no sandbox) in a scratch
+  nbgrader course folder made with `nbgrader generate_assignment`; its score is read from that
+  gradebook and checked; `bare_nbgrader_per_job_s` is the command's wall time;
+- **class**: "grade all" (`request_autograde`) queues N versions and `GRADING_WORKERS` grading
+  workers (the setting's default: one per CPU, as `labpool run` starts them; each a real
+  `labpool worker --queue grading --burst` process, each with its own sandbox uid) grade them;
+  `class_s` is the wall time from starting the workers to the last one's exit.
+  `class_of_300_s` is that time for 300 (measured in the full run; in `--quick` and `--smoke`
+  the workers' start plus the grading span, first claim to last result, scaled to 300, and
+  then the line says `class_scaled=1`).
 
-Ends with `RESULT per_submission_s=… sandbox_overhead_ratio=… peak_mb=… class_s=… n=…`.
+Ends with `RESULT per_job_s=… sandbox_overhead_ratio=… class_of_300_s=…
+bare_nbgrader_per_job_s=… vs_bare_nbgrader=… peak_mb=… class_s=… n=… workers=…`
+(`vs_bare_nbgrader` = `per_job_s` ÷ `bare_nbgrader_per_job_s`).
 `--quick`: 4 submissions per pass and a class of 10; `--smoke`: 1 and 2, seconds; full: 20
 and a class of 300. Needs root, bubblewrap and prlimit (the sandbox), and the IDE environment
 (`.venv-ide` of the repository by default, made as the tests make it if missing). SQLite and an embedded Redis by
@@ -244,6 +256,7 @@ def _run(per_pass: int, class_size: int, db_url: str) -> int:
             return row.id
 
     # -- per submission, sandboxed and not, alternating -------------------------------------
+    course = _bare_nbgrader_course(rt.settings.data_dir.parent / "nbgrader-course")
     seen: list[grader_sandbox.Execution] = []
     real_execute = autograde.execute
 
@@ -257,6 +270,7 @@ def _run(per_pass: int, class_size: int, db_url: str) -> int:
     sandbox_exec_s: list[float] = []
     bare_s: list[float] = []
     bare_exec_s: list[float] = []
+    nbgrader_s: list[float] = []
     wrong: list[str] = []
     the_student = user_ids[-1]
     try:
@@ -276,33 +290,43 @@ def _run(per_pass: int, class_size: int, db_url: str) -> int:
             total, executed = _bare(ide_python, source, release, answers[submission_id])
             if total != expected[submission_id]:
                 wrong.append(f"unsandboxed #{index}: {total}")
+            points, plain_s = _bare_nbgrader(course, f"s{index}", answers[submission_id])
+            if points != expected[submission_id]:
+                wrong.append(f"bare nbgrader #{index}: {points}")
             if index == 0:
                 continue
             sandboxed_s.append(took)
             sandbox_exec_s.append(seen[-1].seconds)
             bare_s.append(executed[1])
             bare_exec_s.append(executed[0])
+            nbgrader_s.append(plain_s)
     finally:
         autograde.execute = real_execute
     peak_mb = max(ran.peak_memory_mb for ran in seen)
 
-    # -- a class, "grade all", one grading worker ------------------------------------------
+    # -- a class, "grade all", the default number of grading workers ------------------------
     # The class: the other students' first versions and the measured student's next one.
     class_ids = [submit(uid, i) for i, uid in enumerate(user_ids[: class_size - 1])]
     class_ids.append(submit(the_student, per_pass + 1))
     queued = autograde.request_autograde(rt, assignment_id, None)
+    workers = rt.settings.grading_workers  # LABPOOL_GRADING_WORKERS, default one per CPU
     started = time.monotonic()
-    worker = subprocess.run(
-        [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading", "--burst"],
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading", "--burst"],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    for worker in running:
+        _, stderr = worker.communicate()
+        if worker.returncode != 0:
+            print(stderr[-3000:], file=sys.stderr)
+            wrong.append(f"a grading worker exited with {worker.returncode}")
     class_s = time.monotonic() - started
-    if worker.returncode != 0:
-        print(worker.stderr[-3000:], file=sys.stderr)
-        wrong.append(f"the grading worker exited with {worker.returncode}")
     with rt.sessions() as session:
         done = {
             r.submission_id: r
@@ -317,13 +341,23 @@ def _run(per_pass: int, class_size: int, db_url: str) -> int:
         elif row.score != expected[submission_id]:
             wrong.append(f"class: submission {submission_id} scored {row.score}")
     class_job_s = [r.seconds or 0.0 for r in done.values()]
+    # The workers' start (imports, connections) is paid once; the grading itself scales with
+    # the class: from the first job's claim to the last job's end. For 300 this is class_s.
+    graded = [r for r in done.values() if r.started_at and r.finished_at]
+    spread = (
+        (max(r.finished_at for r in graded) - min(r.started_at for r in graded)).total_seconds()
+        if graded
+        else class_s
+    )
 
-    per_submission = statistics.mean(sandboxed_s)
+    per_job = statistics.mean(sandboxed_s)
     ratio = statistics.mean(sandbox_exec_s) / statistics.mean(bare_exec_s)
+    plain = statistics.mean(nbgrader_s)
+    class_of_300 = class_s if class_size == 300 else class_s - spread + spread * 300 / class_size
     print(
         f"Autograde: a 5-cell nbgrader notebook with 3 tests, {per_pass} submissions per pass "
-        f"(after one warm-up), a class of {class_size} ({queued} queued) by one grading "
-        f"worker, database {db_url.split(':')[0]}, {os.cpu_count()} CPUs, load "
+        f"(after one warm-up), a class of {class_size} ({queued} queued) by {workers} grading "
+        f"worker(s), database {db_url.split(':')[0]}, {os.cpu_count()} CPUs, load "
         f"{os.getloadavg()[0]:.1f}"
     )
     rows = [
@@ -331,18 +365,23 @@ def _run(per_pass: int, class_size: int, db_url: str) -> int:
         _row("  of which sandbox execute", sandbox_exec_s),
         _row("unsandboxed: prepare+run+score", bare_s),
         _row("  of which executor run", bare_exec_s),
+        _row("bare `nbgrader autograde` (CLI)", nbgrader_s),
         _row(f"class of {class_size}: sandbox per job", class_job_s),
     ]
     print(table(["pass", "runs", "mean s", "p50 s", "p95 s", "max s"], rows, text_columns=1))
     print(
         f"sandbox peak resident memory (all its processes) {peak_mb:.0f} MB; class of "
-        f"{class_size}: {class_s:.1f} s, {class_size / class_s:.2f} submissions/s"
+        f"{class_size} by {workers} worker(s): {class_s:.1f} s, "
+        f"{class_size / class_s:.2f} submissions/s"
+        + ("" if class_size == 300 else f" (300 would take {class_of_300:.0f} s at that rate)")
     )
     for problem in wrong:
         print("WRONG:", problem)
     print(
-        f"RESULT per_submission_s={per_submission:.3f} sandbox_overhead_ratio={ratio:.3f} "
-        f"peak_mb={peak_mb:.0f} class_s={class_s:.1f} n={class_size}"
+        f"RESULT per_job_s={per_job:.3f} sandbox_overhead_ratio={ratio:.3f} "
+        f"class_of_300_s={class_of_300:.1f} bare_nbgrader_per_job_s={plain:.3f} "
+        f"vs_bare_nbgrader={per_job / plain:.3f} peak_mb={peak_mb:.0f} class_s={class_s:.1f} "
+        f"n={class_size} workers={workers}" + ("" if class_size == 300 else " class_scaled=1")
     )
     return 1 if wrong else 0
 
@@ -358,6 +397,51 @@ def _row(name: str, values: list[float]) -> list[str]:
         f"{percentile(values, 95):.3f}",
         f"{max(values):.3f}",
     ]
+
+
+def _bare_nbgrader_course(root: Path) -> Path:
+    """A scratch nbgrader course folder with the assignment generated by nbgrader itself."""
+    # nbgrader's gradebook runs `alembic` from PATH: the tool's environment's
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    (root / "source" / "lab1").mkdir(parents=True)
+    (root / "source" / "lab1" / NOTEBOOK).write_bytes(source_notebook())
+    (root / "nbgrader_config.py").write_text(
+        f"c = get_config()\nc.CourseDirectory.root = {str(root)!r}\n"
+        "c.CourseDirectory.course_id = 'bench'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nbgrader", "generate_assignment", "lab1", "--force"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"nbgrader generate_assignment failed:\n{done.stderr[-3000:]}")
+    return root
+
+
+def _bare_nbgrader(course: Path, student: str, notebook: bytes) -> tuple[float, float]:
+    """Plain `nbgrader autograde` of one student's notebook (no sandbox): (points, seconds)."""
+    from nbgrader.api import Gradebook
+
+    folder = course / "submitted" / student / "lab1"
+    folder.mkdir(parents=True)
+    (folder / NOTEBOOK).write_bytes(notebook)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "nbgrader", "autograde", "lab1", "--student", student],
+        cwd=course,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    took = time.monotonic() - started
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return -1.0, took
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gradebook:
+        return float(gradebook.find_submission("lab1", student).score), took
 
 
 def _bare(

@@ -84,6 +84,9 @@ class Settings:
     ide_env: Path | None = None
     proxy_group: str = "www-data"
     web_workers: int = 2
+    # Autograde jobs graded at once: `labpool run` starts this many grading workers, each
+    # with its own sandbox uid (grading.grader_sandbox.grading_slot). Default: the CPUs.
+    grading_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     queue_name: str = "labpool"
     log_level: str = "INFO"
     # "json" (one object per line) or "text"; default: json when the public URL is https.
@@ -145,6 +148,7 @@ _PARSERS = {
     "key_grace_s": int,
     "machine_start_timeout_s": int,
     "web_workers": int,
+    "grading_workers": int,
     "ide_proxy": lambda v: v if isinstance(v, bool) else _bool(v),
     "ide_cookie_max_age_s": int,
     "openstack_api_timeout_s": int,
@@ -248,6 +252,8 @@ def _complete(settings: Settings) -> Settings:
             raise SettingsError(
                 f"{env_name(name)}: 0 (no limit) or more, got {getattr(settings, name)}"
             )
+    if settings.grading_workers < 1:
+        raise SettingsError(f"LABPOOL_GRADING_WORKERS: at least 1, got {settings.grading_workers}")
     if settings.log_format not in ("", "json", "text"):
         raise SettingsError(f"LABPOOL_LOG_FORMAT: 'json' or 'text', got {settings.log_format!r}")
     if settings.backend not in ("local", "openstack"):

@@ -7,7 +7,9 @@ read-only, Labpool's settings hidden) and adds:
 
 - **its own unprivileged uid**, `lp-grader` (a system user created on first need; never root,
   since `RLIMIT_NPROC` does not bind root, docs/isolation.md), which owns nothing on the host:
-  the sandbox has no host folder bound writable at all;
+  the sandbox has no host folder bound writable at all. Each grading process of the host has
+  its own (`lp-grader`, `lp-grader-1`, …: `grading_slot`), so parallel grading workers do not
+  share a task limit;
 - **writable places that are sized RAM disks only**: the kernel's working folder
   (`/home/student`), `/tmp` and `/dev/shm` are `--size`d tmpfs, so the disk the whole sandbox
   can fill is bounded (an unsized `--tmpfs` is a RAM disk without bound);
@@ -45,6 +47,8 @@ import psutil
 from provisioning import sandbox
 
 GRADER_ACCOUNT = "lp-grader"
+SLOT_DIR = "/run/labpool-grading"  # one lock per grading process: its own uid (grading_slot)
+MAX_SLOTS = 64
 WORKDIR = sandbox.SANDBOX_HOME
 EXECUTOR = Path(__file__).with_name("autograde_executor.py")
 WATCH_INTERVAL_S = 0.05
@@ -90,7 +94,39 @@ class SandboxUnavailable(RuntimeError):
 
 
 def grader_account() -> sandbox.Account:
-    return sandbox.system_account(GRADER_ACCOUNT, "Labpool autograder")
+    """This process's grader uid: `lp-grader` for the first grading process of the host,
+    `lp-grader-<n>` for the n-th one running beside it (its slot, see `grading_slot`)."""
+    slot = grading_slot()
+    name = GRADER_ACCOUNT if slot == 0 else f"{GRADER_ACCOUNT}-{slot}"
+    return sandbox.system_account(name, "Labpool autograder")
+
+
+_slot: tuple[int, int] | None = None  # (slot, the locked file's descriptor), for the process
+
+
+def grading_slot() -> int:
+    """The lowest slot no other process of this host holds, locked (flock) for the life of
+    this process. Each grading worker grades one submission at a time, so one slot = one
+    sandbox at a time = one uid: the uid's task limit (RLIMIT_NPROC counts every process of
+    the uid, host-wide) is the sandbox's own, and a fork bomb in one worker's sandbox cannot
+    starve another worker's. The locks live in /run (root's), and go with the process."""
+    global _slot
+    if _slot is not None:
+        return _slot[0]
+    import fcntl
+
+    folder = Path(SLOT_DIR)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for slot in range(MAX_SLOTS):
+        fd = os.open(folder / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _slot = (slot, fd)
+        return slot
+    raise SandboxUnavailable(f"more than {MAX_SLOTS} grading processes on this host")
 
 
 def command(ide_python: Path, limits: GradingLimits) -> list[str]:

@@ -3,8 +3,8 @@
 Starts, in order: the embedded Redis (when no LABPOOL_REDIS_URL is given), the migrations and
 keys, the IDE environment (once), nginx on the public URL's port in front of everything (the
 tool, its pages and every student's IDE behind one address, `auth_request` before each IDE
-request), the web app under gunicorn on a loopback port behind it, one RQ worker (and one for
-the autograder's queue), the
+request), the web app under gunicorn on a loopback port behind it, one RQ worker (and
+`GRADING_WORKERS` for the autograder's queue, default one per CPU), the
 periodic reconciler trigger (`labpool cron`), and for the demo a practice platform. Prints the
 URLs and the values for Moodle, then waits. Ctrl-C (or SIGTERM) stops everything it started,
 the machines included; a child that dies on its own stops the rest too.
@@ -360,12 +360,13 @@ def _serve(
     if settings.ide_proxy and nginx:
         launch("nginx", _start_nginx(settings, nginx, settings.data_dir / "nginx"))
     launch("worker", subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "worker"], env=env))
-    launch(
-        "grading worker",
-        subprocess.Popen(
-            [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading"], env=env
-        ),
-    )
+    for n in range(settings.grading_workers):  # each grades one submission at a time
+        launch(
+            f"grading worker {n + 1}",
+            subprocess.Popen(
+                [sys.executable, "-m", "lti_tool.cli", "worker", "--queue", "grading"], env=env
+            ),
+        )
     launch("cron", subprocess.Popen([sys.executable, "-m", "lti_tool.cli", "cron"], env=env))
     children = dict(started)
 

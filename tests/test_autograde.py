@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from grading.autograde import grade_submission, request_autograde, requeue_owed_autogrades
-from grading.grader_sandbox import GradingLimits
+from grading.grader_sandbox import GradingLimits, grader_account
 from grading.models import Assignment, AutogradeResult, AutogradeState, Grade, Submission
 from grading.outbox import send_due_scores
 from grading.submissions import submit_folder
@@ -216,7 +216,8 @@ def test_an_escape_from_the_autograder_fails_and_the_next_submission_is_graded(r
         assert not [
             p
             for p in psutil.process_iter(["username", "status"])
-            if p.info["username"] == "lp-grader" and p.info["status"] != psutil.STATUS_ZOMBIE
+            if p.info["username"] == grader_account().name
+            and p.info["status"] != psutil.STATUS_ZOMBIE
         ]
     # the worker survives and grades the next submission correctly
     assert grade(rt, submit("5", student_notebook(CORRECT))).score == 10
