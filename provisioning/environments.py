@@ -46,6 +46,14 @@ def add_environment(
     when its backend cannot run its IDE: accepted, every launch would fail."""
     if not name.strip():
         raise EnvironmentRejected("the environment needs a name")
+    _check_lengths(
+        name=name,
+        image_id=image_id,
+        flavor_id=flavor_id,
+        network_id=network_id,
+        network_name=network_name,
+        key_name=key_name,
+    )
     if backend not in BACKENDS:
         raise EnvironmentRejected(
             f"backend must be {' or '.join(repr(b) for b in sorted(BACKENDS))}, not {backend!r}"
@@ -96,6 +104,26 @@ def add_environment(
         session.add(Pool(environment_id=env.id, warm_target=warm_target, max_size=max_size))
         session.flush()
     return env
+
+
+# The columns' lengths: longer text is refused here, not by PostgreSQL (a DataError).
+TEXT_LIMITS = {
+    "name": 100,
+    "image_id": 64,
+    "flavor_id": 64,
+    "network_id": 64,
+    "network_name": 255,
+    "key_name": 255,
+}
+
+
+def _check_lengths(**values: str | None) -> None:
+    for field_name, value in values.items():
+        if value is not None and len(value) > TEXT_LIMITS[field_name]:
+            raise EnvironmentRejected(
+                f"{field_name.replace('_', ' ')} must be at most {TEXT_LIMITS[field_name]} "
+                f"characters, not {len(value)}"
+            )
 
 
 # Below these a JupyterLab cannot start (it reserves address space, runs threads, opens
@@ -306,6 +334,10 @@ def edit_environment(
             )
         if not value.strip():
             raise EnvironmentRejected(f"the {label} id must not be empty")
+    _check_lengths(
+        image_id=image_id.strip() if image_id is not None else None,
+        flavor_id=flavor_id.strip() if flavor_id is not None else None,
+    )
     given_limits = {k: v for k, v in limits.items() if v is not None}
     _check_limits(given_limits)
     if pool is not None and (warm_target is not None or max_size is not None):
