@@ -212,6 +212,8 @@ class FakePlatform:
         self.strict_client_assertion: bool = True
         #: The form fields of every token.php request, for debugging.
         self.token_requests: list[dict[str, str]] = []
+        #: While set, token.php answers every request with this HTTP status (an outage).
+        self.token_down: int | None = None
         self._tool_jwks_cache: Any = None
         self._tokens: dict[str, IssuedToken] = {}
         self._used_jtis: set[str] = set()
@@ -944,6 +946,9 @@ class FakePlatform:
         form = request.form if request.method == "POST" else request.args
         with self._lock:
             self.token_requests.append(form.to_dict())
+            down = self.token_down
+        if down is not None:
+            return Response("Service Unavailable", down, content_type="text/html")
         if request.method != "POST" or request.mimetype != "application/x-www-form-urlencoded":
             return _token_error(
                 "invalid_request", "token.php takes a POST of application/x-www-form-urlencoded"
