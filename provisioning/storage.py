@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, tuple_, update
 
-from config.db import transaction
+from config.db import transaction, utcnow
 from config.runtime import Runtime
 from provisioning.backends import ServerView, StudentVolumes
 from provisioning.errors import ProvisioningError
@@ -82,6 +83,9 @@ def attach_student_volumes(
             if volume is None:
                 _create(rt, cloud, env, owner_id, course_id)
                 return False
+            if not volume.volume_id:
+                _adopt(rt, cloud, env, volume)
+                return False
             return bool(volume.volume_id) and _attach(
                 rt, cloud, volume, machine_id, active[0].server_id
             )
@@ -105,7 +109,7 @@ def _create(
         session.flush()
         row_id = volume.id
     volume_id = cloud.create_volume(
-        f"labpool-home-u{owner_id}-c{course_id}",
+        volume_name(owner_id, course_id),
         env.volume_size_gb,
         {"labpool_owner": str(owner_id), "labpool_course": str(course_id)},
     )
@@ -113,18 +117,49 @@ def _create(
         session.get_one(StudentVolume, row_id).volume_id = volume_id
 
 
+def volume_name(owner_id: int, course_id: int) -> str:
+    return f"labpool-home-u{owner_id}-c{course_id}"
+
+
+# A volume row without the cloud's id whose volume the cloud does not show after this long:
+# its create never happened (the worker died first), so it is created again.
+CREATE_GRACE = timedelta(seconds=60)
+
+
+def _adopt(rt: Runtime, cloud: StudentVolumes, env: Environment, volume: StudentVolume) -> None:
+    """A row left without the cloud's id (the worker creating it was killed, or the answer
+    was lost): take the volume the cloud made under its name, never a second one; or create
+    it, once the create can no longer be in flight."""
+    volume_id = cloud.find_volume(volume_name(volume.owner_id, volume.course_id))
+    if volume_id is None:
+        if utcnow() - volume.created_at < CREATE_GRACE:
+            return
+        volume_id = cloud.create_volume(
+            volume_name(volume.owner_id, volume.course_id),
+            env.volume_size_gb,
+            {"labpool_owner": str(volume.owner_id), "labpool_course": str(volume.course_id)},
+        )
+    with transaction(rt.sessions) as session:
+        row = session.get_one(StudentVolume, volume.id)
+        if row.volume_id is None:
+            row.volume_id = volume_id
+
+
 def _attach(
     rt: Runtime, cloud: StudentVolumes, volume: StudentVolume, machine_id: int, server_id: str
 ) -> bool:
     assert volume.volume_id is not None
     status = cloud.volume_status(volume.volume_id)
-    if status != "available":  # still creating, or still on the student's previous server
+    if status == "in-use" and server_id in cloud.volume_servers(volume.volume_id):
+        pass  # attached by a worker killed before it recorded it: record it now
+    elif status != "available":  # still creating, or still on the student's previous server
         if status in ("error", "gone"):
             with transaction(rt.sessions) as session:
                 row = session.get_one(StudentVolume, volume.id)
                 row.status, row.error = "error", f"the cloud reports the volume {status}"
         return False
-    cloud.attach_volume(server_id, volume.volume_id)
+    else:
+        cloud.attach_volume(server_id, volume.volume_id)
     with transaction(rt.sessions) as session:
         row = session.get_one(StudentVolume, volume.id)
         row.status, row.machine_id, row.error = "in-use", machine_id, None

@@ -147,6 +147,15 @@ class StudentVolumes(abc.ABC):
         """creating, available, in-use, error, … or `gone`."""
 
     @abc.abstractmethod
+    def find_volume(self, name: str) -> str | None:
+        """The id of a volume with this name, if the cloud has one (a create whose worker died
+        before it recorded the id)."""
+
+    @abc.abstractmethod
+    def volume_servers(self, volume_id: str) -> list[str]:
+        """The servers the volume is attached to."""
+
+    @abc.abstractmethod
     def attach_volume(self, server_id: str, volume_id: str) -> None:
         """Attach the volume to the server (the machine mounts it as the student's home)."""
 

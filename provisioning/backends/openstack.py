@@ -313,6 +313,21 @@ class OpenStackBackend(PooledBackend, StudentVolumes):
             except os_exc.NotFoundException:
                 return GONE
 
+    def find_volume(self, name: str) -> str | None:
+        with self._errors("find a student's volume"):
+            conn = connection_for(self.cloud, self.api_timeout)
+            found = [v for v in conn.block_storage.volumes(name=name) if v.name == name]
+            return str(found[0].id) if found else None
+
+    def volume_servers(self, volume_id: str) -> list[str]:
+        with self._errors("read a student's volume"):
+            conn = connection_for(self.cloud, self.api_timeout)
+            try:
+                volume = conn.block_storage.get_volume(volume_id)
+            except os_exc.NotFoundException:
+                return []
+            return [str(a.get("server_id")) for a in volume.attachments or []]
+
     def attach_volume(self, server_id: str, volume_id: str) -> None:
         """Attach; the image's agent mounts it as the student's home (see cloud_init)."""
         with self._errors("attach a student's volume"):
