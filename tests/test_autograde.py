@@ -329,3 +329,38 @@ def test_the_teacher_sees_each_grade_cell_and_a_student_sees_no_one_elses(  # ty
     assert other.status_code == 403 and "AssertionError" not in other.text
     own_work = student.get(f"{tool.url}/courses/{course_of(rt, activity_id)}/my-work")
     assert own_work.status_code == 200 and "AssertionError" not in own_work.text
+
+
+def test_each_grading_process_of_the_host_has_its_own_grader_uid(tmp_path):  # type: ignore[no-untyped-def]
+    """RLIMIT_NPROC counts a uid's tasks host-wide: two grading workers must not share one."""
+    import subprocess
+    import sys
+
+    from config.settings import SettingsError, load_settings
+
+    mine = grader_account()
+    theirs = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from grading import grader_sandbox as g; print(g.grader_account())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert mine.name.startswith("lp-grader") and f"'{mine.name}'" not in theirs
+    assert "lp-grader-" in theirs or mine.name != "lp-grader"
+    assert grader_account() == mine  # kept for the life of the process
+    settings = load_settings(
+        {"LABPOOL_PUBLIC_URL": "http://127.0.0.1:9", "LABPOOL_DATA_DIR": str(tmp_path)}
+    )
+    assert settings.grading_workers >= 1
+    with pytest.raises(SettingsError, match="LABPOOL_GRADING_WORKERS"):
+        load_settings(
+            {
+                "LABPOOL_PUBLIC_URL": "http://127.0.0.1:9",
+                "LABPOOL_DATA_DIR": str(tmp_path),
+                "LABPOOL_GRADING_WORKERS": "0",
+            }
+        )
