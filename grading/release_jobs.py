@@ -35,7 +35,7 @@ from pathlib import Path
 
 import redis
 from rq import Queue
-from sqlalchemy import exists, or_, select
+from sqlalchemy import bindparam, exists, or_, select
 from sqlalchemy.orm import Session
 
 from config.db import transaction, utcnow
@@ -90,17 +90,33 @@ def delivered_assignments(session: Session, activity: Activity) -> list[Assignme
     )
 
 
-def release_after_launch(rt: Runtime, activity_id: int, user_id: int) -> bool:
-    """Called by the launch after its transaction: enqueue the release if there is one.
-    On the launch's hot path: one EXISTS query, the same rule as `delivered_assignments`."""
-    chosen = select(Activity.assignment_id).where(Activity.id == activity_id).scalar_subquery()
-    wanted = exists().where(
-        or_(Assignment.activity_id == activity_id, Assignment.id == chosen),
+# `delivered_assignments`'s rule as one EXISTS, built once: it runs inside every learner's
+# launch.
+_RELEASE_OWED = select(
+    exists().where(
+        or_(
+            Assignment.activity_id == bindparam("activity_id"),
+            Assignment.id
+            == select(Activity.assignment_id)
+            .where(Activity.id == bindparam("activity_id"))
+            .scalar_subquery(),
+        ),
         Assignment.published_at.is_not(None),
         Assignment.release_path.is_not(None),
     )
+)
+
+
+def release_owed(session: Session, activity_id: int) -> bool:
+    """Whether a launch of the activity has published assignments to release (one query; the
+    launch asks inside its own transaction)."""
+    return bool(session.scalar(_RELEASE_OWED, {"activity_id": activity_id}))
+
+
+def release_after_launch(rt: Runtime, activity_id: int, user_id: int) -> bool:
+    """Enqueue the release to a student who launched the activity, if there is one."""
     with rt.sessions() as session:
-        if not session.scalar(select(wanted)):
+        if not release_owed(session, activity_id):
             return False
     return enqueue_release(rt, RELEASE_ON_LAUNCH_JOB, activity_id, user_id)
 

@@ -8,6 +8,10 @@ environment); else a warm `ready` one claimed atomically
 concurrent launches never get the same machine; SQLite serialises writers); else a new
 `requested` machine, whose start is enqueued after the transaction commits.
 
+It sits on every learner's launch, so it costs few round trips and little Python: the
+statements are written once, as SQL (a statement built per call costs more CPU than its round
+trip); the two lookups are one statement, and so are the claim and the request on PostgreSQL.
+
 The partial unique index `uq_machines_live_owner` makes "a student never gets two" a fact of
 the database: a concurrent launch of the same student that loses the race gets an
 IntegrityError inside a savepoint and then finds the winner's machine.
@@ -17,12 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Integer, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from config.db import utcnow
-from lti_tool.models import Launch
+from config.db import UTCDateTime, utcnow
 from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
 
 
@@ -42,79 +45,136 @@ class MachineChoice:
     how: str  # "reused" | "claimed" | "requested"
 
 
-def live_machine_of(
-    session: Session, environment_id: int, course_id: int, owner_id: int
+_LIVE = "(" + ", ".join(f"'{state.name}'" for state in LIVE_STATES) + ")"
+
+# One round trip, the launch's hot path: the student's live machine in this environment, else
+# the newest live machine a launch of `activity_id` handed them (a NULL activity finds none).
+# COALESCE evaluates its second argument only when the first is NULL (PostgreSQL and SQLite
+# alike), so a relaunch that finds its machine never reads the launches.
+_EXISTING_MACHINE = select(Machine).from_statement(
+    text(f"""
+SELECT * FROM machines WHERE id = COALESCE(
+  (SELECT id FROM machines
+   WHERE environment_id = :environment_id AND course_id = :course_id
+     AND owner_id = :owner_id AND state IN {_LIVE}
+   LIMIT 1),
+  (SELECT m.id FROM machines m JOIN launches l ON l.machine_id = m.id
+   WHERE l.activity_id = :activity_id AND l.user_id = :owner_id
+     AND m.owner_id = :owner_id AND m.course_id = :course_id AND m.state IN {_LIVE}
+   ORDER BY m.id DESC
+   LIMIT 1))
+""").bindparams(bindparam("activity_id", type_=Integer))
+)
+
+
+def existing_machine(
+    session: Session,
+    environment_id: int,
+    course_id: int,
+    owner_id: int,
+    activity_id: int | None = None,
 ) -> Machine | None:
+    """The student's live machine for this environment and course, else the live machine a
+    launch of `activity_id` gave them, whatever its environment (it stays theirs after the
+    teacher picks another one)."""
     return session.scalars(
-        select(Machine)
-        .where(
-            Machine.environment_id == environment_id,
-            Machine.course_id == course_id,
-            Machine.owner_id == owner_id,
-            Machine.state.in_(LIVE_STATES),
-        )
-        .limit(1)
+        _EXISTING_MACHINE,
+        {
+            "environment_id": environment_id,
+            "course_id": course_id,
+            "owner_id": owner_id,
+            "activity_id": activity_id,
+        },
     ).first()
 
 
-def handed_out_machine(
-    session: Session, activity_id: int, course_id: int, owner_id: int
-) -> Machine | None:
-    """The student's live machine that a launch of this activity gave them, whatever its
-    environment (it stays theirs after the teacher picks another one)."""
-    return session.scalars(
-        select(Machine)
-        .join(Launch, Launch.machine_id == Machine.id)
-        .where(
-            Launch.activity_id == activity_id,
-            Launch.user_id == owner_id,
-            Machine.owner_id == owner_id,
-            Machine.course_id == course_id,
-            Machine.state.in_(LIVE_STATES),
-        )
-        .order_by(Machine.id.desc())
-        .limit(1)
-    ).first()
+# `FOR UPDATE SKIP LOCKED` (PostgreSQL): two concurrent launches never take the same warm
+# machine, and neither waits for the other; SQLite has no row locks (it serialises writers).
+_CLAIM_WARM = """
+UPDATE machines SET owner_id = :owner_id, course_id = :course_id, state = 'assigned',
+  state_changed_at = :now, assigned_at = :now, last_activity_at = :now
+WHERE id = (SELECT id FROM machines
+            WHERE environment_id = :environment_id AND state = 'ready' AND owner_id IS NULL
+            ORDER BY id
+            LIMIT 1{lock})
+  AND state = 'ready' AND owner_id IS NULL
+RETURNING {returning}
+"""
+_NOW = bindparam("now", type_=UTCDateTime)
+_CLAIM_WARM_BY_DIALECT = {
+    dialect: text(_CLAIM_WARM.format(lock=lock, returning="id")).bindparams(_NOW)
+    for dialect, lock in (("postgresql", " FOR UPDATE SKIP LOCKED"), ("sqlite", ""))
+}
+
+# A new `requested` machine, as the ORM would insert it, loaded from its RETURNING row.
+_REQUEST = select(Machine).from_statement(
+    text("""
+INSERT INTO machines (environment_id, owner_id, course_id, backend, state, created_at,
+                      state_changed_at)
+VALUES (:environment_id, :owner_id, :course_id, :backend, 'requested', :now, :now)
+RETURNING *
+""").bindparams(_NOW)
+)
+
+# PostgreSQL: claim a warm machine or, when there is none, request one, in one statement (a
+# data-modifying CTE sees the other's RETURNING rows). A unique violation of the insert (a
+# concurrent launch of the same student won) undoes the claim with it.
+_CLAIM_OR_REQUEST_PG = (
+    select(Machine)
+    .from_statement(
+        text(f"""
+WITH claimed AS ({_CLAIM_WARM.format(lock=" FOR UPDATE SKIP LOCKED", returning="*")}),
+requested AS (
+  INSERT INTO machines (environment_id, owner_id, course_id, backend, state, created_at,
+                        state_changed_at)
+  SELECT :environment_id, :owner_id, :course_id, :backend, 'requested', :now, :now
+  WHERE NOT EXISTS (SELECT 1 FROM claimed)
+  RETURNING *)
+SELECT * FROM claimed UNION ALL SELECT * FROM requested
+""").bindparams(_NOW)
+    )
+    .execution_options(populate_existing=True)
+)
 
 
 def claim_warm_machine(
     session: Session, environment_id: int, course_id: int, owner_id: int
 ) -> Machine | None:
     """Atomically take one `ready`, unowned machine of the environment, or None."""
-    now = utcnow()
-    candidate = (
-        select(Machine.id)
-        .where(
-            Machine.environment_id == environment_id,
-            Machine.state == MachineState.ready,
-            Machine.owner_id.is_(None),
-        )
-        .order_by(Machine.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
     claimed_id = session.execute(
-        update(Machine)
-        .where(
-            Machine.id == candidate,
-            Machine.state == MachineState.ready,
-            Machine.owner_id.is_(None),
-        )
-        .values(
-            owner_id=owner_id,
-            course_id=course_id,
-            state=MachineState.assigned,
-            state_changed_at=now,
-            assigned_at=now,
-            last_activity_at=now,
-        )
-        .returning(Machine.id)
-        .execution_options(synchronize_session=False)
+        _CLAIM_WARM_BY_DIALECT[session.get_bind().dialect.name],
+        {
+            "environment_id": environment_id,
+            "course_id": course_id,
+            "owner_id": owner_id,
+            "now": utcnow(),
+        },
     ).scalar_one_or_none()
     if claimed_id is None:
         return None
     return session.get(Machine, claimed_id, populate_existing=True)
+
+
+def claim_or_request(
+    session: Session, environment: Environment, course_id: int, owner_id: int
+) -> MachineChoice:
+    """A warm machine claimed, else a new one requested (inside the caller's savepoint)."""
+    params = {
+        "environment_id": environment.id,
+        "course_id": course_id,
+        "owner_id": owner_id,
+        "backend": environment.backend,
+        "now": utcnow(),
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        machine = session.scalars(_CLAIM_OR_REQUEST_PG, params).one()
+        return MachineChoice(
+            machine, "claimed" if machine.state is MachineState.assigned else "requested"
+        )
+    claimed = claim_warm_machine(session, environment.id, course_id, owner_id)
+    if claimed is not None:
+        return MachineChoice(claimed, "claimed")
+    return MachineChoice(session.scalars(_REQUEST, params).one(), "requested")
 
 
 def machine_for_learner(
@@ -127,28 +187,14 @@ def machine_for_learner(
     """The student's machine for this environment and course (or the one `activity_id`
     handed them): reuse, claim, or request."""
     for _ in range(3):
-        existing = live_machine_of(session, environment.id, course_id, owner_id)
-        if existing is None and activity_id is not None:
-            existing = handed_out_machine(session, activity_id, course_id, owner_id)
+        existing = existing_machine(session, environment.id, course_id, owner_id, activity_id)
         if existing is not None:
             return MachineChoice(existing, "reused")
         if environment.retired_at is not None:
             raise EnvironmentRetired(environment.name)
         try:
             with session.begin_nested():
-                claimed = claim_warm_machine(session, environment.id, course_id, owner_id)
-                if claimed is not None:
-                    return MachineChoice(claimed, "claimed")
-                machine = Machine(
-                    environment_id=environment.id,
-                    owner_id=owner_id,
-                    course_id=course_id,
-                    backend=environment.backend,
-                    state=MachineState.requested,
-                )
-                session.add(machine)
-                session.flush()
-                return MachineChoice(machine, "requested")
+                return claim_or_request(session, environment, course_id, owner_id)
         except IntegrityError:
             # A concurrent launch of the same student won; take theirs on the next turn.
             continue
