@@ -107,16 +107,18 @@ def _cloud_probe(rt: Any) -> Any:
     """A probe of the cloud when an environment is on it, else None."""
     from sqlalchemy import select
 
+    from provisioning.backends import backends_that
     from provisioning.models import Environment
 
+    cloud = backends_that(lambda can: can.pooled)  # the backends that talk to a cloud
     try:
         with rt.sessions() as session:
             on_cloud = session.scalar(
-                select(Environment.id).where(Environment.backend == "openstack").limit(1)
+                select(Environment.id).where(Environment.backend.in_(cloud)).limit(1)
             )
     except Exception:
         return None  # the database check says it
-    if on_cloud is None and rt.settings.backend != "openstack":
+    if on_cloud is None and rt.settings.backend not in cloud:
         return None
 
     def probe() -> str:
