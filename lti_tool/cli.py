@@ -122,14 +122,20 @@ def cron() -> None:
     scheduler = CronScheduler(connection=conn, logging_level=_rq_log_level(settings))
     click.echo("labpool cron: periodic passes registered")
     queue = settings.queue_name
-    scheduler.register(reconcile_all, queue, interval=settings.reconcile_interval_s)
-    scheduler.register(release_idle_job, queue, interval=settings.idle_check_interval_s)
-    scheduler.register(sync_all_courses_job, queue, interval=settings.roster_sync_interval_s)
+    # Kept in Redis as the triggers' jobs are (provisioning/queue.py), not RQ's defaults: a
+    # result for 500 s and a failure for a year, from a job that runs every second or minute
+    # (tests/test_soak_class_day.py).
+    kept = {"result_ttl": 60, "failure_ttl": 24 * 3600}
+    scheduler.register(reconcile_all, queue, interval=settings.reconcile_interval_s, **kept)
+    scheduler.register(release_idle_job, queue, interval=settings.idle_check_interval_s, **kept)
+    scheduler.register(
+        sync_all_courses_job, queue, interval=settings.roster_sync_interval_s, **kept
+    )
     # Scores the outbox owes and whose time has come (retries, lost jobs): the database
     # remembers them, this pass sends them.
-    scheduler.register(send_due_scores_job, queue, interval=DUE_PASS_INTERVAL_S)
+    scheduler.register(send_due_scores_job, queue, interval=DUE_PASS_INTERVAL_S, **kept)
     # Autogrades owed whose job was lost or whose worker was killed: queued again.
-    scheduler.register(requeue_owed_autogrades_job, queue, interval=REQUEUE_INTERVAL_S)
+    scheduler.register(requeue_owed_autogrades_job, queue, interval=REQUEUE_INTERVAL_S, **kept)
     try:
         scheduler.start()
     except (StopRequested, KeyboardInterrupt):  # SIGTERM/SIGINT: a stop asked for, not a crash
