@@ -271,6 +271,9 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
     rt: Runtime = request.getfixturevalue("rt")
     from provisioning.jobs import stop_all_machines
 
+    if "platform" in request.fixturenames:
+        request.getfixturevalue("platform").forget_rosters()
+
     rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")
     for key in rt.redis.scan_iter("labpool:reconcile-*"):
         rt.redis.delete(key)

@@ -65,7 +65,7 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
     assert match, student.url
     machine_id = int(match[1])
     expect(student.locator("#state")).to_have_text("waiting")  # the state in words
-    assert "JupyterLab" not in student.title()
+    assert student.locator(".jp-LabShell").count() == 0  # not in the IDE yet
 
     # The teacher opens it too: the class page lists the student, still waiting.
     launch_in_browser(
@@ -105,7 +105,8 @@ def _run_scenario(student, teacher, platform, tool, rt, errors, expect):  # type
             f"{student.locator('body').inner_text()[:500]!r}; worker: {worker_failure}"
         ) from None
     expect(student.locator(".jp-LabShell")).to_be_visible(timeout=30_000)
-    expect(student).to_have_title(re.compile("JupyterLab"))
+    # JupyterLab's tab names the activity ("<launcher or file> - <activity> · Labpool").
+    expect(student).to_have_title(re.compile("LTI 1.3 Test Activity · Labpool"))
 
     # ...and the teacher's page shows the change without anyone reloading it.
     expect(row_state).to_have_attribute("data-state", "assigned", timeout=CLASS_TIMEOUT_MS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import select
 
-from lti_tool.models import User
+from lti_tool.models import Activity, User
 from provisioning.models import HomeView
 from tests.test_class_aware import teacher_launch
 from tests.test_launch import machine_id_of
@@ -52,12 +52,9 @@ def _setup(tool, platform, rt, browser):  # type: ignore[no-untyped-def]
     activity_id = int(class_url.split("/activities/")[1].split("/")[0])
     with rt.sessions() as session:
         user_id = session.scalars(select(User.id).where(User.sub == "4")).one()
-    homes = rt.settings.data_dir / "homes"
-    home = next(homes.glob(f"course-*/user-{user_id}"), None)
-    if home is None:  # no worker ran: the machine's home is made as the backend would
-        course = next(homes.glob("course-*")) if homes.exists() else None
-        course_id = course.name.split("-")[1] if course else "1"
-        home = homes / f"course-{course_id}" / f"user-{user_id}"
+        course_id = session.get_one(Activity, activity_id).course_id
+    # Where the local backend keeps it (made here: no worker ran).
+    home = rt.settings.data_dir / "homes" / f"course-{course_id}" / f"user-{user_id}"
     shutil.rmtree(home, ignore_errors=True)  # the data folder outlives a test's database
     (home / "lab1").mkdir(parents=True)
     (home / "lab1" / "hw.ipynb").write_text(json.dumps(NOTEBOOK))

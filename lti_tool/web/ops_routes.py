@@ -131,6 +131,16 @@ def _cloud_probe(rt: Any) -> Any:
     return probe
 
 
+def _logged_path() -> str:
+    """The request's path as the access line shows it: never the query string (links and
+    tokens live there), and a route whose path carries a secret (`<token>`: a one-time
+    registration or admin link) as its rule, without the secret."""
+    rule = request.url_rule
+    if rule is not None and request.view_args and "token" in request.view_args:
+        return rule.rule
+    return request.path
+
+
 def install(app: Flask) -> None:
     """The request id and access line for every request; the launch and proxy metrics."""
 
@@ -158,7 +168,7 @@ def install(app: Flask) -> None:
             access_log.info(
                 "%s %s %s %.1fms",
                 request.method,
-                request.path,  # never the query string: links and tokens live there
+                _logged_path(),
                 response.status_code,
                 seconds * 1000,
             )

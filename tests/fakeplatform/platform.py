@@ -896,6 +896,14 @@ class FakePlatform:
                 "members": [copy.deepcopy(dict(m)) for m in members],
             }
 
+    def forget_rosters(self) -> None:
+        """No course has a roster any more (the session-wide fake between two tests: one
+        test's roster must never end another test's enrolments through a queued sync)."""
+        with self._lock:
+            self._rosters.clear()
+            self._roster_faults.clear()
+            self.roster_requests.clear()
+
     def roster(self, course_id: str | int) -> list[dict[str, Any]]:
         """A copy of the course's roster (KeyError if none was set)."""
         with self._lock:
