@@ -85,9 +85,9 @@ import requests  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from bench.launch import (  # noqa: E402
-    DEFAULT_POSTGRES,
     DEFAULT_REDIS,
     Gunicorn,
+    add_server_args,
     free_port,
     in_schema,
     percentile,
@@ -876,21 +876,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="per student, launch to ready (default: 2 × boot + 60 s)",
     )
-    parser.add_argument(
-        "--db",
-        choices=("postgres", "sqlite"),
-        default=None,
-        help="default: postgres if reachable, else sqlite",
-    )
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument(
-        "--schema",
-        default=DEFAULT_SCHEMA,
-        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
-    )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
-    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
+    add_server_args(parser, schema=DEFAULT_SCHEMA)
     parser.add_argument("--rq-workers", type=int, default=2)
     parser.add_argument(
         "--drivers",

@@ -626,6 +626,33 @@ def profile_breakdown(
 # --------------------------------------------------------------------------- the run
 
 
+def add_server_args(
+    parser: argparse.ArgumentParser,
+    *,
+    postgres: str = DEFAULT_POSTGRES,
+    schema: str = DEFAULT_SCHEMA,
+    redis: str = DEFAULT_REDIS,
+) -> None:
+    """The options every launch benchmark shares: where Labpool's database and Redis are,
+    and how gunicorn runs (bench/launch.py, bench/burst.py, bench/peers.py; each with its
+    own schema)."""
+    parser.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default=None,
+        help="Labpool's database; default: postgres if reachable, else sqlite",
+    )
+    parser.add_argument("--postgres-url", default=postgres)
+    parser.add_argument(
+        "--schema",
+        default=schema,
+        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
+    )
+    parser.add_argument("--redis-url", default=redis)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per tool")
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -635,21 +662,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny sizes, a few seconds: does the benchmark still run (CI)",
     )
-    parser.add_argument(
-        "--db",
-        choices=("postgres", "sqlite"),
-        default=None,
-        help="default: postgres if reachable, else sqlite",
-    )
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument(
-        "--schema",
-        default=DEFAULT_SCHEMA,
-        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
-    )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    add_server_args(parser)
     parser.add_argument("--clients", type=int, default=4, help="threads of the concurrent pass")
     parser.add_argument("--students", type=int, default=None)
     parser.add_argument("--sequential", type=int, default=None, help="launches per tool")

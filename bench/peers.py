@@ -78,7 +78,6 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from bench.burst import CpuMeter  # noqa: E402
 from bench.launch import (  # noqa: E402
-    DEFAULT_REDIS,
     DUMMY_ADDRESS,
     QUEUE_NAME,
     BenchError,
@@ -86,6 +85,7 @@ from bench.launch import (  # noqa: E402
     RedisCleaner,
     Sample,
     Target,
+    add_server_args,
     free_port,
     in_schema,
     labpool_env,
@@ -385,21 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny sizes, a few seconds, labpool and bare only (CI)",
     )
-    parser.add_argument(
-        "--db",
-        choices=("postgres", "sqlite"),
-        default=None,
-        help="labpool's database; default: postgres if reachable, else sqlite",
-    )
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES)
-    parser.add_argument(
-        "--schema",
-        default=DEFAULT_SCHEMA,
-        help="PostgreSQL schema the benchmark owns (dropped at start and end)",
-    )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per tool")
-    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
+    add_server_args(parser, postgres=DEFAULT_POSTGRES, schema=DEFAULT_SCHEMA)
     parser.add_argument("--reps", type=int, default=None, help="repetitions")
     parser.add_argument("--no-peers", action="store_true", help="skip JupyterHub")
     parser.add_argument("--peers-dir", type=Path, default=PEERS_DIR)
