@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -120,6 +121,9 @@ def cron() -> None:
     configure_logging(settings)
     conn = redis.Redis.from_url(settings.effective_redis_url)
     scheduler = CronScheduler(connection=conn, logging_level=_rq_log_level(settings))
+    # RQ sets the level only when its logger has no handler yet; configure_logging gave the
+    # root one, so say it here: one "Enqueued job" line per pass would fill an idle log.
+    logging.getLogger("rq.cron").setLevel(_rq_log_level(settings))
     click.echo("labpool cron: periodic passes registered")
     queue = settings.queue_name
     # Kept in Redis as the triggers' jobs are (provisioning/queue.py), not RQ's defaults: a

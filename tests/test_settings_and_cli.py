@@ -219,3 +219,33 @@ def test_an_idle_worker_does_not_fill_the_log(rt):
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines == [f"labpool worker: taking jobs from {rt.settings.queue_name!r}"], lines
     assert rt.redis.llen(f"rq:queue:{rt.settings.queue_name}") == 0  # the jobs ran
+
+
+def test_an_idle_cron_does_not_fill_the_log(rt):
+    """`labpool cron` said one "Enqueued job" line per periodic pass (every 15 s)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LABPOOL_RECONCILE_INTERVAL_S": "1"}
+    cron = subprocess.Popen(
+        [sys.executable, "-m", "lti_tool.cli", "cron"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        queue = f"rq:queue:{rt.settings.queue_name}"
+        while rt.redis.llen(queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # a few passes enqueued: the scheduler ran
+        assert rt.redis.llen(queue) >= 3
+    finally:
+        cron.send_signal(signal.SIGTERM)
+        output, _ = cron.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert not [line for line in lines if "Enqueued" in line or "Registered" in line], lines
+    assert len(lines) <= 3, lines
