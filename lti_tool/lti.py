@@ -127,6 +127,8 @@ class DatabaseToolConf(ToolConfAbstract[Any]):
         """The registered platform for (issuer, client id), or None."""
         if not isinstance(iss, str) or not (client_id is None or isinstance(client_id, str)):
             return None
+        if "\x00" in iss or (client_id and "\x00" in client_id):
+            return None  # no registration has one; PostgreSQL refuses it in a query
         if not iss.startswith("https://") and not (self._allow_http and iss.startswith("http://")):
             raise LtiException(
                 f"Issuer {iss!r} is not https; plain http platforms are accepted only while "

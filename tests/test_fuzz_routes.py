@@ -471,9 +471,13 @@ def check_answer(
     request's accepted predecessor wrote, such as a login's nonce)."""
     status = response.status_code
     body = response.get_data(as_text=True) if hasattr(response, "get_data") else response.text
-    assert status < 500, f"{where}: {status}\n{body[:1500]}"
+    # The one route where Labpool is a gateway: dynamic registration fetches the platform's
+    # configuration and posts to it; a platform that cannot be reached (a fuzzed URL) is a
+    # 502 with a page that says so, and nothing is written.
+    gateway = where.startswith("registration.register") and status == 502
+    assert status < 500 or gateway, f"{where}: {status}\n{body[:1500]}"
     assert not TRACEBACK.search(body), f"{where}: a traceback in the answer\n{body[:1500]}"
-    if not 400 <= status < 500:
+    if not (400 <= status < 500 or gateway):
         return
     if not where.startswith(tuple(BARE_4XX)):
         content_type = response.headers.get("Content-Type", "")
@@ -1082,3 +1086,21 @@ _LIVE: dict[str, Any] = {}
 
 def _live_fixtures() -> dict[str, Any]:
     return _LIVE
+
+
+def test_a_nul_in_the_login_client_id_is_refused_not_a_500(tool, platform):
+    """Found by the fuzzing on PostgreSQL (which refuses NUL in a query's text): a 500."""
+    import requests
+
+    answer = requests.post(
+        f"{tool.url}/lti/login",
+        data={
+            "iss": platform.issuer,
+            "client_id": "\x00",
+            "login_hint": "4",
+            "target_link_uri": f"{tool.url}/lti/launch",
+        },
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert answer.status_code == 400, answer.text[:300]
