@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, bindparam, select, text
+from sqlalchemy import Boolean, Integer, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -129,12 +129,20 @@ requested AS (
                         state_changed_at)
   SELECT :environment_id, :owner_id, :course_id, :backend, 'requested', :now, :now
   WHERE NOT EXISTS (SELECT 1 FROM claimed)
+    AND (:last_try OR NOT EXISTS (
+      SELECT 1 FROM machines
+      WHERE environment_id = :environment_id AND state = 'ready' AND owner_id IS NULL))
   RETURNING *)
 SELECT * FROM claimed UNION ALL SELECT * FROM requested
-""").bindparams(_NOW)
+""").bindparams(_NOW, bindparam("last_try", type_=Boolean))
     )
     .execution_options(populate_existing=True)
 )
+# Under READ COMMITTED a claim can come back empty while warm machines wait: its snapshot
+# still showed a machine a concurrent launch had just taken, whose row lock it then got
+# (EvalPlanQual sees it assigned). Such a statement requests nothing and returns no row; the
+# next try has a fresh snapshot. The last try requests a machine whatever it sees.
+CLAIM_TRIES = 5
 
 
 def claim_warm_machine(
@@ -167,10 +175,14 @@ def claim_or_request(
         "now": utcnow(),
     }
     if session.get_bind().dialect.name == "postgresql":
-        machine = session.scalars(_CLAIM_OR_REQUEST_PG, params).one()
-        return MachineChoice(
-            machine, "claimed" if machine.state is MachineState.assigned else "requested"
-        )
+        for attempt in range(CLAIM_TRIES):
+            machine = session.scalars(
+                _CLAIM_OR_REQUEST_PG, {**params, "last_try": attempt == CLAIM_TRIES - 1}
+            ).first()
+            if machine is not None:
+                how = "claimed" if machine.state is MachineState.assigned else "requested"
+                return MachineChoice(machine, how)
+        raise AssertionError("the last try always returns a machine")  # pragma: no cover
     claimed = claim_warm_machine(session, environment.id, course_id, owner_id)
     if claimed is not None:
         return MachineChoice(claimed, "claimed")
