@@ -205,6 +205,12 @@ def settings(
     if not redis_url:
         embedded = EmbeddedRedis(data_dir / "redis.sock").start()
         redis_url = embedded.url
+    else:
+        # The tests' own Redis database starts empty, as the PostgreSQL one is reset: what an
+        # earlier run left (jobs, tokens, counters) must not count against this one.
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
     env = {
         "LABPOOL_DATA_DIR": str(data_dir),
         "LABPOOL_DATABASE_URL": db_url,
