@@ -58,7 +58,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,12 +116,45 @@ def free_port() -> int:
 
 
 @dataclasses.dataclass
-class Gunicorn:
+class ServedProcess:
+    """A server the benchmark started, logging to `log`: waited for until its health URL
+    answers, read back on failure, stopped at the end."""
+
     name: str
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    health_path: ClassVar[str] = "/healthz"
 
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.name} exited:\n{self.tail()}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} did not answer {self.health_path}:\n{self.tail()}")
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 15) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclasses.dataclass
+class Gunicorn(ServedProcess):
     @classmethod
     def start(
         cls,
@@ -161,32 +194,6 @@ class Gunicorn:
                 stdin=subprocess.DEVNULL,
             )
         return cls(name, f"http://127.0.0.1:{port}", process, log)
-
-    def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"gunicorn ({self.name}) exited:\n{self.tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise BenchError(f"gunicorn ({self.name}) did not answer /healthz:\n{self.tail()}")
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def labpool_env(

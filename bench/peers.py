@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -84,6 +85,7 @@ from bench.launch import (  # noqa: E402
     Gunicorn,
     RedisCleaner,
     Sample,
+    ServedProcess,
     Target,
     add_server_args,
     free_port,
@@ -235,11 +237,9 @@ c.LTI13Authenticator.uri_scheme = "http"
 
 
 @dataclasses.dataclass
-class Hub:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
+class Hub(ServedProcess):
     db: Path
+    health_path: ClassVar[str] = "/hub/health"
 
     @classmethod
     def start(cls, peers: PeerInstall, reg: dict[str, str], data: Path) -> Hub:
@@ -267,24 +267,12 @@ class Hub:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        return cls(f"http://127.0.0.1:{port}", process, log, data / "jupyterhub.sqlite")
+        return cls(
+            "jupyterhub", f"http://127.0.0.1:{port}", process, log, data / "jupyterhub.sqlite"
+        )
 
     def wait_healthy(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"jupyterhub exited:\n{self.tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.url + "/hub/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise BenchError(f"jupyterhub did not answer /hub/health:\n{self.tail()}")
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        super().wait_healthy(timeout)
 
     def users(self) -> int:
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
@@ -296,13 +284,7 @@ class Hub:
             children = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.Error:
             children = []
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().stop(grace=20)
         for child in children:
             with contextlib.suppress(psutil.Error):
                 if child.is_running():
