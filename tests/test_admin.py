@@ -4,7 +4,6 @@ what its CLI twin writes (compared in the database after each)."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 import uuid
@@ -29,6 +28,7 @@ from provisioning.environments import add_secured_environment
 from provisioning.jobs import stop_machine_now
 from provisioning.models import Environment, Machine, MachineState, Pool
 from tests.fakeplatform import FakePlatform
+from tests.test_fleet import crt  # noqa: F401  (the fixture: the runtime on the fake cloud)
 
 S = MachineState
 ADMIN_ROLES = [
@@ -436,20 +436,6 @@ def test_a_registration_link_from_the_admin_page_is_a_working_one_time_link(tool
 # ----------------------------------------------------------------------------------------
 # Rolling a pool onto a new image: the real reconciler against the fake cloud.
 
-PROXY = "127.0.0.1/32"
-
-
-@pytest.fixture
-def crt(rt: Runtime, cloud) -> Runtime:  # type: ignore[no-untyped-def]
-    settings = dataclasses.replace(
-        rt.settings,
-        openstack_cloud="fake",
-        cloud_start_timeout_s=20,
-        orphan_grace_s=0,
-        proxy_addresses=(PROXY,),
-    )
-    return Runtime(settings=settings, sessions=rt.sessions, redis=rt.redis)
-
 
 def machines(rt: Runtime, env_id: int) -> list[tuple[int, str, int | None, str | None]]:
     with rt.sessions() as session:
@@ -483,7 +469,7 @@ def passes_until(rt: Runtime, pool_id: int, done, timeout: float = 30) -> None: 
 
 
 @pytest.mark.fake_cloud(boot_time=0.2, max_instances=20, ide="stub", enforce_security_groups=True)
-def test_a_new_image_rolls_warm_machines_now_and_a_students_when_released(tool, crt, cloud):
+def test_a_new_image_rolls_warm_machines_now_and_a_students_when_released(tool, crt, cloud):  # noqa: F811
     name, _, _ = add_secured_environment(
         crt.sessions,
         crt.settings,
