@@ -247,23 +247,28 @@ def tool(rt: Runtime, tool_server: ServedApp) -> ServedApp:
     return tool_server.start()
 
 
-@pytest.fixture(scope="session")
-def platform(tool: ServedApp, rt: Runtime) -> Iterator[FakePlatform]:
+def register_fake_platform(rt: Runtime, fake: FakePlatform) -> None:
+    """What an admin's `labpool platform add` does for this fake Moodle (or tool type)."""
     from lti_tool.registrations import register_platform
 
+    args = fake.platform_add_args()
+    with transaction(rt.sessions) as session:
+        register_platform(
+            session,
+            rt.settings,
+            issuer=args["issuer"],
+            client_id=args["client_id"],
+            deployment_ids=[args["deployment_id"]],
+            auth_url=args["auth_url"],
+            token_url=args["token_url"],
+            jwks_url=args["jwks_url"],
+        )
+
+
+@pytest.fixture(scope="session")
+def platform(tool: ServedApp, rt: Runtime) -> Iterator[FakePlatform]:
     with FakePlatform(tool_url=tool.url) as fake:
-        args = fake.platform_add_args()
-        with transaction(rt.sessions) as session:
-            register_platform(
-                session,
-                rt.settings,
-                issuer=args["issuer"],
-                client_id=args["client_id"],
-                deployment_ids=[args["deployment_id"]],
-                auth_url=args["auth_url"],
-                token_url=args["token_url"],
-                jwks_url=args["jwks_url"],
-            )
+        register_fake_platform(rt, fake)
         yield fake
 
 

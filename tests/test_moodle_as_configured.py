@@ -18,7 +18,6 @@ from config.runtime import Runtime
 from lti_tool.framing import forget_platform_origins, frame_ancestors, origin_of
 from lti_tool.models import Course, Enrolment, Launch, Platform, User
 from lti_tool.names import short_labels
-from lti_tool.registrations import register_platform
 from lti_tool.services.nrps import RosterError, sync_course
 from lti_tool.web.cookies import LabpoolCookieService
 from provisioning.backends import backend_for
@@ -26,6 +25,7 @@ from provisioning.cloud_init import cloud_config
 from provisioning.ide_config import jupyter_server_config
 from provisioning.models import Environment
 from provisioning.schedule import class_size
+from tests.conftest import register_fake_platform
 from tests.fakeplatform import (
     ROLE_INSTITUTION_ADMIN,
     ROLE_INSTRUCTOR,
@@ -43,18 +43,7 @@ def second_tool_type(tool, platform: FakePlatform, rt: Runtime) -> Iterator[Fake
     """The same Moodle site with Labpool configured a second time (own client id, type 2),
     registered in the tool; removed again afterwards (with its courses)."""
     other = platform.add_tool_type(deployment_id="2")
-    args = other.platform_add_args()
-    with transaction(rt.sessions) as session:
-        register_platform(
-            session,
-            rt.settings,
-            issuer=args["issuer"],
-            client_id=args["client_id"],
-            deployment_ids=[args["deployment_id"]],
-            auth_url=args["auth_url"],
-            token_url=args["token_url"],
-            jwks_url=args["jwks_url"],
-        )
+    register_fake_platform(rt, other)
     yield other
     with transaction(rt.sessions) as session:
         session.execute(delete(Platform).where(Platform.client_id == other.client_id))

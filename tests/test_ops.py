@@ -33,15 +33,13 @@ import requests
 import yaml
 from sqlalchemy import select
 
-from config.db import transaction
 from config.logging import JsonFormatter, redact, request_id_filter
 from config.runtime import Runtime
-from lti_tool.registrations import register_platform
 from lti_tool.web.app import create_app
 from provisioning.environments import add_secured_environment
 from provisioning.models import Environment, Machine, Pool
 from provisioning.queue import RECONCILE_JOB, enqueue
-from tests.conftest import ROOT, ide_env, passable, run_worker_burst
+from tests.conftest import ROOT, ide_env, passable, register_fake_platform, run_worker_burst
 from tests.fakeplatform import FakePlatform
 from tests.nginx import free_port
 
@@ -308,18 +306,7 @@ def test_metrics_under_gunicorn_sum_every_process_after_launches_and_a_reconcile
     try:
         _wait_for(f"{url}/healthz", timeout=90)
         with FakePlatform(tool_url=url) as moodle:
-            args = moodle.platform_add_args()
-            with transaction(rt.sessions) as session:
-                register_platform(
-                    session,
-                    rt.settings,
-                    issuer=args["issuer"],
-                    client_id=args["client_id"],
-                    deployment_ids=[args["deployment_id"]],
-                    auth_url=args["auth_url"],
-                    token_url=args["token_url"],
-                    jwks_url=args["jwks_url"],
-                )
+            register_fake_platform(rt, moodle)
             for n in range(3):
                 launched = moodle.launch(requests.Session(), url, moodle.learner(sub=f"mp-{n}"))
                 assert launched.launch_response.status_code == 303
