@@ -26,8 +26,10 @@ import os
 import stat
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 CHUNK = 1024 * 1024
 SKIPPED_FOLDERS = frozenset({".ipynb_checkpoints", "__pycache__"})  # editor and Python noise
@@ -143,25 +145,39 @@ def collect_folder(home: Path, folder: str, archive: Path, limits: Limits) -> Co
         os.close(home_fd)
     walk = _Walk(owner, limits)
     try:
-        fd = open_archive(archive)
-    except BaseException:
+        return write_archive(archive, folder, walk, lambda zf: walk.folder(top, "", 0, zf))
+    finally:
         os.close(top)
-        raise
+
+
+class Tally(Protocol):
+    """What a walk counted while filling an archive."""
+
+    files: int
+    total: int
+    skipped: list[dict[str, str]]
+
+
+def write_archive(
+    archive: Path, folder: str, walk: Tally, fill: Callable[[zipfile.ZipFile], None]
+) -> Collected:
+    """Create `archive` (O_EXCL, mode 0600), let `fill` write the zip (counting into
+    `walk`), and return what was collected. Whatever fails, no archive is left behind; a
+    folder without a file to keep is NoFolder."""
+    fd = open_archive(archive)
     try:
         with (
             os.fdopen(fd, "wb") as handle,
             zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf,
         ):
-            walk.folder(top, "", 0, zf)
+            fill(zf)
         if walk.files == 0:
             raise no_files(folder)
-        checksum = sha256_of(archive)
+        digest = sha256_of(archive)
     except BaseException:
         archive.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(top)
-    return Collected(archive, checksum, walk.files, walk.total, walk.skipped)
+    return Collected(archive, digest, walk.files, walk.total, walk.skipped)
 
 
 class _Walk:

@@ -53,13 +53,11 @@ from grading.collect_folder import (
     FolderError,
     Limits,
     NoFolder,
-    no_files,
-    open_archive,
-    sha256_of,
     too_big,
     too_deep,
     too_many,
     too_much,
+    write_archive,
     zip_entry,
 )
 from grading.release import ReleaseReport, checksum, decide, place_all
@@ -457,20 +455,7 @@ def collect_from_machine(ide: IdeContents, folder: str, archive: Path, limits: L
     if top["type"] != "directory":
         raise NoFolder(f"{folder!r} in your home is not a folder; nothing was submitted.")
     walk = _RemoteWalk(ide, limits)
-    fd = open_archive(archive)
-    try:
-        with (
-            open(fd, "wb") as handle,
-            zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf,
-        ):
-            walk.folder(folder, "", 0, zf)
-        if walk.files == 0:
-            raise no_files(folder)
-        digest = sha256_of(archive)
-    except BaseException:
-        archive.unlink(missing_ok=True)
-        raise
-    return Collected(archive, digest, walk.files, walk.total, walk.skipped)
+    return write_archive(archive, folder, walk, lambda zf: walk.folder(folder, "", 0, zf))
 
 
 class _RemoteWalk:
