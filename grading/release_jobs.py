@@ -49,7 +49,7 @@ from lti_tool.models import Activity, Enrolment
 from lti_tool.roles import is_staff
 from provisioning.backends.base import MachineSpec
 from provisioning.models import Environment, Machine, MachineState
-from provisioning.queue import job_meta
+from provisioning.queue import enqueue_in_one_trip, job_meta
 
 log = logging.getLogger(__name__)
 RELEASE_ON_LAUNCH_JOB = "grading.release_jobs.release_on_launch"
@@ -62,8 +62,15 @@ LOCK_S = 120
 def enqueue_release(rt: Runtime, func: str, *args: int | float) -> bool:
     """False (and a log line) when Redis is unreachable."""
     try:
-        Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
-            func, *args, job_timeout=900, result_ttl=60, failure_ttl=24 * 3600, meta=job_meta()
+        enqueue_in_one_trip(
+            rt.redis,
+            rt.settings.queue_name,
+            func,
+            *args,
+            job_timeout=900,
+            result_ttl=60,
+            failure_ttl=24 * 3600,
+            meta=job_meta(),
         )
         return True
     except redis.RedisError as exc:
