@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -80,6 +81,34 @@ class PlatformRow:
 
 
 @dataclass
+class CourseRow:
+    """A course as the admin picks it (`labpool courses list`, the environment's form)."""
+
+    id: int
+    issuer: str
+    context_id: str
+    title: str  # its title, else its short name, else its context id
+
+
+def course_rows(session: Session, ids: Iterable[int] | None = None) -> list[CourseRow]:
+    """Every course Labpool has seen a launch from (or those of `ids`), by platform and
+    title."""
+    from provisioning.course_access import course_title
+
+    query = (
+        select(Course, Platform.issuer)
+        .join(Platform, Platform.id == Course.platform_id)
+        .order_by(Platform.issuer, Course.title, Course.id)
+    )
+    if ids is not None:
+        query = query.where(Course.id.in_(list(ids)))
+    return [
+        CourseRow(c.id, issuer, c.context_id, course_title(c.title, c.label, c.context_id))
+        for c, issuer in session.execute(query)
+    ]
+
+
+@dataclass
 class EnvironmentRow:
     id: int
     name: str
@@ -96,6 +125,7 @@ class EnvironmentRow:
     pooled: bool
     boots_image: bool
     retired: bool = False
+    courses: list[CourseRow] | None = None  # the courses it is limited to; None: every course
 
 
 @dataclass
@@ -161,6 +191,7 @@ def overview(session: Session) -> Overview:
     """Everything the admin page shows, read in a handful of queries."""
     from grading.models import Assignment, ScoreOutbox, ScoreStatus
     from provisioning.backends import BACKENDS
+    from provisioning.course_access import courses_of
     from provisioning.models import Environment, Machine, MachineState, Pool
     from provisioning.reconcile_decisions import on_old_spec
 
@@ -180,6 +211,8 @@ def overview(session: Session) -> Overview:
         for p in session.scalars(select(Platform).order_by(Platform.issuer, Platform.id))
     ]
     environments = []
+    listed = courses_of(session, session.scalars(select(Environment.id)))
+    courses = {c.id: c for c in course_rows(session, {i for ids in listed.values() for i in ids})}
     for env in session.scalars(select(Environment).order_by(Environment.name)):
         can = BACKENDS[env.backend].capabilities if env.backend in BACKENDS else None
         environments.append(
@@ -199,6 +232,9 @@ def overview(session: Session) -> Overview:
                 bool(can and can.pooled),
                 bool(can and can.needs),
                 env.retired_at is not None,
+                [courses[i] for i in listed.get(env.id, []) if i in courses]
+                if env.limited_to_courses
+                else None,
             )
         )
     pools = []

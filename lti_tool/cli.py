@@ -304,13 +304,74 @@ def _retire(name: str, *, retired: bool) -> None:
     )
 
 
+@env.command("courses")
+@click.argument("name")
+@click.argument("course_ids", nargs=-1, type=int, metavar="[COURSE_ID]...")
+@click.option("--all", "every_course", is_flag=True, help="Open it to every course again.")
+def env_courses(name: str, course_ids: tuple[int, ...], every_course: bool) -> None:
+    """Which courses may use environment NAME: with COURSE_IDs (as `labpool courses list`
+    shows them), only those courses' teachers can pick it and only their launches start
+    machines of it (others are refused and told why; machines already handed out stay until
+    released); with --all, every course may again. Without either, say which courses may
+    use it now. The default environment stays open to every course."""
+    from provisioning.course_access import set_environment_courses
+    from provisioning.environments import EnvironmentRejected
+
+    if every_course and course_ids:
+        raise click.UsageError("give course ids or --all, not both")
+    rt = prepare(_settings())
+    if not every_course and not course_ids:
+        from lti_tool.admin import overview
+
+        with rt.sessions() as session:
+            row = next((e for e in overview(session).environments if e.name == name), None)
+        if row is None:
+            raise click.ClickException(f"no environment named {name!r}")
+        if row.courses is None:
+            click.echo(f"environment {name}: open to every course")
+        else:
+            listed = ", ".join(f"course {c.id} ({c.title})" for c in row.courses) or "none"
+            click.echo(f"environment {name}: only for {listed}")
+        return
+    try:
+        with transaction(rt.sessions) as session:
+            access = set_environment_courses(
+                session, name, None if every_course else list(course_ids)
+            )
+    except EnvironmentRejected as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(access.summary() + " (every web process within 10 s)")
+
+
+@main.group()
+def courses() -> None:
+    """Courses (LTI contexts) Labpool has seen a launch from."""
+
+
+@courses.command("list")
+def courses_list() -> None:
+    """Every course: its id (what `labpool env courses` takes), platform, context id, title."""
+    from lti_tool.admin import course_rows
+
+    rt = prepare(_settings())
+    with rt.sessions() as session:
+        rows = course_rows(session)
+    if not rows:
+        click.echo("no courses yet (a course appears at its first launch)")
+    for row in rows:
+        click.echo(f"{row.id}  {row.issuer}  context {row.context_id or '(none)'}  {row.title}")
+
+
 @env.command("list")
 def env_list() -> None:
-    """Every environment: its IDE, backend, image and flavor, and its pool."""
+    """Every environment: its IDE, backend, image and flavor, its pool, and the courses it
+    is limited to (if it is)."""
+    from provisioning.course_access import courses_of
     from provisioning.models import Environment, Pool
 
     rt = prepare(_settings())
     with rt.sessions() as session:
+        listed = courses_of(session, session.scalars(select(Environment.id)))
         for environment, pool in session.execute(
             select(Environment, Pool)
             .outerjoin(Pool, Pool.environment_id == Environment.id)
@@ -318,6 +379,9 @@ def env_list() -> None:
         ):
             line = f"{environment.name}: {environment.ide_kind.value} on {environment.backend}"
             line += " RETIRED" if environment.retired_at else ""
+            if environment.limited_to_courses:
+                ids = listed.get(environment.id, [])
+                line += f" (only courses {', '.join(map(str, ids))})" if ids else " (no course)"
             known = BACKENDS.get(environment.backend)
             if known and known.capabilities.needs:  # it boots an image
                 line += f" (image {environment.image_id}, flavor {environment.flavor_id})"

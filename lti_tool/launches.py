@@ -11,7 +11,10 @@ A deep-linked activity's launches carry the `labpool_environment` (and `labpool_
 custom parameters (LTI Core §5.4.6; LTI Deep Linking 2.0 §3.1, lti_tool/deep_linking.py):
 the activity takes them in the same statement when it has none yet (a teacher's later
 choice on the class page wins); an id that names nothing, or another course's assignment,
-is ignored and the default kept.
+is ignored and the default kept. An environment the course may not use (retired, or limited
+to other courses: provisioning.course_access) is taken all the same, so the launch is refused
+saying why (`machine_for_learner`) instead of quietly giving students another environment;
+the class page tells the teacher to pick another.
 
 Names are stored on the enrolment as this launch carries them (none clears them): what a
 teacher sees follows what the course's own registration shares now, never what another

@@ -26,16 +26,38 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config.db import UTCDateTime, utcnow
+from provisioning.course_access import may_use
 from provisioning.models import LIVE_STATES, Environment, Machine, MachineState
 
 
-class EnvironmentRetired(Exception):
+class EnvironmentUnavailable(Exception):
+    """The environment starts no new machine here; the message says what to do. `status`:
+    the HTTP answer the web edge gives."""
+
+    status = 409
+
+
+class EnvironmentRetired(EnvironmentUnavailable):
     """The environment takes no new machines; the message says what to do."""
 
     def __init__(self, name: str):
         super().__init__(
             f"The environment {name!r} has been retired by Labpool's administrator: it starts "
             "no new machines. Your teacher can pick another one on the activity's class page."
+        )
+
+
+class EnvironmentNotForCourse(EnvironmentUnavailable):
+    """An admin limited the environment to other courses (provisioning.course_access)."""
+
+    status = 403
+
+    def __init__(self, name: str):
+        super().__init__(
+            f"The environment {name!r} is not open to this course: Labpool's administrator "
+            "limited it to other courses, so it starts no new machine here. Ask your teacher "
+            "to pick another environment on the activity's class page, or Labpool's "
+            "administrator to open this one to the course."
         )
 
 
@@ -204,6 +226,8 @@ def machine_for_learner(
             return MachineChoice(existing, "reused")
         if environment.retired_at is not None:
             raise EnvironmentRetired(environment.name)
+        if environment.limited_to_courses and not may_use(session, environment, course_id):
+            raise EnvironmentNotForCourse(environment.name)
         try:
             with session.begin_nested():
                 return claim_or_request(session, environment, course_id, owner_id)

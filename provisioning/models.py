@@ -14,6 +14,7 @@ from datetime import datetime, time
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Enum,
     ForeignKey,
     Index,
@@ -100,6 +101,9 @@ class Environment(Base):
     # Set while retired: no new machine (launches say so), machines handed out run until
     # they are released, the pool keeps no warm ones. NULL: in use.
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set while an admin limits it to the courses listed in `environment_courses` (only
+    # they may pick it and start machines of it); unset: open to every course.
+    limited_to_courses: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     @property
     def limits(self) -> Limits:
@@ -110,6 +114,20 @@ class Environment(Base):
             file_size_mb=self.max_file_size_mb,
             cpu_seconds=self.cpu_seconds,
         )
+
+
+class EnvironmentCourse(Base):
+    """A course that may use an environment limited to courses (`limited_to_courses`)."""
+
+    __tablename__ = "environment_courses"
+    __table_args__ = (Index("ix_environment_courses_course", "course_id"),)
+
+    environment_id: Mapped[int] = mapped_column(
+        ForeignKey("environments.id", ondelete="CASCADE"), primary_key=True
+    )
+    course_id: Mapped[int] = mapped_column(
+        ForeignKey("courses.id", ondelete="CASCADE"), primary_key=True
+    )
 
 
 class ClassSession(Base):

@@ -21,7 +21,14 @@ from sqlalchemy import JSON, column, func, select, table
 from sqlalchemy.orm import Session
 
 from lti_tool.roles import is_staff
-from provisioning.models import LIVE_STATES, ClassSession, Machine, WarmBoost
+from provisioning.models import (
+    LIVE_STATES,
+    ClassSession,
+    Environment,
+    EnvironmentCourse,
+    Machine,
+    WarmBoost,
+)
 
 activities = table("activities", column("id"), column("course_id"), column("environment_id"))
 enrolments = table(
@@ -66,6 +73,15 @@ def scheduled_demand(session: Session, environment_id: int, now: datetime) -> tu
         .where(activities.c.environment_id == environment_id)
     ).all()
     courses = {course_id for meeting, course_id in meetings if session_is_on(meeting, now)}
+    if courses and session.get_one(Environment, environment_id).limited_to_courses:
+        # Courses the environment is not open to start no machine of it: nothing to warm.
+        courses &= set(
+            session.scalars(
+                select(EnvironmentCourse.course_id).where(
+                    EnvironmentCourse.environment_id == environment_id
+                )
+            )
+        )
     if not courses:
         return 0, False
     learners = {

@@ -48,6 +48,7 @@ POST_ROUTES = [
     "/admin/registration-link",
     "/admin/environments",
     "/admin/environments/{e}",
+    "/admin/environments/{e}/courses",
     "/admin/scores/{s}/send",
 ]
 

@@ -174,6 +174,7 @@ ROUTES: dict[str, Route] = {
     "admin.environment_form": Route(),
     "admin.edit": Route(form=("csrf", *ENV_FIELDS)),
     "admin.retire": Route(form=("csrf", "retired")),
+    "admin.environment_courses": Route(form=("csrf", "access", "course_id")),
     "admin.send_again": Route(form=("csrf",)),
     "ops.metrics_page": Route(),
     "ops.readyz": Route(),

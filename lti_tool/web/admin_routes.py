@@ -18,6 +18,7 @@ from jwks.keys import rotate_keys
 from lti_tool.admin import (
     AdminTokenRefused,
     ScoreNotResendable,
+    course_rows,
     overview,
     redeem_admin_token,
     send_failed_score_again,
@@ -35,6 +36,7 @@ from lti_tool.web.app import ROW_ID_MAX
 from lti_tool.web.auth import check_csrf, csrf_token, require_admin, runtime, sign_in_admin
 from lti_tool.web.errors import WebError
 from provisioning.backends import BACKENDS
+from provisioning.course_access import set_environment_courses
 from provisioning.environments import (
     LIMIT_FIELDS,
     EnvironmentRejected,
@@ -239,7 +241,16 @@ def environment_form(environment_id: int):  # type: ignore[no-untyped-def]
     if env is None:
         raise WebError("No such environment.", 404)
     pool = next((p for p in view.pools if p.environment == env.name), None)
-    return render_template("admin_environment.html", env=env, pool=pool, csrf=csrf_token())
+    with runtime().sessions() as session:
+        courses = course_rows(session)
+    return render_template(
+        "admin_environment.html",
+        env=env,
+        pool=pool,
+        courses=courses,
+        chosen={c.id for c in env.courses or []},
+        csrf=csrf_token(),
+    )
 
 
 @bp.post("/admin/environments/<int:environment_id>")
@@ -288,6 +299,37 @@ def retire(environment_id: int):  # type: ignore[no-untyped-def]
     except EnvironmentRejected as exc:
         raise WebError(str(exc)) from None
     flash(f"environment {name} {'retired' if retired else 'back in use'}.")
+    return _back()
+
+
+@bp.post("/admin/environments/<int:environment_id>/courses")
+def environment_courses(environment_id: int):  # type: ignore[no-untyped-def]
+    """Twin: `labpool env courses NAME --all` (access=all) and `labpool env courses NAME
+    COURSE_ID...` (access=listed, the ticked course_id boxes)."""
+    require_admin()
+    check_csrf()
+    access = request.form.get("access")
+    if access not in ("all", "listed"):
+        raise WebError("Choose “every course” or “only the courses ticked”.")
+    course_ids: list[int] | None = None
+    if access == "listed":
+        course_ids = []
+        for raw in request.form.getlist("course_id"):
+            raw = raw.strip()
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+                raise WebError(f"course id must be a course's number, not {raw[:40]!r}.")
+            course_ids.append(int(raw))
+    rt = runtime()
+    with rt.sessions() as session:
+        name = session.scalar(select(Environment.name).where(Environment.id == environment_id))
+    if name is None:
+        raise WebError("No such environment.", 404)
+    try:
+        with transaction(rt.sessions) as session:
+            result = set_environment_courses(session, name, course_ids)
+    except EnvironmentRejected as exc:
+        raise WebError(str(exc)) from None
+    flash(result.summary() + " (every web process within 10 s).")
     return _back()
 
 

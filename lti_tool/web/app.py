@@ -18,7 +18,7 @@ from lti_tool.ide_access import ide_cookies, proxy_secret
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
 from lti_tool.web.errors import WebError
-from provisioning.claiming import EnvironmentRetired
+from provisioning.claiming import EnvironmentUnavailable
 
 log = logging.getLogger(__name__)
 ROW_ID_MAX = 2**31 - 1  # every id column is an INTEGER (PostgreSQL's int4)
@@ -107,11 +107,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             return jsonify(error=exc.message), exc.status
         return render_template("error.html", title=exc.title, message=exc.message), exc.status
 
-    @app.errorhandler(EnvironmentRetired)
-    def _retired(exc: EnvironmentRetired):  # type: ignore[no-untyped-def]
-        # From any route that would start a machine (a launch, "start it again", a
-        # teacher's own machine or a reset): nothing was written (the transaction rolled back).
-        return _web_error(WebError(str(exc), 409))
+    @app.errorhandler(EnvironmentUnavailable)
+    def _unavailable(exc: EnvironmentUnavailable):  # type: ignore[no-untyped-def]
+        # Retired, or not open to the course; from any route that would start a machine (a
+        # launch, "start it again", a teacher's own machine or a reset): nothing was
+        # written (the transaction rolled back).
+        return _web_error(WebError(str(exc), exc.status))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]

@@ -9,7 +9,9 @@ the browser as form field `JWT` to the request's `deep_link_return_url`.
 
 What the teacher chose is checked here, on the server, before anything is signed: an
 environment or assignment that does not exist (or, for an assignment, belongs to another
-course) is a 400 and no response is made.
+course), or a retired environment, is a 400, an environment not open to the course
+(provisioning.course_access) a 403, and no response is made. The page lists only what the
+course may pick.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lti_tool.roles import is_staff
 from lti_tool.web.auth import check_csrf, csrf_token, current_user_id, runtime, sign_in
 from lti_tool.web.errors import Forbidden, LaunchRejected, WebError
 from lti_tool.web.rate_limits import check_rate_limit
+from provisioning.course_access import environments_for_course, may_use
 from provisioning.models import Environment
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ def selection_page(token: str):  # type: ignore[no-untyped-def]
     rt = runtime()
     with rt.sessions() as session:
         course = session.get_one(Course, pending.course_id)
-        environments = session.scalars(select(Environment).order_by(Environment.name)).all()
+        environments = environments_for_course(session, pending.course_id)
         assignments = _course_assignments(session, pending.course_id)
         # Where a teacher creates an assignment: the class page of an activity of this course.
         class_activity = session.scalars(
@@ -163,6 +166,16 @@ def choose(token: str):  # type: ignore[no-untyped-def]
         environment = session.get(Environment, _int_field(form, "environment_id"))
         if environment is None:
             raise WebError("That environment does not exist; choose one from the list.")
+        if environment.retired_at is not None:
+            raise WebError(
+                f"The environment {environment.name!r} is retired; choose one from the list."
+            )
+        if not may_use(session, environment, pending.course_id):
+            raise WebError(
+                f"The environment {environment.name!r} is not open to this course (Labpool's "
+                "administrator decides which courses may use it); choose one from the list.",
+                403,
+            )
         assignment = None
         raw_assignment = form.get("assignment_id", "").strip()
         if raw_assignment:

@@ -21,6 +21,7 @@ from lti_tool.web.errors import WebError
 from lti_tool.web.rate_limits import check_rate_limit
 from provisioning.activity import idle_among
 from provisioning.claiming import machine_for_learner
+from provisioning.course_access import may_use
 from provisioning.models import (
     LIVE_STATES,
     ClassSession,
@@ -76,6 +77,12 @@ def choose_environment(activity_id: int):  # type: ignore[no-untyped-def]
             raise WebError("That environment does not exist.")
         if chosen.retired_at is not None:
             raise WebError(f"The environment {chosen.name!r} is retired: pick another one.")
+        if not may_use(session, chosen, activity.course_id):
+            raise WebError(
+                f"The environment {chosen.name!r} is not open to this course (Labpool's "
+                "administrator decides which courses may use it): pick another one.",
+                403,
+            )
         activity.environment_id = env_id
     pool_id = pool_of(rt, env_id)
     if pool_id is not None:
@@ -93,6 +100,14 @@ def warm_now(activity_id: int):  # type: ignore[no-untyped-def]
     with transaction(rt.sessions) as session:
         activity = taught_activity(session, activity_id)
         environment = environment_of(session, activity.id)
+        if environment.retired_at is not None or not may_use(
+            session, environment, activity.course_id
+        ):
+            raise WebError(
+                f"The environment {environment.name!r} starts no new machine in this course: "
+                "pick another one first.",
+                409,
+            )
         pool = session.scalars(select(Pool).where(Pool.environment_id == environment.id)).first()
         if pool is None:
             raise WebError(

@@ -24,6 +24,7 @@ from lti_tool.roles import is_staff
 from lti_tool.web.auth import csrf_token, current_user_id, runtime, taught_activity
 from provisioning.activity import last_activity
 from provisioning.backends import capabilities
+from provisioning.course_access import environments_for_course, may_use
 from provisioning.models import (
     LIVE_STATES,
     ClassSession,
@@ -283,11 +284,17 @@ def class_page(activity_id: int):  # type: ignore[no-untyped-def]
             isolation_problems=host_isolation().problems
             if capabilities(environment.backend).on_host
             else [],
-            environments=session.scalars(
-                select(Environment)
-                .where(Environment.retired_at.is_(None) | (Environment.id == environment.id))
-                .order_by(Environment.name)
-            ).all(),
+            # What the course may pick (in use, open to it), and the current one whatever it
+            # is now: the page says when it starts no new machine.
+            environments=sorted(
+                {
+                    *environments_for_course(session, activity.course_id),
+                    environment,
+                },
+                key=lambda env: env.name,
+            ),
+            environment_unusable=environment.retired_at is not None
+            or not may_use(session, environment, activity.course_id),
             view=class_view(session, activity),
             assignments=activity_assignments(session, activity.id),
             weekdays=WEEKDAYS,
