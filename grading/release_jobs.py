@@ -35,7 +35,7 @@ from pathlib import Path
 
 import redis
 from rq import Queue
-from sqlalchemy import bindparam, exists, or_, select
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from config.db import transaction, utcnow
@@ -44,7 +44,7 @@ from grading.assignment_files import read_folder
 from grading.contents_api import CloudHome, ContentsError, cloud_home, release_to_machine
 from grading.models import Assignment, AssignmentRelease
 from grading.release import ReleaseError, ReleaseReport, release_files
-from lti_tool.launches import default_environment
+from lti_tool.launches import RELEASE_OWED_SQL, default_environment
 from lti_tool.models import Activity, Enrolment
 from lti_tool.roles import is_staff
 from provisioning.backends.base import MachineSpec
@@ -97,26 +97,12 @@ def delivered_assignments(session: Session, activity: Activity) -> list[Assignme
     )
 
 
-# `delivered_assignments`'s rule as one EXISTS, built once: it runs inside every learner's
-# launch.
-_RELEASE_OWED = select(
-    exists().where(
-        or_(
-            Assignment.activity_id == bindparam("activity_id"),
-            Assignment.id
-            == select(Activity.assignment_id)
-            .where(Activity.id == bindparam("activity_id"))
-            .scalar_subquery(),
-        ),
-        Assignment.published_at.is_not(None),
-        Assignment.release_path.is_not(None),
-    )
-)
+_RELEASE_OWED = text(f"SELECT {RELEASE_OWED_SQL}")
 
 
 def release_owed(session: Session, activity_id: int) -> bool:
-    """Whether a launch of the activity has published assignments to release (one query; the
-    launch asks inside its own transaction)."""
+    """Whether a launch of the activity has published assignments to release (one query; a
+    launch has the answer from its own INSERT, `LaunchOutcome.release_owed`)."""
     return bool(session.scalar(_RELEASE_OWED, {"activity_id": activity_id}))
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Integer, bindparam, func, insert, select, text
+from sqlalchemy import JSON, Integer, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from config.db import UTCDateTime, upsert, utcnow
@@ -58,6 +58,7 @@ class LaunchOutcome:
     staff: bool
     machine: Machine | None
     how: str | None  # reused | claimed | requested (learners only)
+    release_owed: bool = False  # a learner's launch of an activity with published assignments
 
 
 ID_MAX = 255  # the id columns' length (OIDC's `sub`, LTI's context and resource link ids)
@@ -159,7 +160,7 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
     if not staff:
         environment = cached_environment(session, environment_id)
         choice = machine_for_learner(session, environment, course_id, user_id, activity_id)
-    session.execute(
+    owed = session.execute(
         _INSERT_LAUNCH,
         {
             "user_id": user_id,
@@ -168,7 +169,7 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
             "at": now,
             "machine_id": choice.machine.id if choice else None,
         },
-    )
+    ).scalar_one()
     return LaunchOutcome(
         user_id=user_id,
         course_id=course_id,
@@ -176,13 +177,28 @@ def record_launch(session: Session, platform_id: int, claims: Mapping[str, Any])
         staff=staff,
         machine=choice.machine if choice else None,
         how=choice.how if choice else None,
+        release_owed=bool(owed) and not staff,
     )
 
 
-# Built once (a statement constructed per launch costs more Python than its round trip); on
-# the table, not the entity: a plain INSERT, not the ORM's bulk path.
-_INSERT_LAUNCH = insert(Launch.__table__).values(
-    {name: bindparam(name) for name in ("user_id", "activity_id", "roles", "at", "machine_id")}
+# Does a launch of the activity owe its student a release (grading.release_jobs)? Its published
+# assignments and the one a deep link attached to it (`delivered_assignments`'s rule), as one
+# EXISTS: asked by the launch row's INSERT (no round trip of its own) and by `release_owed`.
+RELEASE_OWED_SQL = """EXISTS (
+  SELECT 1 FROM assignments s
+  WHERE (s.activity_id = :activity_id
+         OR s.id = (SELECT assignment_id FROM activities WHERE id = :activity_id))
+    AND s.published_at IS NOT NULL AND s.release_path IS NOT NULL)"""
+
+# Written once as SQL: a Core statement, even built once, is cache-keyed at every execution.
+_INSERT_LAUNCH = text(f"""
+INSERT INTO launches (user_id, activity_id, roles, at, machine_id)
+VALUES (:user_id, :activity_id, :roles, :at, :machine_id)
+RETURNING {RELEASE_OWED_SQL}
+""").bindparams(
+    bindparam("roles", type_=JSON),
+    bindparam("at", type_=UTCDateTime),
+    bindparam("machine_id", type_=Integer),
 )
 
 

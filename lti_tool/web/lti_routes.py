@@ -16,7 +16,7 @@ from pylti1p3.exception import LtiException, OIDCException
 from sqlalchemy.exc import IntegrityError
 
 from config.db import transaction
-from grading.release_jobs import RELEASE_ON_LAUNCH_JOB, enqueue_release, release_owed
+from grading.release_jobs import RELEASE_ON_LAUNCH_JOB, enqueue_release
 from jwks.keys import published_jwks
 from lti_tool.launches import NRPS_CLAIM, MalformedClaims, claim_roles, record_launch
 from lti_tool.lti import DatabaseToolConf, RedisLaunchDataStorage, is_url_of_tool
@@ -105,9 +105,6 @@ def launch():  # type: ignore[no-untyped-def]
     try:
         with transaction(rt.sessions) as session:
             outcome = record_launch(session, platform.id, claims)
-            # Asked here rather than in a session of its own after the commit: one checkout
-            # less on the hot path, the same answer (the launch writes no assignment).
-            owed = not outcome.staff and release_owed(session, outcome.activity_id)
     except MalformedClaims as exc:  # the transaction rolled back: nothing was written
         raise LaunchRejected(str(exc)) from None
     except IntegrityError:
@@ -133,7 +130,7 @@ def launch():  # type: ignore[no-untyped-def]
     machine_wanted(rt, outcome.machine, outcome.how)
     # The activity's published assignments go into the home from the worker, once the
     # machine is handed over (grading.release_jobs): the launch itself only enqueues.
-    if owed:
+    if outcome.release_owed:
         enqueue_release(rt, RELEASE_ON_LAUNCH_JOB, outcome.activity_id, outcome.user_id)
     return redirect(url_for("machines.status_page", machine_id=outcome.machine.id), 303)
 
