@@ -160,10 +160,11 @@ SELECT * FROM claimed UNION ALL SELECT * FROM requested
     )
     .execution_options(populate_existing=True)
 )
-# Under READ COMMITTED a claim can come back empty while warm machines wait: its snapshot
-# still showed a machine a concurrent launch had just taken, whose row lock it then got
-# (EvalPlanQual sees it assigned). Such a statement requests nothing and returns no row; the
-# next try has a fresh snapshot. The last try requests a machine whatever it sees.
+# A try comes back empty when every ready machine it sees is locked by a concurrent
+# transaction (SKIP LOCKED passes over it, NOT EXISTS still sees it ready): a launch about to
+# take it, or one that may yet roll back. The next try looks again; the last try requests a
+# machine whatever it sees. (A machine taken and committed since the statement's snapshot is
+# no reason: PostgreSQL rechecks the row it locks, finds it assigned and takes the next one.)
 CLAIM_TRIES = 5
 
 

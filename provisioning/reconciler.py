@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from config.db import transaction, utcnow
 from config.runtime import Runtime
@@ -298,8 +299,15 @@ def _top_up_warm(
 ) -> int:
     """Add `requested` warm machines up to the target (within max_size), or stop surplus
     ready ones. The target is the largest of the pool's floor, what the classes in session
-    want and the teachers' unexpired "warm now" boosts. Returns how many were requested."""
+    want and the teachers' unexpired "warm now" boosts. Returns how many were requested.
+
+    The students still waiting and the warm machines are read in one snapshot: each read on
+    its own snapshot (READ COMMITTED) counted a student whose launch committed in between as
+    waiting and their machine as taken, requested one machine too many, and the next pass
+    stopped a ready one as surplus while the class was still launching. The writes follow in
+    a transaction of their own, conditional on what a launch may have claimed meanwhile."""
     with transaction(rt.sessions) as session:
+        _one_snapshot(session)
         demand, in_session = scheduled_demand(session, env.id, clock)
         boost = boosted_target(session, env.id, clock)
         counts = dict(
@@ -334,15 +342,8 @@ def _top_up_warm(
             ready=counts.get(S.ready, 0),
             total=total,
         )
-        report.target = change.target
-        report.notes.extend(change.notes)
-        if change.add:
-            session.add_all(
-                Machine(environment_id=env.id, backend=env.backend, state=S.requested)
-                for _ in range(change.add)
-            )
-        if change.stop > 0:
-            ids = session.scalars(
+        surplus = (
+            session.scalars(
                 select(Machine.id)
                 .where(
                     Machine.environment_id == env.id,
@@ -352,14 +353,39 @@ def _top_up_warm(
                 .order_by(Machine.id.desc())
                 .limit(change.stop)
             ).all()
-            # Conditional: a launch may claim one of them this very moment.
-            session.execute(
-                update(Machine)
-                .where(Machine.id.in_(ids), Machine.state == S.ready, Machine.owner_id.is_(None))
-                .values(state=S.stopping, state_changed_at=utcnow())
-                .execution_options(synchronize_session=False)
+            if change.stop > 0
+            else []
+        )
+    report.target = change.target
+    report.notes.extend(change.notes)
+    if change.add or surplus:
+        with transaction(rt.sessions) as session:
+            session.add_all(
+                Machine(environment_id=env.id, backend=env.backend, state=S.requested)
+                for _ in range(change.add)
             )
-        return change.add
+            if surplus:
+                # Conditional: a launch may claim one of them this very moment.
+                session.execute(
+                    update(Machine)
+                    .where(
+                        Machine.id.in_(surplus),
+                        Machine.state == S.ready,
+                        Machine.owner_id.is_(None),
+                    )
+                    .values(state=S.stopping, state_changed_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+    return change.add
+
+
+def _one_snapshot(session: Session) -> None:
+    """Let every read of the session's transaction see one snapshot: REPEATABLE READ on
+    PostgreSQL (its writes would fail on a row changed since, instead of skipping it: keep
+    them to a later transaction). SQLite's BEGIN IMMEDIATE already lets no one commit
+    meanwhile. Call it before the transaction's first statement."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
 def _create_requested(
