@@ -475,6 +475,8 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
             bare_url,
             timer,
         )
+        gc.collect()
+        gc.freeze()  # as lti_tool.gunicorn_conf does in each worker once the app is loaded
         engine = rt.sessions.kw["bind"]
         counters = Counters(engine)
         try:

@@ -5,6 +5,7 @@ prometheus_client when a worker dies. Command-line flags still win over these.""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from config.settings import load_settings
@@ -24,6 +25,14 @@ max_requests = 5000
 max_requests_jitter = 500
 timeout = 60
 graceful_timeout = 30
+
+
+def post_worker_init(_worker: Any) -> None:
+    """The app and its libraries, loaded by now, live as long as the worker: frozen, the
+    garbage collector stops walking them in every full collection (0.6 ms of a launch's CPU
+    before, 0.02 after: bench/launch_profile.py's "garbage collector" row)."""
+    gc.collect()
+    gc.freeze()
 
 
 def child_exit(_server: Any, worker: Any) -> None:
