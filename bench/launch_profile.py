@@ -198,7 +198,7 @@ def phase_patches(timer: PhaseTimer) -> list[Any]:
         mock.patch.object(
             routes, "transaction", timer.wrap_cm("DB: begin/commit", routes.transaction)
         ),
-        mock.patch.object(launches, "_upsert_context", w("DB: upserts", launches._upsert_context)),
+        mock.patch.object(launches, "upsert_context", w("DB: upserts", launches.upsert_context)),
         mock.patch.object(
             launches,
             "cached_environment",

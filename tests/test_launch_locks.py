@@ -1,7 +1,7 @@
 """Launches of one class do not queue behind each other on the course and activity rows.
 
 On PostgreSQL a launch's course and activity come from one statement
-(`lti_tool.launches._CONTEXT_UPSERT_PG`) that writes, and so locks until the launch commits,
+(`lti_tool.launch_context._CONTEXT_UPSERT_PG`) that writes, and so locks until the launch commits,
 a course or activity row only when the launch changes it: `INSERT … ON CONFLICT DO UPDATE`
 locked both rows at every launch, and a class of 300 clicking at once was served one student
 at a time. The tests that need two transactions at once run on PostgreSQL only (SQLite
@@ -23,9 +23,11 @@ from sqlalchemy.exc import OperationalError
 
 from config.db import transaction
 from grading.models import Assignment
+from lti_tool import launch_context
 from lti_tool.launches import AGS_CLAIM, LaunchOutcome, record_launch
 from lti_tool.models import Activity, Course, Enrolment, Platform
 from provisioning.models import Environment, Machine
+from tests.conftest import count_rows
 
 postgres_only = pytest.mark.skipif(
     not os.environ.get("LABPOOL_TEST_DATABASE_URL"),
@@ -282,3 +284,18 @@ def test_a_deep_links_assignment_is_taken_only_from_the_same_course(
     assert _activity(rt, "lab-2").assignment_id == ours_id
     launch("lab-3", ours_id)
     assert _activity(rt, "lab-3").assignment_id == ours_id
+
+
+@postgres_only
+def test_a_launch_whose_course_cannot_be_settled_is_told_to_try_again_and_writes_nothing(
+    tool, platform, rt, browser, monkeypatch
+):  # type: ignore[no-untyped-def]
+    # As if every attempt had lost the race for a brand-new course to another first launch.
+    monkeypatch.setattr(launch_context, "CONTEXT_ATTEMPTS", 0)
+    before = count_rows(rt)
+    answer = platform.launch(
+        browser, tool.url, platform.learner(sub="late", context_id="brand-new")
+    ).launch_response
+    assert answer.status_code == 503, answer.text
+    assert "for the first time at once" in answer.text
+    assert count_rows(rt) == before

@@ -15,6 +15,7 @@ from config.runtime import runtime_for
 from config.settings import Settings, load_settings
 from lti_tool.framing import origin_of
 from lti_tool.ide_access import ide_cookies, proxy_secret
+from lti_tool.launch_context import ContextNotSettled
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
 from lti_tool.web.errors import WebError
@@ -113,6 +114,19 @@ def create_app(settings: Settings | None = None) -> Flask:
         # launch, "start it again", a teacher's own machine or a reset): nothing was
         # written (the transaction rolled back).
         return _web_error(WebError(str(exc), exc.status))
+
+    @app.errorhandler(ContextNotSettled)
+    def _not_settled(exc: ContextNotSettled):  # type: ignore[no-untyped-def]
+        # Concurrent first launches of a new course kept winning its insert: nothing was
+        # written; the same launch again settles it.
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return _web_error(
+            WebError(
+                "Many people are opening this activity for the first time at once. Please open "
+                "it again from the course page in a moment.",
+                503,
+            )
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
