@@ -94,7 +94,10 @@ class PlatformConfiguration:
 
 def _http_url(label: str, value: Any, allow_http: bool) -> str:
     schemes = ("https", "http") if allow_http else ("https",)
-    parts = urlsplit(value) if isinstance(value, str) else None
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:  # e.g. "https://[::1": an unclosed IPv6 address
+        parts = None
     if parts is None or parts.scheme not in schemes or not parts.netloc or parts.fragment:
         need = "an http(s)" if allow_http else "an https"
         raise DynamicRegistrationError(f"The platform's {label} must be {need} URL, got {value!r}.")

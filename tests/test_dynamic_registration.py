@@ -182,6 +182,19 @@ def test_issuer_of_another_site_is_refused_and_nothing_is_stored(tool, rt, moodl
     assert platforms_of(rt, moodle.issuer) == [(moodle.client_id, [moodle.deployment_id])]
 
 
+@pytest.mark.parametrize("url", ["https://[::1", "ftp://moodle/x", "https://moodle#x"])
+def test_a_configuration_url_that_is_no_url_is_refused_and_nothing_is_stored(
+    tool, rt, browser, url
+):  # type: ignore[no-untyped-def]
+    """Found by the route fuzzing: "https://[::1" made urlsplit raise (a 500)."""
+    before = platform_count(rt)
+    link = new_link()
+    page = browser.get(link, params={"openid_configuration": url, "registration_token": "t"})
+    assert page.status_code == 400, page.text[:500]
+    assert "must be an https URL" in page.text or "must be an http(s) URL" in page.text
+    assert platform_count(rt) == before
+
+
 def test_registration_endpoint_that_fails_stores_nothing(tool, rt, moodle, browser):
     before = platform_count(rt)
     link = new_link()
