@@ -155,7 +155,8 @@ def test_an_administrator_launch_opens_the_admin_page(tool, platform, rt):
     assert again.get(f"{tool.url}/admin").status_code == 403
 
 
-def test_the_admin_token_opens_once_and_expired_or_forged_ones_are_refused(tool, rt):
+def test_the_admin_token_opens_once_and_expired_or_forged_ones_are_refused(tool, rt, caplog):
+    caplog.set_level("INFO")
     admin = admin_browser(tool)
     assert admin.get(f"{tool.url}/admin").status_code == 200
 
@@ -181,6 +182,10 @@ def test_the_admin_token_opens_once_and_expired_or_forged_ones_are_refused(tool,
 
     too_long = CliRunner().invoke(main, ["admin-token", "--expires", "30d"])
     assert too_long.exit_code != 0 and "7 days" in too_long.output
+    # Refused links are logged by their route, never with the token (was: the refusal's line).
+    assert "/admin/token/<token>" in caplog.text
+    for token in (fresh, expired, forged, tampered):
+        assert token not in caplog.text
 
 
 def test_every_post_needs_the_sessions_csrf_token(tool, platform, rt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import requests
 from flask import Flask, jsonify, render_template, request
@@ -19,6 +20,7 @@ from lti_tool.launch_context import ContextNotSettled
 from lti_tool.launches import LAUNCH_SESSION_S
 from lti_tool.lti import PlatformKeys, RegistrationCache
 from lti_tool.web.errors import WebError
+from lti_tool.web.ops_routes import logged_path
 from provisioning.claiming import EnvironmentUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,16 @@ class RowIdConverter(IntegerConverter):
         super().__init__(map, fixed_digits, min, max, signed)
 
 
+class _Flask(Flask):
+    def log_exception(self, exc_info: Any) -> None:
+        # Flask's own line names `request.path`, which carries a one-time link's token.
+        self.logger.error("Exception on %s [%s]", logged_path(), request.method, exc_info=exc_info)
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
-    app = Flask(__name__)
+    app = _Flask(__name__)
     app.url_map.converters["int"] = RowIdConverter  # before any route is added
     secure = settings.is_production
     app.config.update(
@@ -103,7 +111,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(WebError)
     def _web_error(exc: WebError):  # type: ignore[no-untyped-def]
-        log.info("%s %s refused (%s): %s", request.method, request.path, exc.status, exc.message)
+        log.info("%s %s refused (%s): %s", request.method, logged_path(), exc.status, exc.message)
         if request.accept_mimetypes.best == "application/json":
             return jsonify(error=exc.message), exc.status
         return render_template("error.html", title=exc.title, message=exc.message), exc.status
@@ -119,7 +127,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _not_settled(exc: ContextNotSettled):  # type: ignore[no-untyped-def]
         # Concurrent first launches of a new course kept winning its insert: nothing was
         # written; the same launch again settles it.
-        log.warning("%s %s: %s", request.method, request.path, exc)
+        log.warning("%s %s: %s", request.method, logged_path(), exc)
         return _web_error(
             WebError(
                 "Many people are opening this activity for the first time at once. Please open "

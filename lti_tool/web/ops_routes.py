@@ -131,8 +131,8 @@ def _cloud_probe(rt: Any) -> Any:
     return probe
 
 
-def _logged_path() -> str:
-    """The request's path as the access line shows it: never the query string (links and
+def logged_path() -> str:
+    """The request's path as every log line shows it: never the query string (links and
     tokens live there), and a route whose path carries a secret (`<token>`: a one-time
     registration or admin link) as its rule, without the secret."""
     rule = request.url_rule
@@ -168,7 +168,7 @@ def install(app: Flask) -> None:
             access_log.info(
                 "%s %s %s %.1fms",
                 request.method,
-                _logged_path(),
+                logged_path(),
                 response.status_code,
                 seconds * 1000,
             )

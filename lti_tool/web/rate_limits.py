@@ -29,6 +29,7 @@ import redis
 from flask import Response, jsonify, render_template, request
 
 from lti_tool.web.auth import runtime
+from lti_tool.web.ops_routes import logged_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def check_rate_limit(group: str, setting: str) -> Response | None:
     log.info(
         "rate limit: %s %s from %s refused (more than %s in %s s)",
         request.method,
-        request.path,
+        logged_path(),
         client,
         limit,
         window_s,
