@@ -27,6 +27,14 @@ from typing import Any
 
 import pytest
 import requests
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
 from sqlalchemy import create_engine, text
 
 from config.db import transaction
@@ -37,6 +45,14 @@ from tests.fakecloud import FakeCloud
 from tests.fakeplatform import FakePlatform, ServedApp
 from tests.nginx import nginx_binary
 
+RQ_REGISTRIES = (
+    StartedJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    DeferredJobRegistry,
+    ScheduledJobRegistry,
+    CanceledJobRegistry,
+)
 TABLES_CLEARED_BETWEEN_TESTS = (
     "launches",
     "machines",
@@ -285,7 +301,13 @@ def _clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
     if "platform" in request.fixturenames:
         request.getfixturevalue("platform").forget_rosters()
 
-    rt.redis.delete(f"rq:queue:{rt.settings.queue_name}")
+    # The queue and its registries: a job a test's worker was running when it was stopped
+    # or killed stays "started" until its timeout, and would be the next test's.
+    for queue in (rt.settings.queue_name, f"{rt.settings.queue_name}-grading"):
+        rt.redis.delete(
+            f"rq:queue:{queue}",
+            *(registry(queue, connection=rt.redis).key for registry in RQ_REGISTRIES),
+        )
     for key in rt.redis.scan_iter("labpool:reconcile-*"):
         rt.redis.delete(key)
     stop_all_machines(rt)

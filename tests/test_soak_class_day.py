@@ -474,7 +474,12 @@ def test_a_class_day_compressed(crt, tool, platform, cloud, tmp_path):  # type: 
                 and StartedJobRegistry(queue, connection=rt.redis).count == 0
             )
 
-        wait_for("RQ's queue drained", rq_quiet, 60, procs)
+        try:
+            wait_for("RQ's queue drained", rq_quiet, 60, procs)
+        except AssertionError as exc:
+            started = StartedJobRegistry(queue, connection=rt.redis).get_job_ids()
+            queued = rt.redis.lrange(f"rq:queue:{queue}", 0, 20)
+            raise AssertionError(f"still queued {queued}, started {started}; {exc}") from None
         sample("day over")
     finally:
         procs.stop_all()
