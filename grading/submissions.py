@@ -41,7 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
-from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -57,7 +56,7 @@ from lti_tool.roles import is_staff
 from provisioning.backends import capabilities
 from provisioning.backends.base import MachineSpec
 from provisioning.backends.local import LocalBackend
-from provisioning.queue import job_meta
+from provisioning.queue import enqueue_in_one_trip, job_meta
 
 log = logging.getLogger(__name__)
 
@@ -329,11 +328,14 @@ def start_submission(rt: Runtime, assignment_id: int, user_id: int) -> bool:
         {"state": "collecting", "text": "Collecting your folder…", "since": time.time()},
     )
     try:
-        Queue(rt.settings.queue_name, connection=rt.redis).enqueue(
+        enqueue_in_one_trip(
+            rt.redis,
+            rt.settings.queue_name,
             SUBMIT_JOB,
             assignment_id,
             user_id,
             job_timeout=LOCK_S,
+            result_ttl=60,  # as every other job: RQ's default keeps a done job 500 s
             failure_ttl=24 * 3600,
             meta=job_meta(),
         )
