@@ -76,6 +76,7 @@ from tests.fakeplatform import (  # noqa: E402
     FakePlatformError,
     ServedApp,
     foreign_private_key,
+    register_fake_platform,
 )
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -735,7 +736,6 @@ def _run(
     from bench import bare_tool
     from config.db import transaction
     from config.settings import load_settings
-    from lti_tool.registrations import register_platform
     from lti_tool.startup import prepare
 
     setup_started = time.perf_counter()
@@ -750,18 +750,7 @@ def _run(
     rt = prepare(settings)
 
     with FakePlatform(tool_url=settings.public_url) as platform:
-        reg = platform.platform_add_args()
-        with transaction(rt.sessions) as session:
-            register_platform(
-                session,
-                settings,
-                issuer=reg["issuer"],
-                client_id=reg["client_id"],
-                deployment_ids=[reg["deployment_id"]],
-                auth_url=reg["auth_url"],
-                token_url=reg["token_url"],
-                jwks_url=reg["jwks_url"],
-            )
+        reg = register_fake_platform(rt, platform)
         bare_conf = {
             **reg,
             "public_url": f"http://127.0.0.1:{bare_port}",

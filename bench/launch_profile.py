@@ -81,7 +81,12 @@ from bench.launch import (  # noqa: E402
     size_mode,
     table,
 )
-from tests.fakeplatform import TARGET_LINK_URI, FakePlatform, FakePlatformError  # noqa: E402
+from tests.fakeplatform import (  # noqa: E402
+    TARGET_LINK_URI,
+    FakePlatform,
+    FakePlatformError,
+    register_fake_platform,
+)
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/labpool_bench"
 DEFAULT_SCHEMA = "labpool_bench_profile"
@@ -426,7 +431,6 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     from bench import bare_tool
     from config.db import transaction
     from config.settings import load_settings
-    from lti_tool.registrations import register_platform
     from lti_tool.startup import prepare
     from lti_tool.web.app import create_app
 
@@ -452,18 +456,7 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     counts: dict[str, tuple[float, float]] = {}
 
     with FakePlatform(tool_url=settings.public_url) as platform:
-        reg = platform.platform_add_args()
-        with transaction(rt.sessions) as session:
-            register_platform(
-                session,
-                settings,
-                issuer=reg["issuer"],
-                client_id=reg["client_id"],
-                deployment_ids=[reg["deployment_id"]],
-                auth_url=reg["auth_url"],
-                token_url=reg["token_url"],
-                jwks_url=reg["jwks_url"],
-            )
+        reg = register_fake_platform(rt, platform)
         bare_url = f"http://127.0.0.1:{free_port()}"
         platform.register_tool(
             settings.public_url, [settings.url("/lti/launch"), bare_url + "/lti/launch"]

@@ -104,6 +104,7 @@ from tests.fakeplatform import (  # noqa: E402
     FakePlatform,
     FakePlatformError,
     foreign_private_key,
+    register_fake_platform,
 )
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/labpool_bench"
@@ -443,7 +444,6 @@ def _run(args: argparse.Namespace, data_dir: Path, servers: list[Gunicorn], hubs
     from bench import bare_tool
     from config.db import transaction
     from config.settings import load_settings
-    from lti_tool.registrations import register_platform
     from lti_tool.startup import prepare
 
     mode = size_mode(args)
@@ -478,18 +478,7 @@ def _run(args: argparse.Namespace, data_dir: Path, servers: list[Gunicorn], hubs
     with FakePlatform(tool_url=settings.public_url) as platform, FakePlatform() as hub_platform:
         # The hub's login initiation URL is not the fake's `/lti/login`.
         hub_platform.LOGIN_PATH = HUB_LOGIN_PATH
-        reg = platform.platform_add_args()
-        with transaction(rt.sessions) as session:
-            register_platform(
-                session,
-                settings,
-                issuer=reg["issuer"],
-                client_id=reg["client_id"],
-                deployment_ids=[reg["deployment_id"]],
-                auth_url=reg["auth_url"],
-                token_url=reg["token_url"],
-                jwks_url=reg["jwks_url"],
-            )
+        reg = register_fake_platform(rt, platform)
         bare_url = f"http://127.0.0.1:{bare_port}"
         bare_conf = {**reg, "public_url": bare_url, "redis_url": args.redis_url}
         platform.register_tool(

@@ -42,7 +42,7 @@ from config.redis import EmbeddedRedis
 from config.runtime import Runtime
 from config.settings import Settings, load_settings
 from tests.fakecloud import FakeCloud
-from tests.fakeplatform import FakePlatform, ServedApp
+from tests.fakeplatform import FakePlatform, ServedApp, register_fake_platform
 from tests.nginx import nginx_binary
 
 RQ_REGISTRIES = (
@@ -261,24 +261,6 @@ def tool(rt: Runtime, tool_server: ServedApp) -> ServedApp:
 
     tool_server.holder.app = create_app(rt.settings)  # type: ignore[attr-defined]
     return tool_server.start()
-
-
-def register_fake_platform(rt: Runtime, fake: FakePlatform) -> None:
-    """What an admin's `labpool platform add` does for this fake Moodle (or tool type)."""
-    from lti_tool.registrations import register_platform
-
-    args = fake.platform_add_args()
-    with transaction(rt.sessions) as session:
-        register_platform(
-            session,
-            rt.settings,
-            issuer=args["issuer"],
-            client_id=args["client_id"],
-            deployment_ids=[args["deployment_id"]],
-            auth_url=args["auth_url"],
-            token_url=args["token_url"],
-            jwks_url=args["jwks_url"],
-        )
 
 
 @pytest.fixture(scope="session")

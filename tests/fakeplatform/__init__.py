@@ -65,6 +65,8 @@ Moodle launches and the claims builder behind ``learner()``/``instructor()``/``d
 import FakePlatform, ServedApp``.
 """
 
+from typing import Any
+
 from .claims import (
     ACCESS_TOKEN_LIFETIME,
     AGS,
@@ -151,8 +153,30 @@ __all__ = [
     "jwk_thumbprint",
     "load_fixture",
     "parse_auto_submit_form",
+    "register_fake_platform",
     "tool_public_jwk",
     "without_email",
     "without_name",
     "without_personal_data",
 ]
+
+
+def register_fake_platform(rt: Any, fake: FakePlatform) -> dict[str, str]:
+    """What an admin's `labpool platform add` does for this fake Moodle (or tool type), in
+    the Labpool runtime `rt`; returns the values it registered (`platform_add_args`)."""
+    from config.db import transaction
+    from lti_tool.registrations import register_platform
+
+    args = fake.platform_add_args()
+    with transaction(rt.sessions) as session:
+        register_platform(
+            session,
+            rt.settings,
+            issuer=args["issuer"],
+            client_id=args["client_id"],
+            deployment_ids=[args["deployment_id"]],
+            auth_url=args["auth_url"],
+            token_url=args["token_url"],
+            jwks_url=args["jwks_url"],
+        )
+    return args
